@@ -1,0 +1,75 @@
+"""Where models come from: the base model (embedded or any HF causal LM) and policy version 0.
+
+Both the service and the trainer load weights only through `load_causal_lm`, i.e. the
+ordinary `from_pretrained` path, with safetensors required.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from rlhf import tinylm
+from rlhf.contracts import EMBEDDED_MODEL, Settings
+from rlhf.policy_store import PolicyStore
+
+# files a checkpoint may carry into the policy store; anything else (pickles!) stays out
+_CHECKPOINT_SUFFIXES = {".json", ".safetensors", ".txt", ".model", ".jinja"}
+
+
+def base_model_dir(settings: Settings) -> str:
+    """A local directory or hub id for the base model; builds the embedded one on first use."""
+    if settings.model == EMBEDDED_MODEL:
+        return str(tinylm.ensure(settings.model_cache_dir))
+    return settings.model
+
+
+def resolve_device(settings: Settings) -> torch.device:
+    if settings.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(settings.device)
+
+
+def resolve_dtype(settings: Settings, device: torch.device) -> torch.dtype:
+    if settings.dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, settings.dtype)
+
+
+def load_causal_lm(path: str | Path, settings: Settings):
+    """(model, tokenizer) from a HF checkpoint directory or id, eval mode, on the configured device."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = resolve_device(settings)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(settings, device), use_safetensors=True)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.to(device).eval(), tokenizer
+
+
+def ensure_policy_store(settings: Settings) -> PolicyStore:
+    """The policy store, with version 0 (a copy of the base model) written if the store is empty."""
+    store = PolicyStore(settings.policy_dir)
+    if store.latest() is None and not store.versions():
+        src = base_model_dir(settings)
+        if not Path(src).is_dir():  # a hub id: materialise it as safetensors
+            model, tok = load_causal_lm(src, settings)
+
+            def save(d: Path) -> None:
+                model.save_pretrained(d, safe_serialization=True)
+                tok.save_pretrained(d)
+        else:
+            def save(d: Path) -> None:
+                for p in Path(src).iterdir():
+                    if p.is_file() and p.suffix in _CHECKPOINT_SUFFIXES:
+                        shutil.copy2(p, d / p.name)
+        try:
+            store.write(0, save, parent_version=None, metrics={})
+        except FileExistsError:
+            pass  # a concurrent starter (service replica or trainer) wrote it first
+    if store.latest() is None:
+        store.set_latest(max(store.versions()))
+    return store

@@ -1,0 +1,144 @@
+"""The policy store: versioned Hugging Face checkpoints with sha256 manifests (DESIGN.md).
+
+Writers stage a version in `tmp/`, hash every file into `manifest.json`, rename the
+directory into `versions/` and then replace `LATEST` with os.replace, so a reader sees
+either the old state or the new one, never half a version. Readers verify hashes before
+loading; a version that does not verify is refused.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+from rlhf.contracts import Manifest, version_dirname
+
+MANIFEST = "manifest.json"
+
+
+class VerificationError(RuntimeError):
+    """A version's files do not match its manifest (or it has none)."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class PolicyStore:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.versions_dir = self.root / "versions"
+        self.tmp_dir = self.root / "tmp"
+
+    def path(self, version: int) -> Path:
+        return self.versions_dir / version_dirname(version)
+
+    def versions(self) -> list[int]:
+        if not self.versions_dir.exists():
+            return []
+        return sorted(int(p.name[1:]) for p in self.versions_dir.iterdir() if p.name.startswith("v") and p.name[1:].isdigit())
+
+    def latest(self) -> int | None:
+        try:
+            return int((self.root / "LATEST").read_text().strip())
+        except FileNotFoundError:
+            return None
+
+    def manifest(self, version: int) -> Manifest:
+        return Manifest.model_validate_json((self.path(version) / MANIFEST).read_text())
+
+    def write(
+        self,
+        version: int,
+        save: Callable[[Path], None],
+        *,
+        parent_version: int | None,
+        metrics: dict[str, float] | None = None,
+        set_latest: bool = True,
+    ) -> Manifest:
+        """Stage with `save(dir)`, hash, rename into place, then (optionally) move LATEST."""
+        final = self.path(version)
+        if final.exists():
+            raise FileExistsError(f"policy version {version} already exists at {final}")
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        self.versions_dir.mkdir(parents=True, exist_ok=True)
+        stage = self.tmp_dir / f"{version_dirname(version)}.{uuid.uuid4().hex[:8]}"
+        stage.mkdir()
+        try:
+            save(stage)
+            pickles = [p.name for p in stage.iterdir() if p.suffix in {".bin", ".pt", ".pth", ".pkl", ".ckpt"}]
+            if pickles:
+                raise ValueError(f"refusing to store pickled files {pickles}; save safetensors only")
+            files = {p.name: sha256_file(p) for p in sorted(stage.iterdir()) if p.is_file()}
+            manifest = Manifest(
+                version=version, parent_version=parent_version, files=files,
+                metrics=metrics or {}, created=int(time.time()),
+            )
+            (stage / MANIFEST).write_text(manifest.model_dump_json(indent=2))
+            _fsync_dir_files(stage)
+            try:
+                os.rename(stage, final)  # atomic on one filesystem; fails if `final` appeared meanwhile
+            except OSError as e:
+                if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise FileExistsError(f"policy version {version} was written concurrently") from e
+                raise
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
+        if set_latest:
+            self.set_latest(version)
+        return manifest
+
+    def set_latest(self, version: int) -> None:
+        if not self.path(version).is_dir():
+            raise FileNotFoundError(f"no policy version {version}")
+        tmp = self.root / f".LATEST.{uuid.uuid4().hex[:8]}"
+        tmp.write_text(f"{version}\n")
+        os.replace(tmp, self.root / "LATEST")
+
+    def verify(self, version: int) -> Manifest:
+        """Check every file against the manifest; raise VerificationError on any mismatch."""
+        vdir = self.path(version)
+        try:
+            manifest = self.manifest(version)
+        except (FileNotFoundError, ValueError) as e:
+            raise VerificationError(f"version {version}: unreadable manifest ({e})") from e
+        present = {p.name for p in vdir.iterdir() if p.is_file() and p.name != MANIFEST}
+        if present != set(manifest.files):
+            raise VerificationError(f"version {version}: files {sorted(present ^ set(manifest.files))} not as in manifest")
+        for name, digest in manifest.files.items():
+            if sha256_file(vdir / name) != digest:
+                raise VerificationError(f"version {version}: sha256 mismatch for {name}")
+        return manifest
+
+    def clean_tmp(self) -> None:
+        """Remove staging leftovers of writers that died mid-write."""
+        if self.tmp_dir.exists():
+            shutil.rmtree(self.tmp_dir)
+
+    def info(self) -> list[dict]:
+        out = []
+        for v in self.versions():
+            try:
+                m = self.manifest(v)
+                out.append({"version": v, "parent_version": m.parent_version, "created": m.created, "metrics": m.metrics})
+            except (FileNotFoundError, ValueError) as e:
+                out.append({"version": v, "error": str(e)})
+        return out
+
+
+def _fsync_dir_files(d: Path) -> None:
+    for p in d.iterdir():
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
