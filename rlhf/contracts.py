@@ -55,6 +55,7 @@ class Settings(BaseSettings):
     # -- service
     host: str = "0.0.0.0"
     port: int = 3000
+    admin_port: int = Field(3001, description="admin API port, separate so a NetworkPolicy can keep it private")
     api_keys: SecretStr = Field(SecretStr(""), description="comma-separated bearer keys; empty = no auth")
     admin_key: SecretStr = Field(SecretStr(""), description="bearer key for /admin; empty = admin API disabled")
     response_id_secret: SecretStr = Field(SecretStr(""), description="HMAC key for response ids; empty = per-state-dir file")
