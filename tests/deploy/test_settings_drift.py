@@ -1,0 +1,229 @@
+"""No drift between what the code reads from the environment and what the deployment sets.
+
+    .venv/bin/python -m pytest -q tests/deploy/test_settings_drift.py
+
+Both directions, for every overlay:
+- every variable the code reads (the fields of rlhf.contracts.Settings, the trainer's
+  RLHF_<SECTION>_<FIELD> hyperparameters, and any other os.environ / os.getenv read in
+  rlhf/, service/, trainer/, kernels/) is set by the image or the manifests, or listed
+  below as deliberately left at its default, or as no deployment setting at all;
+- every variable the image or the manifests set is read by the code (pydantic-settings
+  ignores unknown RLHF_* names, so a typo there would otherwise pass silently), and every
+  value parses.
+A field added to Settings fails here until the manifests (or DEFAULTED) say what it is.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from deploy_support import OVERLAYS, ROOT, container_env, image_env, render, rlhf_containers
+
+from rlhf.contracts import Settings
+
+CODE_DIRS = ("rlhf", "service", "trainer", "kernels")
+
+# Settings deliberately left at the code's default in every overlay, and why.
+DEFAULTED = {
+    "RLHF_DTYPE": "auto is bf16 on the CUDA trainer and fp32 on CPU replicas: right for both",
+    "RLHF_HOST": "0.0.0.0 listens on the pod IP, which is what a Service needs",
+    "RLHF_MAX_BODY_BYTES": "request limits are the public API's contract, tested with the service",
+    "RLHF_MAX_MESSAGES": "request limit (API contract)",
+    "RLHF_MAX_PROMPT_TOKENS": "request limit (API contract)",
+    "RLHF_MAX_TOKENS_LIMIT": "request limit (API contract)",
+    "RLHF_DEFAULT_MAX_TOKENS": "request default (API contract)",
+    "RLHF_MAX_N": "request limit (API contract)",
+    "RLHF_POLICY_POLL_S": "LATEST is re-read every 5 s only as a fallback to the policy-updates topic",
+    "RLHF_TRAINER_GROUP": "one trainer per Kafka cluster; the default group name is as good as any",
+    "RLHF_TRAIN_MIN_LABELS": "training cadence, tuned with the trainer",
+    "RLHF_TRAIN_MAX_WAIT_S": "training cadence, tuned with the trainer",
+    "RLHF_LATE_VOTE_WINDOW_S": "join window, tuned with the trainer (topic retention is far longer)",
+}
+# The trainer's hyperparameters (trainer/config.py, env RLHF_<SECTION>_<FIELD>) stay at
+# their documented, tested defaults unless an overlay sets one on the trainer.
+TRAINER_HYPERPARAMETERS = "defaults documented and tuned in trainer/config.py"
+
+# Variables the code reads that are no deployment setting, and why they stay unset.
+NOT_DEPLOYMENT_SETTINGS = {
+    "TRITON_INTERPRET": "runs Triton kernels on CPU tensors in the kernel tests; pods run them compiled on the GPU",
+    "RUST_LOG": "log level of the embedded tansu broker, which only `rlhf up` and the tests start",
+    "RLHF_TRAINER_PAUSE_AT": "kill points for the trainer's kill-and-resume test",
+}
+
+# Third-party variables the image or the manifests set without the project reading them.
+THIRD_PARTY = {
+    "PATH": "the image puts its venv first",
+    "PYTHONUNBUFFERED": "log lines reach `kubectl logs` as they happen",
+    "OMP_NUM_THREADS": "torch's thread pool, sized to the pod's CPU request",
+}
+
+
+# ---------------------------------------------------------------------------- what the code reads
+
+
+@dataclass(frozen=True)
+class EnvRead:
+    where: str  # path:line
+    name: str | None  # None: computed at run time
+
+
+def _is_environ(node: ast.AST) -> bool:
+    return (isinstance(node, ast.Attribute) and node.attr == "environ") or (isinstance(node, ast.Name) and node.id == "environ")
+
+
+def env_reads(root: Path = ROOT) -> list[EnvRead]:
+    """Every os.environ / os.getenv read in the project's code, with the name when it is static."""
+    reads = []
+    for directory in CODE_DIRS:
+        for path in sorted((root / directory).rglob("*.py")):
+            tree = ast.parse(path.read_text(), str(path))
+            constants = {t.id: n.value.value for n in tree.body if isinstance(n, ast.Assign)
+                         for t in n.targets if isinstance(t, ast.Name)
+                         and isinstance(n.value, ast.Constant) and isinstance(n.value.value, str)}
+            for node in sorted(ast.walk(tree), key=lambda n: (getattr(n, "lineno", 0), getattr(n, "col_offset", 0))):
+                key = None
+                if isinstance(node, ast.Call) and node.args:
+                    f = node.func
+                    if isinstance(f, ast.Attribute) and (
+                        (f.attr == "getenv" and isinstance(f.value, ast.Name) and f.value.id == "os")
+                        or (f.attr in {"get", "setdefault", "pop"} and _is_environ(f.value))
+                    ):
+                        key = node.args[0]
+                elif isinstance(node, ast.Subscript) and isinstance(node.ctx, ast.Load) and _is_environ(node.value):
+                    key = node.slice
+                if key is None:
+                    continue
+                if isinstance(key, ast.Constant) and isinstance(key.value, str):
+                    name = key.value
+                elif isinstance(key, ast.Name) and key.id in constants:
+                    name = constants[key.id]
+                else:
+                    name = None
+                reads.append(EnvRead(f"{path.relative_to(root)}:{node.lineno}", name))
+    return reads
+
+
+def settings_env() -> set[str]:
+    return {f"RLHF_{name.upper()}" for name in Settings.model_fields}
+
+
+def trainer_env() -> set[str]:
+    """RLHF_<SECTION>_<FIELD> for every field of every section of trainer.config.TrainerConfig."""
+    from trainer.config import TrainerConfig
+
+    names = set()
+    sections = typing.get_type_hints(TrainerConfig)
+    for section in dataclasses.fields(TrainerConfig):
+        for f in dataclasses.fields(sections[section.name]):
+            names.add(f"RLHF_{section.name.upper()}_{f.name.upper()}")
+    return names
+
+
+# Reads whose name is computed, and the function that lists the names they can read.
+COMPUTED_READS = {"trainer/config.py": trainer_env}
+
+
+def code_env() -> dict[str, str]:
+    """name -> where it is read, for everything the code can read from the environment."""
+    names = {n: "rlhf/contracts.py Settings" for n in settings_env()}
+    for read in env_reads():
+        if read.name is not None:
+            names.setdefault(read.name, read.where)
+            continue
+        path = read.where.rpartition(":")[0]
+        if path not in COMPUTED_READS:
+            pytest.fail(f"{read.where} reads an environment variable whose name is computed: read it through "
+                        "rlhf.contracts.Settings, or teach tests/deploy/test_settings_drift.py (COMPUTED_READS) "
+                        "which names it can read")
+        for name in COMPUTED_READS[path]():
+            names.setdefault(name, read.where)
+    return names
+
+
+# ---------------------------------------------------------------------------- what the deployment sets
+
+
+def deployed_env(overlay: str) -> dict[str, dict[str, str]]:
+    """container name -> its environment (image ENV + envFrom + env) in this overlay."""
+    objs = render(overlay)
+    return {f"{w['metadata']['name']}/{c['name']}": container_env(objs, c, image_env()) for w, c in rlhf_containers(objs)}
+
+
+# ---------------------------------------------------------------------------- the tests
+
+
+def test_the_scan_finds_the_reads_it_must():
+    reads = {r.name for r in env_reads()}
+    # rlhf/cli.py sets these when absent: the scan sees setdefault as a read
+    assert {"BENTOML_DO_NOT_TRACK", "HF_HUB_OFFLINE"} <= reads
+    assert not settings_env() & trainer_env(), "one variable, two meanings: a trainer hyperparameter shadows a setting"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_setting_the_code_reads_is_deployed(overlay):
+    deployed = set().union(*deployed_env(overlay).values())
+    missing = sorted(settings_env() - deployed - set(DEFAULTED))
+    assert not missing, (f"{overlay}: the code reads {missing} but the deployment neither sets them "
+                         "(k8s/base/config.env, an overlay's config.env, a pod spec, the Dockerfile) "
+                         "nor lists them in DEFAULTED with a reason")
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_other_variable_the_code_reads_is_accounted_for(overlay):
+    deployed = set().union(*deployed_env(overlay).values())
+    unaccounted = {name: where for name, where in code_env().items()
+                   if name not in settings_env() | trainer_env() | deployed | set(NOT_DEPLOYMENT_SETTINGS)}
+    assert not unaccounted, (f"{overlay}: read by the code but neither deployed nor listed in "
+                             f"NOT_DEPLOYMENT_SETTINGS: {unaccounted}")
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_variable_the_deployment_sets_is_read(overlay):
+    read = set(code_env())
+    for container, env in deployed_env(overlay).items():
+        unread = sorted(set(env) - read - set(THIRD_PARTY))
+        assert not unread, f"{overlay} {container}: sets {unread}, which no code reads (a typo, or a setting that was removed)"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_deployed_value_parses(overlay):
+    from trainer.config import from_args
+
+    for container, env in deployed_env(overlay).items():
+        fields = {k[len("RLHF_"):].lower(): v for k, v in env.items()
+                  if k in settings_env() and not v.startswith("secret:")}
+        Settings(**fields)  # raises on a value its field refuses (e.g. RLHF_DEVICE=gpu)
+        from_args(None, environ=env)
+
+
+def test_allow_lists_are_current():
+    read = code_env()
+    assert not set(DEFAULTED) - settings_env(), f"DEFAULTED names settings that no longer exist: {set(DEFAULTED) - settings_env()}"
+    assert not set(NOT_DEPLOYMENT_SETTINGS) - set(read), f"no code reads {set(NOT_DEPLOYMENT_SETTINGS) - set(read)} any more"
+    for overlay in OVERLAYS:
+        deployed = set().union(*deployed_env(overlay).values())
+        assert not set(DEFAULTED) & deployed, f"{overlay} sets {set(DEFAULTED) & deployed}: take them out of DEFAULTED"
+        assert not set(NOT_DEPLOYMENT_SETTINGS) & deployed, f"{overlay} sets {set(NOT_DEPLOYMENT_SETTINGS) & deployed}"
+        assert set(THIRD_PARTY) <= deployed, f"THIRD_PARTY lists {set(THIRD_PARTY) - deployed}, which nothing sets"
+
+
+def test_image_sets_what_the_cli_would_default():
+    env = image_env()
+    # the CLI sets these only for `rlhf ...`; the image makes them hold for every process
+    assert env["BENTOML_DO_NOT_TRACK"] == "true" and env["HF_HUB_OFFLINE"] == "1"
+
+
+def test_scan_sees_reads_of_every_form(tmp_path):
+    (tmp_path / "rlhf").mkdir()
+    (tmp_path / "rlhf" / "m.py").write_text(
+        "import os\nfrom os import environ\nNAME = 'C'\n"
+        "os.getenv('A')\nos.environ['B']\nos.environ.get(NAME)\nenviron.setdefault('D', '1')\n"
+        "os.environ['E'] = '1'\nos.environ.get(f'X_{NAME}')\n"
+    )
+    assert [(r.where, r.name) for r in env_reads(tmp_path)] == [
+        ("rlhf/m.py:4", "A"), ("rlhf/m.py:5", "B"), ("rlhf/m.py:6", "C"), ("rlhf/m.py:7", "D"), ("rlhf/m.py:9", None)]
