@@ -208,6 +208,7 @@ def test_public_service_exposes_only_the_api_port(overlay):
     assert set(exposed) == {named["http"], named["admin"]}
     for svc in exposed[named["admin"]]:
         assert svc["spec"].get("type", "ClusterIP") == "ClusterIP", "the admin port is never exposed outside the cluster"
+        assert svc["spec"]["clusterIP"] == "None", "headless: a pin is per replica, so admin clients address each one"
         assert [p["targetPort"] for p in svc["spec"]["ports"]] == ["admin"]
 
 
