@@ -1,0 +1,235 @@
+"""The whole loop on one machine: broker, service, trainer and simulated users, with live status.
+
+Used by `rlhf up` (the README's first command) and `bench/loop.py`. Each part runs as
+it would in production: the broker and the trainer as their own processes, the service
+as a real `bentoml serve`; the simulated users talk to the public HTTP API only.
+At the end it writes a learning curve (PNG) and a JSON summary.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+
+from rlhf.broker import EmbeddedBroker, ensure_topics, free_port
+from rlhf.contracts import Settings
+from rlhf.models import ensure_policy_store
+from rlhf.policy_store import PolicyStore
+from rlhf.simulate import SimConfig, SimLog, run as run_users
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """One run of the loop."""
+
+    state_dir: Path = Path(".rlhf/demo")  # everything the run writes, outputs included
+    port: int = 3000  # the service's public port (0 = a free one)
+    broker_port: int = 0  # 0 = a free loopback port
+    sim: SimConfig = field(default_factory=SimConfig)
+    train_min_labels: int = 128  # votes per round
+    train_max_wait_s: float = 60.0
+    trainer_args: tuple[str, ...] = ()  # extra `rlhf train` flags (PPO/RM config)
+    keep_serving: bool = False  # after the users stop, keep broker + service up until Ctrl-C
+
+
+class Loop:
+    """Starts the parts, runs the users, reports; `close()` stops everything it started."""
+
+    def __init__(self, cfg: LoopConfig):
+        self.cfg = cfg
+        self.state = Path(cfg.state_dir).resolve()
+        self.logs = self.state / "logs"
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.broker: EmbeddedBroker | None = None
+        self.port = cfg.port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.sim_log = SimLog()
+        self.stop = threading.Event()
+        self.t0 = time.monotonic()
+        self.users_epoch = time.time()  # wall clock when the users started (freshness is measured against it)
+
+    def env(self) -> dict[str, str]:
+        assert self.broker is not None
+        return {
+            **os.environ, "RLHF_STATE_DIR": str(self.state), "RLHF_KAFKA_BOOTSTRAP_SERVERS": self.broker.bootstrap,
+            "RLHF_PORT": str(self.port), "RLHF_ADMIN_PORT": str(free_port()),
+            "RLHF_TRAIN_MIN_LABELS": str(self.cfg.train_min_labels),
+            "RLHF_TRAIN_MAX_WAIT_S": str(self.cfg.train_max_wait_s),
+            "BENTOML_DO_NOT_TRACK": "true", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+        }
+
+    def _spawn(self, name: str, args: list[str]) -> None:
+        log = open(self.logs / f"{name}.log", "ab")
+        self.procs[name] = subprocess.Popen([sys.executable, "-m", "rlhf.cli", *args], env=self.env(),
+                                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def start(self) -> None:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.broker = EmbeddedBroker(self.cfg.broker_port or None, log_path=self.logs / "broker.log").start()
+        settings = Settings(state_dir=self.state, kafka_bootstrap_servers=self.broker.bootstrap)
+        ensure_topics(settings)
+        ensure_policy_store(settings)  # builds the embedded model on a fresh machine (progress shown)
+        self._spawn("service", ["serve", "--port", str(self.port)])
+        self._wait_ready()
+        self._spawn("trainer", ["train", *self.cfg.trainer_args])
+
+    def _wait_ready(self, timeout: float = 300.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.procs["service"].poll() is not None:
+                raise RuntimeError(f"the service exited; see {self.logs / 'service.log'}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"service not ready after {timeout:.0f}s; see {self.logs / 'service.log'}")
+
+    def run_users(self, on_status=None) -> SimLog:
+        cfg = self.cfg.sim.__class__(**{**asdict(self.cfg.sim), "url": self.url})
+        users = threading.Thread(target=run_users, args=(cfg, self.sim_log, self.stop), daemon=True)
+        self.users_epoch = time.time()
+        users.start()
+        while users.is_alive():
+            users.join(1.0)
+            if on_status:
+                on_status(self.status())
+            for name, p in self.procs.items():
+                if p.poll() is not None:
+                    self.stop.set()
+                    raise RuntimeError(f"{name} exited with {p.returncode}; see {self.logs / (name + '.log')}")
+        return self.sim_log
+
+    def rounds(self) -> list[dict]:
+        path = self.state / "trainer" / "rounds.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def versions(self) -> list[dict]:
+        return PolicyStore(Settings(state_dir=self.state).policy_dir).info()
+
+    def status(self) -> dict:
+        with self.sim_log.lock:
+            by = self.sim_log.approval_by_version()
+            votes = len(self.sim_log.votes)
+            errors = len(self.sim_log.chat_errors)
+            window = self.sim_log.approval_window(100)
+        rounds = self.rounds()
+        versions = self.versions()
+        current = max(by) if by else 0
+        kl = next((v["metrics"].get("kl_to_ref") for v in reversed(versions) if v.get("metrics")), None)
+        return {
+            "elapsed_s": round(time.monotonic() - self.t0, 1), "votes": votes, "chat_errors": errors,
+            "serving_version": current, "approval_current": by.get(current, {}).get("approval"),
+            "approval_last100": window, "kl_to_ref": kl,
+            "rounds": len(rounds), "promoted": sum(bool(r.get("promoted")) for r in rounds),
+            "rejected": sum(not r.get("promoted") for r in rounds),
+        }
+
+    def summary(self) -> dict:
+        log = self.sim_log
+        by = log.approval_by_version()
+        versions = {v["version"]: v for v in self.versions()}
+        baseline = by.get(0, {}).get("approval")
+        # the served policy's approval at the end: the last version with enough votes to say
+        final_version = max((v for v, r in by.items() if r["votes"] >= 30), default=None)
+        final = by[final_version]["approval"] if final_version is not None else None
+        rounds = self.rounds()
+        freshness = []
+        for r in rounds:
+            v, trig = r.get("version"), r.get("trigger_time")
+            if r.get("promoted") and v in log.first_served and trig is not None:
+                freshness.append(self.users_epoch + log.first_served[v] - trig)
+        return {
+            "votes": len(log.votes), "requests": log.requests, "chat_errors": len(log.chat_errors),
+            "vote_errors": len(log.vote_errors), "chat_error_samples": log.chat_errors[:5],
+            "baseline_approval": baseline, "final_version": final_version, "final_approval": final,
+            "approval_gain": (final - baseline) if final is not None and baseline is not None else None,
+            "approval_by_version": {str(k): v for k, v in by.items()},
+            "versions": {str(k): v.get("metrics", {}) for k, v in versions.items()},
+            "rounds": rounds, "promoted": sum(bool(r.get("promoted")) for r in rounds),
+            "freshness_s_median": statistics.median(freshness) if freshness else None,
+            "freshness_s": freshness, "elapsed_s": round(time.monotonic() - self.t0, 1),
+            "taste": self.cfg.sim.taste, "noise": self.cfg.sim.noise,
+        }
+
+    def close(self) -> None:
+        self.stop.set()
+        for name in ("trainer", "service"):
+            p = self.procs.get(name)
+            if p and p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+        for p in self.procs.values():
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+        if self.broker:
+            self.broker.stop()
+
+
+def plot_curve(summary: dict, vote_log: SimLog, path: Path) -> None:
+    """Approval per version, approval over votes (rolling 100), and KL to the reference."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    by = summary["approval_by_version"]
+    vs = sorted(by, key=int)
+    axes[0].bar([f"v{v}" for v in vs], [by[v]["approval"] for v in vs], color="tab:green")
+    for i, v in enumerate(vs):
+        axes[0].text(i, by[v]["approval"] + 0.01, f"n={by[v]['votes']}", ha="center", fontsize=8)
+    axes[0].set(title="approval rate per policy version", ylim=(0, 1.05), ylabel="share of thumbs-up")
+    ups = [v.up for v in vote_log.votes]
+    roll = [sum(ups[max(0, i - 99): i + 1]) / (i + 1 - max(0, i - 99)) for i in range(len(ups))]
+    axes[1].plot(range(1, len(roll) + 1), roll, color="tab:blue")
+    changes = [i for i in range(1, len(vote_log.votes)) if vote_log.votes[i].version != vote_log.votes[i - 1].version]
+    for i in changes:
+        axes[1].axvline(i, color="grey", alpha=0.3, lw=0.8)
+    axes[1].set(title="approval over votes (rolling 100; lines = new version served)", xlabel="votes", ylim=(0, 1.05))
+    kl = [(int(v), m.get("kl_to_ref")) for v, m in summary["versions"].items() if m.get("kl_to_ref") is not None]
+    if kl:
+        kl.sort()
+        axes[2].plot([f"v{v}" for v, _ in kl], [k for _, k in kl], marker="o", color="tab:red")
+    axes[2].set(title="mean KL to reference per promoted version", ylabel="nats / token")
+    fig.suptitle(f"rlhf-loop: simulated users who like '{summary['taste']}' answers (noise {summary['noise']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run(cfg: LoopConfig, on_status=None) -> tuple[dict, Path, Path]:
+    """Run the loop to its end; returns (summary, png path, json path)."""
+    loop = Loop(cfg)
+    try:
+        loop.start()
+        if on_status:
+            on_status({"ready": loop.url})
+        loop.run_users(on_status)
+        time.sleep(1.0)
+        summary = loop.summary()
+        out_png, out_json = loop.state / "learning_curve.png", loop.state / "summary.json"
+        out_json.write_text(json.dumps(summary, indent=2, default=str))
+        plot_curve(summary, loop.sim_log, out_png)
+        if cfg.keep_serving:
+            print(f"\nstill serving on {loop.url} (Ctrl-C stops)", flush=True)
+            while all(p.poll() is None for p in loop.procs.values()):
+                time.sleep(1)
+        return summary, out_png, out_json
+    finally:
+        loop.close()
