@@ -239,7 +239,7 @@ class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, temperature, ignore_index, return_entropy, backend):
         rows = _dispatch.as_rows(logits)  # (B, T, V)
-        flat_labels = labels.reshape(-1)  # (N,)
+        flat_labels = labels.reshape(-1).contiguous()  # (N,); the kernels index it densely
         impl = _triton_forward if backend == "triton" else _torch_forward
         logp, entropy, lse = impl(rows, flat_labels, temperature, ignore_index, return_entropy)
         ctx.save_for_backward(rows, flat_labels, lse, entropy)
