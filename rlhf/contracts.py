@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 import time
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -66,6 +67,8 @@ class Settings(BaseSettings):
     default_max_tokens: int = Field(48, ge=1)
     max_n: int = Field(4, ge=1)
     spool_max_bytes: int = Field(512 * 1024 * 1024, description="spool disk cap; above it chat still works, events are counted as dropped")
+    engine_threads: int = Field(4, ge=1, description="generation worker threads: requests decoded at the same time per replica")
+    policy_poll_s: float = Field(5.0, gt=0, description="how often a replica re-reads LATEST (fallback for missed announcements)")
 
     # -- trainer
     trainer_group: str = "rlhf-trainer"
@@ -120,10 +123,31 @@ class Settings(BaseSettings):
 _ID_PREFIX = "chatcmpl-"
 
 
-def make_response_id(secret: bytes) -> str:
-    """`chatcmpl-<nonce>-<tag>`: tag = HMAC(secret, nonce), so any replica can check it issued the id."""
-    nonce = secrets.token_hex(12)
+def make_response_id(secret: bytes, policy_version: int = 0, n: int = 1) -> str:
+    """`chatcmpl-<nonce>-<tag>`: tag = HMAC(secret, nonce), so any replica can check it issued the id.
+
+    The nonce is `<random hex>v<policy_version>n<n>`: the tag covers the policy version that
+    produced the response and its number of choices, so a vote can be attributed to a
+    version (and its choice_index checked) without shared state.
+    """
+    nonce = f"{secrets.token_hex(12)}v{policy_version}n{n}"
     return f"{_ID_PREFIX}{nonce}-{_tag(secret, nonce)}"
+
+
+class IssuedResponse(NamedTuple):
+    policy_version: int
+    n: int
+
+
+_NONCE = re.compile(r"[0-9a-f]{24}v(\d{1,9})n(\d{1,4})")
+
+
+def parse_response_id(secret: bytes, response_id: str) -> IssuedResponse | None:
+    """What a response id we issued says (policy version, number of choices); None if not ours."""
+    if not verify_response_id(secret, response_id):
+        return None
+    m = _NONCE.fullmatch(response_id[len(_ID_PREFIX):].partition("-")[0])
+    return IssuedResponse(int(m[1]), int(m[2])) if m else None
 
 
 def verify_response_id(secret: bytes, response_id: str) -> bool:

@@ -1,0 +1,467 @@
+"""The HTTP API, a FastAPI app mounted on the BentoML service (service/service.py).
+
+    POST /v1/chat/completions    OpenAI chat completions, plain or SSE streaming
+    GET  /v1/models
+    POST /v1/feedback            a thumbs up/down on a response  -> 202
+    DELETE /v1/feedback/{id}     withdraw a vote (tombstone)     -> 202
+    GET  /admin/versions, POST /admin/pin, POST /admin/unpin   (admin key)
+
+Every handler checks everything before it writes anything: a rejected request (4xx, in
+OpenAI's error shape) writes no event. Bodies are read and parsed here, not by FastAPI,
+so that size limits hold for streamed bodies and validation errors become OpenAI's 400
+with the offending `param` named.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import re
+import secrets
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import anyio
+import bentoml
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from rlhf.contracts import (
+    Feedback, Interaction, Message, Sampling, feedback_id_for, make_response_id, parse_response_id,
+    response_id_of_feedback,
+)
+from service import metrics
+from service.engine import Delta, Policy, SamplingParams
+from service.policies import PolicyRefused, UnknownVersion
+from service.schemas import (
+    AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice, ChunkChoice, ChunkDelta,
+    ErrorBody, ErrorResponse, FeedbackAccepted, FeedbackRequest, ModelCard, ModelList, PinRequest, Usage,
+)
+
+if TYPE_CHECKING:
+    from service.service import ChatService
+
+log = logging.getLogger("rlhf.service.api")
+
+MAX_STOP_STRINGS = 4  # as OpenAI
+
+
+# ---------------------------------------------------------------------------- errors
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 type: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.body = status, ErrorBody(message=message, type=type, param=param, code=code)
+
+    def response(self) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
+        return JSONResponse(ErrorResponse(error=self.body).model_dump(), status_code=self.status, headers=headers)
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+def _param(loc: tuple) -> str | None:
+    """pydantic's ('messages', 0, 'role') -> OpenAI's 'messages[0].role'."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif not str(part).isidentifier() or part in _TYPE_TAGS:
+            continue  # the union-member labels pydantic adds to the path ('str', 'list[TextPart]', ...)
+        else:
+            out += f".{part}" if out else str(part)
+    return out or None
+
+
+Body = TypeVar("Body", bound=BaseModel)
+
+
+def parse(model: type[Body], raw: bytes) -> Body:
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as e:
+        err = e.errors(include_url=False)[0]
+        if err["type"] == "json_invalid":
+            raise APIError(400, "We could not parse the JSON body of your request. "
+                                f"({err['msg']})", code="invalid_json") from None
+        if err["type"] == "model_type" and not err["loc"]:
+            raise APIError(400, "The request body must be a JSON object.", code="invalid_json") from None
+        param = _param(err["loc"])
+        raise APIError(400, f"Invalid value for '{param}': {err['msg']}" if param else err["msg"],
+                       param=param, code="invalid_value") from None
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, or 413 when it is (declared or actually) over `limit` bytes."""
+    declared = request.headers.get("content-length", "")
+    too_big = declared.isdigit() and int(declared) > limit
+    stream = request.stream()
+    if not too_big:
+        buf = bytearray()
+        async for chunk in stream:
+            buf += chunk
+            if len(buf) > limit:
+                too_big = True
+                break
+        else:
+            return bytes(buf)
+    drained = 0  # read (a bounded amount of) the rest, so the client sees our 413 rather than a reset
+    async for chunk in stream:
+        drained += len(chunk)
+        if drained > 16 * limit:
+            break
+    raise APIError(413, f"Request body too large: the limit is {limit} bytes.", code="request_too_large")
+
+
+# ---------------------------------------------------------------------------- app, auth, metrics
+
+
+class CountRequests:
+    """ASGI middleware: rlhf_requests_total{endpoint, status}."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = 500
+
+        async def send_(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_)
+        finally:
+            metrics.requests.labels(endpoint=_endpoint(scope["path"]), status=str(status)).inc()
+
+
+def _endpoint(path: str) -> str:
+    for prefix, name in (("/v1/chat/completions", "chat"), ("/v1/feedback", "feedback"),
+                         ("/v1/models", "models"), ("/admin/", "admin")):
+        if path.startswith(prefix):
+            return name
+    return "other"
+
+
+app = FastAPI(title="rlhf-loop chat + feedback API", docs_url=None, redoc_url=None, openapi_url=None)
+app.add_middleware(CountRequests)
+
+
+@app.exception_handler(APIError)
+async def _api_error(_: Request, e: APIError) -> JSONResponse:
+    return e.response()
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
+    err = e.errors()[0]
+    param = _param(tuple(err["loc"][1:]))
+    return APIError(400, f"Invalid value for '{param}': {err['msg']}", param=param, code="invalid_value").response()
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+    code = {404: "unknown_url", 405: "method_not_allowed"}.get(e.status_code)
+    return APIError(e.status_code, str(e.detail), code=code).response()
+
+
+def current() -> "ChatService":
+    return bentoml.get_current_service()
+
+
+def _bearer(request: Request) -> str | None:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return token.strip() or None if scheme.lower() == "bearer" else None
+
+
+def require_api_key(request: Request) -> None:
+    keys = current().api_keys
+    if not keys:
+        return
+    token = _bearer(request)
+    if token is None:
+        raise APIError(401, "You didn't provide an API key. Send 'Authorization: Bearer <key>'.", code="invalid_api_key")
+    if not any(hmac.compare_digest(token.encode(), k.encode()) for k in keys):
+        raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
+
+
+def require_admin(request: Request) -> None:
+    """401 without a bearer token; 403 with a wrong one, and always while RLHF_ADMIN_KEY is unset."""
+    token = _bearer(request)
+    if token is None:
+        raise APIError(401, "The admin API needs 'Authorization: Bearer <admin key>'.", code="invalid_api_key")
+    admin_key = current().settings.admin_key.get_secret_value()
+    if not admin_key:
+        raise APIError(403, "The admin API is disabled: RLHF_ADMIN_KEY is not set.", code="admin_disabled")
+    if not hmac.compare_digest(token.encode(), admin_key.encode()):
+        raise APIError(403, "This key may not use the admin API.", code="permission_denied")
+
+
+# ---------------------------------------------------------------------------- chat
+
+
+@dataclass
+class Job:
+    """One admitted chat completion: everything decided before generation starts."""
+
+    response_id: str
+    created: int
+    model: str
+    policy: Policy  # taken once: every token of this response comes from this object
+    messages: list[Message]
+    prompt_ids: list[int]
+    params: SamplingParams
+    user: str | None
+    texts: list[list[str]] = field(default_factory=list)
+    token_ids: list[list[int]] = field(default_factory=list)
+    finish: list[str | None] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        n = self.params.n
+        self.texts, self.token_ids, self.finish = [[] for _ in range(n)], [[] for _ in range(n)], [None] * n
+
+    def add(self, d: Delta) -> None:
+        self.texts[d.index].append(d.text)
+        self.token_ids[d.index].extend(d.token_ids)
+        if d.finish_reason is not None:
+            self.finish[d.index] = d.finish_reason
+
+    def usage(self) -> Usage:
+        completion = sum(len(t) for t in self.token_ids)
+        return Usage(prompt_tokens=len(self.prompt_ids), completion_tokens=completion,
+                     total_tokens=len(self.prompt_ids) + completion)
+
+    def interactions(self) -> list[Interaction]:
+        p = self.params
+        sampling = Sampling(temperature=p.temperature, top_p=p.top_p, max_tokens=p.max_tokens, seed=p.seed)
+        return [
+            Interaction(response_id=self.response_id, choice_index=i, policy_version=self.policy.version,
+                        model=self.model, messages=self.messages, prompt_token_ids=self.prompt_ids,
+                        completion="".join(self.texts[i]), completion_token_ids=self.token_ids[i],
+                        finish_reason=self.finish[i], sampling=sampling, user=self.user, created=self.created)
+            for i in range(p.n)
+        ]
+
+
+async def admit(svc: "ChatService", req: ChatCompletionRequest) -> Job:
+    """Check a request against the limits and the serving policy; 4xx before anything happens."""
+    s = svc.settings
+    if req.model != s.served_model_name:
+        raise APIError(404, f"The model '{req.model}' does not exist; this server serves '{s.served_model_name}'.",
+                       param="model", code="model_not_found")
+    if len(req.messages) > s.max_messages:
+        raise APIError(400, f"Too many messages: {len(req.messages)} > {s.max_messages}.", param="messages",
+                       code="invalid_value")
+    for name in ("tools", "logprobs"):
+        if getattr(req, name):
+            raise APIError(400, f"'{name}' is not supported by this server.", param=name, code="unsupported_parameter")
+    if req.stream_options is not None and not req.stream:
+        raise APIError(400, "'stream_options' is only allowed when 'stream' is true.", param="stream_options",
+                       code="invalid_value")
+    n = req.n or 1
+    if n > s.max_n:
+        raise APIError(400, f"'n' must be at most {s.max_n}.", param="n", code="invalid_value")
+    name, max_tokens = next(((k, v) for k, v in (("max_completion_tokens", req.max_completion_tokens),
+                                                  ("max_tokens", req.max_tokens)) if v is not None),
+                            ("max_tokens", s.default_max_tokens))
+    if max_tokens > s.max_tokens_limit:
+        raise APIError(400, f"'{name}' is too large: {max_tokens} > {s.max_tokens_limit}.", param=name,
+                       code="invalid_value")
+    stop = req.stop_strings()
+    if len(stop) > MAX_STOP_STRINGS:
+        raise APIError(400, f"At most {MAX_STOP_STRINGS} stop sequences.", param="stop", code="invalid_value")
+
+    policy = svc.policies.current
+    if policy is None:
+        raise APIError(503, "The model is still loading; retry shortly.", type="server_error", code="model_not_ready")
+    messages = [Message(role=m.contract_role(), content=m.text()) for m in req.messages]
+    prompt_ids = await anyio.to_thread.run_sync(policy.encode_chat, [m.model_dump() for m in messages])
+    if len(prompt_ids) > s.max_prompt_tokens:
+        raise APIError(400, f"The prompt is {len(prompt_ids)} tokens; the limit is {s.max_prompt_tokens}.",
+                       param="messages", code="context_length_exceeded")
+    if len(prompt_ids) + max_tokens > policy.max_context:
+        raise APIError(400, f"The prompt ({len(prompt_ids)} tokens) plus '{name}' ({max_tokens}) exceeds the "
+                            f"model's context of {policy.max_context} tokens.", param="messages",
+                       code="context_length_exceeded")
+    params = SamplingParams(
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        max_tokens=max_tokens, n=n, stop=stop,
+        seed=secrets.randbits(63) if req.seed is None else req.seed,
+    )
+    return Job(response_id=make_response_id(svc.id_secret, policy.version, n), created=int(time.time()),
+               model=s.served_model_name, policy=policy, messages=messages, prompt_ids=prompt_ids,
+               params=params, user=req.user)
+
+
+async def finish(svc: "ChatService", job: Job, started: float) -> None:
+    """Log the answered completion: one Interaction per choice to the spool, and the metrics."""
+    with anyio.CancelScope(shield=True):  # a client leaving now must not lose the event of a finished answer
+        await anyio.to_thread.run_sync(svc.events.emit, job.interactions())
+    v = str(job.policy.version)
+    usage = job.usage()
+    metrics.completions.labels(policy_version=v).inc()
+    metrics.tokens.labels(kind="prompt", policy_version=v).inc(usage.prompt_tokens)
+    metrics.tokens.labels(kind="completion", policy_version=v).inc(usage.completion_tokens)
+    metrics.generation_seconds.observe(time.monotonic() - started)
+
+
+@app.post("/v1/chat/completions", dependencies=[Depends(require_api_key)])
+async def chat_completions(request: Request):
+    svc = current()
+    req = parse(ChatCompletionRequest, await read_body(request, svc.settings.max_body_bytes))
+    job = await admit(svc, req)
+    started = time.monotonic()
+    if req.stream:
+        include_usage = req.stream_options is not None and req.stream_options.include_usage
+        return StreamingResponse(_sse(svc, job, started, include_usage), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    try:
+        async for delta in svc.engine.stream(job.policy, job.prompt_ids, job.params):
+            job.add(delta)
+    except Exception:
+        log.exception("generation failed for %s", job.response_id)
+        raise APIError(500, "The server failed to generate a completion.", type="server_error",
+                       code="generation_failed") from None
+    await finish(svc, job, started)
+    return ChatCompletion(
+        id=job.response_id, created=job.created, model=job.model, system_fingerprint=job.policy.fingerprint,
+        choices=[Choice(index=i, message=AssistantMessage(content="".join(job.texts[i])), finish_reason=job.finish[i])
+                 for i in range(job.params.n)],
+        usage=job.usage(),
+    ).model_dump(mode="json")
+
+
+async def _sse(svc: "ChatService", job: Job, started: float, include_usage: bool) -> AsyncIterator[str]:
+    """OpenAI's stream: a role delta per choice, content deltas, a finish chunk per choice,
+    a usage chunk if asked, then `data: [DONE]`."""
+
+    def chunk(choices: list[ChunkChoice], usage: Usage | None = None) -> str:
+        body = ChatCompletionChunk(id=job.response_id, created=job.created, model=job.model,
+                                   system_fingerprint=job.policy.fingerprint, choices=choices, usage=usage)
+        data = body.model_dump(mode="json", exclude_none=not include_usage)
+        for c in data["choices"]:  # OpenAI omits unset delta fields but keeps finish_reason: null
+            c["delta"] = {k: v for k, v in c["delta"].items() if v is not None}
+            c.setdefault("finish_reason", None)
+        return f"data: {_json(data)}\n\n"
+
+    for i in range(job.params.n):
+        yield chunk([ChunkChoice(index=i, delta=ChunkDelta(role="assistant", content=""))])
+    try:
+        async for d in svc.engine.stream(job.policy, job.prompt_ids, job.params):
+            job.add(d)
+            if d.text:
+                yield chunk([ChunkChoice(index=d.index, delta=ChunkDelta(content=d.text))])
+            if d.finish_reason is not None:
+                yield chunk([ChunkChoice(index=d.index, delta=ChunkDelta(), finish_reason=d.finish_reason)])
+    except Exception:
+        log.exception("generation failed mid-stream for %s", job.response_id)
+        err = ErrorResponse(error=ErrorBody(message="The server failed to generate a completion.",
+                                            type="server_error", code="generation_failed"))
+        yield f"data: {err.model_dump_json()}\n\n"
+        return
+    await finish(svc, job, started)
+    if include_usage:
+        yield chunk([], usage=job.usage())
+    yield "data: [DONE]\n\n"
+
+
+def _json(data: Any) -> str:
+    return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+
+
+@app.get("/v1/models", dependencies=[Depends(require_api_key)])
+async def list_models():
+    svc = current()
+    return ModelList(data=[ModelCard(id=svc.settings.served_model_name, created=svc.started)]).model_dump()
+
+
+# ---------------------------------------------------------------------------- feedback
+
+_FEEDBACK_KEY = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+
+
+@app.post("/v1/feedback", status_code=202, dependencies=[Depends(require_api_key)])
+async def post_feedback(request: Request):
+    svc = current()
+    req = parse(FeedbackRequest, await read_body(request, svc.settings.max_body_bytes))
+    issued = parse_response_id(svc.id_secret, req.response_id)
+    if issued is None:
+        raise APIError(404, f"No response with id '{req.response_id}' was issued by this service.",
+                       param="response_id", code="response_not_found")
+    if req.choice_index >= issued.n:
+        raise APIError(400, f"'choice_index' must be below {issued.n}: the response has {issued.n} choice(s).",
+                       param="choice_index", code="invalid_value")
+    fid = feedback_id_for(req.response_id, req.choice_index, req.feedback_id, req.user)
+    rating = req.signed_rating()
+    event = Feedback(feedback_id=fid, response_id=req.response_id, choice_index=req.choice_index, rating=rating,
+                     comment=req.comment, user=req.user)
+    await anyio.to_thread.run_sync(svc.events.emit, [event])
+    word = "up" if rating == 1 else "down"
+    metrics.votes.labels(rating=word, policy_version=str(issued.policy_version)).inc()
+    return FeedbackAccepted(id=fid, object="feedback", response_id=req.response_id, rating=word).model_dump()
+
+
+@app.delete("/v1/feedback/{feedback_id:path}", status_code=202, dependencies=[Depends(require_api_key)])
+async def delete_feedback(feedback_id: str):
+    svc = current()
+    rid = response_id_of_feedback(feedback_id)
+    key = feedback_id[len(rid) + 1:]
+    issued = parse_response_id(svc.id_secret, rid)
+    if issued is None or not _FEEDBACK_KEY.fullmatch(key):
+        raise APIError(404, f"No feedback with id '{feedback_id}' can exist: it names no response this service issued.",
+                       param="feedback_id", code="feedback_not_found")
+    event = Feedback(feedback_id=feedback_id, response_id=rid, rating=None, deleted=True)
+    await anyio.to_thread.run_sync(svc.events.emit, [event])
+    metrics.votes_withdrawn.labels(policy_version=str(issued.policy_version)).inc()
+    return FeedbackAccepted(id=feedback_id, object="feedback.deleted", response_id=rid, rating=None,
+                            deleted=True).model_dump()
+
+
+@app.api_route("/v1/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
+async def unknown_v1(request: Request, rest: str):
+    raise APIError(404, f"Unknown request URL: {request.method} /v1/{rest}.", code="unknown_url")
+
+
+# ---------------------------------------------------------------------------- admin
+
+
+@app.get("/admin/versions", dependencies=[Depends(require_admin)])
+async def admin_versions():
+    return await anyio.to_thread.run_sync(current().policies.status)
+
+
+@app.post("/admin/pin", dependencies=[Depends(require_admin)])
+async def admin_pin(request: Request):
+    svc = current()
+    req = parse(PinRequest, await read_body(request, svc.settings.max_body_bytes))
+    try:
+        await anyio.to_thread.run_sync(svc.policies.pin, req.version)
+    except UnknownVersion:
+        raise APIError(404, f"No policy version {req.version} in the store.", param="version",
+                       code="version_not_found") from None
+    except PolicyRefused as e:
+        raise APIError(409, str(e), param="version", code="policy_refused") from None
+    return await anyio.to_thread.run_sync(svc.policies.status)
+
+
+@app.post("/admin/unpin", dependencies=[Depends(require_admin)])
+async def admin_unpin():
+    svc = current()
+    await anyio.to_thread.run_sync(svc.policies.unpin)
+    return await anyio.to_thread.run_sync(svc.policies.status)

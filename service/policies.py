@@ -1,0 +1,252 @@
+"""Which policy version serves: load at start, follow announcements, verify, hot swap, pin.
+
+    policies = PolicyManager(settings); policies.start(); policy = policies.current
+
+A replica loads LATEST from the policy store at start (version 0 is the base model), then
+follows the policy-updates topic (a consumer with no group, assigned every partition, so
+every replica sees every announcement) and re-reads LATEST every `policy_poll_s` as a
+fallback for announcements missed while Kafka was away.
+
+A version is verified (sha256 of every file against its manifest, and against the
+announcement's own list when there is one) and loaded on a background thread, never on
+the request path; then `current` is replaced with one reference assignment. A request
+reads `current` once at its start and uses only that object, so requests in flight finish
+on the version they started with, and a response names exactly one version. A version
+that fails to verify or load is refused: the old one keeps serving, a metric and a log
+line say why, and it is not retried (versions are immutable) unless an admin pins it.
+
+Rules for moving: an announcement moves to its version only if that is newer than the one
+serving (so a replayed old announcement is harmless); a change of LATEST is followed
+whatever it says (that is how an operator moves LATEST back); a pin overrides both until
+unpinned.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from kafka import KafkaConsumer, TopicPartition
+from kafka.errors import KafkaError
+from pydantic import ValidationError
+
+from rlhf.broker import ensure_topics
+from rlhf.contracts import PolicyUpdate, Settings
+from rlhf.models import ensure_policy_store, load_causal_lm
+from rlhf.policy_store import MANIFEST, PolicyStore, VerificationError
+from service import metrics
+from service.engine import Policy
+
+log = logging.getLogger("rlhf.service.policies")
+
+
+class PolicyRefused(Exception):
+    """A version that will not be served; `reason` is the metric label."""
+
+    def __init__(self, version: int, reason: str, detail: str):
+        super().__init__(f"policy version {version} refused ({reason}): {detail}")
+        self.version, self.reason, self.detail = version, reason, detail
+
+
+class UnknownVersion(KeyError):
+    pass
+
+
+class PolicyManager:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.store = PolicyStore(settings.policy_dir)
+        self._current: Policy | None = None
+        self._pinned: int | None = None
+        self._last_latest: int | None = None  # LATEST as last seen by the poller
+        self.refused: dict[int, str] = {}  # version -> why
+        self._lock = threading.Lock()  # current/pinned; never held while loading
+        self._load_lock = threading.Lock()  # one load at a time, and the decision that goes with it
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, name="policy-poll", daemon=True)]
+        self.failed: str | None = None  # set when no version at all could be loaded at start
+
+    @property
+    def current(self) -> Policy | None:
+        """The policy a new request should use (None until the first one is loaded)."""
+        return self._current
+
+    @property
+    def pinned(self) -> int | None:
+        return self._pinned
+
+    def start(self) -> None:
+        for t in self._threads:
+            t.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=3)
+
+    # -- admin
+
+    def pin(self, version: int) -> Policy:
+        """Serve `version` (loading and verifying it first) and ignore announcements and LATEST until unpinned."""
+        with self._load_lock:
+            if version not in self.store.versions():
+                raise UnknownVersion(version)
+            current = self._current
+            policy = current if current is not None and current.version == version else self._load_or_refuse(version)
+            with self._lock:
+                self._pinned = version
+                self._swap(policy)
+            metrics.policy_pinned.set(1)
+            log.warning("pinned policy version %d (announcements and LATEST ignored until unpinned)", version)
+            return policy
+
+    def unpin(self) -> Policy | None:
+        """Go back to following LATEST (loaded now, on the caller's thread)."""
+        with self._lock:
+            self._pinned = None
+        metrics.policy_pinned.set(0)
+        latest = self._last_latest = self.store.latest()
+        if latest is not None:
+            self.offer(latest, source="unpin")
+        return self._current
+
+    def status(self) -> dict:
+        current = self._current
+        versions = []
+        for info in self.store.info():
+            v = info["version"]
+            versions.append({**info, "serving": current is not None and current.version == v,
+                             "refused": self.refused.get(v)})
+        return {"serving": None if current is None else current.version, "pinned": self._pinned,
+                "latest": self.store.latest(), "versions": versions}
+
+    # -- moving between versions
+
+    def offer(self, version: int, *, files: dict[str, str] | None = None, source: str) -> None:
+        """Serve `version` unless pinned, already serving, refused before, or (announcements) not newer."""
+        with self._load_lock:
+            current = self._current
+            if self._pinned is not None or version in self.refused:
+                return
+            if current is not None and (version == current.version or (source == "announcement" and version < current.version)):
+                return
+            try:
+                policy = self._load_or_refuse(version, files)
+            except PolicyRefused:
+                return
+            with self._lock:
+                if self._pinned is None:
+                    self._swap(policy)
+
+    def _load_or_refuse(self, version: int, files: dict[str, str] | None = None) -> Policy:
+        try:
+            return self._load(version, files)
+        except PolicyRefused as e:
+            self.refused[version] = f"{e.reason}: {e.detail}"
+            metrics.policy_load_failures.labels(reason=e.reason).inc()
+            current = self._current
+            log.error("%s; still serving %s", e, "nothing" if current is None else current.fingerprint)
+            raise
+
+    def _load(self, version: int, files: dict[str, str] | None) -> Policy:
+        if version not in self.store.versions():
+            raise PolicyRefused(version, "missing", f"not in {self.store.versions_dir}")
+        try:
+            manifest = self.store.verify(version)
+        except VerificationError as e:
+            raise PolicyRefused(version, "verify", str(e)) from e
+        differ = sorted(n for n, h in (files or {}).items() if n != MANIFEST and manifest.files.get(n) != h)
+        if differ:
+            raise PolicyRefused(version, "announcement_mismatch", f"announced sha256 of {differ} differ from the manifest")
+        try:
+            model, tokenizer = load_causal_lm(self.store.path(version), self.settings)
+        except Exception as e:  # any loader failure (bad config, unsupported arch, OOM) refuses this version only
+            raise PolicyRefused(version, "load", f"{type(e).__name__}: {e}") from e
+        return Policy.from_pretrained(version, model, tokenizer)
+
+    def _swap(self, policy: Policy) -> None:
+        old = self._current
+        if old is policy:
+            return
+        self._current = policy
+        metrics.policy_version.set(policy.version)
+        metrics.policy_swaps.inc()
+        log.info("now serving %s (was %s)", policy.fingerprint, "nothing" if old is None else old.fingerprint)
+
+    # -- background threads
+
+    def _run(self) -> None:
+        """Initial load, then start following announcements, then poll LATEST."""
+        store = ensure_policy_store(self.settings)
+        latest = self._last_latest = store.latest()
+        for v in [latest, *sorted((v for v in store.versions() if v < latest), reverse=True)]:
+            try:
+                policy = self._load_or_refuse(v)
+            except PolicyRefused:
+                continue  # LATEST does not verify: fall back to the newest one that does
+            with self._lock:
+                if self._current is None:
+                    self._swap(policy)
+            break
+        else:
+            self.failed = f"no policy version in {store.root} verifies and loads: {self.refused}"
+            log.critical(self.failed)
+            return
+        follower = threading.Thread(target=self._follow, name="policy-follow", daemon=True)
+        self._threads.append(follower)
+        follower.start()
+        while not self._stop.wait(self.settings.policy_poll_s):
+            try:
+                latest = self.store.latest()
+            except (OSError, ValueError) as e:
+                log.warning("cannot read LATEST: %s", e)
+                continue
+            if latest is not None and latest != self._last_latest:
+                self._last_latest = latest
+                self.offer(latest, source="poll")
+
+    def _follow(self) -> None:
+        topic = self.settings.topic_policy_updates
+        while not self._stop.is_set():
+            consumer = None
+            try:
+                consumer = KafkaConsumer(
+                    bootstrap_servers=self.settings.kafka_bootstrap_servers,
+                    security_protocol=self.settings.kafka_security_protocol,
+                    client_id="rlhf-service-policy-follower", group_id=None, enable_auto_commit=False,
+                    auto_offset_reset="latest", request_timeout_ms=10000,
+                    bootstrap_timeout_ms=5000, reconnect_backoff_max_ms=1000,
+                )
+                if self.settings.create_topics:
+                    ensure_topics(self.settings, timeout=5)
+                partitions = consumer.partitions_for_topic(topic)
+                if not partitions:
+                    raise KafkaError(f"topic {topic} does not exist")
+                tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+                consumer.assign(tps)
+                consumer.seek_to_end(*tps)
+                for tp in tps:
+                    consumer.position(tp)  # resolve "the end" now: announcements from here on are seen
+                metrics.policy_following.set(1)
+                log.info("following %s (%d partitions)", topic, len(tps))
+                while not self._stop.is_set():
+                    for records in consumer.poll(timeout_ms=500).values():
+                        for record in records:
+                            self._on_announcement(record.value)
+            except KafkaError as e:
+                log.warning("policy-updates follower: %s: %s; retrying (LATEST is still polled)", type(e).__name__, e)
+            finally:
+                metrics.policy_following.set(0)
+                if consumer is not None:
+                    consumer.close()
+            self._stop.wait(2.0)
+
+    def _on_announcement(self, value: bytes) -> None:
+        try:
+            update = PolicyUpdate.model_validate_json(value)
+        except ValidationError as e:
+            log.warning("ignoring a malformed policy announcement: %s", e)
+            return
+        log.info("announced: policy version %d (parent %d)", update.version, update.parent_version)
+        self.offer(update.version, files=update.files, source="announcement")
+        metrics.policy_announcements.inc()  # after acting on it: "counted" means "decided"

@@ -1,0 +1,63 @@
+"""The BentoML service: the policy, the generation engine and the event log behind the HTTP API.
+
+    bentoml serve service.service:ChatService      (what `rlhf serve` runs, see service/serve.py)
+
+The routes live in service/api.py (a FastAPI app mounted here, as BentoML's own
+OpenAI-compatible LLM services do); BentoML adds /livez, /readyz (ready once a policy
+is loaded, via __is_ready__) and /metrics (its own metrics and ours, service/metrics.py).
+One worker process; requests run concurrently on the engine's generation threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import bentoml
+import torch
+
+from rlhf.contracts import Settings
+from service.api import app
+from service.engine import Engine
+from service.events import EventLog
+from service.policies import PolicyManager
+
+log = logging.getLogger("rlhf.service")
+
+
+@bentoml.asgi_app(app, path="/")
+@bentoml.service(
+    name="rlhf-chat",
+    workers=1,
+    traffic={"timeout": 300, "concurrency": 32, "max_concurrency": 256},
+)
+class ChatService:
+    def __init__(self) -> None:
+        logging.getLogger("rlhf").setLevel(logging.INFO)  # BentoML's root level is WARNING; swaps are worth seeing
+        logging.getLogger("kafka").setLevel(logging.CRITICAL)  # a line per reconnect attempt; ours say it once per retry
+        self.settings = Settings()
+        self.started = int(time.time())
+        self.api_keys = self.settings.api_key_set()
+        self.id_secret = self.settings.id_secret()
+        # a few intra-op threads per request, so that engine_threads requests can run side by side
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.settings.engine_threads))
+        self.events = EventLog.open(self.settings)  # resumes draining anything spooled by a previous run
+        self.engine = Engine(threads=self.settings.engine_threads)
+        self.policies = PolicyManager(self.settings)
+        self.policies.start()  # loads LATEST on a background thread; /readyz says when it is in
+        log.info("rlhf-chat starting: model %r, policy store %s, kafka %s, spool %s",
+                 self.settings.served_model_name, self.settings.policy_dir,
+                 self.settings.kafka_bootstrap_servers, self.events.spool.root)
+
+    def __is_ready__(self) -> bool:
+        return self.policies.current is not None
+
+    def __is_alive__(self) -> bool:
+        return self.policies.failed is None  # no version at all could be loaded: restart me
+
+    @bentoml.on_shutdown
+    def shutdown(self) -> None:
+        self.policies.close()
+        self.engine.close()
+        self.events.close(timeout=5)
