@@ -1,0 +1,93 @@
+"""The loop's own benchmark: does approval of the served policy rise, how fast, at what KL?
+
+    .venv/bin/python bench/loop.py                 # the issue's run: 2,000 votes / 15 minutes
+    .venv/bin/python bench/loop.py --votes 400     # a shorter look
+
+Runs the whole loop on the embedded default on this machine (broker, `bentoml serve`,
+`rlhf train`, simulated users who like cheerful answers with 10 % noise) and reports:
+baseline approval (policy v0, measured in the same run), final approval (the last served
+version with >= 30 votes), the gain, promoted versions, mean KL to the reference of the
+final version against the trainer's bound, failed chat requests, and freshness (median
+seconds from the vote that triggered a round to the first answer served by the version it
+produced). Targets (issue 5): gain >= 0.35 within 2,000 votes and 15 minutes, >= 3
+promoted versions, KL under the bound, zero failed chat requests. Saves
+bench/results/loop-<device>.json and the learning curve PNG beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from rlhf.loop import LoopConfig, run  # noqa: E402
+from rlhf.simulate import SimConfig  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--votes", type=int, default=2000)
+    ap.add_argument("--minutes", type=float, default=15.0)
+    ap.add_argument("--round-labels", type=int, default=128)
+    ap.add_argument("--kl-bound", type=float, default=None, help="the trainer's KL bound (default: its own)")
+    args = ap.parse_args()
+    state = Path(tempfile.mkdtemp(prefix="rlhf-bench-loop-"))
+    cfg = LoopConfig(
+        state_dir=state, port=0, train_min_labels=args.round_labels,
+        sim=SimConfig(taste="cheerful", noise=0.1, users=16, concurrency=4,
+                      max_votes=args.votes, max_seconds=args.minutes * 60),
+    )
+    last = [0.0]
+
+    def status(s: dict) -> None:
+        if "ready" in s or time.monotonic() - last[0] < 15:
+            return
+        last[0] = time.monotonic()
+        print(f"[{s['elapsed_s']:5.0f}s] v{s['serving_version']} approval(v) {s['approval_current']}  "
+              f"votes {s['votes']}  rounds {s['rounds']} (+{s['promoted']})  errors {s['chat_errors']}", flush=True)
+
+    summary, png, _ = run(cfg, status)
+    final_kl = summary["versions"].get(str(summary["final_version"]), {}).get("kl_to_ref")
+    kl_bound = args.kl_bound
+    if kl_bound is None:
+        kl_bound = next((r.get("kl_bound") for r in summary["rounds"] if r.get("kl_bound") is not None), None)
+    checks = {
+        "approval_gain_ge_0.35": (summary["approval_gain"] or 0) >= 0.35,
+        "promoted_ge_3": summary["promoted"] >= 3,
+        "kl_under_bound": final_kl is not None and kl_bound is not None and final_kl < kl_bound,
+        "zero_failed_chat": summary["chat_errors"] == 0,
+        "within_votes_and_time": summary["votes"] <= args.votes and summary["elapsed_s"] <= args.minutes * 60 + 300,
+    }
+    out = {
+        "device": platform.processor() or platform.machine(), "cpus": __import__("os").cpu_count(),
+        "args": vars(args), "checks": checks, "final_kl_to_ref": final_kl, "kl_bound": kl_bound,
+        **{k: summary[k] for k in ("baseline_approval", "final_version", "final_approval", "approval_gain", "votes",
+                                   "requests", "chat_errors", "promoted", "freshness_s_median", "freshness_s",
+                                   "approval_by_version", "elapsed_s")},
+    }
+    RESULTS.mkdir(exist_ok=True)
+    slug = "cpu" if not out["device"] else out["device"].lower().replace(" ", "-")
+    path = RESULTS / f"loop-{slug}.json"
+    path.write_text(json.dumps(out, indent=2))
+    shutil.copy(png, RESULTS / f"loop-{slug}.png")
+    print("\napproval by version:")
+    for v, row in summary["approval_by_version"].items():
+        print(f"  v{v:>3}: {row['approval']:.3f}  ({row['votes']} votes)")
+    print(json.dumps({k: out[k] for k in ("baseline_approval", "final_approval", "approval_gain", "promoted",
+                                          "final_kl_to_ref", "kl_bound", "chat_errors", "freshness_s_median",
+                                          "votes", "elapsed_s", "checks")}, indent=2))
+    print(f"saved {path} and {RESULTS / f'loop-{slug}.png'}")
+    return 0 if all(checks.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
