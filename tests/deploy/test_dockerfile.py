@@ -1,6 +1,6 @@
 """The image: hadolint-clean, laid out as the manifests expect, and its install steps work.
 
-    .venv/bin/python -m pytest -q tests/deploy/test_dockerfile.py              # all (about 3 minutes)
+    .venv/bin/python -m pytest -q tests/deploy/test_dockerfile.py              # all (minutes: a fresh venv)
     .venv/bin/python -m pytest -q tests/deploy/test_dockerfile.py -m "not slow"  # seconds
 
 No Docker engine is needed. The slow test replays the Dockerfile itself: it filters the
@@ -269,7 +269,7 @@ def get_status(url: str) -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1200)  # includes building the session's model when no test did yet
 def test_install_steps_build_a_venv_that_serves(tmp_path, base_model_dir, broker):
     image = ImageRoot(tmp_path / "image")
     context = build_context(tmp_path / "context")
@@ -318,9 +318,8 @@ def test_install_steps_build_a_venv_that_serves(tmp_path, base_model_dir, broker
     env = {**host_env, **runtime_env}
     for k, v in pod_env.items():
         if k.startswith("RLHF_") or k not in env:
-            for mount, path in mounts.items():
-                v = str(path) + v[len(mount):] if v == mount or v.startswith(mount + "/") else v
-            env[k] = image.map(v)
+            mount = next((m for m in mounts if v == m or v.startswith(m + "/")), None)
+            env[k] = image.map(v) if mount is None else str(mounts[mount]) + v[len(mount):]
     env.update({
         "HOME": str(mounts["/home/rlhf"]),
         "TMPDIR": str(mounts["/tmp"]),

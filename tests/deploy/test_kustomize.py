@@ -18,6 +18,7 @@ import kubernetes_validate
 import pytest
 import yaml
 from deploy_support import (
+    K8S,
     OVERLAYS,
     STRIMZI_CRDS,
     K8S_VERSION,
@@ -64,6 +65,25 @@ def trainer(objs):
 
 def selects(selector: dict, labels: dict) -> bool:
     return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+
+
+# ---------------------------------------------------------------------------- what is rendered
+
+
+def test_overlays_and_every_manifest_are_used():
+    """dev and prod exist, and every file under k8s/ is referenced by a kustomization."""
+    assert {"dev", "prod"} <= set(OVERLAYS)
+    referenced = set()
+    for kustomization in K8S.rglob("kustomization.yaml"):
+        k = yaml.safe_load(kustomization.read_text())
+        paths = [*k.get("resources", []), *(p["path"] for p in k.get("patches", []))]
+        for generator in (*k.get("configMapGenerator", []), *k.get("secretGenerator", [])):
+            paths += [*generator.get("envs", []), *generator.get("files", [])]
+        referenced |= {(kustomization.parent / p).resolve() for p in paths}
+        referenced.add(kustomization.resolve())
+    files = {p.resolve() for p in K8S.rglob("*") if p.is_file()}
+    assert not files - referenced, f"not used by any kustomization: {sorted(map(str, files - referenced))}"
+    assert (K8S / "base").resolve() in referenced
 
 
 # ---------------------------------------------------------------------------- schema validation
