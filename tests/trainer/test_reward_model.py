@@ -1,0 +1,111 @@
+"""Reward-model losses and metrics by hand, and the model itself on the embedded backbone."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from rlhf.contracts import Settings
+from trainer.config import RewardConfig
+from trainer.reward_model import (
+    binary_auroc, encode, is_heldout, load_reward_model, make_pairs, reward_loss, rule_reward, save_reward_model, score,
+    train_reward_model,
+)
+from trainer.store import Example
+
+
+def softplus(x: float) -> float:
+    return math.log1p(math.exp(x))
+
+
+def test_pointwise_logistic_and_bradley_terry_by_hand():
+    scores = torch.tensor([0.0, 2.0])
+    ratings = torch.tensor([1.0, -1.0])
+    weights = torch.tensor([1.0, 3.0])
+    total, point, pair = reward_loss(scores, ratings, weights, "logistic", torch.tensor([1.0]), torch.tensor([0.0]), 0.5)
+    # BCE(s=0, y=1) = log 2; BCE(s=2, y=0) = softplus(2); weighted by votes (1 and 3)
+    assert point.item() == pytest.approx((math.log(2) + 3 * softplus(2.0)) / 4, rel=1e-6)
+    # -log sigmoid(1 - 0) = softplus(-1)
+    assert pair.item() == pytest.approx(softplus(-1.0), rel=1e-6)
+    assert total.item() == pytest.approx(point.item() + 0.5 * pair.item(), rel=1e-6)
+
+
+def test_soft_targets_equal_one_loss_per_vote():
+    # 2 up + 1 down on one response == mean rating 1/3 with 3 votes
+    s = torch.tensor([0.7])
+    _, soft, _ = reward_loss(s, torch.tensor([1 / 3]), torch.tensor([3.0]), "logistic", s[:0], s[:0], 1.0)
+    _, per_vote, _ = reward_loss(s.repeat(3), torch.tensor([1.0, 1.0, -1.0]), torch.ones(3), "logistic", s[:0], s[:0], 1.0)
+    assert soft.item() == pytest.approx(per_vote.item(), rel=1e-6)
+
+
+def test_mse_for_numeric_ratings_by_hand():
+    _, point, pair = reward_loss(torch.tensor([0.0, 2.0]), torch.tensor([1.0, -1.0]), torch.tensor([1.0, 3.0]), "mse",
+                                 torch.zeros(0), torch.zeros(0), 1.0)
+    assert point.item() == pytest.approx((1.0 + 3 * 9.0) / 4)  # (0 - 1)^2 and (2 + 1)^2, weighted
+    assert pair.item() == 0.0
+
+
+def test_auroc_by_hand():
+    # positives 0.35, 0.8 against negatives 0.1, 0.4: 0.35 beats 0.1 only, 0.8 beats both -> 3 / 4
+    assert binary_auroc(torch.tensor([0.1, 0.4, 0.35, 0.8]), torch.tensor([False, False, True, True])) == 0.75
+    assert binary_auroc(torch.tensor([0.5, 0.5]), torch.tensor([True, False])) == 0.5  # a tie counts half
+    assert math.isnan(binary_auroc(torch.tensor([0.5]), torch.tensor([True])))
+
+
+def ex(rid: str, prompt: str, rating: float) -> Example:
+    return Example(rid, 0, prompt, [{"role": "user", "content": prompt}], f"answer {rid}", rating, 1)
+
+
+def test_pairs_are_liked_against_disliked_answers_to_the_same_prompt():
+    examples = [ex("a", "p1", 1), ex("b", "p1", -1), ex("c", "p1", -1), ex("d", "p2", 1), ex("e", "p3", -1),
+                ex("f", "p1", 0)]
+    assert sorted(make_pairs(examples, 16, random.Random(0))) == [(0, 1), (0, 2)]
+    assert len(make_pairs(examples, 1, random.Random(0))) == 1
+
+
+def test_heldout_split_is_stable_and_about_the_fraction():
+    ids = [f"chatcmpl-{i:024x}-x" for i in range(2000)]
+    share = sum(is_heldout(r, 0.2) for r in ids) / len(ids)
+    assert 0.17 < share < 0.23
+    assert [is_heldout(r, 0.2) for r in ids[:50]] == [is_heldout(r, 0.2) for r in ids[:50]]
+
+
+def test_rule_reward_scores_plus_minus_one():
+    reward = rule_reward("cheerful")
+    out = reward([[{"role": "user", "content": "Tell me about cats."}]] * 2, ["Oh, I love cats!", "Cats sleep."])
+    assert out.tolist() == [1.0, -1.0]
+
+
+def test_reward_model_learns_a_rule_and_round_trips_through_safetensors(base_model_dir, tmp_path):
+    """A few steps on cheerful-vs-gloomy answers separate held-out ones; saved weights reload identically."""
+    from transformers import AutoTokenizer
+
+    from rlhf.tinylm import make_answer
+
+    tok = AutoTokenizer.from_pretrained(base_model_dir)
+    settings = Settings(state_dir=tmp_path, device="cpu")
+    rm = load_reward_model(base_model_dir, tmp_path / "none.safetensors", settings)
+    rng = random.Random(0)
+    examples = []
+    for i in range(160):
+        tone = rng.choice(["cheerful", "gloomy"])
+        subject = rng.choice(["cats", "rain", "coffee", "trains"])
+        examples.append(Example(f"r{i}", 0, subject, [{"role": "user", "content": f"Tell me about {subject}."}],
+                                make_answer(rng, subject, tone, False), 1.0 if tone == "cheerful" else -1.0, 1))
+    metrics = train_reward_model(rm, tok, examples, RewardConfig(max_steps=30, epochs=4.0), seed=0)
+    assert metrics.heldout_examples > 15 and metrics.pairs > 0 and metrics.steps == 30
+    assert metrics.accuracy >= 0.85 and metrics.auroc >= 0.9
+    path = tmp_path / "rm.safetensors"
+    save_reward_model(rm, path)
+    assert path.read_bytes()[:8] != b"PK\x03\x04"  # not a zip/pickle: a safetensors header
+    again = load_reward_model(base_model_dir, path, settings)
+    prompts, answers = [e.messages for e in examples[:8]], [e.completion for e in examples[:8]]
+    torch.testing.assert_close(score(again, tok, prompts, answers, max_length=256),
+                               score(rm, tok, prompts, answers, max_length=256))
+    # padding side does not change a score: one sequence alone equals it in a padded batch
+    alone = score(rm, tok, prompts[:1], answers[:1], max_length=256)
+    assert alone.item() == pytest.approx(score(rm, tok, prompts, answers, max_length=256)[0].item(), abs=1e-4)
+    assert len(encode(tok, prompts[0], answers[0], 5)) == 5

@@ -1,0 +1,345 @@
+"""Trainer configuration: one frozen dataclass per component, every field documented.
+
+Defaults cite where they come from. "TRL" is `trl.PPOConfig` / the Ziegler et al. (2019)
+adaptive KL controller as TRL implements it; "OpenRLHF" is `openrlhf.cli.train_ppo`'s
+argument defaults. Where the embedded ~0.7M-parameter model needs a different value than a
+billion-parameter one, the field says so and why (tuned in tests/trainer/test_learning.py
+and the end-to-end demo on 2 CPU cores).
+
+Every field is a CLI flag `--<section>.<field>` and an environment variable
+`RLHF_<SECTION>_<FIELD>` (flag > env > default), built by `add_arguments` / `from_args`.
+The loop's own trigger (`RLHF_TRAIN_MIN_LABELS`, `RLHF_TRAIN_MAX_WAIT_S`) and the late-vote
+window live in `rlhf.contracts.Settings` with the other deployment settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Literal
+
+from rlhf.tastes import TASTES
+
+
+@dataclass(frozen=True)
+class ConsumerConfig:
+    """The Kafka group consumer that joins votes to responses."""
+
+    poll_timeout_ms: int = 1000
+    """How long one poll waits for records (kafka-python's poll timeout)."""
+    max_poll_records: int = 500
+    """Records per poll, i.e. per SQLite transaction + offset commit (kafka-python default 500)."""
+    session_timeout_ms: int = 6000
+    """Group session timeout. 6 s makes tansu's group join take ~3 s instead of ~23 s (DESIGN.md)."""
+    heartbeat_interval_ms: int = 1000
+    """Heartbeats, well under a third of the session timeout (Kafka's rule of thumb)."""
+    max_poll_interval_ms: int = 900_000
+    """A round runs between polls; 15 min covers a slow CPU round (kafka-python default 300 000)."""
+    drain_max_s: float = 60.0
+    """Step 1 of a round stops draining after this long even if records keep coming."""
+    dedupe_window_s: float = 7 * 24 * 3600.0
+    """How long seen event ids and vote tombstones are kept for de-duplication (a redelivery
+    older than this counts again). Bounded state; a week covers any spool outage."""
+    prompt_pool_size: int = 5000
+    """Most recent distinct prompts kept for rollouts and the gate's held-out set."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "poll_timeout_ms", "max_poll_records", "session_timeout_ms", "heartbeat_interval_ms",
+                  "max_poll_interval_ms", "drain_max_s", "dedupe_window_s", "prompt_pool_size")
+        if self.heartbeat_interval_ms * 3 > self.session_timeout_ms:
+            raise ValueError("consumer.heartbeat_interval_ms must be at most a third of session_timeout_ms")
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    """The reward model: policy backbone + scalar head, trained on the labelled examples."""
+
+    lr: float = 3e-4
+    """AdamW learning rate. OpenRLHF's RM default is 9e-6 for 7B models; the 0.7M embedded
+    model needs a much larger step to learn within a round (tuned)."""
+    batch_size: int = 16
+    """Examples (and as many pairs) per step. OpenRLHF train_batch_size 128 at 7B scale;
+    small here because a CPU step costs ~0.4 s per 48 sequences."""
+    epochs: float = 1.0
+    """Passes over the training split per round (OpenRLHF max_epochs 1); the RM is
+    warm-started, so older labels have been seen in earlier rounds already."""
+    max_steps: int = 40
+    """Cap on steps per round, so rounds stay short as labels accumulate (CPU budget)."""
+    pointwise_loss: Literal["logistic", "mse"] = "logistic"
+    """Per-response loss. logistic: BCE of sigmoid(score) against the fraction of up-votes
+    (thumbs); mse: squared error against the mean numeric rating (ratings on any scale)."""
+    pairwise_weight: float = 1.0
+    """Weight of the Bradley-Terry loss -log sigmoid(s_liked - s_disliked) over pairs of
+    responses to the same prompt (InstructGPT / OpenRLHF RM loss); 0 turns it off."""
+    max_pairs_per_prompt: int = 16
+    """Pairs sampled per prompt, so a popular prompt does not dominate the pairwise loss."""
+    heldout_fraction: float = 0.2
+    """Share of responses (by hash of response_id, stable across rounds) kept for held-out
+    accuracy / AUROC and never trained on."""
+    weight_decay: float = 0.0
+    """AdamW weight decay (OpenRLHF l2 default 0)."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping (OpenRLHF max_norm 1.0)."""
+    max_length: int = 256
+    """Tokens of prompt + response the RM reads (longer inputs keep their end)."""
+    rule: str | None = None
+    """Reward PPO and the gate with a rule from rlhf.tastes (e.g. 'cheerful': +1 if liked,
+    -1 if not) instead of the learned RM; the RM is still trained and reported."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "lr", "batch_size", "epochs", "max_steps", "max_pairs_per_prompt", "max_grad_norm", "max_length")
+        _non_negative(self, "pairwise_weight", "weight_decay")
+        if not 0.0 < self.heldout_fraction < 1.0:
+            raise ValueError(f"reward.heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
+        if self.rule is not None and self.rule not in TASTES:
+            raise ValueError(f"reward.rule must be one of {sorted(TASTES)} or None, got {self.rule!r}")
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    """Rollouts and the PPO update with a KL penalty against the frozen reference (version 0)."""
+
+    rollout_prompts: int = 64
+    """Prompts per rollout batch, sampled from the logged prompts (TRL batch_size 64 at
+    local_rollout_forward_batch_size 64)."""
+    rollout_batches: int = 2
+    """Rollout + update iterations per round (each: sample, score, ppo_epochs of updates)."""
+    max_new_tokens: int = 48
+    """Response length cap (TRL response_length 53; the service's default_max_tokens 48)."""
+    temperature: float = 1.0
+    """Sampling temperature; log-probs use the same temperature (TRL temperature 0.7; 1.0
+    samples the policy itself, so ratios start at exactly 1)."""
+    ppo_epochs: int = 4
+    """Passes over each rollout batch (TRL num_ppo_epochs 4)."""
+    minibatch_size: int = 16
+    """Sequences per optimiser step (TRL: batch 64 / num_mini_batches 4 = 16)."""
+    lr: float = 2e-4
+    """AdamW learning rate. TRL 1.41e-5 / OpenRLHF actor 1e-6 at GPT-2/7B scale; the 0.7M
+    embedded model needs ~10x TRL's step to move within a round (tuned)."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping (OpenRLHF max_norm 1.0)."""
+    clip_range: float = 0.2
+    """PPO ratio clip epsilon (TRL cliprange 0.2, OpenRLHF eps_clip 0.2)."""
+    clip_range_value: float = 0.2
+    """Value clip around the rollout's values (TRL cliprange_value 0.2, OpenRLHF value_clip 0.2)."""
+    vf_coef: float = 0.1
+    """Value loss weight; the value head shares the policy backbone (TRL vf_coef 0.1)."""
+    entropy_coef: float = 0.0
+    """Entropy bonus weight; entropy is always logged (OpenRLHF entropy_loss_coef 0)."""
+    gamma: float = 1.0
+    """GAE discount (TRL gamma 1.0, OpenRLHF gamma 1.0)."""
+    lam: float = 0.95
+    """GAE lambda (TRL lam 0.95, OpenRLHF lambd 0.95)."""
+    whiten_advantages: bool = True
+    """Whiten advantages over the batch's response tokens (TRL, OpenRLHF: always)."""
+    reward_clip: float = 10.0
+    """The RM score is clipped to [-reward_clip, reward_clip] (OpenRLHF reward_clip_range (-10, 10))."""
+    kl_estimator: Literal["k1", "k2", "k3", "full"] = "k1"
+    """Per-token KL in the reward: k1 = log p - log p_ref (TRL kl_estimator 'k1'), k2, k3
+    (Schulman's unbiased low-variance estimator), or 'full' = exact KL over the vocabulary.
+    All through kernels/."""
+    init_kl_coef: float = 0.2
+    """beta at the first round (TRL init_kl_coef 0.2; OpenRLHF 0.01). The controller adapts it."""
+    kl_target: float | None = 4.0
+    """Adaptive KL controller target, nats per response (Ziegler et al.; TRL target 6 for
+    GPT-2 sentiment). None keeps beta fixed (OpenRLHF's default). Below the gate's max_kl, so
+    the controller, not the gate, does the steering."""
+    kl_horizon: float = 500.0
+    """Adaptive controller horizon, in sequences. TRL's 10000 suits runs of ~1M episodes; an
+    online run here sees a few thousand, so 500 lets beta move by up to ~5% per round."""
+    reference_version: int = 0
+    """Policy-store version of the frozen reference (and the reward model's initial backbone):
+    0 = the base model; after `rlhf sft` publishes vN, N makes the SFT model the reference
+    (InstructGPT's recipe)."""
+    forward_batch_size: int = 64
+    """Sequences per no-grad forward when scoring rollouts (TRL local_rollout_forward_batch_size 64)."""
+    seed: int = 0
+    """Seed for rollout sampling and minibatch order; round r uses seed + r."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "rollout_prompts", "rollout_batches", "max_new_tokens", "temperature", "ppo_epochs",
+                  "minibatch_size", "lr", "max_grad_norm", "clip_range", "clip_range_value", "reward_clip",
+                  "kl_horizon", "forward_batch_size")
+        _non_negative(self, "vf_coef", "entropy_coef", "init_kl_coef", "reference_version")
+        if not (0.0 < self.gamma <= 1.0 and 0.0 <= self.lam <= 1.0):
+            raise ValueError(f"ppo.gamma must be in (0, 1] and ppo.lam in [0, 1], got {self.gamma}, {self.lam}")
+        if self.kl_target is not None and self.kl_target <= 0:
+            raise ValueError(f"ppo.kl_target must be > 0 or None, got {self.kl_target}")
+        if self.minibatch_size > self.rollout_prompts:
+            raise ValueError("ppo.minibatch_size must not exceed ppo.rollout_prompts")
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    """Whether a round's candidate replaces the current policy."""
+
+    eval_responses: int = 48
+    """Responses each policy gives in the comparison: the held-out prompts (those whose hash
+    falls in reward.heldout_fraction, or the whole pool while there are none), repeated in
+    order as needed, sampled with eval_seed."""
+    eval_seed: int = 1234
+    """Sampling seed for the comparison, the same for candidate and current policy."""
+    min_reward_gain: float = 0.0
+    """Candidate's mean held-out reward must exceed the current policy's by more than this."""
+    max_kl: float = 8.0
+    """Candidate's mean KL(pi || pi_ref) per response (exact, summed over tokens, nats) must
+    be below this. Above kl_target so the controller, not the gate, does the steering."""
+    min_length_ratio: float = 0.6
+    """Candidate's mean response length must be at least this share of the current policy's
+    (guards against collapsing to short answers)."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "eval_responses", "max_kl")
+        if not 0.0 <= self.min_length_ratio <= 1.0:
+            raise ValueError(f"gate.min_length_ratio must be in [0, 1], got {self.min_length_ratio}")
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    """`rlhf sft`: supervised fine-tuning on demonstrations (assistant tokens only)."""
+
+    epochs: float = 3.0
+    """Passes over the demonstrations (TRL SFTConfig num_train_epochs 3)."""
+    lr: float = 2e-4
+    """AdamW learning rate (TRL SFTConfig 2e-5 at 1B+ scale; the 0.7M embedded model needs
+    ~10x, as for PPO)."""
+    batch_size: int = 16
+    """Conversations per step (TRL per_device_train_batch_size 8, with 2 accumulation steps)."""
+    max_length: int = 512
+    """Tokens per conversation; longer ones keep their beginning (TRL max_length 1024)."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping (TRL max_grad_norm 1.0)."""
+    seed: int = 0
+    """Shuffling seed."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "epochs", "lr", "batch_size", "max_length", "max_grad_norm")
+
+
+@dataclass(frozen=True)
+class SFTRun:
+    """The sections `rlhf sft` reads (flags --sft.<field>)."""
+
+    sft: SFTConfig = field(default_factory=SFTConfig)
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    """Everything a round needs besides `Settings`."""
+
+    consumer: ConsumerConfig = field(default_factory=ConsumerConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+
+    def replace(self, **sections: dict) -> "TrainerConfig":
+        """A copy with some fields overridden: `cfg.replace(ppo={"lr": 1e-4})`."""
+        return dataclasses.replace(self, **{
+            name: dataclasses.replace(getattr(self, name), **values) for name, values in sections.items()
+        })
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _section_classes(root: type) -> dict[str, type]:
+    """section name -> its dataclass, in the root dataclass's field order."""
+    hints = typing.get_type_hints(root)
+    return {f.name: hints[f.name] for f in dataclasses.fields(root)}
+
+
+# ---------------------------------------------------------------------------- CLI / env
+
+
+def add_arguments(parser: argparse.ArgumentParser, root: type = TrainerConfig) -> None:
+    """One `--section.field` flag per field of each section of `root`; help from the field docstrings."""
+    docs = _field_docs()
+    for section, cls in _section_classes(root).items():
+        group = parser.add_argument_group(f"{section} ({cls.__name__})")
+        for f in dataclasses.fields(cls):
+            kind, choices = _kind(typing.get_type_hints(cls)[f.name])
+            group.add_argument(
+                f"--{section}.{f.name}", dest=f"{section}.{f.name}", default=None,
+                metavar=kind.upper() if choices is None else "{" + ",".join(choices) + "}",
+                choices=None if choices is None else [*choices, *(["none"] if "none" in kind else [])],
+                help=f"{docs[cls.__name__].get(f.name, '')} [default {f.default!r}; env RLHF_{section.upper()}_{f.name.upper()}]",
+            )
+
+
+def from_args(args: argparse.Namespace | None = None, environ: typing.Mapping[str, str] | None = None,
+              root: type = TrainerConfig):
+    """`root` (TrainerConfig) from parsed flags, then RLHF_<SECTION>_<FIELD> variables, then defaults."""
+    environ = os.environ if environ is None else environ
+    values = vars(args) if args is not None else {}
+    sections = {}
+    for section, cls in _section_classes(root).items():
+        hints = typing.get_type_hints(cls)
+        kwargs = {}
+        for f in dataclasses.fields(cls):
+            raw = values.get(f"{section}.{f.name}")
+            if raw is None:
+                raw = environ.get(f"RLHF_{section.upper()}_{f.name.upper()}")
+            if raw is not None:
+                kwargs[f.name] = _parse(raw, hints[f.name], f"{section}.{f.name}")
+        sections[section] = cls(**kwargs)
+    return root(**sections)
+
+
+def _kind(tp) -> tuple[str, tuple | None]:
+    """('int' | 'float' | 'bool' | 'str' | 'choice', with '|none' when optional), Literal choices."""
+    optional = False
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        optional = len(args) != len(typing.get_args(tp))
+        (tp,) = args
+    if typing.get_origin(tp) is Literal:
+        return "choice" + ("|none" if optional else ""), tuple(typing.get_args(tp))
+    return tp.__name__ + ("|none" if optional else ""), None
+
+
+def _parse(raw: str, tp, name: str):
+    kind, choices = _kind(tp)
+    if kind.endswith("|none") and raw.strip().lower() == "none":
+        return None
+    base = kind.removesuffix("|none")
+    if base == "choice":
+        if raw not in choices:
+            raise ValueError(f"{name} must be one of {choices}, got {raw!r}")
+        return raw
+    if base == "bool":
+        if raw.lower() not in {"1", "0", "true", "false", "yes", "no"}:
+            raise ValueError(f"{name} must be true or false, got {raw!r}")
+        return raw.lower() in {"1", "true", "yes"}
+    return {"int": int, "float": float, "str": str}[base](raw)
+
+
+def _field_docs() -> dict[str, dict[str, str]]:
+    """The attribute docstrings above, per class and field, for --help."""
+    import ast
+    import inspect
+
+    out: dict[str, dict[str, str]] = {}
+    for node in ast.parse(inspect.getsource(inspect.getmodule(TrainerConfig))).body:
+        if isinstance(node, ast.ClassDef):
+            docs = out.setdefault(node.name, {})
+            for prev, cur in zip(node.body, node.body[1:]):
+                if (isinstance(prev, ast.AnnAssign) and isinstance(cur, ast.Expr)
+                        and isinstance(cur.value, ast.Constant) and isinstance(cur.value.value, str)):
+                    docs[prev.target.id] = " ".join(cur.value.value.split()).replace("%", "%%")
+    return out
+
+
+def _positive(obj, *names: str) -> None:
+    for n in names:
+        if not getattr(obj, n) > 0:
+            raise ValueError(f"{type(obj).__name__}.{n} must be > 0, got {getattr(obj, n)!r}")
+
+
+def _non_negative(obj, *names: str) -> None:
+    for n in names:
+        if not getattr(obj, n) >= 0:
+            raise ValueError(f"{type(obj).__name__}.{n} must be >= 0, got {getattr(obj, n)!r}")

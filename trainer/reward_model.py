@@ -1,0 +1,232 @@
+"""The reward model: the policy's backbone (AutoModel of the base checkpoint) + a scalar head.
+
+Input is the chat-templated prompt plus the response as an assistant turn; the score is
+the head applied to the last real token's hidden state. Trained each round, warm-started
+from the previous round's weights (<trainer_dir>/reward_model.safetensors), on:
+
+* pointwise thumbs: BCE(sigmoid(score), share of up-votes), weighted by the vote count
+  (RewardConfig.pointwise_loss="logistic"), or MSE to the mean rating ("mse", for numeric
+  ratings);
+* pairwise Bradley-Terry: -log sigmoid(s_liked - s_disliked) for responses to the same
+  prompt, one liked and one disliked (weight RewardConfig.pairwise_weight).
+
+A rule from rlhf.tastes can stand in for the learned model as the reward source
+(`rule_reward`): both are `RewardFn`s, (prompts, completions) -> (N,) scores.
+Held-out responses (by hash of response_id, so the split is stable as data accumulates)
+give accuracy (sign of the score against the sign of the rating) and AUROC every round.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import random
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from rlhf.contracts import Settings
+from rlhf.models import resolve_device
+from rlhf.tastes import TASTES
+from trainer.config import RewardConfig
+from trainer.policy import autocast, left_pad, position_ids
+from trainer.store import Example
+
+RewardFn = Callable[[list[list[dict]], list[str]], torch.Tensor]
+
+
+class RewardModel(torch.nn.Module):
+    def __init__(self, backbone: torch.nn.Module, hidden_size: int):
+        super().__init__()
+        self.backbone = backbone
+        self.head = torch.nn.Linear(hidden_size, 1)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """input_ids, attention_mask: (B, T), any padding side -> scores (B,) fp32."""
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask.long(),
+                               position_ids=position_ids(attention_mask)).last_hidden_state  # (B, T, H)
+        T = input_ids.shape[1]
+        last = (attention_mask.long() * torch.arange(T, device=input_ids.device)).argmax(-1)  # (B,)
+        h = hidden[torch.arange(len(last), device=last.device), last]  # (B, H)
+        return self.head(h.to(self.head.weight.dtype)).squeeze(-1).float()
+
+
+def load_reward_model(base_dir: str | Path, state_path: Path, settings: Settings) -> RewardModel:
+    """Backbone via from_pretrained(base_dir) (fp32 master weights); then last round's weights if any."""
+    from transformers import AutoModel
+
+    backbone = AutoModel.from_pretrained(base_dir, dtype=torch.float32, use_safetensors=True)
+    rm = RewardModel(backbone, backbone.config.hidden_size)
+    torch.nn.init.zeros_(rm.head.weight)  # the first round starts from score 0 for everything
+    torch.nn.init.zeros_(rm.head.bias)
+    if state_path.exists():
+        rm.load_state_dict(load_file(state_path))
+    return rm.to(resolve_device(settings))
+
+
+def save_reward_model(rm: RewardModel, path: Path) -> None:
+    """safetensors, written to a temp file and renamed over the old one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in rm.state_dict().items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def encode(tokenizer, messages: list[dict], completion: str, max_length: int) -> list[int]:
+    """Chat template of prompt + the response as an assistant turn; keeps the last max_length ids."""
+    conv = [*messages, {"role": "assistant", "content": completion}]
+    return list(tokenizer.apply_chat_template(conv, tokenize=True, return_dict=False))[-max_length:]
+
+
+@torch.no_grad()
+def score(rm: RewardModel, tokenizer, prompts: list[list[dict]], completions: list[str], *,
+          max_length: int, batch_size: int = 64, autocast_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(N,) fp32 scores on the RM's device."""
+    device = rm.head.weight.device
+    ids = [encode(tokenizer, p, c, max_length) for p, c in zip(prompts, completions)]
+    out = []
+    was_training = rm.training
+    rm.eval()
+    for i in range(0, len(ids), batch_size):
+        x, m = left_pad(ids[i:i + batch_size], tokenizer.pad_token_id, device)
+        with autocast(device, autocast_dtype):
+            out.append(rm(x, m))
+    rm.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0, device=device)
+
+
+def rule_reward(name: str) -> RewardFn:
+    """+1 where the rule likes the (last user message, response), else -1."""
+    taste = TASTES[name]
+
+    def reward(prompts: list[list[dict]], completions: list[str]) -> torch.Tensor:
+        return torch.tensor([1.0 if taste(_last_user(p), c) else -1.0 for p, c in zip(prompts, completions)])
+
+    return reward
+
+
+def _last_user(messages: list[dict]) -> str:
+    return next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+
+
+# ---------------------------------------------------------------------------- training
+
+
+def is_heldout(response_id: str, fraction: float) -> bool:
+    """Stable split: the same response is held out in every round."""
+    bucket = int.from_bytes(hashlib.sha256(response_id.encode()).digest()[:8], "big") / 2**64
+    return bucket < fraction
+
+
+def make_pairs(examples: list[Example], max_pairs_per_prompt: int, rng: random.Random) -> list[tuple[int, int]]:
+    """(liked, disliked) index pairs of responses to the same prompt (rating > 0 vs < 0)."""
+    by_prompt: dict[str, tuple[list[int], list[int]]] = defaultdict(lambda: ([], []))
+    for i, ex in enumerate(examples):
+        if ex.rating != 0:
+            by_prompt[ex.prompt_key][0 if ex.rating > 0 else 1].append(i)
+    pairs = []
+    for liked, disliked in by_prompt.values():
+        candidates = [(a, b) for a in liked for b in disliked]
+        pairs.extend(rng.sample(candidates, min(max_pairs_per_prompt, len(candidates))))
+    return pairs
+
+
+def reward_loss(
+    scores: torch.Tensor, ratings: torch.Tensor, weights: torch.Tensor, pointwise: str,
+    liked: torch.Tensor, disliked: torch.Tensor, pairwise_weight: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(total, pointwise, pairwise) losses.
+
+    scores, ratings (mean rating in [-1, 1]), weights (vote counts): (N,);
+    liked, disliked: (M,) scores of paired responses (M may be 0).
+    """
+    if pointwise == "logistic":
+        target = (ratings + 1.0) / 2.0  # share of up-votes
+        per = torch.nn.functional.binary_cross_entropy_with_logits(scores, target, reduction="none")
+    else:
+        per = (scores - ratings).square()
+    point = (per * weights).sum() / weights.sum()
+    pair = -torch.nn.functional.logsigmoid(liked - disliked).mean() if len(liked) else scores.new_zeros(())
+    return point + pairwise_weight * pair, point, pair
+
+
+@dataclass
+class RewardMetrics:
+    train_examples: int
+    heldout_examples: int
+    pairs: int
+    steps: int
+    loss: float
+    accuracy: float  # held-out, sign(score) vs sign(rating); nan without held-out labels
+    auroc: float  # held-out; nan unless both classes are present
+
+
+def train_reward_model(
+    rm: RewardModel, tokenizer, examples: list[Example], cfg: RewardConfig, *, seed: int,
+    autocast_dtype: torch.dtype = torch.float32, progress=None,
+) -> RewardMetrics:
+    """A few hundred steps at most on the training split, then held-out accuracy / AUROC."""
+    device = rm.head.weight.device
+    rng = random.Random(seed)
+    train = [e for e in examples if not is_heldout(e.response_id, cfg.heldout_fraction)]
+    heldout = [e for e in examples if is_heldout(e.response_id, cfg.heldout_fraction)]
+    pairs = make_pairs(train, cfg.max_pairs_per_prompt, rng) if cfg.pairwise_weight > 0 else []
+    ids = [encode(tokenizer, e.messages, e.completion, cfg.max_length) for e in train]
+    ratings = torch.tensor([e.rating for e in train], dtype=torch.float32, device=device)
+    weights = torch.tensor([e.n_votes for e in train], dtype=torch.float32, device=device)
+    steps = min(cfg.max_steps, math.ceil(cfg.epochs * len(train) / cfg.batch_size)) if train else 0
+    if progress is not None:
+        progress.reset(total=steps)
+    opt = torch.optim.AdamW(rm.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    rm.train()
+    order: list[int] = []
+    pair_order: list[int] = []
+    losses = []
+    for _ in range(steps):
+        if len(order) < cfg.batch_size:
+            order += rng.sample(range(len(train)), len(train))
+        batch, order = order[:cfg.batch_size], order[cfg.batch_size:]
+        if pairs and len(pair_order) < cfg.batch_size:
+            pair_order += rng.sample(range(len(pairs)), len(pairs))
+        pair_batch, pair_order = [pairs[i] for i in pair_order[:cfg.batch_size]], pair_order[cfg.batch_size:]
+        rows = batch + [a for a, _ in pair_batch] + [b for _, b in pair_batch]  # one forward for all
+        x, m = left_pad([ids[i] for i in rows], tokenizer.pad_token_id, device)
+        with autocast(device, autocast_dtype):
+            s = rm(x, m)
+        n, k = len(batch), len(pair_batch)
+        idx = torch.tensor(batch, device=device)
+        loss, _, _ = reward_loss(s[:n], ratings[idx], weights[idx], cfg.pointwise_loss,
+                                 s[n:n + k], s[n + k:], cfg.pairwise_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(rm.parameters(), cfg.max_grad_norm)
+        opt.step()
+        losses.append(loss.item())
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss.item():.3f}")
+    rm.eval()
+    accuracy, auroc = float("nan"), float("nan")
+    labelled = [e for e in heldout if e.rating != 0]
+    if labelled:
+        s = score(rm, tokenizer, [e.messages for e in labelled], [e.completion for e in labelled],
+                  max_length=cfg.max_length, autocast_dtype=autocast_dtype).cpu()
+        y = torch.tensor([e.rating > 0 for e in labelled])
+        accuracy = ((s > 0) == y).float().mean().item()
+        auroc = binary_auroc(s, y)
+    return RewardMetrics(len(train), len(heldout), len(pairs), steps,
+                         sum(losses[-10:]) / max(1, len(losses[-10:])) if losses else float("nan"), accuracy, auroc)
+
+
+def binary_auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """P(score of a random positive > score of a random negative), ties count half. (N,), (N,) bool."""
+    pos, neg = scores[labels], scores[~labels]
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    diff = pos[:, None] - neg[None, :]
+    return ((diff > 0).float() + 0.5 * (diff == 0).float()).mean().item()
+

@@ -1,0 +1,140 @@
+"""What the trainer holds between rounds, and where it keeps it.
+
+    <trainer_dir>/labels.sqlite            labels, join state, offsets record, counters (trainer/store.py)
+    <trainer_dir>/reward_model.safetensors the reward model, warm start for the next round
+    <trainer_dir>/value_head.safetensors   the critic's head (not published)
+    <trainer_dir>/rounds.jsonl             one JSON line of metrics per round
+
+The current policy is always the policy store's LATEST (re-read before every round, so a
+version published by `rlhf sft` or an operator's rollback is picked up); the reference is
+PPOConfig.reference_version (0, the base model, unless an SFT version is chosen), frozen. On start a publish that a crash interrupted is finished first.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from kafka import KafkaProducer
+from safetensors.torch import load_file, save_file
+
+from rlhf.contracts import Settings
+from rlhf.models import ensure_policy_store, load_causal_lm, resolve_device, resolve_dtype
+from rlhf.policy_store import PolicyStore
+from trainer.config import TrainerConfig
+from trainer.consumer import VoteConsumer
+from trainer.policy import load_trainable, new_value_head
+from trainer.ppo import KLController
+from trainer.publish import Publisher
+from trainer.reward_model import RewardModel, load_reward_model
+from trainer.store import LabelStore
+
+log = logging.getLogger(__name__)
+
+
+class RoundAborted(Exception):
+    """A stop was requested mid-round; nothing of the round is kept except the stored labels."""
+
+
+@dataclass
+class TrainerState:
+    settings: Settings
+    cfg: TrainerConfig
+    store: LabelStore
+    consumer: VoteConsumer
+    producer: KafkaProducer
+    policies: PolicyStore
+    publisher: Publisher
+    tokenizer: object
+    reference: torch.nn.Module
+    policy: torch.nn.Module
+    version: int
+    value_head: torch.nn.Linear
+    reward_model: RewardModel
+    kl_ctl: KLController
+    device: torch.device
+    dtype: torch.dtype  # autocast dtype: bf16 on CUDA, fp32 on CPU
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    @classmethod
+    def open(cls, settings: Settings, cfg: TrainerConfig) -> "TrainerState":
+        settings.trainer_dir.mkdir(parents=True, exist_ok=True)
+        device = resolve_device(settings)
+        store = LabelStore(settings.trainer_dir / "labels.sqlite", late_vote_window_s=settings.late_vote_window_s,
+                           dedupe_window_s=cfg.consumer.dedupe_window_s, prompt_pool_size=cfg.consumer.prompt_pool_size)
+        policies = ensure_policy_store(settings)
+        producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers,
+                                 security_protocol=settings.kafka_security_protocol, client_id="rlhf-trainer",
+                                 acks="all", retries=5, max_block_ms=30_000)
+        publisher = Publisher(settings, policies, store, producer, name="trainer")
+        publisher.recover()
+        consumer = VoteConsumer(settings, store, cfg.consumer, producer)
+        version = policies.latest()
+        policies.verify(version)
+        policy, tokenizer = load_trainable(policies.path(version), settings)
+        ref_version = cfg.ppo.reference_version
+        policies.verify(ref_version)
+        reference, _ = load_causal_lm(policies.path(ref_version), settings)
+        reference.requires_grad_(False)
+        reward_model = load_reward_model(policies.path(ref_version), cls.reward_model_path(settings), settings)
+        value_head = new_value_head(policy)
+        if cls.value_head_path(settings).exists():
+            value_head.load_state_dict(load_file(cls.value_head_path(settings)))
+        kl_ctl = KLController(store.get("kl_coef", cfg.ppo.init_kl_coef), cfg.ppo.kl_target, cfg.ppo.kl_horizon)
+        log.info("trainer ready: policy v%d, reference v%d, %d labels stored, device %s", version, ref_version,
+                 len(store.votes()), device)
+        return cls(settings, cfg, store, consumer, producer, policies, publisher, tokenizer, reference, policy, version,
+                   value_head, reward_model, kl_ctl, device, resolve_dtype(settings, device))
+
+    def close(self) -> None:
+        self.consumer.close()
+        self.producer.close(timeout=10)
+        self.store.close()
+
+    # ------------------------------------------------------------------ between rounds
+
+    @staticmethod
+    def reward_model_path(settings: Settings) -> Path:
+        return settings.trainer_dir / "reward_model.safetensors"
+
+    @staticmethod
+    def value_head_path(settings: Settings) -> Path:
+        return settings.trainer_dir / "value_head.safetensors"
+
+    @property
+    def rounds_path(self) -> Path:
+        return self.settings.trainer_dir / "rounds.jsonl"
+
+    @property
+    def round(self) -> int:
+        return self.store.get("round", 0)
+
+    @property
+    def label_watermark(self) -> int:
+        """The vote sequence number the last round had seen: labels after it are 'new'."""
+        return self.store.get("label_watermark", 0)
+
+    def new_labels(self) -> int:
+        return self.store.label_count(since_seq=self.label_watermark)
+
+    def follow_latest(self) -> None:
+        """Make LATEST the current policy if it moved since we loaded ours (sft, rollback)."""
+        latest = self.policies.latest()
+        if latest != self.version:
+            self.policies.verify(latest)
+            self.policy, _ = load_trainable(self.policies.path(latest), self.settings)
+            log.info("policy store LATEST moved v%d -> v%d; training from v%d", self.version, latest, latest)
+            self.version = latest
+
+    def check_stop(self) -> None:
+        if self.stop.is_set():
+            raise RoundAborted("stop requested")
+
+    def save_value_head(self) -> None:
+        path = self.value_head_path(self.settings)
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.value_head.state_dict().items()}, str(tmp))
+        tmp.replace(path)
