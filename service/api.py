@@ -4,8 +4,8 @@
     GET  /v1/models
     POST /v1/feedback            a thumbs up/down on a response  -> 202
     DELETE /v1/feedback/{id}     withdraw a vote (tombstone)     -> 202
-    GET  /admin/versions, POST /admin/pin, POST /admin/unpin   (admin key)
 
+The admin API listens on its own port (service/admin.py).
 Every handler checks everything before it writes anything: a rejected request (4xx, in
 OpenAI's error shape) writes no event. Bodies are read and parsed here, not by FastAPI,
 so that size limits hold for streamed bodies and validation errors become OpenAI's 400
@@ -38,10 +38,9 @@ from rlhf.contracts import (
 )
 from service import metrics
 from service.engine import Delta, Policy, SamplingParams
-from service.policies import PolicyRefused, UnknownVersion
 from service.schemas import (
     AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice, ChunkChoice, ChunkDelta,
-    ErrorBody, ErrorResponse, FeedbackAccepted, FeedbackRequest, ModelCard, ModelList, PinRequest, Usage,
+    ErrorBody, ErrorResponse, FeedbackAccepted, FeedbackRequest, ModelCard, ModelList, Usage,
 )
 
 if TYPE_CHECKING:
@@ -158,33 +157,37 @@ def _endpoint(path: str) -> str:
     return "other"
 
 
-app = FastAPI(title="rlhf-loop chat + feedback API", docs_url=None, redoc_url=None, openapi_url=None)
-app.add_middleware(CountRequests)
+def new_app(title: str) -> FastAPI:
+    """A FastAPI app whose every error is OpenAI's JSON and whose requests are counted."""
+    app = FastAPI(title=title, docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(CountRequests)
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, e: APIError) -> JSONResponse:
+        return e.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
+        err = e.errors()[0]
+        param = _param(tuple(err["loc"][1:]))
+        return APIError(400, f"Invalid value for '{param}': {err['msg']}", param=param, code="invalid_value").response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        code = {404: "unknown_url", 405: "method_not_allowed"}.get(e.status_code)
+        return APIError(e.status_code, str(e.detail), code=code).response()
+
+    return app
 
 
-@app.exception_handler(APIError)
-async def _api_error(_: Request, e: APIError) -> JSONResponse:
-    return e.response()
-
-
-@app.exception_handler(RequestValidationError)
-async def _validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
-    err = e.errors()[0]
-    param = _param(tuple(err["loc"][1:]))
-    return APIError(400, f"Invalid value for '{param}': {err['msg']}", param=param, code="invalid_value").response()
-
-
-@app.exception_handler(StarletteHTTPException)
-async def _http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
-    code = {404: "unknown_url", 405: "method_not_allowed"}.get(e.status_code)
-    return APIError(e.status_code, str(e.detail), code=code).response()
+app = new_app("rlhf-loop chat + feedback API")
 
 
 def current() -> "ChatService":
     return bentoml.get_current_service()
 
 
-def _bearer(request: Request) -> str | None:
+def bearer_token(request: Request) -> str | None:
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     return token.strip() or None if scheme.lower() == "bearer" else None
 
@@ -193,23 +196,11 @@ def require_api_key(request: Request) -> None:
     keys = current().api_keys
     if not keys:
         return
-    token = _bearer(request)
+    token = bearer_token(request)
     if token is None:
         raise APIError(401, "You didn't provide an API key. Send 'Authorization: Bearer <key>'.", code="invalid_api_key")
     if not any(hmac.compare_digest(token.encode(), k.encode()) for k in keys):
         raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
-
-
-def require_admin(request: Request) -> None:
-    """401 without a bearer token; 403 with a wrong one, and always while RLHF_ADMIN_KEY is unset."""
-    token = _bearer(request)
-    if token is None:
-        raise APIError(401, "The admin API needs 'Authorization: Bearer <admin key>'.", code="invalid_api_key")
-    admin_key = current().settings.admin_key.get_secret_value()
-    if not admin_key:
-        raise APIError(403, "The admin API is disabled: RLHF_ADMIN_KEY is not set.", code="admin_disabled")
-    if not hmac.compare_digest(token.encode(), admin_key.encode()):
-        raise APIError(403, "This key may not use the admin API.", code="permission_denied")
 
 
 # ---------------------------------------------------------------------------- chat
@@ -227,9 +218,9 @@ class Job:
     prompt_ids: list[int]
     params: SamplingParams
     user: str | None
-    texts: list[list[str]] = field(default_factory=list)
-    token_ids: list[list[int]] = field(default_factory=list)
-    finish: list[str | None] = field(default_factory=list)
+    texts: list[list[str]] = field(init=False)  # per choice: the deltas so far
+    token_ids: list[list[int]] = field(init=False)
+    finish: list[str | None] = field(init=False)
 
     def __post_init__(self) -> None:
         n = self.params.n
@@ -267,9 +258,11 @@ async def admit(svc: "ChatService", req: ChatCompletionRequest) -> Job:
     if len(req.messages) > s.max_messages:
         raise APIError(400, f"Too many messages: {len(req.messages)} > {s.max_messages}.", param="messages",
                        code="invalid_value")
-    for name in ("tools", "logprobs"):
-        if getattr(req, name):
-            raise APIError(400, f"'{name}' is not supported by this server.", param=name, code="unsupported_parameter")
+    if req.tools:
+        raise APIError(400, "'tools' are not supported by this server.", param="tools", code="unsupported_parameter")
+    if req.logprobs:
+        raise APIError(400, "'logprobs' are not supported by this server.", param="logprobs",
+                       code="unsupported_parameter")
     if req.stream_options is not None and not req.stream:
         raise APIError(400, "'stream_options' is only allowed when 'stream' is true.", param="stream_options",
                        code="invalid_value")
@@ -396,6 +389,13 @@ async def list_models():
 _FEEDBACK_KEY = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 
 
+async def record(svc: "ChatService", event: Feedback) -> None:
+    """Spool a vote; if it cannot be (spool full, disk error) the client is told, so it can retry."""
+    if not await anyio.to_thread.run_sync(svc.events.emit, [event]):
+        raise APIError(503, "The vote could not be recorded right now; retry later.", type="server_error",
+                       code="events_unavailable")
+
+
 @app.post("/v1/feedback", status_code=202, dependencies=[Depends(require_api_key)])
 async def post_feedback(request: Request):
     svc = current()
@@ -411,7 +411,7 @@ async def post_feedback(request: Request):
     rating = req.signed_rating()
     event = Feedback(feedback_id=fid, response_id=req.response_id, choice_index=req.choice_index, rating=rating,
                      comment=req.comment, user=req.user)
-    await anyio.to_thread.run_sync(svc.events.emit, [event])
+    await record(svc, event)
     word = "up" if rating == 1 else "down"
     metrics.votes.labels(rating=word, policy_version=str(issued.policy_version)).inc()
     return FeedbackAccepted(id=fid, object="feedback", response_id=req.response_id, rating=word).model_dump()
@@ -427,41 +427,14 @@ async def delete_feedback(feedback_id: str):
         raise APIError(404, f"No feedback with id '{feedback_id}' can exist: it names no response this service issued.",
                        param="feedback_id", code="feedback_not_found")
     event = Feedback(feedback_id=feedback_id, response_id=rid, rating=None, deleted=True)
-    await anyio.to_thread.run_sync(svc.events.emit, [event])
+    await record(svc, event)
     metrics.votes_withdrawn.labels(policy_version=str(issued.policy_version)).inc()
     return FeedbackAccepted(id=feedback_id, object="feedback.deleted", response_id=rid, rating=None,
                             deleted=True).model_dump()
 
 
 @app.api_route("/v1/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
-async def unknown_v1(request: Request, rest: str):
-    raise APIError(404, f"Unknown request URL: {request.method} /v1/{rest}.", code="unknown_url")
-
-
-# ---------------------------------------------------------------------------- admin
-
-
-@app.get("/admin/versions", dependencies=[Depends(require_admin)])
-async def admin_versions():
-    return await anyio.to_thread.run_sync(current().policies.status)
-
-
-@app.post("/admin/pin", dependencies=[Depends(require_admin)])
-async def admin_pin(request: Request):
-    svc = current()
-    req = parse(PinRequest, await read_body(request, svc.settings.max_body_bytes))
-    try:
-        await anyio.to_thread.run_sync(svc.policies.pin, req.version)
-    except UnknownVersion:
-        raise APIError(404, f"No policy version {req.version} in the store.", param="version",
-                       code="version_not_found") from None
-    except PolicyRefused as e:
-        raise APIError(409, str(e), param="version", code="policy_refused") from None
-    return await anyio.to_thread.run_sync(svc.policies.status)
-
-
-@app.post("/admin/unpin", dependencies=[Depends(require_admin)])
-async def admin_unpin():
-    svc = current()
-    await anyio.to_thread.run_sync(svc.policies.unpin)
-    return await anyio.to_thread.run_sync(svc.policies.status)
+@app.api_route("/admin/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
+async def unknown_url(request: Request, rest: str):
+    """OpenAI's 404 for any other /v1 path, and for /admin here: the admin API has its own port."""
+    raise APIError(404, f"Unknown request URL: {request.method} {request.url.path}.", code="unknown_url")

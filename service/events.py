@@ -76,7 +76,7 @@ class Spool:
         self._end = Position(segments[-1], self._sizes[segments[-1]])
         self._file = open(self.root / _seg_name(self._end.segment), "ab")
         self.depth = sum(1 for _ in self._scan(self._cursor, self._end, dict(self._sizes)))
-        self._publish_gauges()
+        self._publish_gauges(self.depth, sum(self._sizes.values()))
 
     @classmethod
     def claim(cls, spool_dir: Path, max_bytes: int) -> "Spool":
@@ -111,7 +111,8 @@ class Spool:
             self._sizes[self._end.segment] = self._end.offset
             self.depth += len(records)
             self._appended.notify_all()
-        self._publish_gauges()
+            gauges = self.depth, sum(self._sizes.values())
+        self._publish_gauges(*gauges)
         return True
 
     def _roll(self) -> None:
@@ -152,9 +153,10 @@ class Spool:
             done = [s for s in self._sizes if s < pos.segment]
             for s in done:
                 del self._sizes[s]
+            gauges = self.depth, sum(self._sizes.values())
         for s in done:
             (self.root / _seg_name(s)).unlink(missing_ok=True)
-        self._publish_gauges()
+        self._publish_gauges(*gauges)
 
     def wake(self) -> None:
         with self._lock:
@@ -215,9 +217,10 @@ class Spool:
                 return
             seg, offset = seg + 1, 0
 
-    def _publish_gauges(self) -> None:
-        metrics.spool_depth.set(self.depth)
-        metrics.spool_bytes.set(sum(self._sizes.values()))
+    @staticmethod
+    def _publish_gauges(depth: int, size: int) -> None:
+        metrics.spool_depth.set(depth)
+        metrics.spool_bytes.set(size)
 
 
 class EventLog:
@@ -242,14 +245,18 @@ class EventLog:
         return self.settings.topic_interactions if isinstance(event, Interaction) else self.settings.topic_feedback
 
     def emit(self, events: list[Interaction | Feedback]) -> bool:
-        """Spool the events (durable on return). False if the spool is full and they were dropped."""
+        """Spool the events (durable on return). False if they were dropped: spool over its cap, or disk error."""
         records = [Record(self.topic_of(e), e.response_id, e.to_bytes()) for e in events]
-        ok = self.spool.append(records)
+        try:
+            ok = self.spool.append(records)
+            if not ok:
+                log.error("spool over its cap of %d bytes: dropped %d events (Kafka unreachable for long?)",
+                          self.spool.max_bytes, len(records))
+        except OSError:
+            log.exception("spool append failed: dropped %d events", len(records))
+            ok = False
         for r in records:
             (metrics.events_spooled if ok else metrics.events_dropped).labels(topic=r.topic).inc()
-        if not ok:
-            log.error("spool over its cap of %d bytes: dropped %d events (Kafka unreachable for long?)",
-                      self.spool.max_bytes, len(records))
         return ok
 
     def close(self, timeout: float = 5.0) -> None:

@@ -177,7 +177,12 @@ class PolicyManager:
 
     def _run(self) -> None:
         """Initial load, then start following announcements, then poll LATEST."""
-        store = ensure_policy_store(self.settings)
+        try:
+            store = ensure_policy_store(self.settings)
+        except Exception as e:  # e.g. an unwritable store: /livez fails and the replica is restarted
+            self.failed = f"policy store {self.settings.policy_dir} unusable: {type(e).__name__}: {e}"
+            log.exception(self.failed)
+            return
         latest = self._last_latest = store.latest()
         for v in [latest, *sorted((v for v in store.versions() if v < latest), reverse=True)]:
             try:

@@ -1,6 +1,6 @@
 """Run the chat + feedback service: `bentoml serve service.service:ChatService`.
 
-    rlhf serve [--host 0.0.0.0] [--port 3000]
+    rlhf serve [--host 0.0.0.0] [--port 3000] [--admin-port 3001]
 
 Settings come from RLHF_* environment variables (rlhf/contracts.py); Kafka is not needed
 to start (events wait in the spool). Before BentoML starts, the base model and policy
@@ -88,6 +88,7 @@ def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="rlhf serve", description=__doc__.splitlines()[0])
     ap.add_argument("--host", default=settings.host)
     ap.add_argument("--port", type=int, default=settings.port)
+    ap.add_argument("--admin-port", type=int, default=settings.admin_port)
     args = ap.parse_args(argv)
 
     store = PolicyStore(settings.policy_dir)
@@ -95,7 +96,8 @@ def main(argv: list[str]) -> int:
         from rlhf.models import ensure_policy_store  # imports torch: only when needed, starts stay quick
 
         store = ensure_policy_store(settings)
-    print(f"policy store {store.root}: LATEST = v{store.latest()}; serving on http://{args.host}:{args.port}",
-          flush=True)
+    print(f"policy store {store.root}: LATEST = v{store.latest()}; serving on http://{args.host}:{args.port}, "
+          f"admin API on port {args.admin_port}", flush=True)
     cmd = command(args.host, args.port)
-    os.execve(cmd[0], cmd, environment(settings, args.host, args.port))  # signals go straight to bentoml
+    env = {**environment(settings, args.host, args.port), "RLHF_ADMIN_PORT": str(args.admin_port)}
+    os.execve(cmd[0], cmd, env)  # signals go straight to bentoml

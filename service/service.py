@@ -5,6 +5,7 @@
 The routes live in service/api.py (a FastAPI app mounted here, as BentoML's own
 OpenAI-compatible LLM services do); BentoML adds /livez, /readyz (ready once a policy
 is loaded, via __is_ready__) and /metrics (its own metrics and ours, service/metrics.py).
+The admin API (service/admin.py) listens on its own port, RLHF_ADMIN_PORT.
 One worker process; requests run concurrently on the engine's generation threads.
 """
 
@@ -18,6 +19,7 @@ import bentoml
 import torch
 
 from rlhf.contracts import Settings
+from service.admin import AdminServer, make_admin_app
 from service.api import app
 from service.engine import Engine
 from service.events import EventLog
@@ -46,9 +48,11 @@ class ChatService:
         self.engine = Engine(threads=self.settings.engine_threads)
         self.policies = PolicyManager(self.settings)
         self.policies.start()  # loads LATEST on a background thread; /readyz says when it is in
-        log.info("rlhf-chat starting: model %r, policy store %s, kafka %s, spool %s",
+        self.admin = AdminServer(make_admin_app(self.settings, self.policies), self.settings.host,
+                                 self.settings.admin_port).start()
+        log.info("rlhf-chat starting: model %r, policy store %s, kafka %s, spool %s, admin API on %s",
                  self.settings.served_model_name, self.settings.policy_dir,
-                 self.settings.kafka_bootstrap_servers, self.events.spool.root)
+                 self.settings.kafka_bootstrap_servers, self.events.spool.root, self.admin.address)
 
     def __is_ready__(self) -> bool:
         return self.policies.current is not None
@@ -58,6 +62,7 @@ class ChatService:
 
     @bentoml.on_shutdown
     def shutdown(self) -> None:
+        self.admin.stop()
         self.policies.close()
         self.engine.close()
         self.events.close(timeout=5)

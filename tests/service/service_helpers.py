@@ -41,6 +41,7 @@ class ServiceProcess:
     """A real `rlhf serve` (bentoml serve) subprocess in its own process group."""
 
     url: str
+    admin_url: str
     state_dir: Path
     log_path: Path
     proc: subprocess.Popen
@@ -48,19 +49,19 @@ class ServiceProcess:
 
     @classmethod
     def start(cls, state_dir: Path, model_dir: str, bootstrap: str, **settings: str) -> "ServiceProcess":
-        port = free_port()
+        port, admin_port = free_port(), free_port()
         state_dir.mkdir(parents=True, exist_ok=True)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("RLHF_", "BENTOML_HOME"))}
         env.update({
             "RLHF_STATE_DIR": str(state_dir), "RLHF_MODEL": model_dir, "RLHF_KAFKA_BOOTSTRAP_SERVERS": bootstrap,
-            "RLHF_API_KEYS": API_KEY, "RLHF_ENGINE_THREADS": "4", "BENTOML_DO_NOT_TRACK": "true",
+            "RLHF_API_KEYS": API_KEY, "RLHF_ADMIN_PORT": str(admin_port), "RLHF_ENGINE_THREADS": "4", "BENTOML_DO_NOT_TRACK": "true",
             "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
             **{f"RLHF_{k.upper()}": v for k, v in settings.items()},
         })
         log_path = state_dir / "service.log"
         with open(log_path, "ab") as log:
             proc = serve.spawn("127.0.0.1", port, env, log)
-        svc = cls(f"http://127.0.0.1:{port}", state_dir, log_path, proc, env)
+        svc = cls(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}", state_dir, log_path, proc, env)
         try:
             serve.wait_ready(svc.url, proc, timeout=120)
         except BaseException as e:

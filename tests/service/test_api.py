@@ -208,9 +208,10 @@ BAD = [
     ("feedback without key", "POST", "/v1/feedback", "nokey", 401, "invalid_api_key", None),
     ("withdraw forged id", "DELETE", "/v1/feedback/{forged}:u123", {}, 404, "feedback_not_found", "feedback_id"),
     ("withdraw nonsense", "DELETE", "/v1/feedback/nonsense", {}, 404, "feedback_not_found", "feedback_id"),
-    ("admin without token", "GET", "/admin/versions", dict(headers={"Authorization": ""}), 401, "invalid_api_key", None),
-    ("admin with an api key", "GET", "/admin/versions", {}, 403, "admin_disabled", None),
-    ("admin pin, admin off", "POST", "/admin/pin", dict(json={"version": 0}, headers={"Authorization": "Bearer anything"}), 403, "admin_disabled", None),
+    ("admin not on the api port", "GET", "/admin/versions", {}, 404, "unknown_url", None),
+    ("admin without token", "GET", "ADMIN/admin/versions", dict(headers={"Authorization": ""}), 401, "invalid_api_key", None),
+    ("admin with an api key", "GET", "ADMIN/admin/versions", {}, 403, "admin_disabled", None),
+    ("admin pin, admin off", "POST", "ADMIN/admin/pin", dict(json={"version": 0}, headers={"Authorization": "Bearer anything"}), 403, "admin_disabled", None),
 ]
 
 
@@ -243,7 +244,7 @@ def test_bad_input_gets_a_clear_4xx_in_openai_shape_and_writes_nothing(
     if isinstance(kwargs, str):
         kwargs = _feedback_request(kwargs, issued_id)
     forged = issued_id[:-1] + ("0" if issued_id[-1] != "0" else "1")
-    path = path.replace("{forged}", forged)
+    path = path.replace("{forged}", forged).replace("ADMIN/", f"{service.admin_url}/")
     kwargs = {**kwargs, "headers": {**AUTH, **kwargs.get("headers", {})}}
     spooled = service.metric("rlhf_events_spooled_total")
     dropped = service.metric("rlhf_events_dropped_total")

@@ -91,7 +91,7 @@ def _versions(a: Answer) -> set[int]:
 
 
 def _admin(svc, method: str, path: str, **kw) -> httpx.Response:
-    return httpx.request(method, f"{svc.url}{path}", headers=kw.pop("headers", ADMIN), timeout=120, **kw)
+    return httpx.request(method, f"{svc.admin_url}{path}", headers=kw.pop("headers", ADMIN), timeout=120, **kw)
 
 
 def test_versions_swap_under_traffic_and_a_corrupted_one_is_refused(swap_service, module_broker):
@@ -181,6 +181,7 @@ def test_admin_errors(swap_service):
         ("POST", "/admin/pin", ADMIN, {"json": {"version": refused}}, 409, "policy_refused"),
     ]
     serving = _admin(svc, "GET", "/admin/versions").json()["serving"]
+    assert httpx.get(f"{svc.url}/admin/versions", headers=ADMIN).status_code == 404  # only on the admin port
     for method, path, headers, kw, status, code in cases:
         r = _admin(svc, method, path, headers=headers, **kw)
         assert (r.status_code, r.json()["error"]["code"]) == (status, code), (path, headers, kw, r.text)
