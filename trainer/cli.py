@@ -19,6 +19,7 @@ import signal
 import time
 
 import torch
+import transformers
 
 from kafka.errors import KafkaError
 
@@ -45,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
+    transformers.utils.logging.disable_progress_bar()  # per-load bars would drown the round lines
     settings = Settings()
     cfg = config.from_args(args)
     if settings.create_topics:
