@@ -22,8 +22,8 @@ ARG TORCH_VERSION=2.13.0
 ARG TORCH_VARIANT=cpu
 # The tests pass pip's own index here, which finds the CPU wheel the way `make install` does.
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/${TORCH_VARIANT}
-ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PYTHONDONTWRITEBYTECODE=1
+# pip byte-compiles what it installs: the runtime's root file system is read-only.
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 # torch alone first: the largest layer, rebuilt only when its version or variant changes.

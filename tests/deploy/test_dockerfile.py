@@ -350,6 +350,13 @@ def test_install_steps_build_a_venv_that_serves(tmp_path, base_model_dir, broker
         assert completion.id.startswith("chatcmpl-")
         assert completion.choices[0].message.content.strip()
 
+        # the admin API answers on its own port only: what the NetworkPolicy relies on
+        admin = urllib.request.Request(f"http://127.0.0.1:{admin_port}/admin/versions",
+                                       headers={"Authorization": "Bearer test-admin-key"})
+        with urllib.request.urlopen(admin, timeout=30) as r:
+            assert json.load(r)["serving"] == 0
+        assert get_status(f"http://127.0.0.1:{port}/admin/versions") == 404
+
         probe = [str(venv / "bin" / "python"), str(healthcheck)]
         assert subprocess.run(probe, env=env, capture_output=True).returncode == 0
     finally:
