@@ -88,8 +88,11 @@ def ensure_topics(settings: Settings, timeout: float = 30.0) -> None:
                              request_timeout_ms=int(timeout * 1000), client_id="rlhf-admin")
     try:
         existing = set(admin.list_topics())
-        topics = [settings.topic_interactions, settings.topic_feedback, settings.topic_policy_updates, settings.topic_dlq]
-        missing = [NewTopic(t, num_partitions=settings.topic_partitions, replication_factor=1) for t in topics if t not in existing]
+        # interactions and feedback share a partition count (joins stay partition-local);
+        # policy updates and the DLQ get one partition so their order is total
+        partitions = {settings.topic_interactions: settings.topic_partitions, settings.topic_feedback: settings.topic_partitions,
+                      settings.topic_policy_updates: 1, settings.topic_dlq: 1}
+        missing = [NewTopic(t, num_partitions=n, replication_factor=1) for t, n in partitions.items() if t not in existing]
         if missing:
             try:
                 admin.create_topics(missing)
