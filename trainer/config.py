@@ -104,8 +104,8 @@ class PPOConfig:
     """Rollouts and the PPO update with a KL penalty against the frozen reference (version 0)."""
 
     rollout_prompts: int = 64
-    """Prompts per rollout batch, sampled from the logged prompts (TRL batch_size 64 at
-    local_rollout_forward_batch_size 64)."""
+    """Prompts per rollout batch, sampled from the logged prompts (OpenRLHF rollout_batch_size
+    512 at 7B scale; 64 = TRL's local_rollout_forward_batch_size, one forward on CPU)."""
     rollout_batches: int = 2
     """Rollout + update iterations per round (each: sample, score, ppo_epochs of updates)."""
     max_new_tokens: int = 48
@@ -116,7 +116,8 @@ class PPOConfig:
     ppo_epochs: int = 4
     """Passes over each rollout batch (TRL num_ppo_epochs 4)."""
     minibatch_size: int = 16
-    """Sequences per optimiser step (TRL: batch 64 / num_mini_batches 4 = 16)."""
+    """Sequences per optimiser step (OpenRLHF micro_train_batch_size 8; 16 keeps a CPU step
+    near 0.2 s and gives 4 steps per rollout batch and epoch)."""
     lr: float = 2e-4
     """AdamW learning rate. TRL 1.41e-5 / OpenRLHF actor 1e-6 at GPT-2/7B scale; the 0.7M
     embedded model needs ~10x TRL's step to move within a round (tuned)."""
@@ -129,13 +130,13 @@ class PPOConfig:
     vf_coef: float = 0.1
     """Value loss weight; the value head shares the policy backbone (TRL vf_coef 0.1)."""
     entropy_coef: float = 0.0
-    """Entropy bonus weight; entropy is always logged (OpenRLHF entropy_loss_coef 0)."""
+    """Entropy bonus weight; entropy is always logged (TRL's PPO adds no bonus)."""
     gamma: float = 1.0
     """GAE discount (TRL gamma 1.0, OpenRLHF gamma 1.0)."""
     lam: float = 0.95
     """GAE lambda (TRL lam 0.95, OpenRLHF lambd 0.95)."""
     whiten_advantages: bool = True
-    """Whiten advantages over the batch's response tokens (TRL, OpenRLHF: always)."""
+    """Whiten advantages over the batch's response tokens (TRL always does)."""
     reward_clip: float = 10.0
     """The RM score is clipped to [-reward_clip, reward_clip] (OpenRLHF reward_clip_range (-10, 10))."""
     kl_estimator: Literal["k1", "k2", "k3", "full"] = "k1"
@@ -208,7 +209,7 @@ class SFTConfig:
     """AdamW learning rate (TRL SFTConfig 2e-5 at 1B+ scale; the 0.7M embedded model needs
     ~10x, as for PPO)."""
     batch_size: int = 16
-    """Conversations per step (TRL per_device_train_batch_size 8, with 2 accumulation steps)."""
+    """Conversations per step (TRL per_device_train_batch_size 8; 16 halves the CPU steps)."""
     max_length: int = 512
     """Tokens per conversation; longer ones keep their beginning (TRL max_length 1024)."""
     max_grad_norm: float = 1.0

@@ -51,8 +51,8 @@ def evaluate(
         with autocast(device, autocast_dtype):
             response, mask = sample(policy, query, query_mask, max_new_tokens=max_new_tokens, temperature=temperature,
                                     eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, generator=generator)
-            _, _, kl = score_against_reference(policy, reference, query, query_mask, response, mask,
-                                               temperature=temperature, estimator="full")
+            kl = score_against_reference(policy, reference, query, query_mask, response, mask,
+                                         temperature=temperature, estimator="full", batch_size=batch_size).kl
         rewards.append(reward_fn(chunk, decode(tokenizer, response, mask)).float().cpu())
         kls.append(kl.sum(1).cpu())
         lengths.append(mask.sum(1).float().cpu())

@@ -127,20 +127,36 @@ def forward(
     return Forward(logp, entropy, values, logits if keep_logits else None)
 
 
+@dataclass
+class Scored:
+    """Sampled responses seen by the policy and the reference; all (B, R) fp32, 0 off the mask."""
+
+    logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor
+    values: torch.Tensor | None
+    entropy: torch.Tensor
+    kl: torch.Tensor  # per-token KL estimate (the configured estimator) against the reference
+
+
 @torch.no_grad()
 def score_against_reference(
     policy, reference, query, query_mask, response, response_mask, *, temperature: float, estimator: str,
-    value_head: torch.nn.Linear | None = None,
-) -> tuple[Forward, torch.Tensor, torch.Tensor]:
-    """(policy Forward, ref log-probs (B, R), per-token KL (B, R)) for sampled responses."""
-    need_logits = estimator == "full"
-    pol = forward(policy, query, query_mask, response, response_mask, temperature=temperature,
-                  value_head=value_head, keep_logits=need_logits)
-    ref = forward(reference, query, query_mask, response, response_mask, temperature=temperature,
-                  keep_logits=need_logits)
-    ref_logits = None if ref.logits is None else ref.logits.to(pol.logits.dtype)
-    kl = kl_per_token(estimator, pol.logprobs, ref.logprobs, pol.logits, ref_logits, temperature) * response_mask
-    return pol, ref.logprobs, kl
+    batch_size: int, value_head: torch.nn.Linear | None = None,
+) -> Scored:
+    """Policy and reference passes over (query + response) in chunks of batch_size sequences."""
+    parts = []
+    for i in range(0, len(query), batch_size):
+        s = slice(i, i + batch_size)
+        pol = forward(policy, query[s], query_mask[s], response[s], response_mask[s], temperature=temperature,
+                      value_head=value_head, keep_logits=estimator == "full")
+        ref = forward(reference, query[s], query_mask[s], response[s], response_mask[s], temperature=temperature,
+                      keep_logits=estimator == "full")
+        ref_logits = None if ref.logits is None else ref.logits.to(pol.logits.dtype)
+        kl = kl_per_token(estimator, pol.logprobs, ref.logprobs, pol.logits, ref_logits, temperature) * response_mask[s]
+        parts.append((pol.logprobs, ref.logprobs, pol.values, pol.entropy, kl))
+    logp, ref_logp, values, entropy, kl = zip(*parts)
+    return Scored(torch.cat(logp), torch.cat(ref_logp), None if value_head is None else torch.cat(values),
+                  torch.cat(entropy), torch.cat(kl))
 
 
 def autocast(device: torch.device, dtype: torch.dtype):

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 import math
 import random
 import sys
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from functools import partial
 
 import torch
 from tqdm import tqdm
@@ -29,8 +29,6 @@ from trainer.policy import autocast, decode, encode_prompts, forward, left_pad, 
 from trainer.ppo import Rollout, gae, masked_mean, masked_whiten, policy_loss, token_rewards, value_loss
 from trainer.reward_model import is_heldout, rule_reward, save_reward_model, score, train_reward_model
 from trainer.state import TrainerState
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -83,8 +81,8 @@ def run_round(state: TrainerState, *, progress: bool = True) -> RoundReport:
     label_seq = state.store.label_seq()
     report.labels, report.votes = len(examples), sum(e.n_votes for e in examples)
     report.new_labels, report.version_before = state.new_labels(), state.version
-    prompt_pool = [m for _, m in state.store.prompts()]
-    if not examples or not prompt_pool:
+    pool = state.store.prompts()  # [(prompt_key, messages)]
+    if not examples or not pool:
         report.reason = "no labelled examples yet"
         return _finish(state, report, label_seq)
     state.check_stop()
@@ -95,16 +93,12 @@ def run_round(state: TrainerState, *, progress: bool = True) -> RoundReport:
                                         autocast_dtype=state.dtype, progress=bar)
         save_reward_model(state.reward_model, state.reward_model_path(state.settings))
     report.reward_model = asdict(rm_metrics)
-    if cfg.reward.rule is None:
-        def reward_fn(prompts, completions):
-            return score(state.reward_model, tok, prompts, completions, max_length=cfg.reward.max_length,
-                         batch_size=cfg.ppo.forward_batch_size, autocast_dtype=state.dtype)
-    else:
-        reward_fn = rule_reward(cfg.reward.rule)
-    # held-out prompts (stable hash split) are for the gate; rollouts use the others
-    keys_prompts = state.store.prompts()
-    heldout = [m for k, m in keys_prompts if is_heldout(k, cfg.reward.heldout_fraction)] or prompt_pool
-    train_prompts = [m for k, m in keys_prompts if not is_heldout(k, cfg.reward.heldout_fraction)] or prompt_pool
+    reward_fn = rule_reward(cfg.reward.rule) if cfg.reward.rule else partial(
+        score, state.reward_model, tok, max_length=cfg.reward.max_length, batch_size=cfg.ppo.forward_batch_size,
+        autocast_dtype=state.dtype)  # (prompts, completions) -> (N,) scores
+    # held-out prompts (stable hash split) are for the gate, the others for rollouts (each falls back to all)
+    heldout = [m for k, m in pool if is_heldout(k, cfg.reward.heldout_fraction)] or [m for _, m in pool]
+    train_prompts = [m for k, m in pool if not is_heldout(k, cfg.reward.heldout_fraction)] or [m for _, m in pool]
     state.check_stop()
 
     candidate = copy.deepcopy(state.policy).train()
@@ -122,29 +116,24 @@ def run_round(state: TrainerState, *, progress: bool = True) -> RoundReport:
                 response, response_mask = sample(candidate, query, query_mask, max_new_tokens=cfg.ppo.max_new_tokens,
                                                  temperature=cfg.ppo.temperature, eos_id=tok.eos_token_id,
                                                  pad_id=tok.pad_token_id, generator=generator)
-                parts = [score_against_reference(candidate, state.reference, query[s], query_mask[s], response[s],
-                                                 response_mask[s], temperature=cfg.ppo.temperature,
-                                                 estimator=cfg.ppo.kl_estimator, value_head=value_head)
-                         for s in _slices(len(prompts), cfg.ppo.forward_batch_size)]
+                seen = score_against_reference(candidate, state.reference, query, query_mask, response, response_mask,
+                                               temperature=cfg.ppo.temperature, estimator=cfg.ppo.kl_estimator,
+                                               batch_size=cfg.ppo.forward_batch_size, value_head=value_head)
             candidate.train()
-            old = torch.cat([p[0].logprobs for p in parts])
-            old_values = torch.cat([p[0].values for p in parts])
-            entropy = torch.cat([p[0].entropy for p in parts])
-            ref_logprobs = torch.cat([p[1] for p in parts])
-            kl = torch.cat([p[2] for p in parts])
             bar.update(len(prompts))
 
         # 4. score with the reward model; per-token reward = -beta * KL, + score at the end; GAE
         with timer("score"):
             scores = reward_fn(prompts, decode(tok, response, response_mask)).to(state.device).float()
-            rewards = token_rewards(scores, kl, response_mask, state.kl_ctl.value, cfg.ppo.reward_clip)
-            advantages, returns = gae(rewards, old_values, response_mask, cfg.ppo.gamma, cfg.ppo.lam)
+            rewards = token_rewards(scores, seen.kl, response_mask, state.kl_ctl.value, cfg.ppo.reward_clip)
+            advantages, returns = gae(rewards, seen.values, response_mask, cfg.ppo.gamma, cfg.ppo.lam)
             if cfg.ppo.whiten_advantages:
                 advantages = masked_whiten(advantages, response_mask)
-            rollout = Rollout(query, query_mask, response, response_mask, old, ref_logprobs, old_values, kl, entropy,
-                              scores.clamp(-cfg.ppo.reward_clip, cfg.ppo.reward_clip), rewards, advantages, returns)
-            seq_kl = (kl * response_mask).sum(1).mean().item()
-            _log(stats, score=scores.mean().item(), kl=seq_kl, entropy=masked_mean(entropy, response_mask).item(),
+            rollout = Rollout(query, query_mask, response, response_mask, seen.logprobs, seen.ref_logprobs, seen.values,
+                              seen.kl, seen.entropy, scores.clamp(-cfg.ppo.reward_clip, cfg.ppo.reward_clip), rewards,
+                              advantages, returns)
+            seq_kl = seen.kl.sum(1).mean().item()
+            _log(stats, score=scores.mean().item(), kl=seq_kl, entropy=masked_mean(seen.entropy, response_mask).item(),
                  length=response_mask.sum(1).float().mean().item(), kl_coef=state.kl_ctl.value)
         state.check_stop()
 

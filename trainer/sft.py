@@ -14,7 +14,6 @@ To make the SFT model PPO's reference afterwards: `rlhf train --ppo.reference_ve
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import random

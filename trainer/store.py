@@ -47,7 +47,7 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     reason TEXT NOT NULL, received REAL NOT NULL,
     PRIMARY KEY (topic, partition, "offset", value_sha256)
 );
-CREATE TABLE IF NOT EXISTS consumed_offsets (     -- the consumer's own record: next offset to read
+CREATE TABLE IF NOT EXISTS consumed_offsets (     -- the consumer's own record: offset after the last stored batch
     topic TEXT NOT NULL, partition INTEGER NOT NULL, next_offset INTEGER NOT NULL, updated REAL NOT NULL,
     PRIMARY KEY (topic, partition)
 );
@@ -137,8 +137,7 @@ class LabelStore:
                     (d.topic, d.partition, d.offset, d.value_sha256, d.reason, now),
                 ).rowcount
             cur.executemany(
-                "INSERT INTO consumed_offsets VALUES (?, ?, ?, ?) ON CONFLICT (topic, partition) DO UPDATE SET "
-                "next_offset = MAX(next_offset, excluded.next_offset), updated = excluded.updated",
+                "INSERT OR REPLACE INTO consumed_offsets VALUES (?, ?, ?, ?)",
                 [(t, p, o, now) for (t, p), o in next_offsets.items()],
             )
             cur.execute("COMMIT")
@@ -261,6 +260,9 @@ class LabelStore:
         return [(k, json.loads(m)) for k, m in self.db.execute("SELECT prompt_key, messages FROM prompts ORDER BY prompt_key")]
 
     def consumed_offsets(self) -> dict[tuple[str, int], int]:
+        """(topic, partition) -> the offset after the last batch stored from it. For inspection: the
+        consumer's position comes from Kafka's committed offsets, so after a broker that lost its
+        data (tansu restarts empty) reading starts over and the event_id dedupe keeps labels exact."""
         return {(t, p): o for t, p, o in self.db.execute("SELECT topic, partition, next_offset FROM consumed_offsets")}
 
     def dead_letter_count(self) -> int:

@@ -85,3 +85,14 @@ def test_every_field_is_documented_and_typed_for_the_cli():
 def test_replace_overrides_fields_in_sections():
     cfg = TrainerConfig().replace(ppo={"lr": 1e-3}, gate={"max_kl": 2.0})
     assert cfg.ppo.lr == 1e-3 and cfg.gate.max_kl == 2.0 and cfg.reward == RewardConfig()
+
+
+def test_docs_list_every_config_field():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "trainer.md").read_text()
+    for root in (TrainerConfig, SFTRun):
+        for section, cls in config._section_classes(root).items():
+            assert f"(`{cls.__name__}`)" in text
+            for f in dataclasses.fields(cls):
+                assert f"| `{f.name}` | `{f.default!r}` |" in text, f"docs/trainer.md lacks {section}.{f.name}={f.default!r}"
