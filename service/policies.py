@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
@@ -149,6 +150,7 @@ class PolicyManager:
             raise
 
     def _load(self, version: int, files: dict[str, str] | None) -> Policy:
+        started = time.monotonic()
         if version not in self.store.versions():
             raise PolicyRefused(version, "missing", f"not in {self.store.versions_dir}")
         try:
@@ -158,10 +160,13 @@ class PolicyManager:
         differ = sorted(n for n, h in (files or {}).items() if n != MANIFEST and manifest.files.get(n) != h)
         if differ:
             raise PolicyRefused(version, "announcement_mismatch", f"announced sha256 of {differ} differ from the manifest")
+        verified = time.monotonic()
         try:
             model, tokenizer = load_causal_lm(self.store.path(version), self.settings)
         except Exception as e:  # any loader failure (bad config, unsupported arch, OOM) refuses this version only
             raise PolicyRefused(version, "load", f"{type(e).__name__}: {e}") from e
+        log.info("loaded policy version %d (verify %.1fs, load %.1fs)", version, verified - started,
+                 time.monotonic() - verified)
         return Policy.from_pretrained(version, model, tokenizer)
 
     def _swap(self, policy: Policy) -> None:
