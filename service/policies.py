@@ -237,12 +237,13 @@ class PolicyManager:
                 consumer.seek_to_end(*tps)
                 for tp in tps:
                     consumer.position(tp)  # resolve "the end" now: announcements from here on are seen
+                attached = time.time()
                 metrics.policy_following.set(1)
                 log.info("following %s (%d partitions)", topic, len(tps))
                 while not self._stop.is_set():
                     for records in consumer.poll(timeout_ms=500).values():
                         for record in records:
-                            self._on_announcement(record.value)
+                            self._on_announcement(record.value, attached)
             except KafkaError as e:
                 log.warning("policy-updates follower: %s: %s; retrying (LATEST is still polled)", type(e).__name__, e)
             finally:
@@ -251,11 +252,16 @@ class PolicyManager:
                     consumer.close()
             self._stop.wait(2.0)
 
-    def _on_announcement(self, value: bytes) -> None:
+    def _on_announcement(self, value: bytes, attached: float) -> None:
         try:
             update = PolicyUpdate.model_validate_json(value)
         except ValidationError as e:
             log.warning("ignoring a malformed policy announcement: %s", e)
+            return
+        if update.ts.timestamp() < attached:
+            # a replay from before we attached (a broker whose "end" offset is off, as the embedded
+            # one's is): LATEST, read at start and polled, already speaks for that time
+            log.info("ignoring policy version %d announced before this replica followed the topic", update.version)
             return
         log.info("announced: policy version %d (parent %d)", update.version, update.parent_version)
         self.offer(update.version, files=update.files, source="announcement")
