@@ -126,9 +126,9 @@ class Spool:
     # -- reading (drainer thread)
 
     def wait(self, timeout: float) -> None:
-        """Block until something is unread or `timeout` passes."""
+        """Block until something is unacknowledged or `timeout` passes."""
         with self._lock:
-            if self._cursor == self._end:
+            if self.depth == 0:  # (not "cursor == end": after a segment roll they differ with nothing to read)
                 self._appended.wait(timeout)
 
     def read(self, max_records: int) -> tuple[list[Record], Position]:

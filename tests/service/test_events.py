@@ -112,3 +112,20 @@ def test_events_spooled_while_the_broker_is_away_arrive_in_order_when_it_comes(t
         log.close()
     first_seen = list(dict.fromkeys(e.event_id for e in got))  # duplicates allowed, order of first arrival
     assert first_seen == [e.event_id for e in sent]
+
+
+def test_an_idle_spool_makes_the_drainer_sleep_not_spin(tmp_path, monkeypatch):
+    """With nothing unacknowledged, wait() must block on the condition (fresh spool, and after a
+    segment roll where the cursor sits at the end of the old segment): a spinning drainer holds
+    the GIL and slows the whole process down."""
+    monkeypatch.setattr(events_mod, "SEGMENT_BYTES", 60)
+    spool = Spool(tmp_path, max_bytes=1 << 20)
+    waits: list[float] = []
+    monkeypatch.setattr(spool._appended, "wait", waits.append)
+    spool.wait(0.01)
+    spool.append([rec(0)])
+    spool.append([rec(1)])  # rolls: the first segment is full
+    spool.wait(0.01)  # two unacknowledged: returns at once
+    drain(spool)
+    spool.wait(0.01)
+    assert waits == [0.01, 0.01]
