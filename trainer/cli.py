@@ -89,5 +89,8 @@ def loop(state: TrainerState, settings: Settings, *, progress: bool) -> None:
             last_prune = now
         new = state.new_labels()
         if new >= settings.train_min_labels or (new > 0 and now - last_round >= settings.train_max_wait_s):
-            run_round(state, progress=progress)
+            try:
+                run_round(state, progress=progress)
+            except KafkaError as e:  # broker away mid-round: labels stay stored, a publish is finished later
+                log.warning("round dropped: %s; the next one retries", e)
             last_round = time.monotonic()

@@ -39,8 +39,10 @@ class ConsumerConfig:
     """Heartbeats, well under a third of the session timeout (Kafka's rule of thumb)."""
     max_poll_interval_ms: int = 900_000
     """A round runs between polls; 15 min covers a slow CPU round (kafka-python default 300 000)."""
-    drain_max_s: float = 60.0
-    """Step 1 of a round stops draining after this long even if records keep coming."""
+    drain_max_s: float = 10.0
+    """Step 1 of a round drains until a poll comes back empty, but at most this long after the
+    partitions are assigned: with users voting all the time the stream never pauses, and the
+    continuous loop consumes between rounds anyway."""
     dedupe_window_s: float = 7 * 24 * 3600.0
     """How long seen event ids and vote tombstones are kept for de-duplication (a redelivery
     older than this counts again). Bounded state; a week covers any spool outage."""

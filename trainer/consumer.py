@@ -31,6 +31,8 @@ from trainer.store import DeadLetterKey, LabelStore
 
 log = logging.getLogger(__name__)
 
+JOIN_TIMEOUT_S = 60.0
+
 
 @dataclass
 class ConsumeStats:
@@ -127,17 +129,26 @@ class VoteConsumer:
                             result.duplicates, result.stale, result.dead_letters, reasons)
 
     def drain(self, max_seconds: float | None = None, progress=None) -> ConsumeStats:
-        """Poll until the partitions are assigned and a poll comes back empty (or max_seconds)."""
+        """Catch up: poll until a poll comes back empty, for at most max_seconds (drain_max_s)
+        from the moment partitions are assigned (the group join, ~3 s on tansu, does not count;
+        JOIN_TIMEOUT_S bounds it). A stream that never pauses is cut off at the bound; the
+        continuous loop goes on consuming between rounds anyway."""
         total = ConsumeStats()
-        deadline = time.monotonic() + (self.cfg.drain_max_s if max_seconds is None else max_seconds)
-        while time.monotonic() < deadline:
+        budget = self.cfg.drain_max_s if max_seconds is None else max_seconds
+        join_deadline, deadline = time.monotonic() + JOIN_TIMEOUT_S, None
+        while True:
             s = self.poll()
             total.merge(s)
             if progress is not None:
                 progress.update(s.records)
-            if s.records == 0 and self.consumer.assignment():
-                break
-        return total
+            now = time.monotonic()
+            if self.consumer.assignment():
+                deadline = now + budget if deadline is None else deadline
+                if s.records == 0 or now >= deadline:
+                    return total
+            elif now >= join_deadline:
+                log.warning("no partitions assigned after %.0fs; consuming nothing this time", JOIN_TIMEOUT_S)
+                return total
 
     def _send_dead_letter(self, key: DeadLetterKey, value: bytes | None) -> None:
         letter = DeadLetter(topic=key.topic, partition=key.partition, offset=key.offset, reason=key.reason,

@@ -76,6 +76,7 @@ def run_round(state: TrainerState, *, progress: bool = True) -> RoundReport:
     with timer("consume"), _bar(progress, n, "consume", "msg") as bar:
         report.consumed = asdict(state.consumer.drain(progress=bar))
         state.store.prune()
+        state.publisher.recover()  # a publish a broker outage interrupted is announced now
         state.follow_latest()
     examples = state.store.examples()
     label_seq = state.store.label_seq()
