@@ -36,6 +36,7 @@ class SimConfig:
     noise: float = 0.1  # probability a vote is flipped (users are inconsistent)
     users: int = 8  # distinct user ids; they take turns
     concurrency: int = 4  # requests in flight at once
+    rate: float = 3.0  # conversations per second across all users (0 = as fast as the service answers)
     max_votes: int = 2000  # stop after this many votes ...
     max_seconds: float = 900.0  # ... or this long
     max_tokens: int = 48
@@ -49,6 +50,8 @@ class SimConfig:
             raise ValueError(f"unknown taste {self.taste!r}; choose from {sorted(TASTES)}")
         if not 0.0 <= self.noise < 0.5:
             raise ValueError("noise must be in [0, 0.5): above that the taste is inverted")
+        if self.rate < 0:
+            raise ValueError("rate must be >= 0")
         if self.users < 1 or self.concurrency < 1:
             raise ValueError("users and concurrency must be >= 1")
 
@@ -104,6 +107,7 @@ def run(cfg: SimConfig, log: SimLog | None = None, stop: threading.Event | None 
     client = OpenAI(base_url=cfg.url.rstrip("/") + "/v1", api_key=cfg.api_key, max_retries=0, timeout=60)
     http = httpx.Client(base_url=cfg.url, timeout=30, headers={"Authorization": f"Bearer {cfg.api_key}"})
     counter = iter(range(10**12))
+    next_slot = [time.monotonic()]  # users pace themselves: one conversation every 1/rate s overall
 
     def worker(wid: int) -> None:
         rng = random.Random(cfg.seed * 1000 + wid)
@@ -112,6 +116,10 @@ def run(cfg: SimConfig, log: SimLog | None = None, stop: threading.Event | None 
                 if len(log.votes) >= cfg.max_votes or time.monotonic() - t0 >= cfg.max_seconds:
                     return
                 n = next(counter)
+                slot = max(time.monotonic(), next_slot[0])
+                next_slot[0] = slot + (1.0 / cfg.rate if cfg.rate else 0.0)
+            if stop.wait(max(0.0, slot - time.monotonic())):
+                return
             user = f"sim-user-{n % cfg.users}"
             question = rng.choice(QUESTIONS).replace("{s}", rng.choice(list(SUBJECTS)))
             try:

@@ -44,12 +44,13 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--noise", type=float, default=0.1)
     ap.add_argument("--users", type=int, default=16)
     ap.add_argument("--concurrency", type=int, default=4)
+    ap.add_argument("--rate", type=float, default=3.0, help="conversations per second across all users")
     ap.add_argument("--round-labels", type=int, default=128, help="new votes that trigger a training round")
     ap.add_argument("--keep-serving", action="store_true")
     args = ap.parse_args(argv)
     cfg = LoopConfig(
         state_dir=args.state_dir, port=args.port, train_min_labels=args.round_labels, keep_serving=args.keep_serving,
-        sim=SimConfig(taste=args.taste, noise=args.noise, users=args.users, concurrency=args.concurrency,
+        sim=SimConfig(taste=args.taste, noise=args.noise, users=args.users, concurrency=args.concurrency, rate=args.rate,
                       max_votes=args.votes, max_seconds=args.minutes * 60),
     )
 
