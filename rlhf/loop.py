@@ -206,7 +206,7 @@ def plot_curve(summary: dict, vote_log: SimLog, path: Path) -> None:
     if kl:
         kl.sort()
         axes[2].plot([f"v{v}" for v, _ in kl], [k for _, k in kl], marker="o", color="tab:red")
-    axes[2].set(title="mean KL to reference per promoted version", ylabel="nats / token")
+    axes[2].set(title="mean KL to reference per promoted version", ylabel="nats per response (exact, summed over tokens)")
     fig.suptitle(f"rlhf-loop: simulated users who like '{summary['taste']}' answers (noise {summary['noise']})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

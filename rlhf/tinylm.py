@@ -158,7 +158,7 @@ def build(out_dir: Path, *, steps: int = 260, n_convs: int = 40_000, seed: int =
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     bar.close()
     model.eval()
     model.generation_config.eos_token_id = tokenizer.eos_token_id
