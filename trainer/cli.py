@@ -90,7 +90,7 @@ def loop(state: TrainerState, settings: Settings, *, progress: bool) -> None:
         new = state.new_labels()
         if new >= settings.train_min_labels or (new > 0 and now - last_round >= settings.train_max_wait_s):
             try:
-                run_round(state, progress=progress)
+                run_round(state, progress=progress, drain_s=0.0)  # this loop has been consuming all along
             except KafkaError as e:  # broker away mid-round: labels stay stored, a publish is finished later
                 log.warning("round dropped: %s; the next one retries", e)
             last_round = time.monotonic()

@@ -64,7 +64,9 @@ class RoundReport:
                 f"KL {self.candidate['kl_to_ref']:.2f} | {self.seconds['total']:.0f}s | {verdict}")
 
 
-def run_round(state: TrainerState, *, progress: bool = True) -> RoundReport:
+def run_round(state: TrainerState, *, progress: bool = True, drain_s: float | None = None) -> RoundReport:
+    """One round. drain_s bounds step 1 (default consumer.drain_max_s; the continuous loop,
+    which consumes between rounds, passes 0: one catch-up poll)."""
     cfg, tok = state.cfg, state.tokenizer
     n = state.round + 1
     rng = random.Random(cfg.ppo.seed + n)
@@ -74,7 +76,7 @@ def run_round(state: TrainerState, *, progress: bool = True) -> RoundReport:
 
     # 1. consume: drain what the broker holds now; each poll is stored, then committed
     with timer("consume"), _bar(progress, n, "consume", "msg") as bar:
-        report.consumed = asdict(state.consumer.drain(progress=bar))
+        report.consumed = asdict(state.consumer.drain(drain_s, progress=bar))
         state.store.prune()
         state.publisher.recover()  # a publish a broker outage interrupted is announced now
         state.follow_latest()
