@@ -1,7 +1,7 @@
 """The HTTP API, a FastAPI app mounted on the BentoML service (service/service.py).
 
     POST /v1/chat/completions    OpenAI chat completions, plain or SSE streaming
-    GET  /v1/models
+    GET  /v1/models, /v1/models/{model}
     POST /v1/feedback            a thumbs up/down on a response  -> 202
     DELETE /v1/feedback/{id}     withdraw a vote (tombstone)     -> 202
 
@@ -382,6 +382,14 @@ def _json(data: Any) -> str:
 async def list_models():
     svc = current()
     return ModelList(data=[ModelCard(id=svc.settings.served_model_name, created=svc.started)]).model_dump()
+
+
+@app.get("/v1/models/{model:path}", dependencies=[Depends(require_api_key)])
+async def retrieve_model(model: str):
+    svc = current()
+    if model != svc.settings.served_model_name:
+        raise APIError(404, f"The model '{model}' does not exist.", param="model", code="model_not_found")
+    return ModelCard(id=model, created=svc.started).model_dump()
 
 
 # ---------------------------------------------------------------------------- feedback

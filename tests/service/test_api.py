@@ -20,6 +20,9 @@ def test_probes_and_model_list(service):
     assert httpx.get(f"{service.url}/readyz").status_code == 200
     (model,) = service.openai().models.list().data
     assert model.id == MODEL and model.object == "model"
+    assert service.openai().models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError):
+        service.openai().models.retrieve("gpt-4o")
 
 
 def test_chat_completion_has_openai_shape_and_names_its_policy_version(service):
