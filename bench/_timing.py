@@ -239,3 +239,74 @@ def print_table(rows: list[dict], summaries: dict) -> None:
         )
     for key, s in summaries.items():
         print(f"{key}: " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in s.items()))
+
+
+def time_methods(methods: dict[str, Callable], logits, other, grad_out, ref, err_rows: int, fwd_bytes: int,
+                 device: torch.device, args, progress) -> list[dict]:
+    """Time every selected method `fn(logits, other)` forward and forward+backward (w.r.t. the
+    logits), add bandwidth and the max abs error on the first `err_rows` rows against `ref`."""
+    rows = []
+    B, T, V = logits.shape
+    for name, fn in methods.items():
+        if name not in args.methods:
+            continue
+        progress.set_description(f"N={B * T} V={V} {name}")
+        leaf = logits.detach().requires_grad_(True)
+
+        def forward(fn=fn):
+            with torch.no_grad():
+                return fn(logits, other)
+
+        def forward_backward(fn=fn, leaf=leaf):
+            return torch.autograd.grad(fn(leaf, other), leaf, grad_out)
+
+        row = {"method": name, "N": B * T, "V": V, "dtype": str(logits.dtype).removeprefix("torch.")}
+        row.update(measure(forward, forward_backward, device, warmup=args.warmup, repeats=args.repeats))
+        add_bandwidth(row, fwd_bytes, device)
+        if row["fwd_ms"] is not None:
+            row["max_abs_err"] = float((forward()[0, :err_rows].double() - ref).abs().max())
+        rows.append(row)
+        progress.update(1)
+    return rows
+
+
+def run_bench(name: str, doc: str, methods: Callable[[], dict], bench_config: Callable, seq_len: int,
+              argv: list[str] | None) -> int:
+    """The shared main of bench/logprobs.py and bench/kl.py: sizes, loop, table, JSON."""
+    import argparse
+    import sys
+
+    from tqdm import tqdm
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(parser, list(methods()))
+    args = parser.parse_args(argv)
+    device = pick_device()
+    n_list, v_list = resolve_args(args, device, gpu_n=[8192, 16384], gpu_v=[32000, 151936], cpu_n=[1024], cpu_v=[32000])
+    dtype = getattr(torch, args.dtype)
+    env = environment(device)
+    ours_backend = "triton" if device.type == "cuda" else "torch (chunked fallback: the Triton kernels run on CUDA)"
+
+    rows, summaries = [], {}
+    with tqdm(total=len(n_list) * len(v_list) * len(args.methods), file=sys.stderr) as progress:
+        for n_tokens in n_list:
+            for vocab in v_list:
+                config_rows = bench_config(n_tokens, vocab, dtype, device, args, progress)
+                rows += config_rows
+                summaries[f"N={n_tokens},V={vocab}"] = summarize(config_rows, device)
+
+    print(f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}  ours runs: {ours_backend}")
+    print_table(rows, summaries)
+    payload = {
+        "benchmark": name,
+        **env,
+        "cpu_threads": torch.get_num_threads() if device.type == "cpu" else None,
+        "ours_backend": ours_backend,
+        "memory_measured": device.type == "cuda",
+        "settings": {"dtype": args.dtype, "seq_len": seq_len, "warmup": args.warmup, "repeats": args.repeats},
+        "results": rows,
+        "summary": summaries,
+    }
+    out = args.out or RESULTS_DIR / f"{name}-{slug(env['device'])}.json"
+    print(f"saved {save_json(payload, Path(out))}")
+    return 0

@@ -21,14 +21,10 @@ bench/results/logprobs-<device-slug>.json.
 
 from __future__ import annotations
 
-import argparse
-import sys
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import _timing
 from kernels import token_logprobs
@@ -86,63 +82,11 @@ def bench_config(n_tokens, vocab, dtype, device, args, progress) -> list[dict]:
     err_rows = min(T, ERR_ROWS)
     ref = reference(logits[0, :err_rows], labels[0, :err_rows])  # (err_rows,) float64
     fwd_bytes = logits.numel() * logits.element_size() + labels.numel() * labels.element_size() + B * T * 4
-    rows = []
-    for name, fn in methods().items():
-        if name not in args.methods:
-            continue
-        progress.set_description(f"N={n_tokens} V={vocab} {name}")
-        leaf = logits.detach().requires_grad_(True)
-
-        def forward(fn=fn):
-            with torch.no_grad():
-                return fn(logits, labels)
-
-        def forward_backward(fn=fn, leaf=leaf):
-            return torch.autograd.grad(fn(leaf, labels), leaf, grad_out)
-
-        row = {"method": name, "N": B * T, "V": vocab, "dtype": str(dtype).removeprefix("torch.")}
-        row.update(_timing.measure(forward, forward_backward, device, warmup=args.warmup, repeats=args.repeats))
-        _timing.add_bandwidth(row, fwd_bytes, device)
-        if row["fwd_ms"] is not None:
-            row["max_abs_err"] = float((forward()[0, :err_rows].double() - ref).abs().max())
-        rows.append(row)
-        progress.update(1)
-    return rows
+    return _timing.time_methods(methods(), logits, labels, grad_out, ref, err_rows, fwd_bytes, device, args, progress)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _timing.add_common_args(parser, list(methods()))
-    args = parser.parse_args(argv)
-    device = _timing.pick_device()
-    n_list, v_list = _timing.resolve_args(args, device, gpu_n=[8192, 16384], gpu_v=[32000, 151936], cpu_n=[1024], cpu_v=[32000])
-    dtype = getattr(torch, args.dtype)
-    env = _timing.environment(device)
-    ours_backend = "triton" if device.type == "cuda" else "torch (chunked fallback: the Triton kernels run on CUDA)"
-
-    rows, summaries = [], {}
-    with tqdm(total=len(n_list) * len(v_list) * len(args.methods), file=sys.stderr) as progress:
-        for n_tokens in n_list:
-            for vocab in v_list:
-                config_rows = bench_config(n_tokens, vocab, dtype, device, args, progress)
-                rows += config_rows
-                summaries[f"N={n_tokens},V={vocab}"] = _timing.summarize(config_rows, device)
-
-    print(f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}  ours runs: {ours_backend}")
-    _timing.print_table(rows, summaries)
-    payload = {
-        "benchmark": "logprobs",
-        **env,
-        "cpu_threads": torch.get_num_threads() if device.type == "cpu" else None,
-        "ours_backend": ours_backend,
-        "memory_measured": device.type == "cuda",
-        "settings": {"dtype": args.dtype, "seq_len": SEQ_LEN, "warmup": args.warmup, "repeats": args.repeats},
-        "results": rows,
-        "summary": summaries,
-    }
-    out = args.out or _timing.RESULTS_DIR / f"logprobs-{_timing.slug(env['device'])}.json"
-    print(f"saved {_timing.save_json(payload, Path(out))}")
-    return 0
+    return _timing.run_bench("logprobs", __doc__, methods, bench_config, SEQ_LEN, argv)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ def main() -> int:
     ap.add_argument("--round-labels", type=int, default=128)
     ap.add_argument("--kl-bound", type=float, default=None, help="the trainer's KL bound (default: its own)")
     args = ap.parse_args()
-    state = Path(tempfile.mkdtemp(prefix="rlhf-bench-loop-"))
+    state = Path(tempfile.mkdtemp(prefix="bench-loop-state-"))
     cfg = LoopConfig(
         state_dir=state, port=0, train_min_labels=args.round_labels,
         sim=SimConfig(taste="cheerful", noise=0.1, users=16, concurrency=4,

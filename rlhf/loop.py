@@ -100,6 +100,7 @@ class Loop:
         cfg = self.cfg.sim.__class__(**{**asdict(self.cfg.sim), "url": self.url})
         users = threading.Thread(target=run_users, args=(cfg, self.sim_log, self.stop), daemon=True)
         self.users_epoch = time.time()
+        self.t0 = time.monotonic()  # the loop's clock starts with the users (not the model build)
         users.start()
         while users.is_alive():
             users.join(1.0)
