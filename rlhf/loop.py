@@ -28,6 +28,9 @@ from rlhf.policy_store import PolicyStore
 from rlhf.simulate import SimConfig, SimLog, run as run_users
 
 
+FINAL_WINDOW = 300  # votes over which the end-of-run approval is measured
+
+
 @dataclass(frozen=True)
 class LoopConfig:
     """One run of the loop."""
@@ -144,9 +147,11 @@ class Loop:
         by = log.approval_by_version()
         versions = {v["version"]: v for v in self.versions()}
         baseline = by.get(0, {}).get("approval")
-        # the served policy's approval at the end: the last version with enough votes to say
-        final_version = max((v for v, r in by.items() if r["votes"] >= 30), default=None)
-        final = by[final_version]["approval"] if final_version is not None else None
+        # the served policy's approval at the end: the last FINAL_WINDOW votes (one version
+        # can have too few votes to say; a window spanning the last versions can)
+        tail = log.votes[-FINAL_WINDOW:]
+        final = sum(v.up for v in tail) / len(tail) if len(tail) == FINAL_WINDOW and by.get(0) else None
+        final_version = log.votes[-1].version if log.votes else None
         rounds = self.rounds()
         freshness = []
         for r in rounds:
@@ -157,6 +162,7 @@ class Loop:
             "votes": len(log.votes), "requests": log.requests, "chat_errors": len(log.chat_errors),
             "vote_errors": len(log.vote_errors), "chat_error_samples": log.chat_errors[:5],
             "baseline_approval": baseline, "final_version": final_version, "final_approval": final,
+            "final_window_votes": FINAL_WINDOW, "final_window_versions": sorted({v.version for v in tail}),
             "approval_gain": (final - baseline) if final is not None and baseline is not None else None,
             "approval_by_version": {str(k): v for k, v in by.items()},
             "versions": {str(k): v.get("metrics", {}) for k, v in versions.items()},
@@ -206,7 +212,14 @@ def plot_curve(summary: dict, vote_log: SimLog, path: Path) -> None:
     kl = [(int(v), m.get("kl_to_ref")) for v, m in summary["versions"].items() if m.get("kl_to_ref") is not None]
     if kl:
         kl.sort()
-        axes[2].plot([f"v{v}" for v, _ in kl], [k for _, k in kl], marker="o", color="tab:red")
+        axes[2].plot([f"v{v}" for v, _ in kl], [k for _, k in kl], marker="o", color="tab:red", label="KL(policy || v0)")
+    bound = next((r.get("kl_bound") for r in summary["rounds"] if r.get("kl_bound") is not None), None)
+    if bound is not None:
+        axes[2].axhline(bound, color="tab:red", ls="--", alpha=0.5, label="gate's bound")
+        axes[2].legend(loc="lower right")
+    if summary["baseline_approval"] is not None:
+        axes[1].axhline(summary["baseline_approval"], color="grey", ls="--", alpha=0.6, label="v0 baseline")
+        axes[1].legend(loc="lower right")
     axes[2].set(title="mean KL to reference per promoted version", ylabel="nats per response (exact, summed over tokens)")
     fig.suptitle(f"rlhf-loop: simulated users who like '{summary['taste']}' answers (noise {summary['noise']})")
     fig.tight_layout()

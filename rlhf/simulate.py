@@ -76,6 +76,7 @@ class SimLog:
     chat_errors: list[str] = field(default_factory=list)
     vote_errors: list[str] = field(default_factory=list)
     requests: int = 0
+    in_flight: int = 0
     first_served: dict[int, float] = field(default_factory=dict)  # version -> t of first answer
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -112,39 +113,48 @@ def run(cfg: SimConfig, log: SimLog | None = None, stop: threading.Event | None 
     def worker(wid: int) -> None:
         rng = random.Random(cfg.seed * 1000 + wid)
         while not stop.is_set():
-            with log.lock:
-                if len(log.votes) >= cfg.max_votes or time.monotonic() - t0 >= cfg.max_seconds:
+            with log.lock:  # conversations in flight count against max_votes, so the run stops at exactly it
+                if len(log.votes) + log.in_flight >= cfg.max_votes or time.monotonic() - t0 >= cfg.max_seconds:
                     return
+                log.in_flight += 1
                 n = next(counter)
                 slot = max(time.monotonic(), next_slot[0])
                 next_slot[0] = slot + (1.0 / cfg.rate if cfg.rate else 0.0)
-            if stop.wait(max(0.0, slot - time.monotonic())):
-                return
-            user = f"sim-user-{n % cfg.users}"
-            question = rng.choice(QUESTIONS).replace("{s}", rng.choice(list(SUBJECTS)))
             try:
-                resp = client.chat.completions.create(
-                    model=cfg.model, messages=[{"role": "user", "content": question}],
-                    max_tokens=cfg.max_tokens, temperature=cfg.temperature, user=user,
-                )
-                version = version_of(resp.system_fingerprint)
-            except Exception as e:  # counted and reported: the loop's target is zero of these
+                if stop.wait(max(0.0, slot - time.monotonic())):
+                    return
+                converse(rng, n)
+            finally:
                 with log.lock:
-                    log.chat_errors.append(f"{type(e).__name__}: {e}")
-                time.sleep(0.5)
-                continue
-            answer = resp.choices[0].message.content or ""
-            liked = taste(question, answer)
-            up = liked if rng.random() >= cfg.noise else not liked
+                    log.in_flight -= 1
+
+    def converse(rng: random.Random, n: int) -> None:
+        """One user turn: ask, judge by the taste (with noise), vote."""
+        user = f"sim-user-{n % cfg.users}"
+        question = rng.choice(QUESTIONS).replace("{s}", rng.choice(list(SUBJECTS)))
+        try:
+            resp = client.chat.completions.create(
+                model=cfg.model, messages=[{"role": "user", "content": question}],
+                max_tokens=cfg.max_tokens, temperature=cfg.temperature, user=user,
+            )
+            version = version_of(resp.system_fingerprint)
+        except Exception as e:  # counted and reported: the loop's target is zero of these
             with log.lock:
-                log.requests += 1
-                log.first_served.setdefault(version, time.monotonic() - t0)
-            r = http.post("/v1/feedback", json={"response_id": resp.id, "rating": "up" if up else "down", "user": user})
-            with log.lock:
-                if r.status_code != 202:
-                    log.vote_errors.append(f"{r.status_code}: {r.text[:200]}")
-                    continue
-                log.votes.append(Vote(time.monotonic() - t0, user, resp.id, version, question, answer, liked, up))
+                log.chat_errors.append(f"{type(e).__name__}: {e}")
+            time.sleep(0.5)
+            return
+        answer = resp.choices[0].message.content or ""
+        liked = taste(question, answer)
+        up = liked if rng.random() >= cfg.noise else not liked
+        with log.lock:
+            log.requests += 1
+            log.first_served.setdefault(version, time.monotonic() - t0)
+        r = http.post("/v1/feedback", json={"response_id": resp.id, "rating": "up" if up else "down", "user": user})
+        with log.lock:
+            if r.status_code != 202:
+                log.vote_errors.append(f"{r.status_code}: {r.text[:200]}")
+                return
+            log.votes.append(Vote(time.monotonic() - t0, user, resp.id, version, question, answer, liked, up))
 
     threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(cfg.concurrency)]
     for t in threads:

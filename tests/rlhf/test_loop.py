@@ -28,5 +28,5 @@ def test_approval_rises_when_users_vote(tmp_path, base_model_dir, monkeypatch):
     assert summary["promoted"] >= 1, summary["rounds"]
     by = summary["approval_by_version"]
     assert by["0"]["votes"] >= 50
-    assert summary["final_version"] and summary["final_version"] > 0, by
+    assert summary["final_version"] > 0, by
     assert summary["approval_gain"] > 0.1, by
