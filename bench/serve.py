@@ -163,7 +163,7 @@ def main() -> int:
     ap.add_argument("--requests-per-level", type=int, default=64, help="at least 4 x the concurrency")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--votes", type=int, default=1000)
-    ap.add_argument("--engine-threads", type=int, default=4)
+    ap.add_argument("--engine-threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=None, help="default bench/results/serve-<device>.json")
     args = ap.parse_args()
 

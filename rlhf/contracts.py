@@ -67,7 +67,7 @@ class Settings(BaseSettings):
     default_max_tokens: int = Field(48, ge=1)
     max_n: int = Field(4, ge=1)
     spool_max_bytes: int = Field(512 * 1024 * 1024, description="spool disk cap; above it chat still works, events are counted as dropped")
-    engine_threads: int = Field(4, ge=1, description="generation worker threads: requests decoded at the same time per replica")
+    engine_threads: int = Field(2, ge=1, description="generation worker threads: requests decoded at the same time per replica (about one per core: bench/serve.py)")
     policy_poll_s: float = Field(5.0, gt=0, description="how often a replica re-reads LATEST (fallback for missed announcements)")
 
     # -- trainer
