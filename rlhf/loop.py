@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -77,7 +78,17 @@ class Loop:
                                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def start(self) -> None:
+        # each run starts from the base model: clear the last run's policies, labels and spool
+        # (the built model in models/ is kept, so a second run starts in seconds)
+        marker = self.state / ".rlhf-loop-run"
+        if self.state.exists():
+            leftovers = [p for p in self.state.iterdir() if p.name not in {"models", marker.name}]
+            if leftovers and not marker.exists():
+                raise RuntimeError(f"{self.state} holds files that no earlier run wrote; choose another --state-dir")
+            for p in leftovers:
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
         self.logs.mkdir(parents=True, exist_ok=True)
+        marker.touch()
         self.broker = EmbeddedBroker(self.cfg.broker_port or None, log_path=self.logs / "broker.log").start()
         settings = Settings(state_dir=self.state, kafka_bootstrap_servers=self.broker.bootstrap)
         ensure_topics(settings)
