@@ -71,6 +71,9 @@ def main(argv: list[str]) -> int:
     except KeyboardInterrupt:
         print("\nstopped (Ctrl-C); everything shut down.")
         return 130
+    except (RuntimeError, TimeoutError) as e:  # a part failed to start or died: say which, and where its log is
+        print(f"\nerror: {e}", file=sys.stderr)
+        return 1
     print("\n\napproval by policy version:")
     for v, row in summary["approval_by_version"].items():
         print(f"  v{v}: {row['approval']:.2f}  ({row['votes']} votes)")
