@@ -106,7 +106,7 @@ class Loop:
                 if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
                     return
             except httpx.HTTPError:
-                pass
+                pass  # not listening yet: keep waiting
             time.sleep(0.5)
         raise TimeoutError(f"service not ready after {timeout:.0f}s; see {self.logs / 'service.log'}")
 
