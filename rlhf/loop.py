@@ -161,7 +161,7 @@ class Loop:
         # the served policy's approval at the end: the last FINAL_WINDOW votes (one version
         # can have too few votes to say; a window spanning the last versions can)
         tail = log.votes[-FINAL_WINDOW:]
-        final = sum(v.up for v in tail) / len(tail) if len(tail) == FINAL_WINDOW and by.get(0) else None
+        final = sum(v.up for v in tail) / len(tail) if len(tail) == FINAL_WINDOW else None
         final_version = log.votes[-1].version if log.votes else None
         rounds = self.rounds()
         freshness = []
