@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -20,13 +19,13 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import httpx
 
 from rlhf.broker import EmbeddedBroker, ensure_topics, free_port
 from rlhf.contracts import Settings
 from rlhf.models import ensure_policy_store
 from rlhf.policy_store import PolicyStore
 from rlhf.simulate import SimConfig, SimLog, run as run_users
+from service import serve  # the same spawn / wait / stop helpers the tests and bench/serve.py use
 
 
 FINAL_WINDOW = 300  # votes over which the end-of-run approval is measured
@@ -72,10 +71,8 @@ class Loop:
             "BENTOML_DO_NOT_TRACK": "true", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
         }
 
-    def _spawn(self, name: str, args: list[str]) -> None:
-        log = open(self.logs / f"{name}.log", "ab")
-        self.procs[name] = subprocess.Popen([sys.executable, "-m", "rlhf.cli", *args], env=self.env(),
-                                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    def _log(self, name: str):
+        return open(self.logs / f"{name}.log", "ab")
 
     def start(self) -> None:
         # each run starts from the base model: clear the last run's policies, labels and spool
@@ -93,22 +90,14 @@ class Loop:
         settings = Settings(state_dir=self.state, kafka_bootstrap_servers=self.broker.bootstrap)
         ensure_topics(settings)
         ensure_policy_store(settings)  # builds the embedded model on a fresh machine (progress shown)
-        self._spawn("service", ["serve", "--port", str(self.port)])
-        self._wait_ready()
-        self._spawn("trainer", ["train", *self.cfg.trainer_args])
-
-    def _wait_ready(self, timeout: float = 300.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.procs["service"].poll() is not None:
-                raise RuntimeError(f"the service exited; see {self.logs / 'service.log'}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass  # not listening yet: keep waiting
-            time.sleep(0.5)
-        raise TimeoutError(f"service not ready after {timeout:.0f}s; see {self.logs / 'service.log'}")
+        self.procs["service"] = serve.spawn("127.0.0.1", self.port, self.env(), self._log("service"))
+        try:
+            serve.wait_ready(self.url, self.procs["service"], timeout=300)
+        except (RuntimeError, TimeoutError) as e:
+            raise RuntimeError(f"{e}; see {self.logs / 'service.log'}") from None
+        self.procs["trainer"] = subprocess.Popen(
+            [sys.executable, "-m", "rlhf.cli", "train", *self.cfg.trainer_args], env=self.env(),
+            stdout=self._log("trainer"), stderr=subprocess.STDOUT, start_new_session=True)
 
     def run_users(self, on_status=None) -> SimLog:
         cfg = self.cfg.sim.__class__(**{**asdict(self.cfg.sim), "url": self.url})
@@ -185,16 +174,9 @@ class Loop:
 
     def close(self) -> None:
         self.stop.set()
-        for name in ("trainer", "service"):
-            p = self.procs.get(name)
-            if p and p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-        for p in self.procs.values():
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
+        for name in ("trainer", "service"):  # SIGTERM to each process group, SIGKILL after 20 s
+            if name in self.procs:
+                serve.terminate(self.procs[name])
         if self.broker:
             self.broker.stop()
 

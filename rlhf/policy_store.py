@@ -121,10 +121,13 @@ class PolicyStore:
                 raise VerificationError(f"version {version}: sha256 mismatch for {name}")
         return manifest
 
-    def clean_tmp(self) -> None:
-        """Remove staging leftovers of writers that died mid-write."""
+    def clean_tmp(self, older_than_s: float) -> None:
+        """Remove staging leftovers of writers that died mid-write (older than `older_than_s`,
+        so a writer still staging its version is left alone)."""
         if self.tmp_dir.exists():
-            shutil.rmtree(self.tmp_dir)
+            for p in self.tmp_dir.iterdir():
+                if time.time() - p.stat().st_mtime > older_than_s:
+                    shutil.rmtree(p)
 
     def info(self) -> list[dict]:
         out = []

@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import anyio
 import bentoml
 from fastapi import Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -165,12 +164,6 @@ def new_app(title: str) -> FastAPI:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, e: APIError) -> JSONResponse:
         return e.response()
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
-        err = e.errors()[0]
-        param = _param(tuple(err["loc"][1:]))
-        return APIError(400, f"Invalid value for '{param}': {err['msg']}", param=param, code="invalid_value").response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:

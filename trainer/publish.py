@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
-import time
 from pathlib import Path
 
 from kafka import KafkaProducer
@@ -72,10 +70,7 @@ class Publisher:
 
     def recover(self) -> PolicyUpdate | None:
         """Finish a publish that a crash interrupted (see the module docstring); clean stale tmp/."""
-        if self.policies.tmp_dir.exists():
-            for p in self.policies.tmp_dir.iterdir():
-                if time.time() - p.stat().st_mtime > STALE_TMP_S:
-                    shutil.rmtree(p)
+        self.policies.clean_tmp(older_than_s=STALE_TMP_S)
         version = self.store.get(self.intent_key)
         if version is None:
             return None

@@ -264,6 +264,3 @@ class LabelStore:
         consumer's position comes from Kafka's committed offsets, so after a broker that lost its
         data (tansu restarts empty) reading starts over and the event_id dedupe keeps labels exact."""
         return {(t, p): o for t, p, o in self.db.execute("SELECT topic, partition, next_offset FROM consumed_offsets")}
-
-    def dead_letter_count(self) -> int:
-        return self.db.execute("SELECT COUNT(*) FROM dead_letters").fetchone()[0]

@@ -76,3 +76,18 @@ def test_concurrent_writers_of_one_version_yield_one_complete_version(tmp_path):
         t.join()
     assert results.count("ok") == 1 and results.count("exists") == 3
     store.verify(0)
+
+
+def test_clean_tmp_removes_only_stale_staging(tmp_path):
+    import os
+    import time
+
+    store = PolicyStore(tmp_path)
+    store.tmp_dir.mkdir(parents=True)
+    stale, live = store.tmp_dir / "v000001.dead", store.tmp_dir / "v000002.writing"
+    stale.mkdir()
+    live.mkdir()
+    old = time.time() - 7200
+    os.utime(stale, (old, old))
+    store.clean_tmp(older_than_s=3600)
+    assert not stale.exists() and live.exists()

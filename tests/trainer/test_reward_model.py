@@ -70,7 +70,10 @@ def test_heldout_split_is_stable_and_about_the_fraction():
     ids = [f"chatcmpl-{i:024x}-x" for i in range(2000)]
     share = sum(is_heldout(r, 0.2) for r in ids) / len(ids)
     assert 0.17 < share < 0.23
-    assert [is_heldout(r, 0.2) for r in ids[:50]] == [is_heldout(r, 0.2) for r in ids[:50]]
+    # recorded once: a split that changed between runs (e.g. built on Python's salted hash())
+    # would move examples between training and held-out data from one round to the next
+    assert [is_heldout(r, 0.2) for r in ids[:12]] == [True, True, False, False, False, True,
+                                                       False, False, False, False, True, False]
 
 
 def test_rule_reward_scores_plus_minus_one():
