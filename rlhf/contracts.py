@@ -161,6 +161,9 @@ def _tag(secret: bytes, nonce: str) -> str:
     return hmac.new(secret, nonce.encode(), hashlib.sha256).hexdigest()[:24]
 
 
+FEEDBACK_KEY = re.compile(r"[A-Za-z0-9_.\-]{1,64}")  # a client's idempotency key (the part after ':')
+
+
 def feedback_id_for(response_id: str, choice_index: int, key: str | None, user: str | None) -> str:
     """Canonical feedback id `<response_id>:<key>`; the key defaults to one per (user, choice).
 
@@ -172,8 +175,10 @@ def feedback_id_for(response_id: str, choice_index: int, key: str | None, user: 
     return f"{response_id}:{key}"
 
 
-def response_id_of_feedback(feedback_id: str) -> str:
-    return feedback_id.partition(":")[0]
+def split_feedback_id(feedback_id: str) -> tuple[str, str] | None:
+    """`<response_id>:<key>` -> (response_id, key); None when it is not of that form."""
+    response_id, sep, key = feedback_id.partition(":")
+    return (response_id, key) if sep and FEEDBACK_KEY.fullmatch(key) else None
 
 
 # ---------------------------------------------------------------------------- events

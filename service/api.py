@@ -17,7 +17,6 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-import re
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -33,7 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rlhf.contracts import (
     Feedback, Interaction, Message, Sampling, feedback_id_for, make_response_id, parse_response_id,
-    response_id_of_feedback,
+    split_feedback_id,
 )
 from service import metrics
 from service.engine import Delta, Policy, SamplingParams
@@ -387,9 +386,6 @@ async def retrieve_model(model: str):
 
 # ---------------------------------------------------------------------------- feedback
 
-_FEEDBACK_KEY = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
-
-
 async def record(svc: "ChatService", event: Feedback) -> None:
     """Spool a vote; if it cannot be (spool full, disk error) the client is told, so it can retry."""
     if not await anyio.to_thread.run_sync(svc.events.emit, [event]):
@@ -421,10 +417,9 @@ async def post_feedback(request: Request):
 @app.delete("/v1/feedback/{feedback_id:path}", status_code=202, dependencies=[Depends(require_api_key)])
 async def delete_feedback(feedback_id: str):
     svc = current()
-    rid = response_id_of_feedback(feedback_id)
-    key = feedback_id[len(rid) + 1:]
+    rid, _ = split_feedback_id(feedback_id) or ("", "")
     issued = parse_response_id(svc.id_secret, rid)
-    if issued is None or not _FEEDBACK_KEY.fullmatch(key):
+    if issued is None:
         raise APIError(404, f"No feedback with id '{feedback_id}' can exist: it names no response this service issued.",
                        param="feedback_id", code="feedback_not_found")
     event = Feedback(feedback_id=feedback_id, response_id=rid, rating=None, deleted=True)

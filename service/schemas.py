@@ -11,6 +11,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
+from rlhf.contracts import FEEDBACK_KEY
+
 # ---------------------------------------------------------------------------- chat request
 
 
@@ -139,7 +141,7 @@ class ModelList(BaseModel):
 
 # ---------------------------------------------------------------------------- feedback
 
-FeedbackKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")]
+FeedbackKey = Annotated[str, StringConstraints(pattern=f"^{FEEDBACK_KEY.pattern}$")]
 
 
 class FeedbackRequest(BaseModel):

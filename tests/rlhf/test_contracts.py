@@ -6,7 +6,7 @@ from pydantic import ValidationError
 
 from rlhf.contracts import (
     Feedback, Interaction, PolicyUpdate, Sampling, Settings, feedback_id_for, make_response_id,
-    response_id_of_feedback, verify_response_id,
+    split_feedback_id, verify_response_id,
 )
 
 
@@ -27,7 +27,9 @@ def test_feedback_ids_are_stable_per_user_and_carry_the_response_id():
     assert a1 != feedback_id_for(rid, 0, None, "bob")
     assert a1 != feedback_id_for(rid, 1, None, "alice")
     assert feedback_id_for(rid, 0, "client-key", "alice") == f"{rid}:client-key"
-    assert response_id_of_feedback(a1) == rid
+    assert split_feedback_id(a1) == (rid, a1.partition(":")[2])
+    assert split_feedback_id(f"{rid}:client-key") == (rid, "client-key")
+    assert split_feedback_id(rid) is None and split_feedback_id(f"{rid}:bad key!") is None
 
 
 def _interaction(**kw):
