@@ -33,3 +33,19 @@ def base_model_dir(tmp_path_factory) -> str:
 
     cache = Path(os.environ.get("RLHF_TEST_MODEL_CACHE", Path.home() / ".cache" / "rlhf-loop-test"))
     return str(tinylm.ensure(cache))
+
+
+@pytest.fixture(scope="session")
+def random_model():
+    """random_model(shape, chat_template=..., pad_token=...) -> directory of a random-weight HF causal LM
+    (rlhf/random_models.py), built once into the shared test cache."""
+    from pathlib import Path
+
+    from rlhf import random_models
+
+    cache = Path(os.environ.get("RLHF_TEST_MODEL_CACHE", Path.home() / ".cache" / "rlhf-loop-test"))
+
+    def get(shape: str, **variant) -> str:
+        return str(random_models.ensure(cache / "random", shape, **variant))
+
+    return get
