@@ -53,7 +53,7 @@ def traffic(state: TrainerState, n: int, rng: random.Random, gen: torch.Generato
     for i in range(0, n, 64):
         chunk = prompts[i:i + 64]
         q, qm = left_pad(encode_prompts(tok, chunk, 512), tok.pad_token_id, state.device)
-        r, m = sample(state.reference, q, qm, max_new_tokens=48, temperature=1.0, eos_id=tok.eos_token_id,
+        r, m = sample(state.nets.reference, q, qm, max_new_tokens=48, temperature=1.0, eos_ids=state.eos_ids,
                       pad_id=tok.pad_token_id, generator=gen)
         for p, text in zip(chunk, decode(tok, r, m)):
             rid = f"chatcmpl-{rng.getrandbits(96):024x}-bench"

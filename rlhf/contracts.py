@@ -40,6 +40,7 @@ class Settings(BaseSettings):
     served_model_name: str = Field("rlhf-policy", description="the `model` name clients use")
     state_dir: Path = Field(Path(".rlhf"), description="root for models, spool, trainer state, policies")
     policy_store: Path | None = Field(None, description="policy store dir; default <state_dir>/policies")
+    chat_template: str = Field("", description="chat template for a base model that has none: 'chatml', a .jinja file, or the Jinja text itself")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: bf16 on CUDA, fp32 on CPU")
 
@@ -250,11 +251,15 @@ class Feedback(Event):
 
 
 class PolicyUpdate(Event):
-    """A promoted policy version, announced after it is complete in the store."""
+    """A promoted policy version, announced after it is complete in the store.
+
+    `base_version` is set when the version is a LoRA adapter over that (full) version.
+    """
 
     kind: Literal["policy_update"] = "policy_update"
     version: int = Field(ge=1)
     parent_version: int = Field(ge=0)
+    base_version: int | None = None
     uri: str
     files: dict[str, str]
     metrics: dict[str, float] = {}
@@ -277,7 +282,10 @@ class DeadLetter(BaseModel):
 
 # ---------------------------------------------------------------------------- policy store layout
 #
-#   <policy_dir>/versions/v000003/{config.json, model.safetensors, tokenizer*, manifest.json}
+#   <policy_dir>/versions/v000003/{config.json, model.safetensors, tokenizer*, manifest.json}   full weights
+#   <policy_dir>/versions/v000004/{adapter_config.json, adapter_model.safetensors, manifest.json}
+#                                 a LoRA adapter; its manifest names the base version and the
+#                                 sha256 of the base's manifest, so both are verified
 #   <policy_dir>/LATEST          -> "3\n"   (replaced atomically with os.replace)
 #   <policy_dir>/tmp/            staging; a version appears in versions/ only when complete
 # Version 0 is the base (reference) model. rlhf/policy_store.py implements this.
@@ -295,3 +303,5 @@ class Manifest(BaseModel):
     files: dict[str, str]  # file name -> sha256 hex
     metrics: dict[str, float] = {}
     created: int
+    base_version: int | None = None  # a LoRA adapter: the full version it applies to ...
+    base_sha256: str | None = None  # ... and the sha256 of that version's manifest.json

@@ -18,6 +18,67 @@ from rlhf.policy_store import PolicyStore
 # files a checkpoint may carry into the policy store; anything else (pickles!) stays out
 _CHECKPOINT_SUFFIXES = {".json", ".safetensors", ".txt", ".model", ".jinja"}
 
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+class NoChatTemplate(ValueError):
+    """The base model's tokenizer has no chat template and none is configured."""
+
+
+def resolve_chat_template(value: str) -> str:
+    """RLHF_CHAT_TEMPLATE's three forms: 'chatml', a path to a .jinja file, or the Jinja text itself."""
+    if value.strip().lower() == "chatml":
+        return CHATML
+    if "{" not in value and Path(value).expanduser().is_file():
+        return Path(value).expanduser().read_text()
+    if "{" not in value:
+        raise ValueError(f"chat template {value!r} is neither 'chatml', an existing file, nor Jinja text")
+    return value
+
+
+def ensure_chat_template(tokenizer, settings: Settings, source: str) -> None:
+    """Give `tokenizer` the configured template if it has none; a clear error if none is configured.
+
+    We do not guess a template for the user: a base model that never saw one answers
+    nonsense in any format, and an instruct model needs exactly its own.
+    """
+    if tokenizer.chat_template:
+        return
+    if not settings.chat_template:
+        raise NoChatTemplate(
+            f"the model {source} has no chat template, so chat messages cannot be turned into its prompt. "
+            "Set RLHF_CHAT_TEMPLATE to 'chatml', to a .jinja file, or to the template text itself.")
+    tokenizer.chat_template = resolve_chat_template(settings.chat_template)
+
+
+def eos_token_ids(model, tokenizer) -> frozenset[int]:
+    """Every id that ends an answer: the generation config's (often several) and the tokenizer's."""
+    eos = model.generation_config.eos_token_id
+    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    if not ids:
+        raise ValueError("the model names no end-of-sequence token (generation_config.eos_token_id, tokenizer.eos_token)")
+    return frozenset(ids)
+
+
+def count_parameters(model_dir: str | Path) -> int:
+    """Parameters of a safetensors checkpoint, read from the file headers (no weights loaded)."""
+    from safetensors import safe_open
+
+    total = 0
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(f, framework="pt") as st:
+            for key in st.keys():
+                n = 1
+                for d in st.get_slice(key).get_shape():
+                    n *= d
+                total += n
+    return total
+
 
 def base_model_dir(settings: Settings) -> str:
     """A local directory or hub id for the base model; builds the embedded one on first use."""
@@ -40,14 +101,23 @@ def resolve_dtype(settings: Settings, device: torch.device) -> torch.dtype:
 
 def load_causal_lm(path: str | Path, settings: Settings):
     """(model, tokenizer) from a HF checkpoint directory or id, eval mode, on the configured device."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     device = resolve_device(settings)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = load_tokenizer(path, settings)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(settings, device), use_safetensors=True)
+    return model.to(device).eval(), tokenizer
+
+
+def load_tokenizer(path: str | Path, settings: Settings):
+    """The checkpoint's tokenizer with a chat template (ensure_chat_template) and a pad token (its EOS if it has none)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    ensure_chat_template(tokenizer, settings, str(path))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model.to(device).eval(), tokenizer
+    return tokenizer
 
 
 def ensure_policy_store(settings: Settings) -> PolicyStore:
@@ -62,10 +132,13 @@ def ensure_policy_store(settings: Settings) -> PolicyStore:
                 model.save_pretrained(d, safe_serialization=True)
                 tok.save_pretrained(d)
         else:
+            tokenizer = load_tokenizer(src, settings)  # fails early, naming RLHF_CHAT_TEMPLATE, if there is no template
+
             def save(d: Path) -> None:
                 for p in Path(src).iterdir():
                     if p.is_file() and p.suffix in _CHECKPOINT_SUFFIXES:
                         shutil.copy2(p, d / p.name)
+                tokenizer.save_pretrained(d)  # with the chat template it was given, so every reader sees the same
         try:
             store.write(0, save, parent_version=None, metrics={})
         except FileExistsError:

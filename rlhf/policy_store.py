@@ -4,6 +4,10 @@ Writers stage a version in `tmp/`, hash every file into `manifest.json`, rename 
 directory into `versions/` and then replace `LATEST` with os.replace, so a reader sees
 either the old state or the new one, never half a version. Readers verify hashes before
 loading; a version that does not verify is refused.
+
+A version is either full weights or a LoRA adapter over a full version (its base). An
+adapter's manifest names the base version and the sha256 of the base's own manifest, so
+verifying the adapter verifies the exact base it was trained on too.
 """
 
 from __future__ import annotations
@@ -65,11 +69,20 @@ class PolicyStore:
         parent_version: int | None,
         metrics: dict[str, float] | None = None,
         set_latest: bool = True,
+        base_version: int | None = None,
     ) -> Manifest:
-        """Stage with `save(dir)`, hash, rename into place, then (optionally) move LATEST."""
+        """Stage with `save(dir)`, hash, rename into place, then (optionally) move LATEST.
+
+        `base_version`: the version is an adapter over that full version (which must exist).
+        """
         final = self.path(version)
         if final.exists():
             raise FileExistsError(f"policy version {version} already exists at {final}")
+        base_sha256 = None
+        if base_version is not None:
+            if self.manifest(base_version).base_version is not None:
+                raise ValueError(f"version {base_version} is an adapter itself; an adapter's base must be full weights")
+            base_sha256 = sha256_file(self.path(base_version) / MANIFEST)
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         self.versions_dir.mkdir(parents=True, exist_ok=True)
         stage = self.tmp_dir / f"{version_dirname(version)}.{uuid.uuid4().hex[:8]}"
@@ -82,7 +95,7 @@ class PolicyStore:
             files = {p.name: sha256_file(p) for p in sorted(stage.iterdir()) if p.is_file()}
             manifest = Manifest(
                 version=version, parent_version=parent_version, files=files,
-                metrics=metrics or {}, created=int(time.time()),
+                metrics=metrics or {}, created=int(time.time()), base_version=base_version, base_sha256=base_sha256,
             )
             (stage / MANIFEST).write_text(manifest.model_dump_json(indent=2))
             _fsync_dir_files(stage)
@@ -107,8 +120,23 @@ class PolicyStore:
         os.replace(tmp, self.root / "LATEST")
 
     def verify(self, version: int) -> Manifest:
-        """Check every file against the manifest; raise VerificationError on any mismatch."""
+        """Check every file against the manifest (and an adapter's base, the same way, and that it is
+        the very base the adapter names); raise VerificationError on any mismatch."""
+        manifest = self._verify_files(version)
+        if manifest.base_version is not None:
+            try:
+                self._verify_files(manifest.base_version)
+            except VerificationError as e:
+                raise VerificationError(f"version {version}: its base {e}") from e
+            if sha256_file(self.path(manifest.base_version) / MANIFEST) != manifest.base_sha256:
+                raise VerificationError(f"version {version}: base version {manifest.base_version} is not the one "
+                                        "it was trained on (manifest sha256 differs)")
+        return manifest
+
+    def _verify_files(self, version: int) -> Manifest:
         vdir = self.path(version)
+        if not vdir.is_dir():
+            raise VerificationError(f"version {version}: not in {self.versions_dir}")
         try:
             manifest = self.manifest(version)
         except (FileNotFoundError, ValueError) as e:
@@ -134,7 +162,8 @@ class PolicyStore:
         for v in self.versions():
             try:
                 m = self.manifest(v)
-                out.append({"version": v, "parent_version": m.parent_version, "created": m.created, "metrics": m.metrics})
+                out.append({"version": v, "parent_version": m.parent_version, "base_version": m.base_version,
+                            "created": m.created, "metrics": m.metrics})
             except (FileNotFoundError, ValueError) as e:
                 out.append({"version": v, "error": str(e)})
         return out

@@ -27,11 +27,9 @@ from pathlib import Path
 
 RECIPE = 1  # bump when a shape, the tokenizer or the template changes: cached copies are rebuilt
 
+from rlhf.models import CHATML
+
 ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
-CHATML = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 
 # name -> (architecture, config fields). Shapes of released models where a name says so.
 SHAPES: dict[str, tuple[str, dict]] = {

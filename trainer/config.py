@@ -7,22 +7,66 @@ billion-parameter one, the field says so and why (tuned in tests/trainer/test_le
 and the end-to-end demo on 2 CPU cores).
 
 Every field is a CLI flag `--<section>.<field>` and an environment variable
-`RLHF_<SECTION>_<FIELD>` (flag > env > default), built by `add_arguments` / `from_args`.
-The loop's own trigger (`RLHF_TRAIN_MIN_LABELS`, `RLHF_TRAIN_MAX_WAIT_S`) and the late-vote
-window live in `rlhf.contracts.Settings` with the other deployment settings.
+`RLHF_<SECTION>_<FIELD>`, built by `add_arguments` / `from_args`. Precedence:
+flag > env > the model directory's own `rlhf-trainer.json` > the scale profile for the
+model (`model_defaults`) > the dataclass default. The dataclass defaults are the embedded
+model's tuned values; `model_defaults` replaces the scale-dependent ones for real models
+(10M+ parameters) with values taken from the anchors each field names, and sizes a round
+for the device. The loop's own trigger (`RLHF_TRAIN_MIN_LABELS`, `RLHF_TRAIN_MAX_WAIT_S`)
+and the late-vote window live in `rlhf.contracts.Settings` with the other deployment settings.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from rlhf.tastes import TASTES
+
+
+MODEL_CONFIG_FILE = "rlhf-trainer.json"  # a model directory's own trainer config: {"ppo": {"lr": 1e-5}, ...}
+REAL_MODEL_PARAMS = 10_000_000  # from here on a model gets model_defaults' anchors, below it the tuned toy values
+LORA_AUTO_MIN_PARAMS = 50_000_000  # train.adapter=auto picks LoRA from here on
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """What trains: all weights or LoRA adapters (peft) over a frozen base."""
+
+    adapter: Literal["auto", "full", "lora"] = "auto"
+    """full: every weight trains, a version is a full checkpoint; lora: LoRA adapters on a frozen
+    base (the reference), a version is the adapter (megabytes) and the reference is the base
+    with the adapter off; auto: lora for models of 50M+ parameters, full below (the embedded
+    0.7M model's loop is tuned full-weight; LoRA's memory and version size pay off with size)."""
+    lora_rank: int = 8
+    """LoRA rank r. "LoRA Without Regret" (Thinking Machines, 2025): for RL even rank 1 matches
+    full fine-tuning, a policy gradient carries few bits per episode; 8 leaves headroom and keeps
+    a 135M model's version under 10 MB."""
+    lora_alpha: float = 32.0
+    """LoRA alpha (scale alpha / r); 32 as in "LoRA Without Regret", which fixes alpha and tunes the lr."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA input (peft default 0; RL gains nothing from it and it perturbs the
+    ratio pi/pi_old between sampling and training)."""
+    lora_target_modules: str = "all-linear"
+    """Which layers get adapters: peft's 'all-linear' (every linear layer but the output head;
+    "LoRA Without Regret": the MLPs matter most), or a comma-separated list of module names."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "lora_rank", "lora_alpha")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"train.lora_dropout must be in [0, 1), got {self.lora_dropout}")
+
+    def resolved_adapter(self, params: int) -> Literal["full", "lora"]:
+        if self.adapter == "auto":
+            return "lora" if params >= LORA_AUTO_MIN_PARAMS else "full"
+        return self.adapter
 
 
 @dataclass(frozen=True)
@@ -234,6 +278,7 @@ class SFTRun:
 class TrainerConfig:
     """Everything a round needs besides `Settings`."""
 
+    train: TrainConfig = field(default_factory=TrainConfig)
     consumer: ConsumerConfig = field(default_factory=ConsumerConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
@@ -255,6 +300,44 @@ def _section_classes(root: type) -> dict[str, type]:
     return {f.name: hints[f.name] for f in dataclasses.fields(root)}
 
 
+# ---------------------------------------------------------------------------- defaults by model
+
+
+def model_defaults(model_dir: str | Path, params: int, device_type: str, adapter: str = "auto") -> dict[str, dict]:
+    """Section -> field -> default for this model: its scale profile, then its own rlhf-trainer.json.
+
+    Models under REAL_MODEL_PARAMS keep the dataclass defaults (tuned on the 0.7M embedded
+    model). Real models get learning rates from the anchors (TRL's PPOConfig 3e-6 and
+    OpenRLHF's RM 9e-6 full-weight; "LoRA Without Regret": LoRA's best lr is ~10x full
+    fine-tuning's) and, on CPU, a round sized to finish in minutes (bench/train_round.py:
+    a 135M model's PPO step takes seconds per sequence on 2 cores). `adapter` is the
+    train.adapter a flag or variable already chose ('auto' = decided by size).
+    """
+    out: dict[str, dict] = {}
+    if params >= REAL_MODEL_PARAMS:
+        lora = TrainConfig(adapter=adapter).resolved_adapter(params) == "lora"
+        out["ppo"] = {"lr": 3e-5 if lora else 3e-6}
+        out["reward"] = {"lr": 9e-5 if lora else 9e-6}
+        if device_type == "cpu":
+            out["ppo"].update(rollout_prompts=16, rollout_batches=1, ppo_epochs=2, minibatch_size=8,
+                              max_new_tokens=32, forward_batch_size=16)
+            out["reward"].update(batch_size=8, max_steps=8)
+            out["gate"] = {"eval_responses": 16}
+    path = Path(model_dir) / MODEL_CONFIG_FILE
+    if path.exists():
+        own = json.loads(path.read_text())
+        sections = _section_classes(TrainerConfig)
+        for section, values in own.items():
+            if section not in sections or not isinstance(values, dict):
+                raise ValueError(f"{path}: unknown section {section!r}; sections are {sorted(sections)}")
+            names = {f.name for f in dataclasses.fields(sections[section])}
+            unknown = set(values) - names
+            if unknown:
+                raise ValueError(f"{path}: unknown {section} field(s) {sorted(unknown)}")
+            out.setdefault(section, {}).update(values)
+    return out
+
+
 # ---------------------------------------------------------------------------- CLI / env
 
 
@@ -274,14 +357,15 @@ def add_arguments(parser: argparse.ArgumentParser, root: type = TrainerConfig) -
 
 
 def from_args(args: argparse.Namespace | None = None, environ: typing.Mapping[str, str] | None = None,
-              root: type = TrainerConfig):
-    """`root` (TrainerConfig) from parsed flags, then RLHF_<SECTION>_<FIELD> variables, then defaults."""
+              root: type = TrainerConfig, defaults: dict[str, dict] | None = None):
+    """`root` (TrainerConfig) from parsed flags, then RLHF_<SECTION>_<FIELD> variables, then
+    `defaults` (model_defaults), then the dataclass defaults."""
     environ = os.environ if environ is None else environ
     values = vars(args) if args is not None else {}
     sections = {}
     for section, cls in _section_classes(root).items():
         hints = typing.get_type_hints(cls)
-        kwargs = {}
+        kwargs = dict((defaults or {}).get(section, {}))
         for f in dataclasses.fields(cls):
             raw = values.get(f"{section}.{f.name}")
             if raw is None:
@@ -290,6 +374,14 @@ def from_args(args: argparse.Namespace | None = None, environ: typing.Mapping[st
                 kwargs[f.name] = _parse(raw, hints[f.name], f"{section}.{f.name}")
         sections[section] = cls(**kwargs)
     return root(**sections)
+
+
+def explicit(args: argparse.Namespace | None, environ: typing.Mapping[str, str] | None, section: str,
+             name: str) -> str | None:
+    """The raw value a flag or variable gives one field (None: not given), before defaults are known."""
+    environ = os.environ if environ is None else environ
+    raw = (vars(args) if args is not None else {}).get(f"{section}.{name}")
+    return raw if raw is not None else environ.get(f"RLHF_{section.upper()}_{name.upper()}")
 
 
 def _kind(tp) -> tuple[str, tuple | None]:

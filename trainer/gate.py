@@ -16,6 +16,7 @@ kl_to_ref < max_kl, and length >= min_length_ratio x the current policy's.
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
@@ -36,11 +37,11 @@ class PolicyEval:
 @torch.no_grad()
 def evaluate(
     policy, reference, tokenizer, reward_fn: RewardFn, prompts: list[list[dict]], *, seed: int,
-    max_new_tokens: int, temperature: float, max_prompt_tokens: int, batch_size: int,
+    eos_ids: Collection[int], max_new_tokens: int, temperature: float, max_prompt_tokens: int, batch_size: int,
     autocast_dtype: torch.dtype = torch.float32,
 ) -> PolicyEval:
     """Sample one response per prompt (seeded), score, measure exact KL to the reference and length."""
-    device = next(policy.parameters()).device
+    device = policy.device
     was_training = policy.training
     policy.eval()
     generator = torch.Generator().manual_seed(seed)
@@ -50,7 +51,7 @@ def evaluate(
         query, query_mask = left_pad(encode_prompts(tokenizer, chunk, max_prompt_tokens), tokenizer.pad_token_id, device)
         with autocast(device, autocast_dtype):
             response, mask = sample(policy, query, query_mask, max_new_tokens=max_new_tokens, temperature=temperature,
-                                    eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, generator=generator)
+                                    eos_ids=eos_ids, pad_id=tokenizer.pad_token_id, generator=generator)
             kl = score_against_reference(policy, reference, query, query_mask, response, mask,
                                          temperature=temperature, estimator="full", batch_size=batch_size).kl
         rewards.append(reward_fn(chunk, decode(tokenizer, response, mask)).float().cpu())

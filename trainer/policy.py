@@ -9,21 +9,13 @@ it reproducible (the gate compares two policies on the same noise).
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from kernels import token_logprobs
-from rlhf.contracts import Settings
-from rlhf.models import load_causal_lm
 from trainer.ppo import kl_per_token
-
-
-def load_trainable(path: str | Path, settings: Settings):
-    """(model, tokenizer) from a checkpoint, fp32 master weights in train mode (autocast does bf16)."""
-    model, tokenizer = load_causal_lm(path, settings)
-    return model.float().train(), tokenizer
 
 
 def new_value_head(model) -> torch.nn.Linear:
@@ -62,18 +54,20 @@ def position_ids(mask: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def sample(
     model, query: torch.Tensor, query_mask: torch.Tensor, *, max_new_tokens: int, temperature: float,
-    eos_id: int, pad_id: int, generator: torch.Generator,
+    eos_ids: Collection[int], pad_id: int, generator: torch.Generator,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample responses. query, query_mask: (B, P) -> response (B, R) with pad after EOS, mask (B, R).
 
-    R = the longest response (<= max_new_tokens). Gumbel-max: argmax(z / T + g) with g ~
-    Gumbel(0, 1) draws from softmax(z / T) without forming probabilities.
+    R = the longest response (<= max_new_tokens); any of `eos_ids` ends a row (models often
+    have several). Gumbel-max: argmax(z / T + g) with g ~ Gumbel(0, 1) draws from
+    softmax(z / T) without forming probabilities.
     """
     B = query.shape[0]
+    eos = torch.tensor(sorted(eos_ids), device=query.device)
     attn = query_mask.long()
     pos = position_ids(query_mask)
     out = model(input_ids=query, attention_mask=attn, position_ids=pos, use_cache=True)
-    cache, logits = out.past_key_values, out.logits[:, -1]  # (B, V)
+    cache, logits = out.cache, out.logits[:, -1]  # (B, V)
     next_pos = pos[:, -1]
     done = torch.zeros(B, dtype=torch.bool, device=query.device)
     tokens, alive = [], []
@@ -83,14 +77,14 @@ def sample(
         token = torch.argmax(logits.float() / temperature + gumbel, dim=-1)  # (B,)
         alive.append(~done)
         tokens.append(torch.where(done, torch.full_like(token, pad_id), token))
-        done = done | (token == eos_id)
+        done = done | torch.isin(token, eos)
         if bool(done.all()):
             break
         attn = torch.cat([attn, torch.ones(B, 1, dtype=attn.dtype, device=attn.device)], dim=1)
         next_pos = next_pos + 1
         out = model(input_ids=tokens[-1][:, None], attention_mask=attn, position_ids=next_pos[:, None],
-                    past_key_values=cache, use_cache=True)
-        cache, logits = out.past_key_values, out.logits[:, -1]
+                    cache=cache, use_cache=True)
+        cache, logits = out.cache, out.logits[:, -1]
     return torch.stack(tokens, 1), torch.stack(alive, 1)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 from kafka import KafkaProducer
@@ -37,20 +38,22 @@ class Publisher:
         self.producer = producer
         self.intent_key = f"{name}:publish_intent"  # `rlhf train` and `rlhf sft` each finish their own
 
-    def publish(self, model, tokenizer, *, parent_version: int, metrics: dict[str, float]) -> PolicyUpdate:
-        """Write the next version, move LATEST, announce it. Returns the announcement."""
+    def publish(self, save: Callable[[Path], None], *, parent_version: int, base_version: int | None = None,
+                metrics: dict[str, float]) -> PolicyUpdate:
+        """Write the next version with `save(dir)` (a checkpoint, or an adapter over `base_version`),
+        move LATEST, announce it. Returns the announcement."""
         metrics = {k: float(v) for k, v in metrics.items() if math.isfinite(v)}  # JSON has no nan
 
-        def save(d: Path) -> None:
-            model.save_pretrained(d, safe_serialization=True)
-            tokenizer.save_pretrained(d)
+        def stage(d: Path) -> None:
+            save(d)
             killpoint("publish:staged")
 
         for _ in range(3):  # another writer (rlhf sft) may take the number first
             version = max(self.policies.versions(), default=0) + 1
             self.store.set(self.intent_key, version)
             try:
-                self.policies.write(version, save, parent_version=parent_version, metrics=metrics)
+                self.policies.write(version, stage, parent_version=parent_version, metrics=metrics,
+                                    base_version=base_version)
                 break
             except FileExistsError:
                 log.warning("policy version %d was written by someone else; taking the next number", version)
@@ -61,7 +64,8 @@ class Publisher:
 
     def announce(self, version: int) -> PolicyUpdate:
         manifest = self.policies.manifest(version)
-        update = PolicyUpdate(version=version, parent_version=manifest.parent_version, uri=str(self.policies.path(version)),
+        update = PolicyUpdate(version=version, parent_version=manifest.parent_version,
+                              base_version=manifest.base_version, uri=str(self.policies.path(version)),
                               files=manifest.files, metrics=manifest.metrics)
         # one key: every update lands in one partition, so replicas see versions in order
         self.producer.send(self.settings.topic_policy_updates, key=b"policy", value=update.to_bytes()).get(timeout=30)

@@ -1,4 +1,5 @@
-"""The reward model: the policy's backbone (AutoModel of the base checkpoint) + a scalar head.
+"""Training and using the reward model: the base model's backbone + a scalar head (trainer/networks.py
+builds it: its own weights in full mode, a LoRA adapter on the shared base in lora mode).
 
 Input is the chat-templated prompt plus the response as an assistant turn; the score is
 the head applied to the last real token's hidden state. Trained each round, warm-started
@@ -20,60 +21,20 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import random
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
-from rlhf.contracts import Settings
-from rlhf.models import resolve_device
 from rlhf.tastes import TASTES
 from trainer.config import RewardConfig
-from trainer.policy import autocast, left_pad, position_ids
+from trainer.networks import RewardModel
+from trainer.policy import autocast, left_pad
 from trainer.store import Example
 
 RewardFn = Callable[[list[list[dict]], list[str]], torch.Tensor]
-
-
-class RewardModel(torch.nn.Module):
-    def __init__(self, backbone: torch.nn.Module, hidden_size: int):
-        super().__init__()
-        self.backbone = backbone
-        self.head = torch.nn.Linear(hidden_size, 1)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """input_ids, attention_mask: (B, T), any padding side -> scores (B,) fp32."""
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask.long(),
-                               position_ids=position_ids(attention_mask)).last_hidden_state  # (B, T, H)
-        T = input_ids.shape[1]
-        last = (attention_mask.long() * torch.arange(T, device=input_ids.device)).argmax(-1)  # (B,)
-        h = hidden[torch.arange(len(last), device=last.device), last]  # (B, H)
-        return self.head(h.to(self.head.weight.dtype)).squeeze(-1).float()
-
-
-def load_reward_model(base_dir: str | Path, state_path: Path, settings: Settings) -> RewardModel:
-    """Backbone via from_pretrained(base_dir) (fp32 master weights); then last round's weights if any."""
-    from transformers import AutoModel
-
-    backbone = AutoModel.from_pretrained(base_dir, dtype=torch.float32, use_safetensors=True)
-    rm = RewardModel(backbone, backbone.config.hidden_size)
-    torch.nn.init.zeros_(rm.head.weight)  # the first round starts from score 0 for everything
-    torch.nn.init.zeros_(rm.head.bias)
-    if state_path.exists():
-        rm.load_state_dict(load_file(state_path))
-    return rm.to(resolve_device(settings))
-
-
-def save_reward_model(rm: RewardModel, path: Path) -> None:
-    """safetensors, written to a temp file and renamed over the old one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in rm.state_dict().items()}, str(tmp))
-    os.replace(tmp, path)
 
 
 def encode(tokenizer, messages: list[dict], completion: str, max_length: int) -> list[int]:
@@ -86,7 +47,7 @@ def encode(tokenizer, messages: list[dict], completion: str, max_length: int) ->
 def score(rm: RewardModel, tokenizer, prompts: list[list[dict]], completions: list[str], *,
           max_length: int, batch_size: int = 64, autocast_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(N,) fp32 scores on the RM's device."""
-    device = rm.head.weight.device
+    device = rm.device
     ids = [encode(tokenizer, p, c, max_length) for p, c in zip(prompts, completions)]
     out = []
     was_training = rm.training
@@ -170,7 +131,7 @@ def train_reward_model(
     autocast_dtype: torch.dtype = torch.float32, progress=None,
 ) -> RewardMetrics:
     """A few hundred steps at most on the training split, then held-out accuracy / AUROC."""
-    device = rm.head.weight.device
+    device = rm.device
     rng = random.Random(seed)
     train = [e for e in examples if not is_heldout(e.response_id, cfg.heldout_fraction)]
     heldout = [e for e in examples if is_heldout(e.response_id, cfg.heldout_fraction)]

@@ -27,7 +27,7 @@ from trainer import gate
 from trainer.killpoints import killpoint
 from trainer.policy import autocast, decode, encode_prompts, forward, left_pad, sample, score_against_reference
 from trainer.ppo import Rollout, gae, masked_mean, masked_whiten, policy_loss, token_rewards, value_loss
-from trainer.reward_model import is_heldout, rule_reward, save_reward_model, score, train_reward_model
+from trainer.reward_model import is_heldout, rule_reward, score, train_reward_model
 from trainer.state import TrainerState
 
 
@@ -92,19 +92,19 @@ def run_round(state: TrainerState, *, progress: bool = True, drain_s: float | No
 
     # 2. update the reward model (warm start from last round's), report held-out accuracy
     with timer("reward_model"), _bar(progress, n, "reward model", "step") as bar:
-        rm_metrics = train_reward_model(state.reward_model, tok, examples, cfg.reward, seed=cfg.ppo.seed + n,
+        rm_metrics = train_reward_model(state.nets.reward, tok, examples, cfg.reward, seed=cfg.ppo.seed + n,
                                         autocast_dtype=state.dtype, progress=bar)
-        save_reward_model(state.reward_model, state.reward_model_path(state.settings))
+        state.nets.reward.save(state.reward_model_path(state.settings))
     report.reward_model = asdict(rm_metrics)
     reward_fn = rule_reward(cfg.reward.rule) if cfg.reward.rule else partial(
-        score, state.reward_model, tok, max_length=cfg.reward.max_length, batch_size=cfg.ppo.forward_batch_size,
+        score, state.nets.reward, tok, max_length=cfg.reward.max_length, batch_size=cfg.ppo.forward_batch_size,
         autocast_dtype=state.dtype)  # (prompts, completions) -> (N,) scores
     # held-out prompts (stable hash split) are for the gate, the others for rollouts (each falls back to all)
     heldout = [m for k, m in pool if is_heldout(k, cfg.reward.heldout_fraction)] or [m for _, m in pool]
     train_prompts = [m for k, m in pool if not is_heldout(k, cfg.reward.heldout_fraction)] or [m for _, m in pool]
     state.check_stop()
 
-    candidate = copy.deepcopy(state.policy).train()
+    candidate = state.nets.new_candidate()  # a copy of the current policy (full) or its adapter (lora)
     value_head = copy.deepcopy(state.value_head)
     opt = torch.optim.AdamW([*candidate.parameters(), *value_head.parameters()], lr=cfg.ppo.lr, eps=1e-5)
     stats: dict[str, list[float]] = {}
@@ -117,9 +117,9 @@ def run_round(state: TrainerState, *, progress: bool = True, drain_s: float | No
             candidate.eval()
             with autocast(state.device, state.dtype):
                 response, response_mask = sample(candidate, query, query_mask, max_new_tokens=cfg.ppo.max_new_tokens,
-                                                 temperature=cfg.ppo.temperature, eos_id=tok.eos_token_id,
+                                                 temperature=cfg.ppo.temperature, eos_ids=state.eos_ids,
                                                  pad_id=tok.pad_token_id, generator=generator)
-                seen = score_against_reference(candidate, state.reference, query, query_mask, response, response_mask,
+                seen = score_against_reference(candidate, state.nets.reference, query, query_mask, response, response_mask,
                                                temperature=cfg.ppo.temperature, estimator=cfg.ppo.kl_estimator,
                                                batch_size=cfg.ppo.forward_batch_size, value_head=value_head)
             candidate.train()
@@ -174,8 +174,9 @@ def run_round(state: TrainerState, *, progress: bool = True, drain_s: float | No
     with timer("gate"), _bar(progress, n, "gate", "policy", 2) as bar:
         plan = gate.eval_prompt_plan(heldout, cfg.gate.eval_responses)
         evals = []
-        for policy in (state.policy, candidate):
-            evals.append(gate.evaluate(policy, state.reference, tok, reward_fn, plan, seed=cfg.gate.eval_seed,
+        for policy in (state.nets.current, candidate):
+            evals.append(gate.evaluate(policy, state.nets.reference, tok, reward_fn, plan, seed=cfg.gate.eval_seed,
+                                       eos_ids=state.eos_ids,
                                        max_new_tokens=cfg.ppo.max_new_tokens, temperature=cfg.ppo.temperature,
                                        max_prompt_tokens=state.settings.max_prompt_tokens,
                                        batch_size=cfg.ppo.forward_batch_size, autocast_dtype=state.dtype))
@@ -188,12 +189,15 @@ def run_round(state: TrainerState, *, progress: bool = True, drain_s: float | No
     # 7. publish: policy store version + PolicyUpdate; the candidate becomes the current policy
     with timer("publish"):
         if report.promoted:
-            update = state.publisher.publish(candidate, tok, parent_version=state.version, metrics={
+            update = state.publisher.publish(partial(state.nets.save, candidate, tok), parent_version=state.version,
+                                             base_version=state.nets.base_version if state.nets.layout == "lora" else None,
+                                             metrics={
                 "rm_reward": cand.reward, "rm_reward_parent": current.reward, "kl_to_ref": cand.kl_to_ref,
                 "response_length": cand.length, "rm_accuracy": rm_metrics.accuracy, "rm_auroc": rm_metrics.auroc,
                 "labels": float(report.labels), "round": float(n), "kl_coef": state.kl_ctl.value,
             })
-            state.policy, state.value_head, state.version = candidate, value_head, update.version
+            state.nets.promote(candidate)
+            state.value_head, state.version = value_head, update.version
             state.save_value_head()
             report.version = update.version
     return _finish(state, report, label_seq)

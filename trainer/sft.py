@@ -9,6 +9,8 @@ DATA.jsonl holds one chat per line: {"messages": [{"role": "user", "content": ..
 template's tokens around them and every other turn are context); the loss is the mean
 negative log-likelihood of those tokens, via kernels.token_logprobs.
 To make the SFT model PPO's reference afterwards: `rlhf train --ppo.reference_version N`.
+SFT trains and publishes full weights (a LoRA LATEST is merged into its base first): an
+SFT'd model is meant to become a new reference, i.e. a new base for LoRA versions.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from kernels import token_logprobs
 from rlhf.contracts import Message, Settings
 from trainer import config
 from trainer.config import SFTConfig
-from trainer.policy import autocast, load_trainable, position_ids
+from trainer.policy import autocast, position_ids
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +133,8 @@ def _right_pad(batch: list[tuple[list[int], list[int]]], pad_id: int, device: to
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rlhf.models import ensure_policy_store, resolve_device, resolve_dtype
+    from rlhf.models import ensure_policy_store, load_tokenizer, resolve_device, resolve_dtype
+    from trainer.networks import load_full
 
     ap = argparse.ArgumentParser(prog="rlhf sft", description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -147,7 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     policies = ensure_policy_store(settings)
     parent = policies.latest()
     policies.verify(parent)
-    model, tokenizer = load_trainable(policies.path(parent), settings)
+    model = load_full(policies, parent, settings).float()  # fp32 master weights; autocast does bf16 on CUDA
+    base = policies.manifest(parent).base_version
+    tokenizer = load_tokenizer(policies.path(parent if base is None else base), settings)
     device = resolve_device(settings)
     losses = train(model, tokenizer, chats, cfg, device=device, dtype=resolve_dtype(settings, device),
                    progress=not args.no_progress)
@@ -180,7 +185,11 @@ def _publish(settings, policies, model, tokenizer, parent: int, losses: list[flo
     try:
         publisher = Publisher(settings, policies, store, producer, name="sft")
         publisher.recover()
-        return publisher.publish(model, tokenizer, parent_version=parent,
+        def save(d: Path) -> None:
+            model.save_pretrained(d, safe_serialization=True)
+            tokenizer.save_pretrained(d)
+
+        return publisher.publish(save, parent_version=parent,
                                  metrics={"sft_loss": losses[-1], "sft_examples": float(n)})
     finally:
         producer.close(timeout=10)

@@ -7,7 +7,9 @@
 
 The current policy is always the policy store's LATEST (re-read before every round, so a
 version published by `rlhf sft` or an operator's rollback is picked up); the reference is
-PPOConfig.reference_version (0, the base model, unless an SFT version is chosen), frozen. On start a publish that a crash interrupted is finished first.
+PPOConfig.reference_version (0, the base model, unless an SFT version is chosen), frozen.
+How the networks are laid out (full weights, or LoRA adapters on one shared base) is
+trainer/networks.py. On start a publish that a crash interrupted is finished first.
 """
 
 from __future__ import annotations
@@ -22,14 +24,14 @@ from kafka import KafkaProducer
 from safetensors.torch import load_file, save_file
 
 from rlhf.contracts import Settings
-from rlhf.models import ensure_policy_store, load_causal_lm, resolve_device, resolve_dtype
+from rlhf.models import count_parameters, ensure_policy_store, eos_token_ids, load_tokenizer, resolve_device, resolve_dtype
 from rlhf.policy_store import PolicyStore
 from trainer.config import TrainerConfig
 from trainer.consumer import VoteConsumer
-from trainer.policy import load_trainable, new_value_head
+from trainer.networks import Networks
+from trainer.policy import new_value_head
 from trainer.ppo import KLController
 from trainer.publish import Publisher
-from trainer.reward_model import RewardModel, load_reward_model
 from trainer.store import LabelStore
 
 log = logging.getLogger(__name__)
@@ -49,11 +51,10 @@ class TrainerState:
     policies: PolicyStore
     publisher: Publisher
     tokenizer: object
-    reference: torch.nn.Module
-    policy: torch.nn.Module
-    version: int
+    eos_ids: frozenset[int]
+    nets: Networks
+    version: int  # of the current policy
     value_head: torch.nn.Linear
-    reward_model: RewardModel
     kl_ctl: KLController
     device: torch.device
     dtype: torch.dtype  # autocast dtype: bf16 on CUDA, fp32 on CPU
@@ -74,20 +75,22 @@ class TrainerState:
         consumer = VoteConsumer(settings, store, cfg.consumer, producer)
         version = policies.latest()
         policies.verify(version)
-        policy, tokenizer = load_trainable(policies.path(version), settings)
         ref_version = cfg.ppo.reference_version
         policies.verify(ref_version)
-        reference, _ = load_causal_lm(policies.path(ref_version), settings)
-        reference.requires_grad_(False)
-        reward_model = load_reward_model(policies.path(ref_version), cls.reward_model_path(settings), settings)
-        value_head = new_value_head(policy)
+        layout = cfg.train.resolved_adapter(count_parameters(policies.path(ref_version)))
+        nets = Networks.open(settings, policies, cfg.train, layout, version, ref_version)
+        if cls.reward_model_path(settings).exists():
+            nets.reward.load(cls.reward_model_path(settings))
+        tokenizer = load_tokenizer(policies.path(ref_version), settings)
+        value_head = new_value_head(nets.current)
         if cls.value_head_path(settings).exists():
             value_head.load_state_dict(load_file(cls.value_head_path(settings)))
         kl_ctl = KLController(store.get("kl_coef", cfg.ppo.init_kl_coef), cfg.ppo.kl_target, cfg.ppo.kl_horizon)
-        log.info("trainer ready: policy v%d, reference v%d, %d labels stored, device %s", version, ref_version,
-                 len(store.votes()), device)
-        return cls(settings, cfg, store, consumer, producer, policies, publisher, tokenizer, reference, policy, version,
-                   value_head, reward_model, kl_ctl, device, resolve_dtype(settings, device))
+        log.info("trainer ready: policy v%d, reference v%d, %s weights, %d labels stored, device %s", version,
+                 ref_version, layout, len(store.votes()), device)
+        return cls(settings, cfg, store, consumer, producer, policies, publisher, tokenizer,
+                   eos_token_ids(nets.reference.module, tokenizer), nets, version, value_head, kl_ctl, device,
+                   resolve_dtype(settings, device))
 
     def close(self) -> None:
         self.consumer.close()
@@ -125,7 +128,7 @@ class TrainerState:
         latest = self.policies.latest()
         if latest != self.version:
             self.policies.verify(latest)
-            self.policy, _ = load_trainable(self.policies.path(latest), self.settings)
+            self.nets.follow(self.policies, latest)
             log.info("policy store LATEST moved v%d -> v%d; training from v%d", self.version, latest, latest)
             self.version = latest
 

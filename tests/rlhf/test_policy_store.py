@@ -91,3 +91,34 @@ def test_clean_tmp_removes_only_stale_staging(tmp_path):
     os.utime(stale, (old, old))
     store.clean_tmp(older_than_s=3600)
     assert not stale.exists() and live.exists()
+
+
+def test_an_adapter_version_verifies_its_base_too(tmp_path):
+    store = PolicyStore(tmp_path)
+    store.write(0, _save(b"base"), parent_version=None)
+
+    def adapter(d):
+        (d / "adapter_model.safetensors").write_bytes(b"lora")
+        (d / "adapter_config.json").write_text("{}")
+
+    m = store.write(1, adapter, parent_version=0, base_version=0)
+    assert m.base_version == 0 and len(m.base_sha256) == 64
+    assert store.verify(1).base_version == 0
+    assert store.info()[1]["base_version"] == 0
+    with pytest.raises(ValueError, match="adapter itself"):
+        store.write(2, adapter, parent_version=1, base_version=1)
+    (store.path(0) / "model.safetensors").write_bytes(b"swapped base")  # the adapter's base changed under it
+    with pytest.raises(VerificationError, match="its base version 0: sha256 mismatch"):
+        store.verify(1)
+
+
+def test_an_adapter_refuses_a_rewritten_base(tmp_path):
+    store = PolicyStore(tmp_path)
+    store.write(0, _save(b"base"), parent_version=None)
+    store.write(1, lambda d: (d / "adapter_model.safetensors").write_bytes(b"lora"), parent_version=0, base_version=0)
+    # a different but self-consistent base under the same number (e.g. a store rebuilt from another model)
+    import shutil
+    shutil.rmtree(store.path(0))
+    store.write(0, _save(b"another base"), parent_version=None)
+    with pytest.raises(VerificationError, match="not the one it was trained on"):
+        store.verify(1)

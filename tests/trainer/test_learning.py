@@ -28,8 +28,8 @@ ROUNDS, PER_ROUND = 4, 80
 
 def rule_eval(policy, state: TrainerState):
     """The rule's reward (+1 liked / -1 not) and exact KL on 96 fresh prompts, fixed sampling seed."""
-    return evaluate(policy, state.reference, state.tokenizer, rule_reward("cheerful"), prompts(96, seed=12345),
-                    seed=7, max_new_tokens=48, temperature=1.0, max_prompt_tokens=512, batch_size=96)
+    return evaluate(policy, state.nets.reference, state.tokenizer, rule_reward("cheerful"), prompts(96, seed=12345),
+                    seed=7, eos_ids=state.eos_ids, max_new_tokens=48, temperature=1.0, max_prompt_tokens=512, batch_size=96)
 
 
 def test_rounds_learn_the_taste_behind_the_votes(settings, base_model_dir):
@@ -38,7 +38,7 @@ def test_rounds_learn_the_taste_behind_the_votes(settings, base_model_dir):
     cfg = TrainerConfig()
     state = TrainerState.open(settings, cfg)
     try:
-        before = rule_eval(state.policy, state)
+        before = rule_eval(state.nets.current, state)
         reports = []
         for r in range(ROUNDS):
             batch = slice(r * PER_ROUND, (r + 1) * PER_ROUND)

@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from rlhf.contracts import Settings
-from trainer.config import RewardConfig
+from rlhf.models import ensure_policy_store
+from trainer.config import RewardConfig, TrainConfig
+from trainer.networks import Networks
 from trainer.reward_model import (
-    binary_auroc, encode, is_heldout, load_reward_model, make_pairs, reward_loss, rule_reward, save_reward_model, score,
-    train_reward_model,
+    binary_auroc, encode, is_heldout, make_pairs, reward_loss, rule_reward, score, train_reward_model,
 )
 from trainer.store import Example
 
@@ -82,15 +83,22 @@ def test_rule_reward_scores_plus_minus_one():
     assert out.tolist() == [1.0, -1.0]
 
 
-def test_reward_model_learns_a_rule_and_round_trips_through_safetensors(base_model_dir, tmp_path):
-    """A few steps on cheerful-vs-gloomy answers separate held-out ones; saved weights reload identically."""
+def reward_model(base_model_dir: str, state_dir, layout: str):
+    settings = Settings(state_dir=state_dir, model=base_model_dir, device="cpu")
+    return Networks.open(settings, ensure_policy_store(settings), TrainConfig(), layout, 0, 0).reward
+
+
+@pytest.mark.parametrize("layout, lr", [("full", 3e-4), ("lora", 3e-3)])
+def test_reward_model_learns_a_rule_and_round_trips_through_safetensors(base_model_dir, tmp_path, layout, lr):
+    """A few steps on cheerful-vs-gloomy answers separate held-out ones; saved weights reload identically.
+    In lora mode only the reward adapter and the head train: the shared base stays as it was."""
     from transformers import AutoTokenizer
 
     from rlhf.tinylm import make_answer
 
     tok = AutoTokenizer.from_pretrained(base_model_dir)
-    settings = Settings(state_dir=tmp_path, device="cpu")
-    rm = load_reward_model(base_model_dir, tmp_path / "none.safetensors", settings)
+    rm = reward_model(base_model_dir, tmp_path / "a", layout)
+    base_before = {n: p.detach().clone() for n, p in rm.body.module.named_parameters() if "lora_" not in n}
     rng = random.Random(0)
     examples = []
     for i in range(160):
@@ -98,13 +106,18 @@ def test_reward_model_learns_a_rule_and_round_trips_through_safetensors(base_mod
         subject = rng.choice(["cats", "rain", "coffee", "trains"])
         examples.append(Example(f"r{i}", 0, subject, [{"role": "user", "content": f"Tell me about {subject}."}],
                                 make_answer(rng, subject, tone, False), 1.0 if tone == "cheerful" else -1.0, 1))
-    metrics = train_reward_model(rm, tok, examples, RewardConfig(max_steps=30, epochs=4.0), seed=0)
+    metrics = train_reward_model(rm, tok, examples, RewardConfig(max_steps=30, epochs=4.0, lr=lr), seed=0)
     assert metrics.heldout_examples > 15 and metrics.pairs > 0 and metrics.steps == 30
     assert metrics.accuracy >= 0.85 and metrics.auroc >= 0.9
+    if layout == "lora":
+        after = dict(rm.body.module.named_parameters())
+        assert all(torch.equal(p, after[n]) for n, p in base_before.items())
+        assert all(".reward." in n for n, _ in rm.body.named_trainable())
     path = tmp_path / "rm.safetensors"
-    save_reward_model(rm, path)
+    rm.save(path)
     assert path.read_bytes()[:8] != b"PK\x03\x04"  # not a zip/pickle: a safetensors header
-    again = load_reward_model(base_model_dir, path, settings)
+    again = reward_model(base_model_dir, tmp_path / "b", layout)
+    assert again.load(path)
     prompts, answers = [e.messages for e in examples[:8]], [e.completion for e in examples[:8]]
     torch.testing.assert_close(score(again, tok, prompts, answers, max_length=256),
                                score(rm, tok, prompts, answers, max_length=256))

@@ -49,7 +49,7 @@ def sample_interactions(model_dir: str, n: int, *, seed: int, max_new_tokens: in
         chunk = ps[i:i + 64]
         ids = encode_prompts(tok, chunk, 512)
         q, qm = left_pad(ids, tok.pad_token_id, torch.device("cpu"))
-        r, rm = sample(model, q, qm, max_new_tokens=max_new_tokens, temperature=1.0, eos_id=tok.eos_token_id,
+        r, rm = sample(model, q, qm, max_new_tokens=max_new_tokens, temperature=1.0, eos_ids=[tok.eos_token_id],
                        pad_id=tok.pad_token_id, generator=gen)
         for p, text, row, mask in zip(chunk, decode(tok, r, rm), r, rm):
             out.append(interaction(rng, p, text, row[mask].tolist()))
