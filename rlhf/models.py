@@ -18,12 +18,36 @@ from rlhf.policy_store import PolicyStore
 # files a checkpoint may carry into the policy store; anything else (pickles!) stays out
 _CHECKPOINT_SUFFIXES = {".json", ".safetensors", ".txt", ".model", ".jinja"}
 
+# ChatML (Qwen's, SmolLM's): what `chatml` means wherever a chat template is given
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
 
 def base_model_dir(settings: Settings) -> str:
     """A local directory or hub id for the base model; builds the embedded one on first use."""
     if settings.model == EMBEDDED_MODEL:
         return str(tinylm.ensure(settings.model_cache_dir))
     return settings.model
+
+
+def resolve_chat_template(value: str) -> str:
+    """The chat template a setting or flag names: `chatml`, a path to a `.jinja` file, or the template text.
+
+    Raises ValueError (one line) for a missing file or for text with no Jinja in it, so a mistyped
+    path is not taken for the template. Jinja errors show when the template is first applied.
+    """
+    if value.strip().lower() == "chatml":
+        return CHATML
+    if value.endswith(".jinja"):
+        path = Path(value).expanduser()
+        if not path.is_file():
+            raise ValueError(f"chat template file {value} does not exist")
+        return path.read_text()
+    if "{{" not in value and "{%" not in value:
+        raise ValueError(f"chat template {value!r} is neither 'chatml', a .jinja file, nor a Jinja template")
+    return value
 
 
 def resolve_device(settings: Settings) -> torch.device:

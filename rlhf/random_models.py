@@ -25,13 +25,11 @@ import shutil
 import uuid
 from pathlib import Path
 
+from rlhf.models import CHATML
+
 RECIPE = 1  # bump when a shape, the tokenizer or the template changes: cached copies are rebuilt
 
 ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
-CHATML = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 
 # name -> (architecture, config fields). Shapes of released models where a name says so.
 SHAPES: dict[str, tuple[str, dict]] = {
