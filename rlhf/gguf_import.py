@@ -39,7 +39,7 @@ DTYPES = ("float32", "bfloat16")  # float32: lossless for every GGUF type; bfloa
 SAMPLE_TOKENS = 8
 SAMPLE_PROMPT = "Hello! Who are you?"
 NO_TEMPLATE_WARNING = (
-    "warning: {file} has no chat template; chats will fail on this model until one is given: "
+    "warning: {file} has no chat template, and the service cannot chat with this model until it has one: "
     "re-import with --chat-template (chatml, a .jinja file or the template text), or set RLHF_CHAT_TEMPLATE "
     "when serving it"
 )
