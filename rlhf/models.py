@@ -18,6 +18,7 @@ from rlhf.policy_store import PolicyStore
 # files a checkpoint may carry into the policy store; anything else (pickles!) stays out
 _CHECKPOINT_SUFFIXES = {".json", ".safetensors", ".txt", ".model", ".jinja"}
 
+# ChatML (Qwen's, SmolLM's): what `chatml` means wherever a chat template is given
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -26,17 +27,6 @@ CHATML = (
 
 class NoChatTemplate(ValueError):
     """The base model's tokenizer has no chat template and none is configured."""
-
-
-def resolve_chat_template(value: str) -> str:
-    """RLHF_CHAT_TEMPLATE's three forms: 'chatml', a path to a .jinja file, or the Jinja text itself."""
-    if value.strip().lower() == "chatml":
-        return CHATML
-    if "{" not in value and Path(value).expanduser().is_file():
-        return Path(value).expanduser().read_text()
-    if "{" not in value:
-        raise ValueError(f"chat template {value!r} is neither 'chatml', an existing file, nor Jinja text")
-    return value
 
 
 def ensure_chat_template(tokenizer, settings: Settings, source: str) -> None:
@@ -79,12 +69,29 @@ def count_parameters(model_dir: str | Path) -> int:
                 total += n
     return total
 
-
 def base_model_dir(settings: Settings) -> str:
     """A local directory or hub id for the base model; builds the embedded one on first use."""
     if settings.model == EMBEDDED_MODEL:
         return str(tinylm.ensure(settings.model_cache_dir))
     return settings.model
+
+
+def resolve_chat_template(value: str) -> str:
+    """The chat template a setting or flag names: `chatml`, a path to a `.jinja` file, or the template text.
+
+    Raises ValueError (one line) for a missing file or for text with no Jinja in it, so a mistyped
+    path is not taken for the template. Jinja errors show when the template is first applied.
+    """
+    if value.strip().lower() == "chatml":
+        return CHATML
+    if value.endswith(".jinja"):
+        path = Path(value).expanduser()
+        if not path.is_file():
+            raise ValueError(f"chat template file {value} does not exist")
+        return path.read_text()
+    if "{{" not in value and "{%" not in value:
+        raise ValueError(f"chat template {value!r} is neither 'chatml', a .jinja file, nor a Jinja template")
+    return value
 
 
 def resolve_device(settings: Settings) -> torch.device:
@@ -101,12 +108,16 @@ def resolve_dtype(settings: Settings, device: torch.device) -> torch.dtype:
 
 def load_causal_lm(path: str | Path, settings: Settings):
     """(model, tokenizer) from a HF checkpoint directory or id, eval mode, on the configured device."""
+    return load_model(path, settings), load_tokenizer(path, settings)
+
+
+def load_model(path: str | Path, settings: Settings):
+    """The causal LM alone (safetensors only), in the configured dtype, on the configured device, eval mode."""
     from transformers import AutoModelForCausalLM
 
     device = resolve_device(settings)
-    tokenizer = load_tokenizer(path, settings)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(settings, device), use_safetensors=True)
-    return model.to(device).eval(), tokenizer
+    return model.to(device).eval()
 
 
 def load_tokenizer(path: str | Path, settings: Settings):

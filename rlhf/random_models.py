@@ -25,6 +25,8 @@ import shutil
 import uuid
 from pathlib import Path
 
+from rlhf.models import CHATML
+
 RECIPE = 1  # bump when a shape, the tokenizer or the template changes: cached copies are rebuilt
 
 from rlhf.models import CHATML

@@ -193,8 +193,7 @@ def main(argv: list[str]) -> int:
 
     from rlhf.contracts import Settings
 
-    ap = argparse.ArgumentParser(prog="rlhf model", description="build the embedded default model")
-    ap.add_argument("action", choices=["build"])
+    ap = argparse.ArgumentParser(prog="rlhf model build", description="build the embedded default model")
     ap.add_argument("--steps", type=int, default=260, help="pretraining steps")
     ap.add_argument("--force", action="store_true", help="rebuild even if it exists")
     args = ap.parse_args(argv)
