@@ -25,6 +25,7 @@ from kafka.errors import KafkaError
 
 from rlhf.broker import ensure_topics
 from rlhf.contracts import Settings
+from rlhf.models import count_parameters, ensure_policy_store, resolve_device
 from trainer import config
 from trainer.round import run_round
 from trainer.state import RoundAborted, TrainerState
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     transformers.utils.logging.disable_progress_bar()  # per-load bars would drown the round lines
     settings = Settings()
-    cfg = config.from_args(args)
+    cfg = resolve_config(args, settings)
     if settings.create_topics:
         ensure_topics(settings)
     state = TrainerState.open(settings, cfg)
@@ -69,6 +70,17 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         state.close()
     return 0
+
+
+def resolve_config(args: argparse.Namespace, settings: Settings) -> config.TrainerConfig:
+    """Flags and RLHF_<SECTION>_<FIELD> over the base model's defaults (its scale, its own rlhf-trainer.json)."""
+    base = ensure_policy_store(settings).path(0)
+    params = count_parameters(base)
+    adapter = config.explicit(args, None, "train", "adapter") or "auto"
+    cfg = config.from_args(args, defaults=config.model_defaults(base, params, resolve_device(settings).type, adapter))
+    log.info("base model %s: %.1fM parameters -> %s weights, ppo.lr %g, reward.lr %g", settings.model, params / 1e6,
+             cfg.train.resolved_adapter(params), cfg.ppo.lr, cfg.reward.lr)
+    return cfg
 
 
 def loop(state: TrainerState, settings: Settings, *, progress: bool) -> None:

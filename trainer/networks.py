@@ -190,7 +190,7 @@ class Networks:
     def promote(self, candidate: Net) -> None:
         """The candidate becomes the current policy (after it is published)."""
         if self.layout == "full":
-            self.current = candidate
+            self.current = candidate.eval()
         else:
             _copy_adapter(self.current.peft, "candidate", "current")
 
@@ -233,23 +233,33 @@ class Networks:
 
 
 def load_full(store: PolicyStore, version: int, settings: Settings) -> torch.nn.Module:
-    """A version as a plain causal LM: a checkpoint as it is, an adapter merged into its base."""
+    """A version as a plain causal LM (dropout off): a checkpoint as it is, an adapter merged into its base."""
     base_version = store.manifest(version).base_version
     if base_version is None:
-        return load_causal_lm(store.path(version), settings)[0]
+        return without_dropout(load_causal_lm(store.path(version), settings)[0])
     from peft import PeftModel
 
     base = load_causal_lm(store.path(base_version), settings)[0]
-    return PeftModel.from_pretrained(base, str(store.path(version))).merge_and_unload()
+    return without_dropout(PeftModel.from_pretrained(base, str(store.path(version))).merge_and_unload())
+
+
+def without_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """Every dropout off (GPT-2 has 0.1 in three places). PPO's ratio pi/pi_old must be exactly 1 before
+    the first step and the gate compares policies on the same noise; TRL's PPO and reward trainers
+    disable dropout for the same reasons."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    return model
 
 
 def _open_full(settings: Settings, store: PolicyStore, train: TrainConfig, reference_version: int) -> Networks:
     from transformers import AutoModel
 
-    reference, _ = load_causal_lm(store.path(reference_version), settings)
-    reference.requires_grad_(False)
+    reference = load_full(store, reference_version, settings).requires_grad_(False)
     device = resolve_device(settings)
-    body = AutoModel.from_pretrained(store.path(reference_version), dtype=torch.float32, use_safetensors=True)
+    body = without_dropout(AutoModel.from_pretrained(store.path(reference_version), dtype=torch.float32,
+                                                     use_safetensors=True))
     ref = Net(reference)
     return Networks("full", current=ref, reference=ref, reward=_reward_model(Net(body.to(device)), body.config),
                     base_version=reference_version, settings=settings)
@@ -258,7 +268,7 @@ def _open_full(settings: Settings, store: PolicyStore, train: TrainConfig, refer
 def _open_lora(settings: Settings, store: PolicyStore, train: TrainConfig, reference_version: int) -> Networks:
     from peft import get_peft_model
 
-    base, _ = load_causal_lm(store.path(reference_version), settings)  # bf16 on CUDA: frozen, adapters stay fp32
+    base = load_full(store, reference_version, settings)  # bf16 on CUDA: frozen, adapters stay fp32
     base.requires_grad_(False)
     cfg = _lora_config(train)
     peft = get_peft_model(base, cfg, adapter_name="current")

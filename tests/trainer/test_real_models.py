@@ -1,0 +1,107 @@
+"""Real architectures through a training round, full-weight and LoRA: Llama, Qwen2 and GPT-2 with random
+weights and tokenizers built here (with and without chat template and pad token, several EOS ids).
+
+Learning is not what these check (random models have nothing to learn from; tests/trainer/test_learning.py
+does that on the embedded model): the gate is told to promote, and the checks are that a round runs on
+each architecture and layout, and that what is published is exactly the trainer's candidate, loadable
+the ordinary way (from_pretrained; peft onto the base for an adapter), verified with its base.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from rlhf.contracts import PolicyUpdate
+
+from trainer.config import TrainerConfig
+from trainer.round import run_round
+from trainer.state import TrainerState
+from trainer_helpers import consume_all, interaction, produce, prompts, records, votes_for
+
+ANSWERS = ["Oh, I love it!", "It is fine.", "Great, what a joy!", "Hmm, no.", "Yay!", "Rain again."]
+TINY = {"ppo": {"rollout_prompts": 8, "minibatch_size": 8, "rollout_batches": 1, "ppo_epochs": 1,
+                "max_new_tokens": 8, "forward_batch_size": 8},
+        "reward": {"max_steps": 2, "batch_size": 8}, "gate": {"eval_responses": 4, "min_reward_gain": -1e9}}
+
+
+def traffic(n: int, seed: int):
+    rng = random.Random(seed)
+    its = [interaction(rng, p, rng.choice(ANSWERS)) for p in prompts(n, seed)]
+    return its, votes_for(its, taste="cheerful", noise=0.0, seed=seed)
+
+
+@pytest.mark.parametrize("shape, template, pad", [
+    ("llama-tiny", True, True),
+    ("qwen2-tiny", True, False),
+    ("gpt2-tiny", False, False),
+])
+@pytest.mark.parametrize("adapter", ["full", "lora"])
+def test_a_round_publishes_the_candidate_on_each_architecture(settings, random_model, shape, template, pad, adapter):
+    from rlhf.models import CHATML
+
+    model_dir = random_model(shape, chat_template=CHATML if template else None, pad_token=pad)
+    # a model without a template needs RLHF_CHAT_TEMPLATE (here: its field) to be trained on chats
+    s = settings.model_copy(update={"model": model_dir, "chat_template": "" if template else "chatml"})
+    its, votes = traffic(24, seed=5)
+    produce(s, records(s, its, votes))
+    cfg = TrainerConfig().replace(train={"adapter": adapter}, **TINY)
+    state = TrainerState.open(s, cfg)
+    try:
+        report = run_round(state, progress=False)
+        assert report.promoted and report.version == 1, report.reason
+        store = state.policies
+        manifest = store.verify(1)
+        probe = torch.tensor([[3, 17, 42, 99, 5]])
+        with torch.no_grad():
+            trained = state.nets.current(input_ids=probe).logits
+            reference = state.nets.reference(input_ids=probe).logits
+        assert not torch.allclose(trained, reference), "the round changed nothing"
+    finally:
+        state.close()
+
+    if adapter == "lora":
+        from peft import PeftModel
+
+        assert manifest.base_version == 0
+        assert set(manifest.files) == {"adapter_model.safetensors", "adapter_config.json"}
+        base = AutoModelForCausalLM.from_pretrained(store.path(0), use_safetensors=True)
+        published = PeftModel.from_pretrained(base, str(store.path(1))).eval()
+    else:
+        assert manifest.base_version is None and "model.safetensors" in manifest.files
+        published = AutoModelForCausalLM.from_pretrained(store.path(1), use_safetensors=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(published(input_ids=probe).logits, trained, rtol=1e-4, atol=1e-5)
+
+    (update,) = [PolicyUpdate.model_validate_json(v)
+                 for v in consume_all(s, s.topic_policy_updates, "test-updates", expect=1)]
+    assert update.version == 1 and update.base_version == manifest.base_version
+    assert update.files == manifest.files
+
+
+def test_a_model_without_a_chat_template_is_refused_with_the_setting_to_use(settings, random_model):
+    from rlhf.models import NoChatTemplate, ensure_policy_store
+
+    s = settings.model_copy(update={"model": random_model("gpt2-tiny", chat_template=None, pad_token=False)})
+    with pytest.raises(NoChatTemplate, match="RLHF_CHAT_TEMPLATE"):
+        ensure_policy_store(s)
+    assert not s.policy_dir.exists() or not list((s.policy_dir / "versions").glob("v*"))  # nothing half-written
+
+
+def test_lora_needs_latest_on_its_base(settings, base_model_dir):
+    """LATEST a full-weight version other than the reference: LoRA cannot sit on it; the error says what to do."""
+    from rlhf.models import ensure_policy_store
+
+    store = ensure_policy_store(settings)
+
+    def save(d):
+        model = AutoModelForCausalLM.from_pretrained(store.path(0), use_safetensors=True)
+        model.save_pretrained(d)
+
+    store.write(1, save, parent_version=0)
+    with pytest.raises(ValueError, match="ppo.reference_version=1"):
+        TrainerState.open(settings, TrainerConfig().replace(train={"adapter": "lora"}))
+
