@@ -4,18 +4,23 @@
                                      #   or after RLHF_TRAIN_MAX_WAIT_S with at least one
     rlhf train --once                # one round on what is stored + what the broker holds now
     rlhf train --ppo.lr 1e-4 ...     # any config field (trainer/config.py; --help lists them)
+    rlhf train --nproc 2             # the same on 2 ranks: execs `torchrun --nproc_per_node 2 ... -m rlhf.cli train`
+    torchrun --nnodes 2 --nproc_per_node 8 ... -m rlhf.cli train   # many nodes (trainer/dist.py)
 
 Settings (broker, topics, state dir, model) come from RLHF_* variables (rlhf/contracts.py).
 SIGTERM or Ctrl-C stops cleanly: between polls at once, mid-round at the next step (the
-round is dropped; every stored label stays stored).
+round is dropped; every stored label stays stored). Under torchrun every rank runs this;
+rank 0 alone consumes, stores, publishes and decides when a round starts.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import signal
+import sys
 import time
 
 import torch
@@ -26,7 +31,7 @@ from kafka.errors import KafkaError
 from rlhf.broker import ensure_topics
 from rlhf.contracts import Settings
 from rlhf.models import count_parameters, ensure_policy_store, resolve_device
-from trainer import config
+from trainer import config, dist
 from trainer.round import run_round
 from trainer.state import RoundAborted, TrainerState
 
@@ -43,16 +48,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2),
                     help="torch CPU threads (default: half the cores; the trainer runs beside the service, and "
                          "two processes spinning on the same cores are several times slower than one each)")
+    ap.add_argument("--nproc", type=int, default=None,
+                    help="run on this many local ranks: re-executes itself under `torchrun --standalone "
+                         "--nproc_per_node N --max-restarts 3` (multi-node: call torchrun yourself)")
     config.add_arguments(ap)
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.nproc:
+        return _exec_torchrun(args.nproc, argv if argv is not None else sys.argv[2:])
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s {_rank_tag()}%(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     transformers.utils.logging.disable_progress_bar()  # per-load bars would drown the round lines
     settings = Settings()
-    cfg = resolve_config(args, settings)
-    if settings.create_topics:
+    train = config.from_args(args).train  # flags/env only: the process group comes before the model's defaults
+    d = dist.init(train.strategy, train.collective_timeout_s)
+    cfg = d.main_only(lambda: resolve_config(args, settings))  # rank 0 writes policy version 0 if the store is new
+    d = dataclasses.replace(d, strategy=cfg.train.strategy)
+    if settings.create_topics and d.is_main:
         ensure_topics(settings)
-    state = TrainerState.open(settings, cfg)
+    state = TrainerState.open(settings, cfg, d)
 
     def request_stop(signum, _frame):
         log.info("%s: stopping after the current step", signal.Signals(signum).name)
@@ -69,7 +82,30 @@ def main(argv: list[str] | None = None) -> int:
         log.info("round aborted by the stop request")
     finally:
         state.close()
+        d.close()
     return 0
+
+
+def _exec_torchrun(nproc: int, argv: list[str]) -> int:
+    """`rlhf train --nproc N ...` -> `torchrun ... -m rlhf.cli train ...` (this process becomes torchrun)."""
+    rest, skip = [], False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            rest.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "--max-restarts=3", "-m", "rlhf.cli", "train", *rest]
+    os.execv(cmd[0], cmd)
+    return 1  # not reached
+
+
+def _rank_tag() -> str:
+    """'[rank 1/2] ' under torchrun, so interleaved log lines say whose they are."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return f"[rank {os.environ.get('RANK', '0')}/{world}] " if world > 1 else ""
 
 
 def resolve_config(args: argparse.Namespace, settings: Settings) -> config.TrainerConfig:
@@ -84,25 +120,37 @@ def resolve_config(args: argparse.Namespace, settings: Settings) -> config.Train
 
 
 def loop(state: TrainerState, settings: Settings, *, progress: bool) -> None:
-    """Poll continuously; run a round when enough new labels arrived or waited long enough."""
-    last_round = last_prune = time.monotonic()
-    log.info("waiting for labels: a round per %d new, or after %.0fs with at least one",
-             settings.train_min_labels, settings.train_max_wait_s)
-    while not state.stop.is_set():
-        try:
-            state.consumer.poll()
-        except KafkaError as e:  # broker away: the batch was rewound, try again shortly
-            log.warning("consume failed (%s); retrying in 5s", e)
-            state.stop.wait(5.0)
-            continue
-        now = time.monotonic()
-        if now - last_prune > PRUNE_EVERY_S:
-            state.store.prune()
-            last_prune = now
-        new = state.new_labels()
-        if new >= settings.train_min_labels or (new > 0 and now - last_round >= settings.train_max_wait_s):
+    """Poll continuously; run a round when enough new labels arrived or waited long enough.
+
+    Rank 0 polls and decides; every iteration (about once a poll timeout, a second) its decision
+    goes to every rank, so the others follow it and a lost rank shows within the collective timeout.
+    """
+    d = state.dist
+    clock = {"round": time.monotonic(), "prune": time.monotonic()}
+    if d.is_main:
+        log.info("waiting for labels: a round per %d new, or after %.0fs with at least one",
+                 settings.train_min_labels, settings.train_max_wait_s)
+    while not d.any(state.stop.is_set()):
+        if d.main_only(lambda: _poll_and_decide(state, settings, clock)):
             try:
                 run_round(state, progress=progress, drain_s=0.0)  # this loop has been consuming all along
             except KafkaError as e:  # broker away mid-round: labels stay stored, a publish is finished later
-                log.warning("round dropped: %s; the next one retries", e)
-            last_round = time.monotonic()
+                if d.is_main:
+                    log.warning("round dropped: %s; the next one retries", e)
+            clock["round"] = time.monotonic()
+
+
+def _poll_and_decide(state: TrainerState, settings: Settings, clock: dict[str, float]) -> bool:
+    """Rank 0: one poll into the label store; True when a round is due."""
+    try:
+        state.consumer.poll()
+    except KafkaError as e:  # broker away: the batch was rewound, try again shortly
+        log.warning("consume failed (%s); retrying in 5s", e)
+        state.stop.wait(5.0)
+        return False
+    now = time.monotonic()
+    if now - clock["prune"] > PRUNE_EVERY_S:
+        state.store.prune()
+        clock["prune"] = now
+    new = state.new_labels()
+    return new >= settings.train_min_labels or (new > 0 and now - clock["round"] >= settings.train_max_wait_s)

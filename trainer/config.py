@@ -57,9 +57,17 @@ class TrainConfig:
     lora_target_modules: str = "all-linear"
     """Which layers get adapters: peft's 'all-linear' (every linear layer but the output head;
     "LoRA Without Regret": the MLPs matter most), or a comma-separated list of module names."""
+    strategy: Literal["ddp", "fsdp2"] = "ddp"
+    """With several ranks (torchrun): ddp replicates the networks and averages gradients; fsdp2
+    (torch's fully_shard) shards every network's weights, gradients and optimizer state across
+    the ranks, for models one device cannot hold. One rank: no difference."""
+    collective_timeout_s: float = 600.0
+    """Timeout of every collective (the process group's): a rank that dies or hangs fails the
+    others within this instead of hanging them. It must cover the longest stretch rank 0 works
+    alone: a round's consume (drain_max_s + the group join) and writing a version."""
 
     def __post_init__(self) -> None:
-        _positive(self, "lora_rank", "lora_alpha")
+        _positive(self, "lora_rank", "lora_alpha", "collective_timeout_s")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"train.lora_dropout must be in [0, 1), got {self.lora_dropout}")
 

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import torch
 
 from trainer.config import GateConfig
-from trainer.policy import autocast, decode, encode_prompts, left_pad, sample, score_against_reference
+from trainer.dist import Dist
+from trainer.policy import autocast, decode, encode_prompts, left_pad, row_seeds, sample, score_against_reference
 from trainer.reward_model import RewardFn
 
 
@@ -38,28 +39,35 @@ class PolicyEval:
 def evaluate(
     policy, reference, tokenizer, reward_fn: RewardFn, prompts: list[list[dict]], *, seed: int,
     eos_ids: Collection[int], max_new_tokens: int, temperature: float, max_prompt_tokens: int, batch_size: int,
-    autocast_dtype: torch.dtype = torch.float32,
+    autocast_dtype: torch.dtype = torch.float32, dist: Dist = Dist(),
 ) -> PolicyEval:
-    """Sample one response per prompt (seeded), score, measure exact KL to the reference and length."""
+    """Sample one response per prompt (seeded), score, measure exact KL to the reference and length.
+
+    The prompts are split across ranks and the results gathered; prompt i draws its noise from
+    (seed, i) wherever it runs, so the evaluation does not depend on the number of ranks.
+    """
     device = policy.device
     was_training = policy.training
     policy.eval()
-    generator = torch.Generator().manual_seed(seed)
+    mine, real = dist.shard(len(prompts))
     rewards, kls, lengths = [], [], []
-    for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i:i + batch_size]
+    for i in range(0, len(mine), batch_size):
+        rows = mine[i:i + batch_size]
+        chunk = [prompts[r] for r in rows]
         query, query_mask = left_pad(encode_prompts(tokenizer, chunk, max_prompt_tokens), tokenizer.pad_token_id, device)
         with autocast(device, autocast_dtype):
             response, mask = sample(policy, query, query_mask, max_new_tokens=max_new_tokens, temperature=temperature,
-                                    eos_ids=eos_ids, pad_id=tokenizer.pad_token_id, generator=generator)
+                                    eos_ids=eos_ids, pad_id=tokenizer.pad_token_id, seeds=row_seeds(seed, rows=rows),
+                                    lockstep=dist.all if dist.sharded else None)
             kl = score_against_reference(policy, reference, query, query_mask, response, mask,
                                          temperature=temperature, estimator="full", batch_size=batch_size).kl
         rewards.append(reward_fn(chunk, decode(tokenizer, response, mask)).float().cpu())
         kls.append(kl.sum(1).cpu())
         lengths.append(mask.sum(1).float().cpu())
     policy.train(was_training)
-    return PolicyEval(torch.cat(rewards).mean().item(), torch.cat(kls).mean().item(),
-                      torch.cat(lengths).mean().item(), len(prompts))
+    local = [torch.cat(x)[:real] if x else torch.zeros(0) for x in (rewards, kls, lengths)]
+    reward, kl, length = (torch.cat(parts) for parts in zip(*dist.gather(local)))
+    return PolicyEval(reward.mean().item(), kl.mean().item(), length.mean().item(), len(prompts))
 
 
 def decide(candidate: PolicyEval, current: PolicyEval, cfg: GateConfig) -> tuple[bool, str]:

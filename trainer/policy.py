@@ -9,7 +9,8 @@ it reproducible (the gate compares two policies on the same noise).
 
 from __future__ import annotations
 
-from collections.abc import Collection
+import hashlib
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -51,19 +52,29 @@ def position_ids(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def row_seeds(*keys: int, rows: Sequence[int]) -> list[int]:
+    """One sampling seed per row, from the keys (seed, round, batch, ...) and the row's index in the
+    whole batch: a row draws the same noise whichever rank samples it, alone or in any batch."""
+    base = hashlib.sha256(repr(keys).encode()).digest()
+    return [int.from_bytes(hashlib.sha256(base + r.to_bytes(8, "big")).digest()[:8], "big") >> 1 for r in rows]
+
+
 @torch.no_grad()
 def sample(
     model, query: torch.Tensor, query_mask: torch.Tensor, *, max_new_tokens: int, temperature: float,
-    eos_ids: Collection[int], pad_id: int, generator: torch.Generator,
+    eos_ids: Collection[int], pad_id: int, seeds: Sequence[int], lockstep: Callable[[bool], bool] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample responses. query, query_mask: (B, P) -> response (B, R) with pad after EOS, mask (B, R).
 
     R = the longest response (<= max_new_tokens); any of `eos_ids` ends a row (models often
     have several). Gumbel-max: argmax(z / T + g) with g ~ Gumbel(0, 1) draws from
-    softmax(z / T) without forming probabilities.
+    softmax(z / T) without forming probabilities; row i's noise comes from its own generator
+    seeded with seeds[i]. `lockstep(all_done) -> stop` lets ranks whose forwards are
+    collectives (FSDP2) stop together (Dist.all); one rank stops when its rows are done.
     """
     B = query.shape[0]
     eos = torch.tensor(sorted(eos_ids), device=query.device)
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
     attn = query_mask.long()
     pos = position_ids(query_mask)
     out = model(input_ids=query, attention_mask=attn, position_ids=pos, use_cache=True)
@@ -72,13 +83,14 @@ def sample(
     done = torch.zeros(B, dtype=torch.bool, device=query.device)
     tokens, alive = [], []
     for _ in range(max_new_tokens):
-        u = torch.rand(logits.shape, generator=generator, device=generator.device).to(logits.device)
+        u = torch.stack([torch.rand(logits.shape[-1], generator=g) for g in gens]).to(logits.device)  # (B, V)
         gumbel = -torch.log(-torch.log(u.clamp(min=1e-20, max=1.0 - 1e-7)))
         token = torch.argmax(logits.float() / temperature + gumbel, dim=-1)  # (B,)
         alive.append(~done)
         tokens.append(torch.where(done, torch.full_like(token, pad_id), token))
         done = done | torch.isin(token, eos)
-        if bool(done.all()):
+        stop = bool(done.all())
+        if lockstep(stop) if lockstep is not None else stop:
             break
         attn = torch.cat([attn, torch.ones(B, 1, dtype=attn.dtype, device=attn.device)], dim=1)
         next_pos = next_pos + 1

@@ -53,10 +53,15 @@ class Rollout(NamedTuple):
         return Rollout(*(t[idx] for t in self))
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of x over the positions where mask is 1. x, mask: same shape -> scalar."""
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, num_tokens: float | None = None) -> torch.Tensor:
+    """Mean of x over the positions where mask is 1. x, mask: same shape -> scalar.
+
+    `num_tokens` replaces the local count of masked positions as the denominator: with the
+    minibatch split across ranks, sum / (the whole minibatch's tokens) per rank adds up to the
+    mean over the whole minibatch (trainer/dist.py).
+    """
     mask = mask.to(x.dtype)
-    return (x * mask).sum() / mask.sum().clamp(min=1.0)
+    return (x * mask).sum() / (mask.sum().clamp(min=1.0) if num_tokens is None else num_tokens)
 
 
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
@@ -129,18 +134,19 @@ def gae(
 
 
 def policy_loss(
-    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip_range: float
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip_range: float,
+    num_tokens: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped surrogate: mean over tokens of max(-A r, -A clip(r, 1 - eps, 1 + eps)), r = exp(logp - old).
 
     All inputs (B, R) -> scalar loss, and stats: clipfrac (share of tokens where the clip
-    was active) and approx_kl (0.5 mean (logp - old)^2, as TRL logs it).
+    was active) and approx_kl (0.5 mean (logp - old)^2, as TRL logs it). num_tokens: masked_mean.
     """
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask, num_tokens)
     stats = {
         "clipfrac": masked_mean((clipped > unclipped).float(), mask).detach(),
         "approx_kl": (0.5 * masked_mean(log_ratio.square(), mask)).detach(),
@@ -149,13 +155,14 @@ def policy_loss(
 
 
 def value_loss(
-    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip_range: float
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip_range: float,
+    num_tokens: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Clipped value loss: 0.5 mean max((V - G)^2, (clip(V, V_old +- eps) - G)^2). (B, R) -> scalar, clipfrac."""
     clipped_values = old_values + torch.clamp(values - old_values, -clip_range, clip_range)
     unclipped_loss = (values - returns).square()
     clipped_loss = (clipped_values - returns).square()
-    loss = 0.5 * masked_mean(torch.maximum(unclipped_loss, clipped_loss), mask)
+    loss = 0.5 * masked_mean(torch.maximum(unclipped_loss, clipped_loss), mask, num_tokens)
     return loss, masked_mean((clipped_loss > unclipped_loss).float(), mask).detach()
 
 

@@ -30,6 +30,7 @@ import torch
 
 from rlhf.tastes import TASTES
 from trainer.config import RewardConfig
+from trainer.dist import Dist
 from trainer.networks import RewardModel
 from trainer.policy import autocast, left_pad
 from trainer.store import Example
@@ -99,19 +100,23 @@ def make_pairs(examples: list[Example], max_pairs_per_prompt: int, rng: random.R
 def reward_loss(
     scores: torch.Tensor, ratings: torch.Tensor, weights: torch.Tensor, pointwise: str,
     liked: torch.Tensor, disliked: torch.Tensor, pairwise_weight: float,
+    weight_total: float | None = None, pair_total: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(total, pointwise, pairwise) losses.
 
     scores, ratings (mean rating in [-1, 1]), weights (vote counts): (N,);
-    liked, disliked: (M,) scores of paired responses (M may be 0).
+    liked, disliked: (M,) scores of paired responses (M may be 0). weight_total / pair_total
+    replace the local sum of weights / number of pairs as denominators when the batch is split
+    across ranks (each rank's share then adds up to the whole batch's loss).
     """
     if pointwise == "logistic":
         target = (ratings + 1.0) / 2.0  # share of up-votes
         per = torch.nn.functional.binary_cross_entropy_with_logits(scores, target, reduction="none")
     else:
         per = (scores - ratings).square()
-    point = (per * weights).sum() / weights.sum()
-    pair = -torch.nn.functional.logsigmoid(liked - disliked).mean() if len(liked) else scores.new_zeros(())
+    point = (per * weights).sum() / (weights.sum() if weight_total is None else weight_total)
+    pairs = len(liked) if pair_total is None else pair_total
+    pair = -torch.nn.functional.logsigmoid(liked - disliked).sum() / pairs if pairs else scores.new_zeros(())
     return point + pairwise_weight * pair, point, pair
 
 
@@ -128,9 +133,13 @@ class RewardMetrics:
 
 def train_reward_model(
     rm: RewardModel, tokenizer, examples: list[Example], cfg: RewardConfig, *, seed: int,
-    autocast_dtype: torch.dtype = torch.float32, progress=None,
+    autocast_dtype: torch.dtype = torch.float32, progress=None, dist: Dist = Dist(),
 ) -> RewardMetrics:
-    """A few hundred steps at most on the training split, then held-out accuracy / AUROC."""
+    """A few hundred steps at most on the training split, then held-out accuracy / AUROC.
+
+    Every rank draws the same batches; each trains on its share of each (DDP / FSDP2 average
+    the gradients), with the loss normalised by the whole batch's votes and pairs.
+    """
     device = rm.device
     rng = random.Random(seed)
     train = [e for e in examples if not is_heldout(e.response_id, cfg.heldout_fraction)]
@@ -142,8 +151,11 @@ def train_reward_model(
     steps = min(cfg.max_steps, math.ceil(cfg.epochs * len(train) / cfg.batch_size)) if train else 0
     if progress is not None:
         progress.reset(total=steps)
-    opt = torch.optim.AdamW(rm.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    params = [p for _, p in rm.trainable()]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     rm.train()
+    with rm.body.active():  # DDP takes the parameters that require grad now: the reward adapter's (lora)
+        trainable = dist.data_parallel(rm)
     order: list[int] = []
     pair_order: list[int] = []
     losses = []
@@ -154,28 +166,36 @@ def train_reward_model(
         if pairs and len(pair_order) < cfg.batch_size:
             pair_order += rng.sample(range(len(pairs)), len(pairs))
         pair_batch, pair_order = [pairs[i] for i in pair_order[:cfg.batch_size]], pair_order[cfg.batch_size:]
+        weight_total = weights[torch.tensor(batch, device=device)].sum().item()
+        pair_total = len(pair_batch)
+        mine, real = dist.shard(len(batch))
+        batch = [batch[i] for i in mine[:real]]
+        mine, real = dist.shard(len(pair_batch))
+        pair_batch = [pair_batch[i] for i in mine[:real]]
         rows = batch + [a for a, _ in pair_batch] + [b for _, b in pair_batch]  # one forward for all
         x, m = left_pad([ids[i] for i in rows], tokenizer.pad_token_id, device)
         with autocast(device, autocast_dtype):
-            s = rm(x, m)
+            s = trainable(x, m)
         n, k = len(batch), len(pair_batch)
-        idx = torch.tensor(batch, device=device)
-        loss, _, _ = reward_loss(s[:n], ratings[idx], weights[idx], cfg.pointwise_loss,
-                                 s[n:n + k], s[n + k:], cfg.pairwise_weight)
+        idx = torch.tensor(batch, device=device, dtype=torch.long)
+        loss, _, _ = reward_loss(s[:n], ratings[idx], weights[idx], cfg.pointwise_loss, s[n:n + k], s[n + k:],
+                                 cfg.pairwise_weight, weight_total=weight_total, pair_total=pair_total)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(rm.parameters(), cfg.max_grad_norm)
+        (loss * dist.world).backward()  # DDP / FSDP2 average the ranks' gradients: their sum is the batch's
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         opt.step()
-        losses.append(loss.item())
+        losses.append(dist.sum(loss.item()))
         if progress is not None:
             progress.update(1)
-            progress.set_postfix(loss=f"{loss.item():.3f}")
+            progress.set_postfix(loss=f"{losses[-1]:.3f}")
     rm.eval()
     accuracy, auroc = float("nan"), float("nan")
     labelled = [e for e in heldout if e.rating != 0]
     if labelled:
-        s = score(rm, tokenizer, [e.messages for e in labelled], [e.completion for e in labelled],
-                  max_length=cfg.max_length, autocast_dtype=autocast_dtype).cpu()
+        mine, real = dist.shard(len(labelled))
+        local = score(rm, tokenizer, [labelled[i].messages for i in mine], [labelled[i].completion for i in mine],
+                      max_length=cfg.max_length, autocast_dtype=autocast_dtype).cpu()[:real]
+        s = torch.cat(dist.gather(local))
         y = torch.tensor([e.rating > 0 for e in labelled])
         accuracy = ((s > 0) == y).float().mean().item()
         auroc = binary_auroc(s, y)

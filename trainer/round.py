@@ -1,16 +1,21 @@
-"""One training round, top to bottom: consume -> reward model -> rollouts -> score -> PPO -> gate -> publish.
+"""One training round, top to bottom: consume -> reward model -> the gate's view of the current policy ->
+rollouts -> score -> PPO -> the gate's view of the candidate -> publish.
 
-    rlhf train --once            # one round on what is stored + what the broker holds now
+    rlhf train --once                                       # one round on what is stored + what the broker holds
+    torchrun --nproc_per_node 2 -m rlhf.cli train --once    # the same round on two ranks (trainer/dist.py)
 
-`run_round` is called by the continuous loop in trainer/cli.py whenever enough new labels
-arrived. The candidate is a copy of the current policy (LATEST); if the gate rejects it,
-it is dropped and the next round starts again from the current policy. Each round appends
-its metrics to <trainer_dir>/rounds.jsonl and prints one summary line.
+`run_round` is called by the continuous loop in trainer/cli.py whenever enough new labels arrived,
+on every rank. Rank 0 alone consumes, stores, writes and publishes; the round's inputs are
+broadcast, every rank trains on its share of each batch, and rollouts and evaluations are
+split across ranks and gathered, so the round computes the same candidate at any world size.
+The policy trains in place, starting from the current policy (LATEST); if the gate rejects it,
+it is restored from the snapshot taken before PPO and the next round starts from the current
+policy again. Rank 0 appends the round's metrics to <trainer_dir>/rounds.jsonl and prints one
+summary line.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import random
@@ -24,11 +29,27 @@ import torch
 from tqdm import tqdm
 
 from trainer import gate
+from trainer.dist import Dist
 from trainer.killpoints import killpoint
-from trainer.policy import autocast, decode, encode_prompts, forward, left_pad, sample, score_against_reference
+from trainer.networks import PolicyWithValue, full_tensors, save_atomic
+from trainer.policy import autocast, decode, encode_prompts, left_pad, row_seeds, sample, score_against_reference
 from trainer.ppo import Rollout, gae, masked_mean, masked_whiten, policy_loss, token_rewards, value_loss
 from trainer.reward_model import is_heldout, rule_reward, score, train_reward_model
 from trainer.state import TrainerState
+from trainer.store import Example
+
+
+@dataclass
+class RoundInputs:
+    """What rank 0 read in step 1, broadcast to every rank."""
+
+    round: int
+    examples: list[Example]
+    pool: list[tuple[str, list[dict]]]  # [(prompt_key, messages)]
+    label_seq: int
+    version: int  # LATEST: the current policy
+    new_labels: int
+    consumed: dict
 
 
 @dataclass
@@ -51,6 +72,8 @@ class RoundReport:
     version: int | None = None  # the version published by this round, if promoted
     promoted: bool = False
     reason: str = ""
+    world_size: int = 1  # ranks that trained it ...
+    strategy: str = "ddp"  # ... and how (TrainConfig.strategy)
     seconds: dict = field(default_factory=dict)  # per phase + total
 
     def summary(self) -> str:
@@ -65,150 +88,209 @@ class RoundReport:
 
 
 def run_round(state: TrainerState, *, progress: bool = True, drain_s: float | None = None) -> RoundReport:
-    """One round. drain_s bounds step 1 (default consumer.drain_max_s; the continuous loop,
-    which consumes between rounds, passes 0: one catch-up poll)."""
-    cfg, tok = state.cfg, state.tokenizer
-    n = state.round + 1
-    rng = random.Random(cfg.ppo.seed + n)
-    generator = torch.Generator().manual_seed(cfg.ppo.seed + n)
-    report = RoundReport(round=n, trigger_time=time.time(), kl_bound=cfg.gate.max_kl)
-    timer = _PhaseTimer(report.seconds)
+    """One round, on every rank. drain_s bounds step 1 (default consumer.drain_max_s; the continuous
+    loop, which consumes between rounds, passes 0: one catch-up poll)."""
+    cfg, tok, d = state.cfg, state.tokenizer, state.dist
+    progress = progress and d.is_main
+    started = time.time()
+    seconds: dict[str, float] = {}
+    timer = _PhaseTimer(seconds)
 
-    # 1. consume: drain what the broker holds now; each poll is stored, then committed
-    with timer("consume"), _bar(progress, n, "consume", "msg") as bar:
-        report.consumed = asdict(state.consumer.drain(drain_s, progress=bar))
-        state.store.prune()
-        state.publisher.recover()  # a publish a broker outage interrupted is announced now
-        state.follow_latest()
-    examples = state.store.examples()
-    label_seq = state.store.label_seq()
-    report.labels, report.votes = len(examples), sum(e.n_votes for e in examples)
-    report.new_labels, report.version_before = state.new_labels(), state.version
-    pool = state.store.prompts()  # [(prompt_key, messages)]
-    if not examples or not pool:
+    # 1. consume (rank 0): drain what the broker holds now, each poll stored, then committed
+    with timer("consume"):
+        inputs: RoundInputs = d.main_only(lambda: _consume(state, progress, drain_s))
+    n = inputs.round
+    report = RoundReport(round=n, trigger_time=started, kl_bound=cfg.gate.max_kl, labels=len(inputs.examples),
+                         votes=sum(e.n_votes for e in inputs.examples), new_labels=inputs.new_labels,
+                         consumed=inputs.consumed, version_before=inputs.version, world_size=d.world,
+                         strategy=cfg.train.strategy, seconds=seconds)
+    state.follow(inputs.version)  # LATEST as rank 0 read it: an `rlhf sft` or an operator may have moved it
+    if not inputs.examples or not inputs.pool:
         report.reason = "no labelled examples yet"
-        return _finish(state, report, label_seq)
+        return _finish(state, report, inputs.label_seq)
+    rng = random.Random(cfg.ppo.seed + n)
     state.check_stop()
 
     # 2. update the reward model (warm start from last round's), report held-out accuracy
     with timer("reward_model"), _bar(progress, n, "reward model", "step") as bar:
-        rm_metrics = train_reward_model(state.nets.reward, tok, examples, cfg.reward, seed=cfg.ppo.seed + n,
-                                        autocast_dtype=state.dtype, progress=bar)
-        state.nets.reward.save(state.reward_model_path(state.settings))
+        rm_metrics = train_reward_model(state.nets.reward, tok, inputs.examples, cfg.reward, seed=cfg.ppo.seed + n,
+                                        autocast_dtype=state.dtype, progress=bar, dist=d)
+        state.nets.reward.save(state.reward_model_path(state.settings) if d.is_main else None)
     report.reward_model = asdict(rm_metrics)
     reward_fn = rule_reward(cfg.reward.rule) if cfg.reward.rule else partial(
         score, state.nets.reward, tok, max_length=cfg.reward.max_length, batch_size=cfg.ppo.forward_batch_size,
         autocast_dtype=state.dtype)  # (prompts, completions) -> (N,) scores
     # held-out prompts (stable hash split) are for the gate, the others for rollouts (each falls back to all)
+    pool = inputs.pool
     heldout = [m for k, m in pool if is_heldout(k, cfg.reward.heldout_fraction)] or [m for _, m in pool]
     train_prompts = [m for k, m in pool if not is_heldout(k, cfg.reward.heldout_fraction)] or [m for _, m in pool]
     state.check_stop()
 
-    candidate = state.nets.new_candidate()  # a copy of the current policy (full) or its adapter (lora)
-    value_head = copy.deepcopy(state.value_head)
-    opt = torch.optim.AdamW([*candidate.parameters(), *value_head.parameters()], lr=cfg.ppo.lr, eps=1e-5)
-    stats: dict[str, list[float]] = {}
-    for batch_idx in range(cfg.ppo.rollout_batches):
-        # 3. rollouts: the candidate (= the current policy at first) answers sampled logged prompts
-        with timer("rollout"), _bar(progress, n, f"rollout {batch_idx + 1}/{cfg.ppo.rollout_batches}", "seq") as bar:
-            prompts = rng.choices(train_prompts, k=cfg.ppo.rollout_prompts)
-            query, query_mask = left_pad(encode_prompts(tok, prompts, state.settings.max_prompt_tokens),
-                                         tok.pad_token_id, state.device)
-            candidate.eval()
-            with autocast(state.device, state.dtype):
-                response, response_mask = sample(candidate, query, query_mask, max_new_tokens=cfg.ppo.max_new_tokens,
-                                                 temperature=cfg.ppo.temperature, eos_ids=state.eos_ids,
-                                                 pad_id=tok.pad_token_id, generator=generator)
-                seen = score_against_reference(candidate, state.nets.reference, query, query_mask, response, response_mask,
-                                               temperature=cfg.ppo.temperature, estimator=cfg.ppo.kl_estimator,
-                                               batch_size=cfg.ppo.forward_batch_size, value_head=value_head)
-            candidate.train()
-            bar.update(len(prompts))
-
-        # 4. score with the reward model; per-token reward = -beta * KL, + score at the end; GAE
-        with timer("score"):
-            scores = reward_fn(prompts, decode(tok, response, response_mask)).to(state.device).float()
-            rewards = token_rewards(scores, seen.kl, response_mask, state.kl_ctl.value, cfg.ppo.reward_clip)
-            advantages, returns = gae(rewards, seen.values, response_mask, cfg.ppo.gamma, cfg.ppo.lam)
-            if cfg.ppo.whiten_advantages:
-                advantages = masked_whiten(advantages, response_mask)
-            rollout = Rollout(query, query_mask, response, response_mask, seen.logprobs, seen.ref_logprobs, seen.values,
-                              seen.kl, seen.entropy, scores.clamp(-cfg.ppo.reward_clip, cfg.ppo.reward_clip), rewards,
-                              advantages, returns)
-            seq_kl = seen.kl.sum(1).mean().item()
-            _log(stats, score=scores.mean().item(), kl=seq_kl, entropy=masked_mean(seen.entropy, response_mask).item(),
-                 length=response_mask.sum(1).float().mean().item(), kl_coef=state.kl_ctl.value)
-        state.check_stop()
-
-        # 5. PPO epochs over minibatches of this rollout
-        steps = cfg.ppo.ppo_epochs * math.ceil(len(prompts) / cfg.ppo.minibatch_size)
-        with timer("ppo"), _bar(progress, n, f"ppo {batch_idx + 1}/{cfg.ppo.rollout_batches}", "step", steps) as bar:
-            for _ in range(cfg.ppo.ppo_epochs):
-                perm = torch.randperm(len(prompts), generator=generator)
-                for s in _slices(len(prompts), cfg.ppo.minibatch_size):
-                    mb = rollout.select(perm[s].to(state.device))
-                    with autocast(state.device, state.dtype):
-                        new = forward(candidate, mb.query, mb.query_mask, mb.response, mb.response_mask,
-                                      temperature=cfg.ppo.temperature, value_head=value_head)
-                    pg_loss, pg_stats = policy_loss(new.logprobs, mb.logprobs, mb.advantages, mb.response_mask,
-                                                    cfg.ppo.clip_range)
-                    vf_loss, vf_clipfrac = value_loss(new.values, mb.values, mb.returns, mb.response_mask,
-                                                      cfg.ppo.clip_range_value)
-                    ent = masked_mean(new.entropy, mb.response_mask)
-                    loss = pg_loss + cfg.ppo.vf_coef * vf_loss - cfg.ppo.entropy_coef * ent
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    torch.nn.utils.clip_grad_norm_([*candidate.parameters(), *value_head.parameters()],
-                                                   cfg.ppo.max_grad_norm)
-                    opt.step()
-                    _log(stats, pg_loss=pg_loss.item(), vf_loss=vf_loss.item(), clipfrac=pg_stats["clipfrac"].item(),
-                         approx_kl=pg_stats["approx_kl"].item(), vf_clipfrac=vf_clipfrac.item())
-                    bar.update(1)
-                    state.check_stop()
-        state.kl_ctl.update(seq_kl, len(prompts))
-    report.ppo = {k: sum(v) / len(v) for k, v in stats.items()}
-    report.kl_coef = state.kl_ctl.value
-    killpoint("round:trained")
-
-    # 6. gate: current policy and candidate answer the same held-out prompts with the same noise
-    with timer("gate"), _bar(progress, n, "gate", "policy", 2) as bar:
-        plan = gate.eval_prompt_plan(heldout, cfg.gate.eval_responses)
-        evals = []
-        for policy in (state.nets.current, candidate):
-            evals.append(gate.evaluate(policy, state.nets.reference, tok, reward_fn, plan, seed=cfg.gate.eval_seed,
-                                       eos_ids=state.eos_ids,
-                                       max_new_tokens=cfg.ppo.max_new_tokens, temperature=cfg.ppo.temperature,
-                                       max_prompt_tokens=state.settings.max_prompt_tokens,
-                                       batch_size=cfg.ppo.forward_batch_size, autocast_dtype=state.dtype))
-            bar.update(1)
-        current, cand = evals
-        report.current, report.candidate = asdict(current), asdict(cand)
-        report.promoted, report.reason = gate.decide(cand, current, cfg.gate)
+    # 3. the gate's view of the current policy: held-out prompts, fixed noise, before anything trains
+    plan = gate.eval_prompt_plan(heldout, cfg.gate.eval_responses)
+    evaluate = partial(gate.evaluate, reference=state.nets.reference, tokenizer=tok, reward_fn=reward_fn, prompts=plan,
+                       seed=cfg.gate.eval_seed, eos_ids=state.eos_ids, max_new_tokens=cfg.ppo.max_new_tokens,
+                       temperature=cfg.ppo.temperature, max_prompt_tokens=state.settings.max_prompt_tokens,
+                       batch_size=cfg.ppo.forward_batch_size, autocast_dtype=state.dtype, dist=d)
+    with timer("gate"):
+        current = evaluate(state.nets.policy)
     state.check_stop()
 
-    # 7. publish: policy store version + PolicyUpdate; the candidate becomes the current policy
-    with timer("publish"):
-        if report.promoted:
-            update = state.publisher.publish(partial(state.nets.save, candidate, tok), parent_version=state.version,
-                                             base_version=state.nets.base_version if state.nets.layout == "lora" else None,
-                                             metrics={
-                "rm_reward": cand.reward, "rm_reward_parent": current.reward, "kl_to_ref": cand.kl_to_ref,
-                "response_length": cand.length, "rm_accuracy": rm_metrics.accuracy, "rm_auroc": rm_metrics.auroc,
-                "labels": float(report.labels), "round": float(n), "kl_coef": state.kl_ctl.value,
-            })
-            state.nets.promote(candidate)
-            state.value_head, state.version = value_head, update.version
-            state.save_value_head()
-            report.version = update.version
-    return _finish(state, report, label_seq)
+    # the policy (and value head) train in place from here; this snapshot restores them if the gate says no
+    snapshot = state.nets.snapshot(state.value_head)
+    model = PolicyWithValue(state.nets.policy, state.value_head)
+    with state.nets.policy.active():  # DDP takes the parameters that require grad now: the policy adapter's (lora)
+        trainable = d.data_parallel(model)
+    params = [p for _, p in model.trainable()]
+    opt = torch.optim.AdamW(params, lr=cfg.ppo.lr, eps=1e-5)
+    perm_gen = torch.Generator().manual_seed(cfg.ppo.seed + n)
+    stats: dict[str, list[float]] = {}
+    try:
+        for batch_idx in range(cfg.ppo.rollout_batches):
+            # 4. rollouts: the policy answers sampled logged prompts, each rank its share; row i of the
+            #    batch draws its noise from (seed, round, batch, i) wherever it runs
+            with timer("rollout"), _bar(progress, n, f"rollout {batch_idx + 1}/{cfg.ppo.rollout_batches}", "seq") as bar:
+                prompts = rng.choices(train_prompts, k=cfg.ppo.rollout_prompts)  # the same on every rank
+                mine, _ = d.shard(len(prompts))
+                query, query_mask = left_pad(encode_prompts(tok, [prompts[i] for i in mine], state.settings.max_prompt_tokens),
+                                             tok.pad_token_id, state.device)
+                state.nets.policy.eval()
+                with autocast(state.device, state.dtype):
+                    response, response_mask = sample(
+                        state.nets.policy, query, query_mask, max_new_tokens=cfg.ppo.max_new_tokens,
+                        temperature=cfg.ppo.temperature, eos_ids=state.eos_ids, pad_id=tok.pad_token_id,
+                        seeds=row_seeds(cfg.ppo.seed, n, batch_idx, rows=mine), lockstep=d.all if d.sharded else None)
+                    seen = score_against_reference(state.nets.policy, state.nets.reference, query, query_mask, response,
+                                                   response_mask, temperature=cfg.ppo.temperature,
+                                                   estimator=cfg.ppo.kl_estimator, batch_size=cfg.ppo.forward_batch_size,
+                                                   value_head=state.value_head)
+                state.nets.policy.train()
+                bar.update(len(prompts))
+
+            # 5. score with the reward model; per-token reward = -beta * KL, + score at the end; GAE over the whole batch
+            with timer("score"):
+                scores = reward_fn([prompts[i] for i in mine], decode(tok, response, response_mask)).to(state.device).float()
+                rollout = _gather_rollout(d, state.device, query=query, query_mask=query_mask, response=response,
+                                          response_mask=response_mask, logprobs=seen.logprobs, ref_logprobs=seen.ref_logprobs,
+                                          values=seen.values, kl=seen.kl, entropy=seen.entropy,
+                                          scores=scores.clamp(-cfg.ppo.reward_clip, cfg.ppo.reward_clip))
+                rewards = token_rewards(rollout.scores, rollout.kl, rollout.response_mask, state.kl_ctl.value,
+                                        cfg.ppo.reward_clip)
+                advantages, returns = gae(rewards, rollout.values, rollout.response_mask, cfg.ppo.gamma, cfg.ppo.lam)
+                if cfg.ppo.whiten_advantages:
+                    advantages = masked_whiten(advantages, rollout.response_mask)
+                rollout = rollout._replace(rewards=rewards, advantages=advantages, returns=returns)
+                seq_kl = rollout.kl.sum(1).mean().item()
+                _log(stats, score=rollout.scores.mean().item(), kl=seq_kl, kl_coef=state.kl_ctl.value,
+                     entropy=masked_mean(rollout.entropy, rollout.response_mask).item(),
+                     length=rollout.response_mask.sum(1).float().mean().item())
+            state.check_stop()
+
+            # 6. PPO epochs over minibatches of this rollout; each rank takes its share of a minibatch and
+            #    normalises by the whole minibatch's tokens, so the averaged gradients are the minibatch's
+            steps = cfg.ppo.ppo_epochs * math.ceil(len(prompts) / cfg.ppo.minibatch_size)
+            with timer("ppo"), _bar(progress, n, f"ppo {batch_idx + 1}/{cfg.ppo.rollout_batches}", "step", steps) as bar:
+                for _ in range(cfg.ppo.ppo_epochs):
+                    perm = torch.randperm(len(prompts), generator=perm_gen)  # the same on every rank
+                    for s in _slices(len(prompts), cfg.ppo.minibatch_size):
+                        rows = perm[s]
+                        tokens = rollout.response_mask[rows.to(state.device)].sum().item()
+                        mine_mb, real = d.shard(len(rows))
+                        mb = rollout.select(rows[mine_mb[:real]].to(state.device))
+                        with autocast(state.device, state.dtype):
+                            new = trainable(mb.query, mb.query_mask, mb.response, mb.response_mask,
+                                            temperature=cfg.ppo.temperature)
+                        pg_loss, pg_stats = policy_loss(new.logprobs, mb.logprobs, mb.advantages, mb.response_mask,
+                                                        cfg.ppo.clip_range, num_tokens=tokens)
+                        vf_loss, vf_clipfrac = value_loss(new.values, mb.values, mb.returns, mb.response_mask,
+                                                          cfg.ppo.clip_range_value, num_tokens=tokens)
+                        ent = masked_mean(new.entropy, mb.response_mask, tokens)
+                        loss = pg_loss + cfg.ppo.vf_coef * vf_loss - cfg.ppo.entropy_coef * ent
+                        opt.zero_grad(set_to_none=True)
+                        (loss * d.world).backward()  # DDP / FSDP2 average the ranks' gradients: their sum is the minibatch's
+                        torch.nn.utils.clip_grad_norm_(params, cfg.ppo.max_grad_norm)
+                        opt.step()
+                        _log(stats, pg_loss=d.sum(pg_loss.item()), vf_loss=d.sum(vf_loss.item()),
+                             clipfrac=pg_stats["clipfrac"].item(), approx_kl=pg_stats["approx_kl"].item(),
+                             vf_clipfrac=vf_clipfrac.item())
+                        bar.update(1)
+                        state.check_stop()
+            state.kl_ctl.update(seq_kl, len(prompts))
+        report.ppo = {k: sum(v) / len(v) for k, v in stats.items()}
+        report.kl_coef = state.kl_ctl.value
+        killpoint("round:trained")
+
+        # 7. the gate's view of the candidate: the same prompts and noise as step 3
+        with timer("gate"), _bar(progress, n, "gate", "policy", 1) as bar:
+            cand = evaluate(state.nets.policy)
+            bar.update(1)
+        report.current, report.candidate = asdict(current), asdict(cand)
+        report.promoted, report.reason = gate.decide(cand, current, cfg.gate)
+        state.check_stop()
+
+        # 8. publish: policy store version + PolicyUpdate (rank 0; every rank helps gather FSDP2's shards first)
+        with timer("publish"):
+            if report.promoted:
+                weights, head = state.nets.gather(), full_tensors(state.value_head.named_parameters())
+                state.version = report.version = d.main_only(lambda: state.publisher.publish(
+                    partial(state.nets.write, weights, tok), parent_version=state.version,
+                    base_version=state.nets.base_version if state.nets.layout == "lora" else None, metrics={
+                        "rm_reward": cand.reward, "rm_reward_parent": current.reward, "kl_to_ref": cand.kl_to_ref,
+                        "response_length": cand.length, "rm_accuracy": rm_metrics.accuracy,
+                        "rm_auroc": rm_metrics.auroc, "labels": float(report.labels), "round": float(n),
+                        "kl_coef": state.kl_ctl.value}).version)
+                save_atomic(head, state.value_head_path(state.settings) if d.is_main else None)
+            else:
+                state.nets.restore(snapshot, state.value_head)
+    except BaseException:
+        state.nets.restore(snapshot, state.value_head)  # an aborted round leaves the current policy as it was
+        raise
+    return _finish(state, report, inputs.label_seq)
+
+
+def _consume(state: TrainerState, progress: bool, drain_s: float | None) -> RoundInputs:
+    """Step 1 on rank 0: drain the broker into the label store, prune, finish an interrupted publish."""
+    n = state.round + 1
+    with _bar(progress, n, "consume", "msg") as bar:
+        consumed = asdict(state.consumer.drain(drain_s, progress=bar))
+    state.store.prune()
+    state.publisher.recover()  # a publish a broker outage interrupted is announced now
+    return RoundInputs(round=n, examples=state.store.examples(), pool=state.store.prompts(),
+                       label_seq=state.store.label_seq(), version=state.policies.latest(),
+                       new_labels=state.new_labels(), consumed=consumed)
+
+
+def _gather_rollout(d: Dist, device: torch.device, **local: torch.Tensor) -> Rollout:
+    """Every rank's rows of a rollout, in rank (= prompt) order, on every rank. Queries stay flush right
+    (left padding), responses flush left; rewards, advantages and returns are filled in by step 5."""
+    parts = d.gather({k: v.detach().cpu() for k, v in local.items()}) if d.world > 1 else [local]
+    P = max(p["query"].shape[1] for p in parts)
+    R = max(p["response"].shape[1] for p in parts)
+
+    def cat(name: str, width: int | None = None, left: bool = False, fill=0) -> torch.Tensor:
+        out = []
+        for p in parts:
+            t = p[name]
+            if width is not None and t.shape[1] < width:
+                pad = torch.full((t.shape[0], width - t.shape[1]), fill, dtype=t.dtype)
+                t = torch.cat([pad, t] if left else [t, pad], dim=1)
+            out.append(t)
+        return torch.cat(out).to(device)
+
+    zeros = cat("kl", R) * 0
+    return Rollout(cat("query", P, left=True), cat("query_mask", P, left=True, fill=False), cat("response", R),
+                   cat("response_mask", R, fill=False), cat("logprobs", R), cat("ref_logprobs", R), cat("values", R),
+                   cat("kl", R), cat("entropy", R), cat("scores"), zeros, zeros, zeros)
 
 
 # ---------------------------------------------------------------------------- helpers
 
 
 def _finish(state: TrainerState, report: RoundReport, label_seq: int) -> RoundReport:
-    """Persist the round's counters and metrics; print the summary line."""
+    """Persist the round's counters and metrics; print the summary line (rank 0)."""
     report.seconds["total"] = time.time() - report.trigger_time
+    if not state.dist.is_main:
+        return report
     state.store.set("round", report.round)
     state.store.set("label_watermark", label_seq)
     state.store.set("kl_coef", state.kl_ctl.value)

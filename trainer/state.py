@@ -21,13 +21,14 @@ from pathlib import Path
 
 import torch
 from kafka import KafkaProducer
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from rlhf.contracts import Settings
 from rlhf.models import count_parameters, ensure_policy_store, eos_token_ids, load_tokenizer, resolve_device, resolve_dtype
 from rlhf.policy_store import PolicyStore
 from trainer.config import TrainerConfig
 from trainer.consumer import VoteConsumer
+from trainer.dist import Dist
 from trainer.networks import Networks
 from trainer.policy import new_value_head
 from trainer.ppo import KLController
@@ -45,11 +46,8 @@ class RoundAborted(Exception):
 class TrainerState:
     settings: Settings
     cfg: TrainerConfig
-    store: LabelStore
-    consumer: VoteConsumer
-    producer: KafkaProducer
+    dist: Dist
     policies: PolicyStore
-    publisher: Publisher
     tokenizer: object
     eos_ids: frozenset[int]
     nets: Networks
@@ -58,44 +56,64 @@ class TrainerState:
     kl_ctl: KLController
     device: torch.device
     dtype: torch.dtype  # autocast dtype: bf16 on CUDA, fp32 on CPU
+    # rank 0 alone talks to Kafka and owns the label store and the publishing (None on the other ranks)
+    store: LabelStore | None = None
+    consumer: VoteConsumer | None = None
+    producer: KafkaProducer | None = None
+    publisher: Publisher | None = None
     stop: threading.Event = field(default_factory=threading.Event)
 
     @classmethod
-    def open(cls, settings: Settings, cfg: TrainerConfig) -> "TrainerState":
-        settings.trainer_dir.mkdir(parents=True, exist_ok=True)
+    def open(cls, settings: Settings, cfg: TrainerConfig, dist: Dist = Dist()) -> "TrainerState":
+        _check_divisible(cfg, dist.world)
         device = resolve_device(settings)
-        store = LabelStore(settings.trainer_dir / "labels.sqlite", late_vote_window_s=settings.late_vote_window_s,
-                           dedupe_window_s=cfg.consumer.dedupe_window_s, prompt_pool_size=cfg.consumer.prompt_pool_size)
-        policies = ensure_policy_store(settings)
-        producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers,
-                                 security_protocol=settings.kafka_security_protocol, client_id="rlhf-trainer",
-                                 acks="all", retries=5, max_block_ms=30_000)
-        publisher = Publisher(settings, policies, store, producer, name="trainer")
-        publisher.recover()
-        consumer = VoteConsumer(settings, store, cfg.consumer, producer)
-        version = policies.latest()
+        store = consumer = producer = publisher = None
+        if dist.is_main:
+            settings.trainer_dir.mkdir(parents=True, exist_ok=True)
+            store = LabelStore(settings.trainer_dir / "labels.sqlite", late_vote_window_s=settings.late_vote_window_s,
+                               dedupe_window_s=cfg.consumer.dedupe_window_s,
+                               prompt_pool_size=cfg.consumer.prompt_pool_size)
+            ensure_policy_store(settings)
+            producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers,
+                                     security_protocol=settings.kafka_security_protocol, client_id="rlhf-trainer",
+                                     acks="all", retries=5, max_block_ms=30_000)
+            policies = PolicyStore(settings.policy_dir)
+            publisher = Publisher(settings, policies, store, producer, name="trainer")
+            publisher.recover()
+            consumer = VoteConsumer(settings, store, cfg.consumer, producer)
+        # what only rank 0 can read (its state dir, LATEST as it stands now), for every rank
+        start = dist.broadcast({
+            "version": PolicyStore(settings.policy_dir).latest(),
+            "kl_coef": store.get("kl_coef", cfg.ppo.init_kl_coef),
+            "reward_model": _read(cls.reward_model_path(settings)),
+            "value_head": _read(cls.value_head_path(settings)),
+        } if dist.is_main else None)
+        policies = PolicyStore(settings.policy_dir)
+        version, ref_version = start["version"], cfg.ppo.reference_version
         policies.verify(version)
-        ref_version = cfg.ppo.reference_version
         policies.verify(ref_version)
         layout = cfg.train.resolved_adapter(count_parameters(policies.path(ref_version)))
-        nets = Networks.open(settings, policies, cfg.train, layout, version, ref_version)
-        if cls.reward_model_path(settings).exists():
-            nets.reward.load(cls.reward_model_path(settings))
+        nets = Networks.open(settings, policies, cfg.train, layout, version, ref_version, dist)
+        if start["reward_model"] is not None:
+            nets.reward.load(start["reward_model"])
         tokenizer = load_tokenizer(policies.path(ref_version), settings)
-        value_head = new_value_head(nets.current)
-        if cls.value_head_path(settings).exists():
-            value_head.load_state_dict(load_file(cls.value_head_path(settings)))
-        kl_ctl = KLController(store.get("kl_coef", cfg.ppo.init_kl_coef), cfg.ppo.kl_target, cfg.ppo.kl_horizon)
-        log.info("trainer ready: policy v%d, reference v%d, %s weights, %d labels stored, device %s", version,
-                 ref_version, layout, len(store.votes()), device)
-        return cls(settings, cfg, store, consumer, producer, policies, publisher, tokenizer,
-                   eos_token_ids(nets.reference.module, tokenizer), nets, version, value_head, kl_ctl, device,
-                   resolve_dtype(settings, device))
+        value_head = new_value_head(nets.policy)
+        if start["value_head"] is not None:
+            value_head.load_state_dict(start["value_head"])
+        dist.shard_model(value_head)
+        kl_ctl = KLController(start["kl_coef"], cfg.ppo.kl_target, cfg.ppo.kl_horizon)
+        if dist.is_main:
+            log.info("trainer ready: policy v%d, reference v%d, %s weights, %d rank(s) (%s), %d labels stored, "
+                     "device %s", version, ref_version, layout, dist.world, cfg.train.strategy, len(store.votes()), device)
+        return cls(settings, cfg, dist, policies, tokenizer, eos_token_ids(nets.reference.module, tokenizer), nets,
+                   version, value_head, kl_ctl, device, resolve_dtype(settings, device), store, consumer, producer,
+                   publisher)
 
     def close(self) -> None:
-        self.consumer.close()
-        self.producer.close(timeout=10)
-        self.store.close()
+        if self.dist.is_main:
+            self.consumer.close()
+            self.producer.close(timeout=10)
+            self.store.close()
 
     # ------------------------------------------------------------------ between rounds
 
@@ -123,21 +141,30 @@ class TrainerState:
     def new_labels(self) -> int:
         return self.store.label_count(since_seq=self.label_watermark)
 
-    def follow_latest(self) -> None:
-        """Make LATEST the current policy if it moved since we loaded ours (sft, rollback)."""
-        latest = self.policies.latest()
+    def follow(self, latest: int) -> None:
+        """Make `latest` (LATEST as rank 0 read it) the current policy if it moved since ours (sft, rollback)."""
         if latest != self.version:
             self.policies.verify(latest)
             self.nets.follow(self.policies, latest)
-            log.info("policy store LATEST moved v%d -> v%d; training from v%d", self.version, latest, latest)
+            if self.dist.is_main:
+                log.info("policy store LATEST moved v%d -> v%d; training from v%d", self.version, latest, latest)
             self.version = latest
 
     def check_stop(self) -> None:
-        if self.stop.is_set():
+        """Raise RoundAborted on every rank if any rank was asked to stop (a collective: all ranks call it)."""
+        if self.dist.any(self.stop.is_set()):
             raise RoundAborted("stop requested")
 
-    def save_value_head(self) -> None:
-        path = self.value_head_path(self.settings)
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.value_head.state_dict().items()}, str(tmp))
-        tmp.replace(path)
+
+
+def _read(path: Path) -> dict[str, torch.Tensor] | None:
+    return load_file(path) if path.exists() else None
+
+
+def _check_divisible(cfg: TrainerConfig, world: int) -> None:
+    """Batches split evenly across ranks: every rank runs as many steps as the others."""
+    sizes = {"ppo.rollout_prompts": cfg.ppo.rollout_prompts, "ppo.minibatch_size": cfg.ppo.minibatch_size,
+             "reward.batch_size": cfg.reward.batch_size}
+    uneven = [f"{k}={v}" for k, v in sizes.items() if v % world]
+    if uneven:
+        raise ValueError(f"with {world} ranks, {', '.join(uneven)} must be multiples of {world}")

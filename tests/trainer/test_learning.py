@@ -38,7 +38,7 @@ def test_rounds_learn_the_taste_behind_the_votes(settings, base_model_dir):
     cfg = TrainerConfig()
     state = TrainerState.open(settings, cfg)
     try:
-        before = rule_eval(state.nets.current, state)
+        before = rule_eval(state.nets.policy, state)
         reports = []
         for r in range(ROUNDS):
             batch = slice(r * PER_ROUND, (r + 1) * PER_ROUND)

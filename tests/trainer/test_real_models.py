@@ -57,7 +57,7 @@ def test_a_round_publishes_the_candidate_on_each_architecture(settings, random_m
         manifest = store.verify(1)
         probe = torch.tensor([[3, 17, 42, 99, 5]])
         with torch.no_grad():
-            trained = state.nets.current(input_ids=probe).logits
+            trained = state.nets.policy(input_ids=probe).logits
             reference = state.nets.reference(input_ids=probe).logits
         assert not torch.allclose(trained, reference), "the round changed nothing"
     finally:

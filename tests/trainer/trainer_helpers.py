@@ -37,11 +37,10 @@ def sample_interactions(model_dir: str, n: int, *, seed: int, max_new_tokens: in
     """n interactions answered by the model in `model_dir` (what the service would log)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trainer.policy import decode, encode_prompts, left_pad, sample
+    from trainer.policy import decode, encode_prompts, left_pad, row_seeds, sample
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    gen = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
     out = []
     ps = prompts(n, seed)
@@ -50,7 +49,7 @@ def sample_interactions(model_dir: str, n: int, *, seed: int, max_new_tokens: in
         ids = encode_prompts(tok, chunk, 512)
         q, qm = left_pad(ids, tok.pad_token_id, torch.device("cpu"))
         r, rm = sample(model, q, qm, max_new_tokens=max_new_tokens, temperature=1.0, eos_ids=[tok.eos_token_id],
-                       pad_id=tok.pad_token_id, generator=gen)
+                       pad_id=tok.pad_token_id, seeds=row_seeds(seed, rows=range(i, i + len(chunk))))
         for p, text, row, mask in zip(chunk, decode(tok, r, rm), r, rm):
             out.append(interaction(rng, p, text, row[mask].tolist()))
     return out
