@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         log.info("round aborted by the stop request")
     finally:
         state.close()
-        d.close()
+    d.close()  # only after a clean end: with a peer gone, tearing the group down can block (torchrun restarts us)
     return 0
 
 

@@ -138,7 +138,9 @@ class Dist:
         for m in model.modules():
             if type(m).__name__ in blocks:
                 fully_shard(m, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+        # the root reshards after forward too (FSDP2 keeps it gathered by default): between forwards,
+        # named_parameters() must give the sharded parameters the optimizer and the snapshot hold
+        fully_shard(model, mesh=mesh, reshard_after_forward=True)
 
     def close(self) -> None:
         if self.world > 1 and torch_dist.is_initialized():

@@ -205,8 +205,12 @@ class Networks:
         if self.layout == "full":
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-            return get_model_state_dict(self.policy.module, options=StateDictOptions(full_state_dict=True,
-                                                                                    cpu_offload=True))
+            module = self.policy.module
+            state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            # tied weights (lm_head = embeddings) come back as two tensors after a gather; keep the one
+            # named_parameters names, as save_pretrained does for a tied model
+            keep = {n for n, _ in module.named_parameters()} | {n for n, _ in module.named_buffers()}
+            return {k: v for k, v in state.items() if k in keep}
         tag = f".{self.policy.adapter}."  # peft saves '...q_proj.lora_A.weight' for our '...q_proj.lora_A.<adapter>.weight'
         return {n.replace(tag, "."): t for n, t in full_tensors(self.policy.named_trainable()).items()}
 

@@ -54,6 +54,11 @@ NOT_DEPLOYMENT_SETTINGS = {
     "TRITON_INTERPRET": "runs Triton kernels on CPU tensors in the kernel tests; pods run them compiled on the GPU",
     "RUST_LOG": "log level of the embedded tansu broker, which only `rlhf up` and the tests start",
     "RLHF_TRAINER_PAUSE_AT": "kill points for the trainer's kill-and-resume test",
+    "RLHF_TRAINER_PAUSE_RANK": "which rank pauses at a kill point in the distributed kill test",
+    "RANK": "set by torchrun for each trainer rank (trainer/dist.py)",
+    "WORLD_SIZE": "set by torchrun",
+    "LOCAL_RANK": "set by torchrun",
+    "TORCHELASTIC_RESTART_COUNT": "set by torchrun; a kill point pauses only the first attempt",
 }
 
 # Third-party variables the image or the manifests set without the project reading them.

@@ -67,7 +67,7 @@ def run_trainer(env: dict, log, pause_at: str | None = None) -> str:
     proc = TrainerProcess({**env, **({"RLHF_TRAINER_PAUSE_AT": pause_at} if pause_at else {})}, log, "--once")
     try:
         if pause_at:
-            proc.wait_for(lambda line: line.strip() == f"PAUSED AT {pause_at}" or line.startswith("round "))
+            proc.wait_for(lambda line: line.startswith(f"PAUSED AT {pause_at} ") or line.startswith("round "))
             assert proc.seen[-1].startswith("PAUSED AT"), f"finished without reaching {pause_at}: {proc.seen}"
         else:
             proc.wait_for(lambda line: line.startswith("round "))  # the summary line: the round is done
