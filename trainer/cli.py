@@ -25,7 +25,7 @@ from kafka.errors import KafkaError
 
 from rlhf.broker import ensure_topics
 from rlhf.contracts import Settings
-from trainer import config
+from trainer import config, metrics
 from trainer.round import run_round
 from trainer.state import RoundAborted, TrainerState
 
@@ -52,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     if settings.create_topics:
         ensure_topics(settings)
     state = TrainerState.open(settings, cfg)
+    if settings.trainer_metrics_port:
+        metrics.serve(settings.host, settings.trainer_metrics_port)
 
     def request_stop(signum, _frame):
         log.info("%s: stopping after the current step", signal.Signals(signum).name)
@@ -88,6 +90,7 @@ def loop(state: TrainerState, settings: Settings, *, progress: bool) -> None:
             state.store.prune()
             last_prune = now
         new = state.new_labels()
+        metrics.observe_state(state.version, *state.store.label_stats(), state.consumer.lag())
         if new >= settings.train_min_labels or (new > 0 and now - last_round >= settings.train_max_wait_s):
             try:
                 run_round(state, progress=progress, drain_s=0.0)  # this loop has been consuming all along

@@ -23,7 +23,7 @@ from functools import partial
 import torch
 from tqdm import tqdm
 
-from trainer import gate
+from trainer import gate, metrics
 from trainer.killpoints import killpoint
 from trainer.policy import autocast, decode, encode_prompts, forward, left_pad, sample, score_against_reference
 from trainer.ppo import Rollout, gae, masked_mean, masked_whiten, policy_loss, token_rewards, value_loss
@@ -210,6 +210,7 @@ def _finish(state: TrainerState, report: RoundReport, label_seq: int) -> RoundRe
     state.store.set("kl_coef", state.kl_ctl.value)
     with open(state.rounds_path, "a") as f:
         f.write(json.dumps(_nan_to_none(asdict(report))) + "\n")  # strict JSON: nan -> null
+    metrics.observe_round(asdict(report))
     print(report.summary(), flush=True)
     return report
 
