@@ -29,7 +29,7 @@ CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver"
 # Headless on a machine with no display, GPU or outside network: without the networking flags
 # chromium keeps dialling Google's services, each a refused connection on a closed network.
 FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1000,560")
+         "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1000,640")
 # Records every text the newest answer showed, so that the test sees it grow (streaming) rather
 # than only its final state.
 WATCH_STREAM = """
