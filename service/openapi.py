@@ -45,7 +45,7 @@ def json_body(model: type[BaseModel]) -> dict:
 def inline(schema: dict) -> dict:
     """A pydantic JSON schema with its `$defs` substituted where they are used (the request
     models are not recursive): a route's openapi_extra has no components section to hold them."""
-    defs = schema.pop("$defs", {})
+    defs = schema.get("$defs", {})
 
     def resolve(node: Any) -> Any:
         if isinstance(node, dict):
@@ -56,7 +56,7 @@ def inline(schema: dict) -> dict:
             return [resolve(v) for v in node]
         return node
 
-    return resolve(schema)
+    return resolve({k: v for k, v in schema.items() if k != "$defs"})
 
 
 def answers(status: int, model: type[BaseModel], description: str, *errors: int, **extra: Any) -> dict:
