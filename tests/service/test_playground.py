@@ -121,3 +121,12 @@ def test_page_loads_nothing_from_outside(service):
     html = httpx.get(f"{service.url}/").text
     refs = re.findall(r"""(?:src|href)\s*=\s*["']([^"']*)""", html)
     assert refs == ["/docs"] and "://" not in html, "one self-contained page: no CDN, no other host"
+
+
+def test_docs_page_renders_every_operation(browser, service):
+    """/docs: Swagger UI from BentoML's bundled assets, rendering /openapi.json."""
+    browser.get(f"{service.url}/docs")
+    operations = WebDriverWait(browser, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".opblock-summary-path"))
+    paths = {op.get_attribute("data-path") for op in operations}
+    assert {"/v1/chat/completions", "/v1/models", "/v1/models/{model}", "/v1/feedback", "/v1/feedback/{feedback_id}",
+            "/livez", "/readyz", "/metrics"} <= paths, paths
