@@ -5,6 +5,10 @@ VENV := .venv
 TORCH_INDEX ?=
 export BENTOML_DO_NOT_TRACK := true
 export HF_HUB_OFFLINE := 1
+# The playground's browser test drives Debian's chromium with its chromedriver (selenium);
+# no browser can be downloaded here, so they come from apt, as root or through sudo.
+CHROMEDRIVER := /usr/bin/chromedriver
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
 .PHONY: demo test install bench clean
 
@@ -20,7 +24,11 @@ install: $(VENV)/.installed
 demo: install
 	$(VENV)/bin/rlhf up
 
-test: install
+$(CHROMEDRIVER):
+	$(SUDO) apt-get update -qq
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver
+
+test: install $(CHROMEDRIVER)
 	$(VENV)/bin/python -m pytest -q
 
 clean:

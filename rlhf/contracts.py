@@ -76,6 +76,7 @@ class Settings(BaseSettings):
     train_min_labels: int = Field(64, ge=1, description="a round starts when this many new labels arrived ...")
     train_max_wait_s: float = Field(120.0, gt=0, description="... or this long passed with at least one")
     late_vote_window_s: float = Field(3600.0, gt=0, description="how long a vote waits for its response, and back")
+    trainer_metrics_port: int = Field(0, ge=0, le=65535, description="`rlhf train` serves Prometheus /metrics here; 0 = off")
 
     @field_validator("state_dir")
     @classmethod

@@ -11,11 +11,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -29,6 +32,7 @@ from service import serve  # the same spawn / wait / stop helpers the tests and 
 
 
 FINAL_WINDOW = 300  # votes over which the end-of-run approval is measured
+USERS_STOP_S = 30.0  # a conversation in flight gets this long to finish (one takes well under a second)
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,7 @@ class Loop:
         self.logs = self.state / "logs"
         self.procs: dict[str, subprocess.Popen] = {}
         self.broker: EmbeddedBroker | None = None
+        self.users: threading.Thread | None = None
         self.port = cfg.port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.sim_log = SimLog()
@@ -101,7 +106,7 @@ class Loop:
 
     def run_users(self, on_status=None) -> SimLog:
         cfg = self.cfg.sim.__class__(**{**asdict(self.cfg.sim), "url": self.url})
-        users = threading.Thread(target=run_users, args=(cfg, self.sim_log, self.stop), daemon=True)
+        self.users = users = threading.Thread(target=run_users, args=(cfg, self.sim_log, self.stop), daemon=True)
         self.users_epoch = time.time()
         self.t0 = time.monotonic()  # the loop's clock starts with the users (not the model build)
         users.start()
@@ -172,13 +177,21 @@ class Loop:
             "taste": self.cfg.sim.taste, "noise": self.cfg.sim.noise,
         }
 
-    def close(self) -> None:
+    def close(self, on_stopped: Callable[[str], None] = lambda part: None) -> None:
+        """Stop what was started, `on_stopped(part)` after each: the users first, so that no
+        request of theirs meets a stopped service; the broker last, so that the trainer and
+        the service can flush to it while they stop."""
         self.stop.set()
+        if self.users is not None:
+            self.users.join(USERS_STOP_S)
+            on_stopped("simulated users")
         for name in ("trainer", "service"):  # SIGTERM to each process group, SIGKILL after 20 s
             if name in self.procs:
                 serve.terminate(self.procs[name])
+                on_stopped(name)
         if self.broker:
             self.broker.stop()
+            on_stopped("broker")
 
 
 def plot_curve(summary: dict, vote_log: SimLog, path: Path) -> None:
@@ -220,8 +233,19 @@ def plot_curve(summary: dict, vote_log: SimLog, path: Path) -> None:
     plt.close(fig)
 
 
-def run(cfg: LoopConfig, on_status=None) -> tuple[dict, Path, Path]:
-    """Run the loop to its end; returns (summary, png path, json path)."""
+@contextmanager
+def _ignoring_ctrl_c() -> Iterator[None]:
+    """A second Ctrl-C while the parts stop would leave them running (and print a traceback)."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def run(cfg: LoopConfig, on_status=None, on_stopped: Callable[[str], None] = lambda part: None) -> tuple[dict, Path, Path]:
+    """Run the loop to its end; returns (summary, png path, json path). Stopping, it calls
+    `on_stopped(part)` for each part it stops (Loop.close)."""
     loop = Loop(cfg)
     try:
         loop.start()
@@ -239,4 +263,5 @@ def run(cfg: LoopConfig, on_status=None) -> tuple[dict, Path, Path]:
                 time.sleep(1)
         return summary, out_png, out_json
     finally:
-        loop.close()
+        with _ignoring_ctrl_c():
+            loop.close(on_stopped)

@@ -149,7 +149,12 @@ def run(cfg: SimConfig, log: SimLog | None = None, stop: threading.Event | None 
         with log.lock:
             log.requests += 1
             log.first_served.setdefault(version, time.monotonic() - t0)
-        r = http.post("/v1/feedback", json={"response_id": resp.id, "rating": "up" if up else "down", "user": user})
+        try:
+            r = http.post("/v1/feedback", json={"response_id": resp.id, "rating": "up" if up else "down", "user": user})
+        except httpx.HTTPError as e:  # counted and reported, like a failed chat
+            with log.lock:
+                log.vote_errors.append(f"{type(e).__name__}: {e}")
+            return
         with log.lock:
             if r.status_code != 202:
                 log.vote_errors.append(f"{r.status_code}: {r.text[:200]}")

@@ -6,7 +6,8 @@
 
 Prints a working curl and `openai` example as soon as the service answers, then one live
 status line (policy version served, approval of that version, votes, KL, rounds), and at
-the end the learning curve (PNG) and summary (JSON) paths. Ctrl-C stops everything.
+the end the learning curve (PNG) and summary (JSON) paths. Ctrl-C stops everything, one
+line per part (the simulated users, the trainer, the service, the broker), exit code 130.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from rlhf.simulate import SimConfig
 
 EXAMPLES = """
 service ready on {url}  (logs in {logs})
+
+  chat and vote in a browser: {url}/   (the playground; the API reference is {url}/docs)
 
   curl -s {url}/v1/chat/completions -H 'Content-Type: application/json' \\
        -d '{{"model": "rlhf-policy", "messages": [{{"role": "user", "content": "Tell me about cats."}}]}}'
@@ -67,9 +70,9 @@ def main(argv: list[str]) -> int:
         print("\r" + line if sys.stdout.isatty() else line, end="" if sys.stdout.isatty() else "\n", flush=True)
 
     try:
-        summary, png, js = run(cfg, on_status if sys.stdout.isatty() else _every(on_status, 15))
+        summary, png, js = run(cfg, on_status if sys.stdout.isatty() else _every(on_status, 15), on_stopped=_stopped)
     except KeyboardInterrupt:
-        print("\nstopped (Ctrl-C); everything shut down.")
+        print("Ctrl-C: everything shut down.")
         return 130
     except (RuntimeError, TimeoutError) as e:  # a part failed to start or died: say which, and where its log is
         print(f"\nerror: {e}", file=sys.stderr)
@@ -83,6 +86,11 @@ def main(argv: list[str]) -> int:
               f"{summary['chat_errors']} failed chat requests")
     print(f"learning curve: {png}\nsummary:        {js}")
     return 0
+
+
+def _stopped(part: str) -> None:
+    """One line per part stopped (on a terminal, in place of the live status line)."""
+    print(("\r\033[K" if sys.stdout.isatty() else "") + f"stopped {part}", flush=True)
 
 
 def _every(fn, seconds: float):

@@ -4,6 +4,8 @@
     GET  /v1/models, /v1/models/{model}
     POST /v1/feedback            a thumbs up/down on a response  -> 202
     DELETE /v1/feedback/{id}     withdraw a vote (tombstone)     -> 202
+    GET  /                       the chat playground (service/static/playground.html)
+    GET  /openapi.json, /docs    the OpenAPI document (service/openapi.py) and its Swagger UI page
 
 The admin API listens on its own port (service/admin.py).
 Every handler checks everything before it writes anything: a rejected request (4xx, in
@@ -21,20 +23,22 @@ import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 import bentoml
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
+from starlette.convertors import PathConvertor, register_url_convertor
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rlhf.contracts import (
     Feedback, Interaction, Message, Sampling, feedback_id_for, make_response_id, parse_response_id,
     split_feedback_id,
 )
-from service import metrics
+from service import metrics, openapi
 from service.engine import Delta, Policy, SamplingParams
 from service.schemas import (
     AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice, ChunkChoice, ChunkDelta,
@@ -172,6 +176,17 @@ def new_app(title: str) -> FastAPI:
     return app
 
 
+class PathAcrossLines(PathConvertor):
+    """Starlette's `{x:path}` matches `.*`, so not a path holding a newline (`%0A`), and BentoML's
+    mount of this app (its path is `/{path:path}`) would pass such a request by: BentoML's
+    plain-text 404 would answer instead of OpenAI's error (found by fuzzing). Registered
+    before any route is made, ours and the mount alike (service/service.py imports this module
+    before BentoML builds its app), it makes every `path` parameter match across lines."""
+
+    regex = r"[\s\S]*"
+
+
+register_url_convertor("path", PathAcrossLines())
 app = new_app("rlhf-loop chat + feedback API")
 
 
@@ -306,7 +321,7 @@ async def finish(svc: "ChatService", job: Job, started: float) -> None:
     metrics.generation_seconds.observe(time.monotonic() - started)
 
 
-@app.post("/v1/chat/completions", dependencies=[Depends(require_api_key)])
+@app.post("/v1/chat/completions", dependencies=[Depends(require_api_key)], **openapi.CHAT)
 async def chat_completions(request: Request):
     svc = current()
     req = parse(ChatCompletionRequest, await read_body(request, svc.settings.max_body_bytes))
@@ -370,13 +385,13 @@ def _json(data: Any) -> str:
     return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
 
 
-@app.get("/v1/models", dependencies=[Depends(require_api_key)])
+@app.get("/v1/models", dependencies=[Depends(require_api_key)], **openapi.LIST_MODELS)
 async def list_models():
     svc = current()
     return ModelList(data=[ModelCard(id=svc.settings.served_model_name, created=svc.started)]).model_dump()
 
 
-@app.get("/v1/models/{model:path}", dependencies=[Depends(require_api_key)])
+@app.get("/v1/models/{model:path}", dependencies=[Depends(require_api_key)], **openapi.RETRIEVE_MODEL)
 async def retrieve_model(model: str):
     svc = current()
     if model != svc.settings.served_model_name:
@@ -393,7 +408,7 @@ async def record(svc: "ChatService", event: Feedback) -> None:
                        code="events_unavailable")
 
 
-@app.post("/v1/feedback", status_code=202, dependencies=[Depends(require_api_key)])
+@app.post("/v1/feedback", status_code=202, dependencies=[Depends(require_api_key)], **openapi.FEEDBACK)
 async def post_feedback(request: Request):
     svc = current()
     req = parse(FeedbackRequest, await read_body(request, svc.settings.max_body_bytes))
@@ -414,7 +429,8 @@ async def post_feedback(request: Request):
     return FeedbackAccepted(id=fid, object="feedback", response_id=req.response_id, rating=word).model_dump()
 
 
-@app.delete("/v1/feedback/{feedback_id:path}", status_code=202, dependencies=[Depends(require_api_key)])
+@app.delete("/v1/feedback/{feedback_id:path}", status_code=202, dependencies=[Depends(require_api_key)],
+            **openapi.WITHDRAW)
 async def delete_feedback(feedback_id: str):
     svc = current()
     rid, _ = split_feedback_id(feedback_id) or ("", "")
@@ -434,3 +450,26 @@ async def delete_feedback(feedback_id: str):
 async def unknown_url(request: Request, rest: str):
     """OpenAI's 404 for any other /v1 path, and for /admin here: the admin API has its own port."""
     raise APIError(404, f"Unknown request URL: {request.method} {request.url.path}.", code="unknown_url")
+
+
+# ---------------------------------------------------------------------------- pages and the OpenAPI document
+# A route of this app wins over BentoML's own at the same path (docs/service.md, "OpenAPI"):
+# `/` is the playground instead of BentoML's index page, `/docs.json` our document.
+
+PLAYGROUND = Path(__file__).parent / "static" / "playground.html"
+
+
+@app.get("/", include_in_schema=False)
+async def playground():
+    return FileResponse(PLAYGROUND, media_type="text/html")
+
+
+@app.get("/openapi.json", include_in_schema=False)
+@app.get("/docs.json", include_in_schema=False)
+async def openapi_document():
+    return openapi.document(app, current().settings, max_stop=MAX_STOP_STRINGS)
+
+
+@app.get("/docs", include_in_schema=False)
+async def docs():
+    return HTMLResponse(openapi.DOCS_PAGE)

@@ -125,6 +125,7 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: to
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         # drop a token when the mass before it already reaches top_p (the top token always stays)
         drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+        drop[..., 0] = False  # a top_p below float32's smallest number compares as 0 >= 0 (found by fuzzing)
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -31,7 +31,7 @@ from kafka.errors import KafkaError
 from rlhf.broker import ensure_topics
 from rlhf.contracts import Settings
 from rlhf.models import count_parameters, ensure_policy_store, resolve_device
-from trainer import config, dist
+from trainer import config, dist, metrics
 from trainer.round import run_round
 from trainer.state import RoundAborted, TrainerState
 
@@ -66,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     if settings.create_topics and d.is_main:
         ensure_topics(settings)
     state = TrainerState.open(settings, cfg, d)
+    if settings.trainer_metrics_port and d.is_main:
+        metrics.serve(settings.host, settings.trainer_metrics_port)
 
     def request_stop(signum, _frame):
         log.info("%s: stopping after the current step", signal.Signals(signum).name)
@@ -153,4 +155,5 @@ def _poll_and_decide(state: TrainerState, settings: Settings, clock: dict[str, f
         state.store.prune()
         clock["prune"] = now
     new = state.new_labels()
+    metrics.observe_state(state.version, *state.store.label_stats(), state.consumer.lag())
     return new >= settings.train_min_labels or (new > 0 and now - clock["round"] >= settings.train_max_wait_s)

@@ -128,6 +128,17 @@ class VoteConsumer:
         return ConsumeStats(sum(len(r) for r in batch.values()), result.interactions, result.votes,
                             result.duplicates, result.stale, result.dead_letters, reasons)
 
+    def lag(self) -> dict[tuple[str, int], int]:
+        """(topic, partition) -> records the broker holds beyond our position, for each assigned
+        partition a fetch has reported on. The high watermark comes from fetch responses
+        (kafka-python's `highwater`): `end_offsets` reads wrong on the embedded broker (DESIGN.md)."""
+        out = {}
+        for tp in self.consumer.assignment():
+            highwater = self.consumer.highwater(tp)
+            if highwater is not None:  # a fetch answered, so the position is known (no broker round trip)
+                out[(tp.topic, tp.partition)] = max(0, highwater - self.consumer.position(tp))
+        return out
+
     def drain(self, max_seconds: float | None = None, progress=None) -> ConsumeStats:
         """Catch up: poll until a poll comes back empty, for at most max_seconds (drain_max_s)
         from the moment partitions are assigned (the group join, ~3 s on tansu, does not count;

@@ -28,7 +28,7 @@ from functools import partial
 import torch
 from tqdm import tqdm
 
-from trainer import gate
+from trainer import gate, metrics
 from trainer.dist import Dist
 from trainer.killpoints import killpoint
 from trainer.networks import PolicyWithValue, full_tensors, save_atomic
@@ -296,6 +296,7 @@ def _finish(state: TrainerState, report: RoundReport, label_seq: int) -> RoundRe
     state.store.set("kl_coef", state.kl_ctl.value)
     with open(state.rounds_path, "a") as f:
         f.write(json.dumps(_nan_to_none(asdict(report))) + "\n")  # strict JSON: nan -> null
+    metrics.observe_round(asdict(report))
     print(report.summary(), flush=True)
     return report
 

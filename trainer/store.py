@@ -250,6 +250,13 @@ class LabelStore:
             "SELECT v.feedback_id, v.rating FROM votes v JOIN interactions i ON v.response_id = i.response_id "
             "AND v.choice_index = i.choice_index WHERE v.deleted = 0").fetchall())
 
+    def label_stats(self) -> tuple[int, float | None]:
+        """(labels: live votes joined to their response, event time of the newest vote stored or None)."""
+        labels = self.db.execute(
+            "SELECT COUNT(*) FROM votes v JOIN interactions i ON v.response_id = i.response_id "
+            "AND v.choice_index = i.choice_index WHERE v.deleted = 0").fetchone()[0]
+        return labels, self.db.execute("SELECT MAX(ts) FROM votes WHERE deleted = 0").fetchone()[0]
+
     def pending_votes(self) -> int:
         return self.db.execute(
             "SELECT COUNT(*) FROM votes v WHERE v.deleted = 0 AND NOT EXISTS (SELECT 1 FROM interactions i "

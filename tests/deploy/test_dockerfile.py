@@ -356,6 +356,8 @@ def test_install_steps_build_a_venv_that_serves(tmp_path, base_model_dir, broker
         with urllib.request.urlopen(admin, timeout=30) as r:
             assert json.load(r)["serving"] == 0
         assert get_status(f"http://127.0.0.1:{port}/admin/versions") == 404
+        # the playground page is package data: a plain `pip install .` must carry it
+        assert get_status(f"http://127.0.0.1:{port}/") == 200
 
         probe = [str(venv / "bin" / "python"), str(healthcheck)]
         assert subprocess.run(probe, env=env, capture_output=True).returncode == 0

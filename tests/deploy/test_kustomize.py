@@ -11,6 +11,7 @@ the API server's strict field validation is: a field the schema does not name is
 from __future__ import annotations
 
 import copy
+import json
 import re
 
 import jsonschema
@@ -18,6 +19,7 @@ import kubernetes_validate
 import pytest
 import yaml
 from deploy_support import (
+    DASHBOARD,
     K8S,
     OVERLAYS,
     STRIMZI_CRDS,
@@ -253,11 +255,24 @@ def test_secrets_come_from_secret_key_refs(overlay):
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_trainer_is_a_single_recreated_pod(overlay):
-    deployment, c = trainer(render(overlay))
+    objs = render(overlay)
+    deployment, c = trainer(objs)
     assert deployment["spec"]["replicas"] == 1
     assert deployment["spec"]["strategy"] == {"type": "Recreate"}
     assert c["args"] == ["train"]
-    assert "ports" not in c
+    port = settings_from(env_of(objs, c)).trainer_metrics_port
+    assert port and c["ports"] == [{"name": "metrics", "containerPort": port}], "its one port: Prometheus metrics"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_prometheus_scrapes_the_service_and_the_trainer(overlay):
+    """The kubernetes_sd annotation convention: scrape, port, path, on the pod template."""
+    objs = render(overlay)
+    for (deployment, c), port in ((service(objs), "http"), (trainer(objs), "metrics")):
+        named = {p["name"]: p["containerPort"] for p in c["ports"]}
+        annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+        assert annotations == {"prometheus.io/scrape": "true", "prometheus.io/port": str(named[port]),
+                               "prometheus.io/path": "/metrics"}, deployment["metadata"]["name"]
 
 
 def test_prod_trainer_gets_a_gpu():
@@ -375,12 +390,24 @@ def test_network_policy_keeps_the_admin_api_private(overlay):
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_network_policy_closes_the_trainer(overlay):
+def test_network_policy_opens_only_the_trainers_metrics_port_to_prometheus(overlay):
     objs = render(overlay)
-    deployment, _ = trainer(objs)
+    deployment, c = trainer(objs)
     labels = deployment["spec"]["template"]["metadata"]["labels"]
     policies = [p for p in of_kind(objs, "NetworkPolicy") if selects(p["spec"]["podSelector"], labels)]
-    assert policies and all(p["spec"]["policyTypes"] == ["Ingress"] and not p["spec"]["ingress"] for p in policies)
+    assert policies and all(p["spec"]["policyTypes"] == ["Ingress"] for p in policies)
+    rules = [r for p in policies for r in p["spec"]["ingress"]]
+    prometheus = {"namespaceSelector": {}, "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}
+    port = settings_from(env_of(objs, c)).trainer_metrics_port
+    assert rules == [{"from": [prometheus], "ports": [{"port": port, "protocol": "TCP"}]}]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_grafana_dashboard_ships_as_a_labelled_configmap(overlay):
+    (cm,) = [o for o in of_kind(render(overlay), "ConfigMap") if o["metadata"]["name"] == "rlhf-grafana-dashboard"]
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1", "what Grafana's dashboard sidecar looks for"
+    assert cm["data"] == {DASHBOARD.name: DASHBOARD.read_text()}
+    assert json.loads(cm["data"][DASHBOARD.name])["uid"] == "rlhf-loop"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

@@ -1,0 +1,70 @@
+"""The trainer's Prometheus metrics, served by `rlhf train` on RLHF_TRAINER_METRICS_PORT (0 = off).
+
+    RLHF_TRAINER_METRICS_PORT=9400 rlhf train  &&  curl -s localhost:9400/metrics | grep rlhf_trainer_
+
+The metric objects, and small functions that take plain values: `observe_round` a round's
+report as a dict (trainer/round.py, as the round ends), `observe_state` what the continuous
+loop knows between polls (trainer/cli.py). Gauges hold the last round's figures; the table
+is in docs/trainer.md, and k8s/base/grafana/rlhf-loop.json plots them.
+"""
+
+from __future__ import annotations
+
+import math
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+rounds = Counter("rlhf_trainer_rounds", "Training rounds by outcome: promoted, rejected (by the gate), "
+                 "skipped (no labelled examples yet)", ["outcome"])
+phase_seconds = Histogram("rlhf_trainer_phase_seconds", "Seconds per round phase (consume, reward_model, rollout, "
+                          "score, ppo, gate, publish) and in total", ["phase"],
+                          buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800))
+reward_model_accuracy = Gauge("rlhf_trainer_reward_model_accuracy", "Held-out accuracy of the reward model, last round")
+reward_model_auroc = Gauge("rlhf_trainer_reward_model_auroc", "Held-out AUROC of the reward model, last round "
+                           "(NaN until the held-out set has both up and down votes)")
+reward = Gauge("rlhf_trainer_reward", "Mean reward on the gate's held-out prompts, last round, by policy "
+               "(current, candidate)", ["policy"])
+kl_to_reference = Gauge("rlhf_trainer_kl_to_reference", "KL to the reference model in nats per response on the "
+                        "gate's prompts, last round, by policy (current, candidate)", ["policy"])
+kl_coef = Gauge("rlhf_trainer_kl_coef", "The adaptive KL coefficient (PPO's beta) after the last round")
+policy_version = Gauge("rlhf_trainer_policy_version", "The policy version the trainer trains from: the last one it "
+                       "published, or LATEST when it started")
+labels = Gauge("rlhf_trainer_labels", "Labels stored: live votes joined to the answer they rate")
+last_vote = Gauge("rlhf_trainer_last_vote_timestamp_seconds", "When the newest stored vote was cast (its event "
+                  "time); time() minus this is the vote stream's staleness")
+consumer_lag = Gauge("rlhf_trainer_consumer_lag", "Records the broker holds beyond the trainer's position, per "
+                     "partition (the high watermark of the last fetch minus the position)", ["topic", "partition"])
+
+
+def serve(host: str, port: int) -> None:
+    """/metrics on host:port from a daemon thread (prometheus_client's own server)."""
+    start_http_server(port, addr=host)
+
+
+def observe_round(report: dict) -> None:
+    """A finished round, as `dataclasses.asdict(RoundReport)`."""
+    outcome = "promoted" if report["promoted"] else "rejected" if report["candidate"] else "skipped"
+    rounds.labels(outcome=outcome).inc()
+    for phase, seconds in report["seconds"].items():
+        phase_seconds.labels(phase=phase).observe(seconds)
+    if report["reward_model"]:
+        reward_model_accuracy.set(report["reward_model"]["accuracy"])
+        reward_model_auroc.set(report["reward_model"]["auroc"])
+    for policy in ("current", "candidate"):
+        if report[policy]:
+            reward.labels(policy=policy).set(report[policy]["reward"])
+            kl_to_reference.labels(policy=policy).set(report[policy]["kl_to_ref"])
+    if math.isfinite(report["kl_coef"]):  # NaN in a round skipped before PPO
+        kl_coef.set(report["kl_coef"])
+    policy_version.set(report["version"] if report["promoted"] else report["version_before"])
+
+
+def observe_state(version: int, labels_stored: int, last_vote_ts: float | None,
+                  lag: dict[tuple[str, int], int]) -> None:
+    """Between polls: the current version, the label store, the consumer's lag per (topic, partition)."""
+    policy_version.set(version)
+    labels.set(labels_stored)
+    if last_vote_ts is not None:
+        last_vote.set(last_vote_ts)
+    for (topic, partition), records in lag.items():
+        consumer_lag.labels(topic=topic, partition=str(partition)).set(records)
