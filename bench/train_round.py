@@ -1,25 +1,26 @@
-"""Seconds per training round and per phase, peak memory, bytes per version and swap time, by weight layout.
+"""Seconds per training round and per phase, peak memory, bytes per version and swap time, by layout and ranks.
 
-    PYTHONPATH=. .venv/bin/python bench/train_round.py                                  # embedded model, 4 rounds
+    PYTHONPATH=. .venv/bin/python bench/train_round.py                                    # embedded model, 4 rounds
     PYTHONPATH=. .venv/bin/python bench/train_round.py --model llama-135m --adapter full lora --rounds 2
+    PYTHONPATH=. .venv/bin/python bench/train_round.py --nproc 1 2                        # 1 rank vs 2 (torchrun)
 
-What runs, per layout (`--adapter`: full, lora or auto, each in a fresh process so peak RSS is its
-own): an embedded broker (tansu), the model (`tiny-chat` = the embedded one; a shape name of
-rlhf/random_models.py such as `llama-135m` = that random-weight model, built into --model-cache; or
-any HF causal-LM directory), a real service (`rlhf serve`) on the same policy store, and the
-trainer's own `run_round` with the config `rlhf train` would resolve for that model (its scale
-profile; only train.adapter is set here, so every layout gets the same rollout settings). Before each
-round, --labels new interactions (the base model's answers to logged-style prompts) and one vote
-each (the 'cheerful' taste, 10 % noise) are produced to Kafka, so step 1 really consumes and joins
-them; the gate is told to promote (gate.min_reward_gain = -inf: random models have nothing to learn,
-and every round should publish, so the swap can be timed).
+What runs, for each combination of --adapter and --nproc: an embedded broker (tansu), a real
+service (`rlhf serve`) and the trainer exactly as deployed, `rlhf train [--nproc N]` (continuous,
+a round per --labels new labels), all on a fresh state dir. The model is `tiny-chat` (the embedded
+one), a shape of rlhf/random_models.py (e.g. `llama-135m`: SmolLM-135M's shape, random weights,
+built into --model-cache), or any HF causal-LM directory; the trainer resolves its config as
+`rlhf train` does (the model's scale profile; only train.adapter is set here, so every layout has
+the same rollout settings). Before each round the bench produces --labels interactions (the base
+model's answers to logged-style prompts) and one vote each ('cheerful' taste, 10 % noise), and the
+gate is told to promote (gate.min_reward_gain = -inf: random models have nothing to learn, and every
+round should publish so that the swap can be timed).
 
-Reported per round: the phases of trainer/round.py and the total; per layout: the median of each
-phase, the trainer's peak RSS (ru_maxrss of its process: model, optimizer, activations), the bytes
-of each published version, and the swap time: from the end of the publish (the announcement acked
-by Kafka) to the first chat answer the service gives with the new version's fingerprint. Results:
-bench/results/train_round-<model>-<device>.json. --threads sets torch's CPU threads (default 1:
-what `rlhf train` takes on 2 cores, beside the service).
+Reported per combination: the median of each phase of trainer/round.py and of the total (from
+rounds.jsonl), the trainer's peak RSS (VmHWM of the trainer and its ranks, summed), the bytes of a
+published version, and the swap time: from the end of the round (its rounds.jsonl line, written
+after the announcement was acked) to the first chat answer with the new version's fingerprint.
+Results: bench/results/train_round-<model>-<device>.json. --threads: torch threads per rank
+(default 1: what `rlhf train` takes on 2 cores, beside the service).
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ import argparse
 import json
 import os
 import random
-import resource
 import statistics
 import subprocess
 import sys
@@ -36,6 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import httpx
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,12 +44,18 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import RESULTS_DIR, device_name, slug  # noqa: E402
 
+from rlhf import random_models, tinylm  # noqa: E402
+from rlhf.broker import EmbeddedBroker, ensure_topics, free_port  # noqa: E402
+from rlhf.contracts import Feedback, Interaction, Message, Sampling, Settings, feedback_id_for  # noqa: E402
+from rlhf.models import eos_token_ids, load_causal_lm  # noqa: E402
+from rlhf.tastes import cheerful  # noqa: E402
+from service import serve  # noqa: E402
+from trainer.policy import decode, encode_prompts, left_pad, sample  # noqa: E402
+
 PHASES = ("consume", "reward_model", "rollout", "score", "ppo", "gate", "publish", "total")
 
 
 def model_dir(name: str, cache: Path) -> str:
-    from rlhf import random_models, tinylm
-
     if name == "tiny-chat":
         return str(tinylm.ensure(cache))
     if name in random_models.SHAPES:
@@ -56,39 +63,59 @@ def model_dir(name: str, cache: Path) -> str:
     return name
 
 
-def traffic(state, n: int, rng: random.Random, noise: float):
-    """n interactions answered by the reference (base) model, and one vote each by the taste."""
-    from rlhf import tinylm
-    from rlhf.contracts import Feedback, Interaction, Message, Sampling, feedback_id_for
-    from rlhf.tastes import cheerful
-    from trainer.policy import decode, encode_prompts, left_pad, sample
+class Traffic:
+    """Interactions answered by the base model, one vote each by the taste (what the service would log)."""
 
-    tok = state.tokenizer
-    prompts = [[{"role": "user", "content": rng.choice(tinylm.QUESTIONS).replace("{s}", rng.choice(list(tinylm.SUBJECTS)))}]
-               for _ in range(n)]
-    out = []
-    for i in range(0, n, 16):
-        chunk = prompts[i:i + 16]
-        q, qm = left_pad(encode_prompts(tok, chunk, 512), tok.pad_token_id, state.device)
-        r, m = sample(state.nets.reference, q, qm, max_new_tokens=state.cfg.ppo.max_new_tokens, temperature=1.0,
-                      eos_ids=state.eos_ids, pad_id=tok.pad_token_id, seeds=[rng.getrandbits(63) for _ in chunk])
-        for p, text in zip(chunk, decode(tok, r, m)):
-            rid = f"chatcmpl-{rng.getrandbits(96):024x}-bench"
-            it = Interaction(response_id=rid, policy_version=0, model="rlhf-policy",
-                             messages=[Message(**x) for x in p], prompt_token_ids=[0], completion=text,
-                             completion_token_ids=[0], finish_reason="stop",
-                             sampling=Sampling(temperature=1.0, top_p=1.0, max_tokens=48))
-            liked = cheerful(p[-1]["content"], text) != (rng.random() < noise)
-            fb = Feedback(feedback_id=feedback_id_for(rid, 0, None, "bench"), response_id=rid,
-                          rating=1 if liked else -1, user="bench")
-            out.append((it, fb))
-    return out
+    def __init__(self, path: str, seed: int, noise: float, max_new_tokens: int):
+        self.model, self.tok = load_causal_lm(path, Settings(device="cpu"))
+        self.eos = eos_token_ids(self.model, self.tok)
+        self.rng, self.noise, self.max_new_tokens = random.Random(seed), noise, max_new_tokens
+
+    def batch(self, n: int) -> list[tuple[Interaction, Feedback]]:
+        rng, tok = self.rng, self.tok
+        prompts = [[{"role": "user", "content": rng.choice(tinylm.QUESTIONS).replace("{s}", rng.choice(list(tinylm.SUBJECTS)))}]
+                   for _ in range(n)]
+        out = []
+        for i in range(0, n, 16):
+            chunk = prompts[i:i + 16]
+            q, qm = left_pad(encode_prompts(tok, chunk, 512), tok.pad_token_id, torch.device("cpu"))
+            r, m = sample(self.model, q, qm, max_new_tokens=self.max_new_tokens, temperature=1.0, eos_ids=self.eos,
+                          pad_id=tok.pad_token_id, seeds=[rng.getrandbits(63) for _ in chunk])
+            for p, text in zip(chunk, decode(tok, r, m)):
+                rid = f"chatcmpl-{rng.getrandbits(96):024x}-bench"
+                it = Interaction(response_id=rid, policy_version=0, model="rlhf-policy",
+                                 messages=[Message(**x) for x in p], prompt_token_ids=[0], completion=text,
+                                 completion_token_ids=[0], finish_reason="stop",
+                                 sampling=Sampling(temperature=1.0, top_p=1.0, max_tokens=self.max_new_tokens))
+                liked = cheerful(p[-1]["content"], text) != (rng.random() < self.noise)
+                out.append((it, Feedback(feedback_id=feedback_id_for(rid, 0, None, "bench"), response_id=rid,
+                                         rating=1 if liked else -1, user="bench")))
+        return out
 
 
-def first_answer_from(url: str, version: int, timeout: float = 120.0) -> float:
+def peak_rss_mb(pid: int) -> float:
+    """VmHWM (peak resident memory) of `pid` and its descendants (torchrun's ranks), summed, in MB."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        todo.extend(children.get(p, []))
+        try:
+            hwm = next(x for x in Path(f"/proc/{p}/status").read_text().splitlines() if x.startswith("VmHWM"))
+            total += int(hwm.split()[1]) / 1024
+        except (OSError, StopIteration):
+            continue
+    return round(total, 1)
+
+
+def first_answer_with(url: str, version: int, timeout: float = 300.0) -> float:
     """Wall clock of the first chat answer whose fingerprint is policy-v<version>."""
-    import httpx
-
     deadline = time.monotonic() + timeout
     body = {"model": "rlhf-policy", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
     while time.monotonic() < deadline:
@@ -99,116 +126,107 @@ def first_answer_from(url: str, version: int, timeout: float = 120.0) -> float:
     raise TimeoutError(f"the service did not serve v{version} within {timeout:.0f}s")
 
 
-def run_layout(args: argparse.Namespace) -> dict:
-    """One layout in this process: rounds, phases, peak RSS, version bytes, swap times."""
-    from kafka import KafkaProducer
-
-    from rlhf.broker import EmbeddedBroker, ensure_topics, free_port
-    from rlhf.contracts import Settings
-    from service import serve
-    from trainer import config
-    from trainer.cli import resolve_config
-    from trainer.round import run_round
-    from trainer.state import TrainerState
-
-    torch.set_num_threads(args.threads)
-    path = model_dir(args.model, args.model_cache)
-    state_dir = Path(tempfile.mkdtemp(prefix="rlhf-bench-train-"))
-    rows, swaps = [], []
-    with EmbeddedBroker(log_path=state_dir / "broker.log") as broker:
-        settings = Settings(state_dir=state_dir, model=path, kafka_bootstrap_servers=broker.bootstrap)
+def run(args: argparse.Namespace, path: str, adapter: str, nproc: int, traffic: Traffic) -> dict:
+    """One combination: broker, service, `rlhf train`, --rounds rounds of --labels labels."""
+    state = Path(tempfile.mkdtemp(prefix=f"rlhf-bench-train-{adapter}-{nproc}-"))
+    rows = []
+    with EmbeddedBroker(log_path=state / "broker.log") as broker:
+        settings = Settings(state_dir=state, model=path, kafka_bootstrap_servers=broker.bootstrap)
         ensure_topics(settings)
-        ap = argparse.ArgumentParser()
-        config.add_arguments(ap)
-        cfg = resolve_config(ap.parse_args(["--train.adapter", args.layout]), settings)
-        cfg = cfg.replace(gate={"min_reward_gain": float("-inf")})
         port = free_port()
-        env = {**os.environ, "RLHF_STATE_DIR": str(state_dir), "RLHF_MODEL": path,
-               "RLHF_KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap, "RLHF_ADMIN_PORT": str(free_port())}
+        url = f"http://127.0.0.1:{port}"
+        env = {**os.environ, "RLHF_STATE_DIR": str(state), "RLHF_MODEL": path, "PYTHONPATH": str(ROOT),
+               "RLHF_KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap, "RLHF_ADMIN_PORT": str(free_port()),
+               "RLHF_TRAIN_ADAPTER": adapter, "RLHF_GATE_MIN_REWARD_GAIN": "-inf",
+               "RLHF_TRAIN_MIN_LABELS": str(args.labels), "RLHF_TRAIN_MAX_WAIT_S": "3600"}
         env.pop("BENTOML_HOME", None)
-        service = serve.spawn("127.0.0.1", port, env, open(state_dir / "service.log", "ab"))
-        state = TrainerState.open(settings, cfg)
-        producer = KafkaProducer(bootstrap_servers=broker.bootstrap, acks="all")
-        rng = random.Random(0)
+        service = serve.spawn("127.0.0.1", port, env, open(state / "service.log", "ab"))
+        trainer = None
         try:
-            serve.wait_ready(f"http://127.0.0.1:{port}", service, timeout=300)
-            for _ in range(args.rounds):
-                for it, fb in traffic(state, args.labels, rng, args.noise):
+            serve.wait_ready(url, service, timeout=600)
+            cmd = [sys.executable, "-m", "rlhf.cli", "train", "--no-progress", "--threads", str(args.threads),
+                   *(["--nproc", str(nproc)] if nproc > 1 else [])]
+            trainer = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(state / "trainer.log", "ab"),
+                                       stderr=subprocess.STDOUT, start_new_session=True)
+            rounds_path = state / "trainer" / "rounds.jsonl"
+            producer = __import__("kafka").KafkaProducer(bootstrap_servers=broker.bootstrap, acks="all")
+            for r in range(1, args.rounds + 1):
+                for it, fb in traffic.batch(args.labels):
                     producer.send(settings.topic_interactions, key=it.response_id.encode(), value=it.to_bytes())
                     producer.send(settings.topic_feedback, key=fb.response_id.encode(), value=fb.to_bytes())
-                producer.flush(30)
-                time.sleep(1.0)  # let the broker settle so step 1 measures a typical drain
-                rep = run_round(state, progress=False)
-                published = time.time()
-                row = {"round": rep.round, "labels": rep.labels, "promoted": rep.promoted, "reason": rep.reason,
-                       "seconds": {k: round(v, 2) for k, v in rep.seconds.items()}}
-                if rep.promoted:
-                    vdir = state.policies.path(rep.version)
+                producer.flush(60)
+                while not rounds_path.exists() or len(rounds_path.read_text().splitlines()) < r:
+                    if trainer.poll() is not None:
+                        raise RuntimeError(f"the trainer exited with {trainer.returncode}; see {state / 'trainer.log'}")
+                    time.sleep(0.2)
+                rep = json.loads(rounds_path.read_text().splitlines()[r - 1])
+                row = {"round": rep["round"], "labels": rep["labels"], "promoted": rep["promoted"],
+                       "world_size": rep["world_size"], "seconds": {k: round(v, 2) for k, v in rep["seconds"].items()}}
+                if rep["promoted"]:
+                    ended = rep["trigger_time"] + rep["seconds"]["total"]
+                    row["swap_s"] = round(first_answer_with(url, rep["version"]) - ended, 3)
+                    vdir = settings.policy_dir / "versions" / f"v{rep['version']:06d}"
                     row["version_bytes"] = sum(p.stat().st_size for p in vdir.iterdir())
-                    row["swap_s"] = round(first_answer_from(f"http://127.0.0.1:{port}", rep.version) - published, 3)
-                    swaps.append(row["swap_s"])
                 rows.append(row)
-                print(f"  {args.layout}: round {rep.round} {rep.seconds['total']:.1f}s, "
-                      f"version {row.get('version_bytes', 0) / 1e6:.1f} MB, swap {row.get('swap_s')} s", flush=True)
-        finally:
+                print(f"  {adapter} x{nproc}: round {r} {row['seconds']['total']:.1f}s "
+                      f"version {row.get('version_bytes', 0) / 1e6:.2f} MB swap {row.get('swap_s')} s", flush=True)
             producer.close()
-            state.close()
+            rss = peak_rss_mb(trainer.pid)
+            layout = json.loads(rounds_path.read_text().splitlines()[0])
+        finally:
+            if trainer is not None:
+                serve.terminate(trainer)
             serve.terminate(service)
-    return {
-        "layout": state.nets.layout, "config": cfg.to_dict(), "rounds": rows,
-        "median_seconds": {p: round(statistics.median(r["seconds"][p] for r in rows), 2) for p in PHASES},
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "version_bytes": max((r.get("version_bytes", 0) for r in rows), default=None),
-        "swap_s_median": statistics.median(swaps) if swaps else None,
-    }
+    swaps = [r["swap_s"] for r in rows if "swap_s" in r]
+    trained = [r for r in rows if r["round"] > 1] or rows  # round 1 includes the group join and first loads
+    return {"adapter": adapter, "nproc": nproc, "rounds": rows, "peak_rss_mb": rss,
+            "median_seconds": {p: round(statistics.median(r["seconds"][p] for r in trained), 2) for p in PHASES},
+            "version_bytes": max((r.get("version_bytes", 0) for r in rows), default=None),
+            "swap_s_median": statistics.median(swaps) if swaps else None, "world_size": layout["world_size"]}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="tiny-chat", help="tiny-chat, a random_models shape (llama-135m), or a dir")
     ap.add_argument("--adapter", nargs="+", default=["auto"], choices=["auto", "full", "lora"])
+    ap.add_argument("--nproc", nargs="+", type=int, default=[1], help="trainer ranks (torchrun), one run each")
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--labels", type=int, default=128, help="new labels before each round (rlhf up: 128)")
     ap.add_argument("--noise", type=float, default=0.1)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     ap.add_argument("--model-cache", type=Path, default=Path(".rlhf/models"))
-    ap.add_argument("--layout", help=argparse.SUPPRESS)  # internal: run one layout in this process
-    ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
-    if args.layout:
-        args.out.write_text(json.dumps(run_layout(args)))
-        return 0
-
-    model_dir(args.model, args.model_cache)  # build it once, outside the timed processes
+    torch.set_num_threads(args.threads)
+    path = model_dir(args.model, args.model_cache)
     results = []
-    for layout in args.adapter:
-        out = Path(tempfile.mkstemp(suffix=".json")[1])
-        cmd = [sys.executable, __file__, "--model", args.model, "--rounds", str(args.rounds), "--labels",
-               str(args.labels), "--noise", str(args.noise), "--threads", str(args.threads), "--model-cache",
-               str(args.model_cache), "--layout", layout, "--out", str(out)]
-        print(f"{layout}: {' '.join(cmd[1:])}", flush=True)
-        subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
-        results.append(json.loads(out.read_text()))
+    for adapter in args.adapter:
+        for nproc in args.nproc:
+            traffic = Traffic(path, seed=0, noise=args.noise, max_new_tokens=32)  # the same votes for every run
+            print(f"{args.model}: train.adapter={adapter}, {nproc} rank(s)", flush=True)
+            results.append(run(args, path, adapter, nproc, traffic))
 
-    device = torch.device("cpu")
-    payload = {"bench": "train_round", "device": device_name(device), "cpu_count": os.cpu_count(),
-               "torch": torch.__version__, "threads": args.threads, "model": args.model, "labels_per_round": args.labels,
-               "load_average_after": round(os.getloadavg()[0], 2), "layouts": results}
+    cpu = torch.device("cpu")
+    payload = {"bench": "train_round", "device": device_name(cpu), "cpu_count": os.cpu_count(),
+               "torch": torch.__version__, "threads_per_rank": args.threads, "model": args.model,
+               "labels_per_round": args.labels, "load_average_after": round(os.getloadavg()[0], 2), "runs": results,
+               "note": "median over rounds 2.. (round 1 includes the consumer group join)"}
     RESULTS_DIR.mkdir(exist_ok=True)
-    path = RESULTS_DIR / f"train_round-{slug(args.model)}-{slug(device_name(device))}.json"
-    path.write_text(json.dumps(payload, indent=2) + "\n")
-    print(f"\n{'layout':>8} " + " ".join(f"{p:>12}" for p in PHASES) + f" {'peak RSS MB':>12} {'version MB':>11} {'swap s':>7}")
+    out = RESULTS_DIR / f"train_round-{slug(args.model)}-{slug(device_name(cpu))}.json"
+    out.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"\n{'adapter':>8} {'ranks':>5} " + " ".join(f"{p:>12}" for p in PHASES)
+          + f" {'peak RSS MB':>12} {'version MB':>11} {'swap s':>7}")
     for r in results:
         m = r["median_seconds"]
-        print(f"{r['layout']:>8} " + " ".join(f"{m[p]:>12.2f}" for p in PHASES)
+        print(f"{r['adapter']:>8} {r['nproc']:>5} " + " ".join(f"{m[p]:>12.2f}" for p in PHASES)
               + f" {r['peak_rss_mb']:>12.0f} {(r['version_bytes'] or 0) / 1e6:>11.2f} {r['swap_s_median'] or float('nan'):>7.2f}")
-    if len(results) == 2 and {r["layout"] for r in results} == {"full", "lora"}:
-        full, lora = sorted(results, key=lambda r: r["layout"])
+    by = {(r["adapter"], r["nproc"]): r for r in results}
+    if ("full", 1) in by and ("lora", 1) in by:
+        full, lora = by["full", 1], by["lora", 1]
         print(f"lora / full: round {lora['median_seconds']['total'] / full['median_seconds']['total']:.2f}, "
               f"peak RSS {lora['peak_rss_mb'] / full['peak_rss_mb']:.2f}")
-    print(f"results: {path}")
+    print(f"results: {out}")
     return 0
 
 
