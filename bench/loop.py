@@ -2,9 +2,10 @@
 
     .venv/bin/python bench/loop.py                 # the issue's run: 2,000 votes / 15 minutes
     .venv/bin/python bench/loop.py --votes 400     # a shorter look
+    .venv/bin/python bench/loop.py --taste short   # users with another taste (rlhf/tastes.py)
 
 Runs the whole loop on the embedded default on this machine (broker, `bentoml serve`,
-`rlhf train`, simulated users who like cheerful answers with 10 % noise) and reports:
+`rlhf train`, simulated users who like --taste answers, cheerful by default, with 10 % noise) and reports:
 baseline approval (policy v0, measured in the same run), final approval (the last 300
 votes, i.e. what the policy serving at the end earns), the gain, promoted versions, mean KL to the reference of the
 final version against the trainer's bound, failed chat requests, and freshness (median
@@ -39,11 +40,13 @@ def main() -> int:
     ap.add_argument("--minutes", type=float, default=15.0)
     ap.add_argument("--round-labels", type=int, default=128)
     ap.add_argument("--kl-bound", type=float, default=None, help="the trainer's KL bound (default: its own)")
+    ap.add_argument("--taste", default="cheerful", help="what the simulated users secretly like (rlhf/tastes.py)")
+    ap.add_argument("--out", default=None, help="results name (default loop-<device>, or loop-<taste>-<device>)")
     args = ap.parse_args()
     state = Path(tempfile.mkdtemp(prefix="bench-loop-state-"))
     cfg = LoopConfig(
         state_dir=state, port=0, train_min_labels=args.round_labels,
-        sim=SimConfig(taste="cheerful", noise=0.1, users=16, concurrency=4,
+        sim=SimConfig(taste=args.taste, noise=0.1, users=16, concurrency=4,
                       max_votes=args.votes, max_seconds=args.minutes * 60),
     )
     last = [0.0]
@@ -72,20 +75,26 @@ def main() -> int:
         "args": vars(args), "checks": checks, "final_kl_to_ref": final_kl, "kl_bound": kl_bound,
         **{k: summary[k] for k in ("baseline_approval", "final_version", "final_approval", "approval_gain", "votes",
                                    "requests", "chat_errors", "promoted", "final_window_versions", "freshness_s_median", "freshness_s",
-                                   "approval_by_version", "elapsed_s")},
+                                   "approval_by_version", "elapsed_s", "votes_to_gain_0.3", "rounds_promoted",
+                                   "rounds_rejected_kl", "rounds_rejected_reward", "max_consecutive_kl_rejections",
+                                   "seconds_per_round_median", "rm_auroc_end", "rm_auroc_0.75_at_votes", "taste")},
     }
     RESULTS.mkdir(exist_ok=True)
     slug = "cpu" if not out["device"] else out["device"].lower().replace(" ", "-")
-    path = RESULTS / f"loop-{slug}.json"
+    name = args.out or (f"loop-{slug}" if args.taste == "cheerful" else f"loop-{args.taste}-{slug}")
+    path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(out, indent=2))
-    shutil.copy(png, RESULTS / f"loop-{slug}.png")
+    shutil.copy(png, RESULTS / f"{name}.png")
     print("\napproval by version:")
     for v, row in summary["approval_by_version"].items():
         print(f"  v{v:>3}: {row['approval']:.3f}  ({row['votes']} votes)")
-    print(json.dumps({k: out[k] for k in ("baseline_approval", "final_approval", "approval_gain", "promoted",
+    print(json.dumps({k: out[k] for k in ("taste", "baseline_approval", "final_approval", "approval_gain", "promoted",
+                                          "votes_to_gain_0.3", "rounds_rejected_kl", "rounds_rejected_reward",
+                                          "max_consecutive_kl_rejections", "seconds_per_round_median",
+                                          "rm_auroc_end", "rm_auroc_0.75_at_votes",
                                           "final_kl_to_ref", "kl_bound", "chat_errors", "freshness_s_median",
                                           "votes", "elapsed_s", "checks")}, indent=2))
-    print(f"saved {path} and {RESULTS / f'loop-{slug}.png'}")
+    print(f"saved {path} and {RESULTS / f'{name}.png'}")
     return 0 if all(checks.values()) else 1
 
 

@@ -164,6 +164,7 @@ class Loop:
             if r.get("promoted") and v in log.first_served and trig is not None:
                 freshness.append(self.users_epoch + log.first_served[v] - trig)
         return {
+            **round_stats(rounds), "votes_to_gain_0.3": votes_to_gain(log, baseline, 0.3),
             "votes": len(log.votes), "requests": log.requests, "chat_errors": len(log.chat_errors),
             "vote_errors": len(log.vote_errors), "chat_error_samples": log.chat_errors[:5],
             "baseline_approval": baseline, "final_version": final_version, "final_approval": final,
@@ -192,6 +193,41 @@ class Loop:
         if self.broker:
             self.broker.stop()
             on_stopped("broker")
+
+
+def round_stats(rounds: list[dict]) -> dict:
+    """What the rounds did: promoted, rejected for KL / for reward, the longest run of KL rejections in a
+    row, seconds per round, and the reward model's held-out AUROC (at the end, and the first vote count
+    at which it reached 0.75)."""
+    kl = ["KL to reference" in (r.get("reason") or "") and not r.get("promoted") for r in rounds]
+    longest = run = 0
+    for k in kl:
+        run = run + 1 if k else 0
+        longest = max(longest, run)
+    trained = [r for r in rounds if r.get("candidate")]
+    aurocs = [(r.get("votes"), (r.get("reward_model") or {}).get("auroc")) for r in trained]
+    return {
+        "rounds_promoted": sum(bool(r.get("promoted")) for r in rounds),
+        "rounds_rejected_kl": sum(kl),
+        "rounds_rejected_reward": sum("does not beat" in (r.get("reason") or "") and not r.get("promoted")
+                                      for r in rounds),
+        "max_consecutive_kl_rejections": longest,
+        "seconds_per_round_median": statistics.median(r["seconds"]["total"] for r in trained) if trained else None,
+        "rm_auroc_end": aurocs[-1][1] if aurocs else None,
+        "rm_auroc_0.75_at_votes": next((v for v, a in aurocs if a is not None and a >= 0.75), None),
+    }
+
+
+def votes_to_gain(log: SimLog, baseline: float | None, gain: float, window: int = 100) -> int | None:
+    """The vote count at which approval over the last `window` votes first reached baseline + gain."""
+    if baseline is None:
+        return None
+    ups = 0
+    for i, v in enumerate(log.votes):
+        ups += v.up - (log.votes[i - window].up if i >= window else 0)
+        if i + 1 >= window and ups / window >= baseline + gain:
+            return i + 1
+    return None
 
 
 def plot_curve(summary: dict, vote_log: SimLog, path: Path) -> None:
