@@ -248,6 +248,7 @@ class Feedback(Event):
     rating: Literal[1, -1] | None
     comment: str | None = None
     user: str | None = None
+    voter: str | None = None  # who the influence caps count: the user, else a hash of the API key, else the client
     deleted: bool = False
 
 

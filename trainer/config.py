@@ -140,6 +140,10 @@ class RewardConfig:
     """Gradient clipping (OpenRLHF max_norm 1.0)."""
     max_length: int = 256
     """Tokens of prompt + response the RM reads (longer inputs keep their end)."""
+    max_voter_share: float = 0.2
+    """Influence cap: no voter (user, else API key, else client address) carries more than this
+    share of the labels a round trains on; a voter above it has their votes down-weighted
+    (trainer/store.py). 0.2 = at least five voters share the weight; 1 turns it off."""
     rule: str | None = None
     """Reward PPO and the gate with a rule from rlhf.tastes (e.g. 'cheerful': +1 if liked,
     -1 if not) instead of the learned RM; the RM is still trained and reported."""
@@ -149,6 +153,8 @@ class RewardConfig:
         _non_negative(self, "pairwise_weight", "weight_decay")
         if not 0.0 < self.heldout_fraction < 1.0:
             raise ValueError(f"reward.heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
+        if not 0.0 < self.max_voter_share <= 1.0:
+            raise ValueError(f"reward.max_voter_share must be in (0, 1], got {self.max_voter_share}")
         if self.rule is not None and self.rule not in TASTES:
             raise ValueError(f"reward.rule must be one of {sorted(TASTES)} or None, got {self.rule!r}")
 
@@ -244,13 +250,41 @@ class GateConfig:
     """Candidate's mean KL(pi || pi_ref) per response (exact, summed over tokens, nats) must
     be below this. Above kl_target so the controller, not the gate, does the steering."""
     min_length_ratio: float = 0.6
-    """Candidate's mean response length must be at least this share of the current policy's
-    (guards against collapsing to short answers)."""
+    """Length drift, down: the candidate's mean response length must be at least this share of
+    the current policy's (against collapsing to empty answers, a classic reward hack). Per round,
+    so a taste for short answers is still reached, over several rounds."""
+    max_length_ratio: float = 1.6
+    """Length drift, up: at most this multiple of the current policy's mean length (reward models
+    are known to favour length; RLHF length bias, Singhal et al. 2023). 0 turns it off."""
+    min_distinct_ratio: float = 0.8
+    """Degeneracy: the candidate's distinct-2 (distinct token bigrams / bigrams over its answers)
+    must be at least this share of the current policy's (repetition loops score well with some
+    reward models). 0 turns it off."""
+    guard_set: str | None = "builtin"
+    """Fixed prompts with rule checks that must not regress (a JSONL of {"messages", "checks"};
+    trainer/guard_set.jsonl, 'builtin', is for the embedded model's domain; give your own for
+    yours; none turns it off). Checks: mentions, min_words, max_words, not_contains, max_repeat, taste."""
+    guard_samples: int = 2
+    """Answers per guard prompt and policy (seeded, the same noise for both)."""
+    guard_tolerance: float = 0.1
+    """The candidate's guard pass rate may fall at most this much below the current policy's."""
+    min_rm_auroc: float = 0.6
+    """The judge: a learned reward model's held-out AUROC, at its lower 95 % confidence bound
+    (Hanley-McNeil, for the number of held-out up and down votes), must be at least this, or no
+    candidate it scored is promoted (chance is 0.5). Rule rewards are exempt. 0 turns it off."""
+    max_rm_approval_gap: float = 0.25
+    """The judge against the users: |the reward model's predicted approval - the live approval|
+    on held-out answers of the serving version (checked once there are 20) must be at most this
+    (a judge whose approval disagrees with the users' is optimised in the wrong direction). 0 turns it off."""
 
     def __post_init__(self) -> None:
-        _positive(self, "eval_responses", "max_kl")
+        _positive(self, "eval_responses", "max_kl", "guard_samples")
+        _non_negative(self, "max_length_ratio", "min_distinct_ratio", "guard_tolerance", "min_rm_auroc",
+                      "max_rm_approval_gap")
         if not 0.0 <= self.min_length_ratio <= 1.0:
             raise ValueError(f"gate.min_length_ratio must be in [0, 1], got {self.min_length_ratio}")
+        if self.max_length_ratio and self.max_length_ratio < 1.0:
+            raise ValueError(f"gate.max_length_ratio must be >= 1 (or 0: off), got {self.max_length_ratio}")
 
 
 @dataclass(frozen=True)
@@ -446,3 +480,20 @@ def _non_negative(obj, *names: str) -> None:
     for n in names:
         if not getattr(obj, n) >= 0:
             raise ValueError(f"{type(obj).__name__}.{n} must be >= 0, got {getattr(obj, n)!r}")
+
+
+def markdown() -> str:
+    """The configuration tables of docs/trainer.md: `python -m trainer.config` prints them."""
+    docs, lines = _field_docs(), []
+    for root in (TrainerConfig, SFTRun):
+        for section, cls in _section_classes(root).items():
+            lines += [f"**{section}** (`{cls.__name__}`)", "", "| field | default | meaning |", "|---|---|---|"]
+            for f in dataclasses.fields(cls):
+                doc = docs[cls.__name__].get(f.name, "").replace("%%", "%").replace("|", "\\|")
+                lines.append(f"| `{f.name}` | `{f.default!r}` | {doc} |")
+            lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+if __name__ == "__main__":
+    print(markdown(), end="")

@@ -129,11 +129,15 @@ class RewardMetrics:
     loss: float
     accuracy: float  # held-out, sign(score) vs sign(rating); nan without held-out labels
     auroc: float  # held-out; nan unless both classes are present
+    auroc_lcb: float | None = None  # its lower 95 % confidence bound for this many held-out up / down labels
+    heldout_up: int = 0
+    heldout_down: int = 0
+    approval_gap: float | None = None  # |predicted - live approval| on held-out answers of the serving version (>= 20)
 
 
 def train_reward_model(
     rm: RewardModel, tokenizer, examples: list[Example], cfg: RewardConfig, *, seed: int,
-    autocast_dtype: torch.dtype = torch.float32, progress=None, dist: Dist = Dist(),
+    autocast_dtype: torch.dtype = torch.float32, progress=None, dist: Dist = Dist(), serving_version: int = 0,
 ) -> RewardMetrics:
     """A few hundred steps at most on the training split, then held-out accuracy / AUROC.
 
@@ -189,7 +193,9 @@ def train_reward_model(
             progress.update(1)
             progress.set_postfix(loss=f"{losses[-1]:.3f}")
     rm.eval()
-    accuracy, auroc = float("nan"), float("nan")
+    metrics = RewardMetrics(len(train), len(heldout), len(pairs), steps,
+                            sum(losses[-10:]) / max(1, len(losses[-10:])) if losses else float("nan"),
+                            float("nan"), float("nan"))
     labelled = [e for e in heldout if e.rating != 0]
     if labelled:
         mine, real = dist.shard(len(labelled))
@@ -197,10 +203,34 @@ def train_reward_model(
                       max_length=cfg.max_length, autocast_dtype=autocast_dtype).cpu()[:real]
         s = torch.cat(dist.gather(local))
         y = torch.tensor([e.rating > 0 for e in labelled])
-        accuracy = ((s > 0) == y).float().mean().item()
-        auroc = binary_auroc(s, y)
-    return RewardMetrics(len(train), len(heldout), len(pairs), steps,
-                         sum(losses[-10:]) / max(1, len(losses[-10:])) if losses else float("nan"), accuracy, auroc)
+        metrics.accuracy = ((s > 0) == y).float().mean().item()
+        metrics.auroc = binary_auroc(s, y)
+        metrics.heldout_up, metrics.heldout_down = int(y.sum()), int((~y).sum())
+        metrics.auroc_lcb = auroc_lower_bound(metrics.auroc, metrics.heldout_up, metrics.heldout_down)
+        serving = [i for i, e in enumerate(labelled) if e.policy_version == serving_version]
+        if len(serving) >= 20:
+            idx = torch.tensor(serving)
+            weights = torch.tensor([labelled[i].n_votes for i in serving])
+            live = (torch.tensor([(labelled[i].rating + 1) / 2 for i in serving]) * weights).sum() / weights.sum()
+            predicted = (_approval(s[idx], cfg.pointwise_loss) * weights).sum() / weights.sum()
+            metrics.approval_gap = abs(predicted - live).item()
+    return metrics
+
+
+def _approval(scores: torch.Tensor, pointwise: str) -> torch.Tensor:
+    """The reward model's predicted share of up-votes for each score (how its pointwise loss reads it)."""
+    return torch.sigmoid(scores) if pointwise == "logistic" else ((scores + 1) / 2).clamp(0, 1)
+
+
+def auroc_lower_bound(auroc: float, n_pos: int, n_neg: int, z: float = 1.645) -> float | None:
+    """One-sided 95 % lower confidence bound of an AUROC from n_pos positives and n_neg negatives,
+    with Hanley & McNeil's (1982) standard error. None without both classes."""
+    if n_pos == 0 or n_neg == 0 or not math.isfinite(auroc):
+        return None
+    a = auroc
+    q1, q2 = a / (2 - a), 2 * a * a / (1 + a)
+    var = (a * (1 - a) + (n_pos - 1) * (q1 - a * a) + (n_neg - 1) * (q2 - a * a)) / (n_pos * n_neg)
+    return a - z * math.sqrt(max(var, 0.0))
 
 
 def binary_auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:

@@ -36,7 +36,7 @@ from trainer.policy import autocast, decode, encode_prompts, left_pad, row_seeds
 from trainer.ppo import Rollout, gae, masked_mean, masked_whiten, policy_loss, token_rewards, value_loss
 from trainer.reward_model import is_heldout, rule_reward, score, train_reward_model
 from trainer.state import TrainerState
-from trainer.store import Example
+from trainer.store import Example, voter_weights
 
 
 @dataclass
@@ -50,6 +50,7 @@ class RoundInputs:
     version: int  # LATEST: the current policy
     new_labels: int
     consumed: dict
+    voters: dict  # the influence cap: voters, the largest voter's share of the votes, how many were down-weighted
 
 
 @dataclass
@@ -63,10 +64,12 @@ class RoundReport:
     votes: int = 0  # live votes behind them
     new_labels: int = 0
     consumed: dict = field(default_factory=dict)
+    voters: dict = field(default_factory=dict)  # the influence cap's effect (RoundInputs.voters)
     reward_model: dict = field(default_factory=dict)
     ppo: dict = field(default_factory=dict)
     current: dict = field(default_factory=dict)  # gate's evaluation of the current policy
     candidate: dict = field(default_factory=dict)  # ... and of the candidate
+    checks: dict = field(default_factory=dict)  # every gate check: passed, value, bound
     kl_coef: float = float("nan")
     version_before: int = 0
     version: int | None = None  # the version published by this round, if promoted
@@ -102,7 +105,7 @@ def run_round(state: TrainerState, *, progress: bool = True, drain_s: float | No
     n = inputs.round
     report = RoundReport(round=n, trigger_time=started, kl_bound=cfg.gate.max_kl, labels=len(inputs.examples),
                          votes=sum(e.n_votes for e in inputs.examples), new_labels=inputs.new_labels,
-                         consumed=inputs.consumed, version_before=inputs.version, world_size=d.world,
+                         consumed=inputs.consumed, voters=inputs.voters, version_before=inputs.version, world_size=d.world,
                          strategy=cfg.train.strategy, seconds=seconds)
     state.follow(inputs.version)  # LATEST as rank 0 read it: an `rlhf sft` or an operator may have moved it
     if not inputs.examples or not inputs.pool:
@@ -114,7 +117,8 @@ def run_round(state: TrainerState, *, progress: bool = True, drain_s: float | No
     # 2. update the reward model (warm start from last round's), report held-out accuracy
     with timer("reward_model"), _bar(progress, n, "reward model", "step") as bar:
         rm_metrics = train_reward_model(state.nets.reward, tok, inputs.examples, cfg.reward, seed=cfg.ppo.seed + n,
-                                        autocast_dtype=state.dtype, progress=bar, dist=d)
+                                        autocast_dtype=state.dtype, progress=bar, dist=d,
+                                        serving_version=inputs.version)
         state.nets.reward.save(state.reward_model_path(state.settings) if d.is_main else None)
     report.reward_model = asdict(rm_metrics)
     reward_fn = rule_reward(cfg.reward.rule) if cfg.reward.rule else partial(
@@ -131,7 +135,8 @@ def run_round(state: TrainerState, *, progress: bool = True, drain_s: float | No
     evaluate = partial(gate.evaluate, reference=state.nets.reference, tokenizer=tok, reward_fn=reward_fn, prompts=plan,
                        seed=cfg.gate.eval_seed, eos_ids=state.eos_ids, max_new_tokens=cfg.ppo.max_new_tokens,
                        temperature=cfg.ppo.temperature, max_prompt_tokens=state.settings.max_prompt_tokens,
-                       batch_size=cfg.ppo.forward_batch_size, autocast_dtype=state.dtype, dist=d)
+                       batch_size=cfg.ppo.forward_batch_size, autocast_dtype=state.dtype, dist=d,
+                       guard=state.guard_set, guard_samples=cfg.gate.guard_samples)
     with timer("gate"):
         current = evaluate(state.nets.policy)
     state.check_stop()
@@ -225,7 +230,9 @@ def run_round(state: TrainerState, *, progress: bool = True, drain_s: float | No
             cand = evaluate(state.nets.policy)
             bar.update(1)
         report.current, report.candidate = asdict(current), asdict(cand)
-        report.promoted, report.reason = gate.decide(cand, current, cfg.gate)
+        decision = gate.decide(cand, current, cfg.gate, judge=None if cfg.reward.rule else report.reward_model)
+        report.promoted, report.reason = decision.promoted, decision.reason
+        report.checks = {name: asdict(c) for name, c in decision.checks.items()}
         state.check_stop()
 
         # 8. publish: policy store version + PolicyUpdate (rank 0; every rank helps gather FSDP2's shards first)
@@ -255,9 +262,14 @@ def _consume(state: TrainerState, progress: bool, drain_s: float | None) -> Roun
         consumed = asdict(state.consumer.drain(drain_s, progress=bar))
     state.store.prune()
     state.publisher.recover()  # a publish a broker outage interrupted is announced now
-    return RoundInputs(round=n, examples=state.store.examples(), pool=state.store.prompts(),
+    cap = state.cfg.reward.max_voter_share
+    counts = state.store.voter_counts()
+    weights = voter_weights([v for v, c in counts.items() for _ in range(c)], cap)
+    voters = {"voters": len(counts), "max_share": max(counts.values()) / sum(counts.values()) if counts else 0.0,
+              "capped": sum(w < 1.0 for w in weights.values()), "cap": cap}
+    return RoundInputs(round=n, examples=state.store.examples(cap), pool=state.store.prompts(),
                        label_seq=state.store.label_seq(), version=state.policies.latest(),
-                       new_labels=state.new_labels(), consumed=consumed)
+                       new_labels=state.new_labels(), consumed=consumed, voters=voters)
 
 
 def _gather_rollout(d: Dist, device: torch.device, **local: torch.Tensor) -> Rollout:

@@ -29,6 +29,7 @@ from rlhf.policy_store import PolicyStore
 from trainer.config import TrainerConfig
 from trainer.consumer import VoteConsumer
 from trainer.dist import Dist
+from trainer.gate import load_guard_set
 from trainer.networks import Networks
 from trainer.policy import new_value_head
 from trainer.ppo import KLController
@@ -61,6 +62,7 @@ class TrainerState:
     consumer: VoteConsumer | None = None
     producer: KafkaProducer | None = None
     publisher: Publisher | None = None
+    guard_set: list = field(default_factory=list)  # gate.GuardPrompt: fixed prompts whose checks must not regress
     stop: threading.Event = field(default_factory=threading.Event)
 
     @classmethod
@@ -107,7 +109,7 @@ class TrainerState:
                      "device %s", version, ref_version, layout, dist.world, cfg.train.strategy, len(store.votes()), device)
         return cls(settings, cfg, dist, policies, tokenizer, eos_token_ids(nets.reference.module, tokenizer), nets,
                    version, value_head, kl_ctl, device, resolve_dtype(settings, device), store, consumer, producer,
-                   publisher)
+                   publisher, load_guard_set(cfg.gate.guard_set))
 
     def close(self) -> None:
         if self.dist.is_main:

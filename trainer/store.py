@@ -11,6 +11,11 @@ Aggregation: a response's label is every user's latest non-deleted vote on it (o
 `feedback_id`, which by default is one per user and choice). The example's `rating` is the
 mean rating and `n_votes` its count, so the pointwise logistic loss on the up-vote fraction
 weighted by `n_votes` equals the sum of one loss per vote.
+
+Influence cap: no voter (the user, else the API key's hash, else the client address: the
+event's `voter`) may carry more than `max_voter_share` of the labels a round trains on. A
+voter over the cap has each vote down-weighted to `cap / their votes` (`voter_weights`), so
+`rating` is then the weighted mean and `n_votes` the weighted count.
 """
 
 from __future__ import annotations
@@ -36,7 +41,8 @@ CREATE TABLE IF NOT EXISTS interactions (
 CREATE TABLE IF NOT EXISTS votes (               -- latest event per feedback_id; tombstones kept as deleted=1
     feedback_id TEXT PRIMARY KEY, response_id TEXT NOT NULL, choice_index INTEGER NOT NULL,
     user TEXT, rating REAL, deleted INTEGER NOT NULL, ts REAL NOT NULL, event_id TEXT NOT NULL,
-    received REAL NOT NULL, seq INTEGER NOT NULL  -- seq: when this vote last changed or got joined
+    received REAL NOT NULL, seq INTEGER NOT NULL,  -- seq: when this vote last changed or got joined
+    voter TEXT                                     -- the identity the influence cap counts (Feedback.voter or user)
 );
 CREATE INDEX IF NOT EXISTS votes_by_response ON votes (response_id, choice_index);
 CREATE INDEX IF NOT EXISTS votes_by_seq ON votes (seq);
@@ -64,8 +70,9 @@ class Example:
     prompt_key: str
     messages: list[dict]  # the prompt, [{"role", "content"}, ...]
     completion: str
-    rating: float  # mean of the votes' ratings (+1 / -1 for thumbs)
-    n_votes: int
+    rating: float  # (weighted) mean of the votes' ratings (+1 / -1 for thumbs)
+    n_votes: float  # (weighted) number of votes: below their count when a voter was over the cap
+    policy_version: int = 0  # the version that answered
 
 
 @dataclass(frozen=True)
@@ -86,6 +93,32 @@ class BatchResult:
     dead_letters: int = 0
 
 
+def voter_weights(voters: list[str], cap: float) -> dict[str, float]:
+    """voter -> the weight of each of their votes, so that no voter's share of the total weight exceeds `cap`.
+
+    Water-filling: every voter's total is min(their votes, T), with T the largest level at which
+    T <= cap x (everyone's total); a voter below T keeps weight 1. With fewer than 1 / cap voters
+    no level satisfies that; then every voter counts equally (T = the smallest count), as close
+    to the cap as their number allows.
+    """
+    counts: dict[str, int] = {}
+    for v in voters:
+        counts[v] = counts.get(v, 0) + 1
+    if not counts or cap >= 1.0:
+        return {v: 1.0 for v in counts}
+    level = cap * sum(counts.values())
+    for _ in range(100):  # T = cap * sum(min(c, T)) decreases to its fixed point
+        total = sum(min(c, level) for c in counts.values())
+        if level <= cap * total + 1e-9:
+            break
+        level = cap * total
+    else:
+        level = min(counts.values())
+    if level < min(counts.values()) and len(counts) < 1 / cap:
+        level = min(counts.values())
+    return {v: min(1.0, level / c) for v, c in counts.items()}
+
+
 def prompt_key(messages: list[dict]) -> str:
     canonical = json.dumps([[m["role"], m["content"]] for m in messages], ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]
@@ -102,6 +135,8 @@ class LabelStore:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")  # a committed batch survives power loss, not just a crash
         self.db.executescript(SCHEMA)
+        if "voter" not in {r[1] for r in self.db.execute("PRAGMA table_info(votes)")}:  # a store from before the cap
+            self.db.execute("ALTER TABLE votes ADD COLUMN voter TEXT")
 
     def close(self) -> None:
         self.db.close()
@@ -173,9 +208,11 @@ class LabelStore:
         if row is not None and row[0] > ts:
             return 0
         cur.execute(
-            "INSERT OR REPLACE INTO votes VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT OR REPLACE INTO votes (feedback_id, response_id, choice_index, user, rating, deleted, ts, event_id, "
+            "received, seq, voter) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (ev.feedback_id, ev.response_id, ev.choice_index, ev.user,
-             None if ev.deleted else float(ev.rating), int(ev.deleted), ts, str(ev.event_id), now, self._next_seq(cur)),
+             None if ev.deleted else float(ev.rating), int(ev.deleted), ts, str(ev.event_id), now, self._next_seq(cur),
+             ev.voter or ev.user),
         )
         return 1
 
@@ -224,16 +261,36 @@ class LabelStore:
             (d.topic, d.partition, d.offset, d.value_sha256),
         ).fetchone() is not None
 
-    def examples(self) -> list[Example]:
+    def examples(self, max_voter_share: float = 1.0) -> list[Example]:
         """Every labelled response (joined, with at least one non-deleted vote), by response id
-        (a fixed order for a given set of labels, whatever the arrival timing)."""
+        (a fixed order for a given set of labels, whatever the arrival timing), its votes weighted
+        so that no voter carries more than `max_voter_share` of them (voter_weights)."""
         rows = self.db.execute(
-            "SELECT i.response_id, i.choice_index, i.prompt_key, p.messages, i.completion, AVG(v.rating), COUNT(*) "
+            "SELECT i.response_id, i.choice_index, i.prompt_key, p.messages, i.completion, i.policy_version, "
+            "v.rating, COALESCE(v.voter, v.feedback_id) "
             "FROM interactions i JOIN votes v ON v.response_id = i.response_id AND v.choice_index = i.choice_index "
             "JOIN prompts p ON p.prompt_key = i.prompt_key WHERE v.deleted = 0 "
-            "GROUP BY i.response_id, i.choice_index ORDER BY i.response_id, i.choice_index"
+            "ORDER BY i.response_id, i.choice_index"
         ).fetchall()
-        return [Example(r[0], r[1], r[2], json.loads(r[3]), r[4], float(r[5]), int(r[6])) for r in rows]
+        weight = voter_weights([r[7] for r in rows], max_voter_share)
+        out: list[Example] = []
+        for (rid, choice, key, messages, completion, version, rating, voter) in rows:
+            w = weight[voter]
+            if out and (out[-1].response_id, out[-1].choice_index) == (rid, choice):
+                prev = out[-1]
+                n = prev.n_votes + w
+                out[-1] = Example(rid, choice, key, prev.messages, completion, (prev.rating * prev.n_votes + rating * w) / n,
+                                  n, version)
+            else:
+                out.append(Example(rid, choice, key, json.loads(messages), completion, rating, w, version))
+        return out
+
+    def voter_counts(self) -> dict[str, int]:
+        """Live joined votes per voter (votes without a voter count as their own voter each)."""
+        return dict(self.db.execute(
+            "SELECT COALESCE(v.voter, v.feedback_id), COUNT(*) FROM votes v JOIN interactions i ON "
+            "v.response_id = i.response_id AND v.choice_index = i.choice_index WHERE v.deleted = 0 "
+            "GROUP BY 1").fetchall())
 
     def label_count(self, since_seq: int = 0) -> int:
         """Joined votes (tombstones included: a withdrawal changes the labels) changed after `since_seq`."""

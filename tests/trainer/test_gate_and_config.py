@@ -10,30 +10,65 @@ import pytest
 
 from trainer import config
 from trainer.config import GateConfig, PPOConfig, RewardConfig, SFTRun, TrainerConfig
-from trainer.gate import PolicyEval, decide, eval_prompt_plan
+from trainer.gate import GuardPrompt, PolicyEval, decide, distinct_2, eval_prompt_plan, load_guard_set, passes
 
-CURRENT = PolicyEval(reward=0.2, kl_to_ref=1.0, length=20.0, responses=48)
+CURRENT = PolicyEval(reward=0.2, kl_to_ref=1.0, length=20.0, responses=48, distinct_2=0.6, guard_pass=0.9)
+JUDGE = {"auroc": 0.85, "auroc_lcb": 0.72, "approval_gap": 0.05}
 
 
 def test_gate_promotes_a_better_close_candidate():
-    ok, why = decide(PolicyEval(0.5, 3.0, 18.0, 48), CURRENT, GateConfig())
-    assert ok and "0.200 -> 0.500" in why
+    d = decide(PolicyEval(0.5, 3.0, 18.0, 48, 0.6, 0.9), CURRENT, GateConfig(), JUDGE)
+    assert d.promoted and "0.200 -> 0.500" in d.reason
+    assert set(d.checks) == {"reward", "kl", "length_down", "length_up", "distinct_2", "guard_set", "rm_auroc",
+                             "rm_approval_gap"} and all(c.passed for c in d.checks.values())
 
 
-@pytest.mark.parametrize("candidate, fragment", [
-    (PolicyEval(0.2, 3.0, 20.0, 48), "does not beat current"),
-    (PolicyEval(0.9, 8.5, 20.0, 48), "KL to reference 8.50 >= bound 8"),
-    (PolicyEval(0.9, float("nan"), 20.0, 48), "KL to reference nan"),
-    (PolicyEval(0.9, 3.0, 11.0, 48), "mean length 11.0 < 0.6 x current 20.0"),
+@pytest.mark.parametrize("candidate, judge, fragment", [
+    (PolicyEval(0.2, 3.0, 20.0, 48, 0.6, 0.9), JUDGE, "does not beat current"),
+    (PolicyEval(0.9, 8.5, 20.0, 48, 0.6, 0.9), JUDGE, "KL to reference 8.50 >= bound 8"),
+    (PolicyEval(0.9, float("nan"), 20.0, 48, 0.6, 0.9), JUDGE, "KL to reference nan"),
+    (PolicyEval(0.9, 3.0, 11.0, 48, 0.6, 0.9), JUDGE, "mean length 11.0 < 0.6 x current 20.0"),
+    (PolicyEval(0.9, 3.0, 33.0, 48, 0.6, 0.9), JUDGE, "mean length 33.0 > 1.6 x current 20.0"),
+    (PolicyEval(0.9, 3.0, 20.0, 48, 0.3, 0.9), JUDGE, "distinct-2 0.30 < 0.8 x current 0.60 (repetition)"),
+    (PolicyEval(0.9, 3.0, 20.0, 48, 0.6, 0.7), JUDGE, "guard set pass rate 0.70 < current 0.90 - 0.1"),
+    (PolicyEval(0.9, 3.0, 20.0, 48, 0.6, 0.9), {**JUDGE, "auroc": 0.66, "auroc_lcb": 0.48},
+     "reward model cannot yet predict held-out votes: AUROC 0.66 (95% lower bound 0.48) < 0.6"),
+    (PolicyEval(0.9, 3.0, 20.0, 48, 0.6, 0.9), {**JUDGE, "auroc_lcb": None}, "95% lower bound nan"),
+    (PolicyEval(0.9, 3.0, 20.0, 48, 0.6, 0.9), {**JUDGE, "approval_gap": 0.4},
+     "predicted approval is 0.40 from the users' (> 0.25)"),
 ])
-def test_gate_rejects_with_the_reason(candidate, fragment):
-    ok, why = decide(candidate, CURRENT, GateConfig())
-    assert not ok and fragment in why
+def test_gate_rejects_with_the_reason(candidate, judge, fragment):
+    d = decide(candidate, CURRENT, GateConfig(), judge)
+    assert not d.promoted and fragment in d.reason, d.reason
 
 
 def test_gate_min_gain_and_all_reasons_at_once():
-    ok, why = decide(PolicyEval(0.25, 9.0, 5.0, 48), CURRENT, GateConfig(min_reward_gain=0.1))
-    assert not ok and why.count(";") == 2 and "+ 0.1" in why
+    d = decide(PolicyEval(0.25, 9.0, 5.0, 48, 0.6, 0.9), CURRENT, GateConfig(min_reward_gain=0.1), JUDGE)
+    assert not d.promoted and d.reason.count(";") == 2 and "+ 0.1" in d.reason
+
+
+def test_rule_rewards_skip_the_judge_checks_and_each_check_can_be_turned_off():
+    weak = {"auroc": 0.5, "auroc_lcb": 0.3, "approval_gap": 0.5}
+    candidate = PolicyEval(0.9, 3.0, 40.0, 48, 0.1, 0.0)
+    assert not decide(candidate, CURRENT, GateConfig(), weak).promoted
+    off = GateConfig(max_length_ratio=0, min_distinct_ratio=0, guard_tolerance=1.0, min_rm_auroc=0,
+                     max_rm_approval_gap=0)
+    d = decide(candidate, CURRENT, off, weak)
+    assert d.promoted and set(d.checks) == {"reward", "kl", "length_down", "guard_set"}
+    assert "rm_auroc" not in decide(candidate, CURRENT, GateConfig(), judge=None).checks  # a rule: no judge
+
+
+def test_guard_checks_and_the_builtin_set():
+    guard = load_guard_set("builtin")
+    assert len(guard) == 12 and all(g.checks["mentions"] for g in guard)
+    cats = GuardPrompt([{"role": "user", "content": "Tell me about cats."}],
+                       {"mentions": ["cat"], "min_words": 4, "max_words": 12, "max_repeat": 2})
+    assert passes(cats, "Cats sleep for most of the day.")
+    assert not passes(cats, "Dogs love long walks in the park.")  # off topic
+    assert not passes(cats, "Cats.")  # too short
+    assert not passes(cats, "Cats cats cats cats sleep.")  # a repetition loop
+    assert not passes(cats, " ".join(["Cats"] + ["purr"] * 2 + ["and"] * 10))  # too long
+    assert distinct_2([[1, 2, 3, 4]]) == 1.0 and distinct_2([[7, 7, 7, 7, 7]]) == 0.25
 
 
 def test_eval_plan_repeats_heldout_prompts_to_the_response_count():
@@ -88,11 +123,8 @@ def test_replace_overrides_fields_in_sections():
 
 
 def test_docs_list_every_config_field():
+    """docs/trainer.md ends with the tables `python -m trainer.config` prints: every field, default and doc."""
     from pathlib import Path
 
     text = (Path(__file__).resolve().parents[2] / "docs" / "trainer.md").read_text()
-    for root in (TrainerConfig, SFTRun):
-        for section, cls in config._section_classes(root).items():
-            assert f"(`{cls.__name__}`)" in text
-            for f in dataclasses.fields(cls):
-                assert f"| `{f.name}` | `{f.default!r}` |" in text, f"docs/trainer.md lacks {section}.{f.name}={f.default!r}"
+    assert text.endswith(config.markdown()), "regenerate the tables: python -m trainer.config"

@@ -120,3 +120,22 @@ def test_consumed_offsets_record_the_last_stored_batch_per_partition(store):
     store.apply_batch([], {("t", 0): 5, ("t", 1): 2})
     store.apply_batch([], {("t", 0): 3})  # e.g. a broker that restarted empty: offsets start over
     assert store.consumed_offsets() == {("t", 0): 3, ("t", 1): 2}
+
+
+def test_no_voter_carries_more_than_the_cap(store):
+    """One voter casting most of the votes is down-weighted to the cap; the others keep weight 1."""
+    from trainer.store import voter_weights
+
+    events = [interaction(f"r{i}") for i in range(12)]
+    events += [vote(f"r{i}", 1, "flooder") for i in range(8)]  # 8 of the 12 votes, all up
+    events += [vote(f"r{i}", -1, f"user{i}") for i in range(8, 12)]
+    store.apply_batch(events, {})
+    uncapped = store.examples()
+    assert sum(e.n_votes for e in uncapped) == 12
+    capped = store.examples(max_voter_share=0.25)
+    flooder = sum(e.n_votes for e in capped if e.rating > 0)
+    assert flooder / sum(e.n_votes for e in capped) == pytest.approx(0.25, abs=1e-6)
+    assert all(e.n_votes == 1.0 for e in capped if e.rating < 0)
+    assert store.voter_counts() == {"flooder": 8, **{f"user{i}": 1 for i in range(8, 12)}}
+    # too few voters for the cap: everyone counts equally instead
+    assert voter_weights(["a", "a", "a", "b"], 0.2) == {"a": 1 / 3, "b": 1.0}
