@@ -253,15 +253,18 @@ class Feedback(Event):
 
 
 class PolicyUpdate(Event):
-    """A promoted policy version, announced after it is complete in the store.
+    """A promoted policy version, announced after it is complete in the store; or a rollback.
 
     `base_version` is set when the version is a LoRA adapter over that (full) version.
+    `rollback_of` is set when LATEST moved back to `version` from that version (the trainer's
+    live-approval watch): replicas serving `rollback_of` move back although `version` is older.
     """
 
     kind: Literal["policy_update"] = "policy_update"
-    version: int = Field(ge=1)
-    parent_version: int = Field(ge=0)
+    version: int = Field(ge=0)
+    parent_version: int | None = Field(None, ge=0)
     base_version: int | None = None
+    rollback_of: int | None = None
     uri: str
     files: dict[str, str]
     metrics: dict[str, float] = {}
@@ -289,6 +292,7 @@ class DeadLetter(BaseModel):
 #                                 a LoRA adapter; its manifest names the base version and the
 #                                 sha256 of the base's manifest, so both are verified
 #   <policy_dir>/LATEST          -> "3\n"   (replaced atomically with os.replace)
+#   <policy_dir>/ROLLBACKS.json  -> {"4": {"to": 3, "reason": ..., "ts": ...}}   versions rolled back, and why
 #   <policy_dir>/tmp/            staging; a version appears in versions/ only when complete
 # Version 0 is the base (reference) model. rlhf/policy_store.py implements this.
 

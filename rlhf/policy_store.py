@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import shutil
 import time
@@ -24,6 +25,7 @@ from pathlib import Path
 from rlhf.contracts import Manifest, version_dirname
 
 MANIFEST = "manifest.json"
+ROLLBACKS = "ROLLBACKS.json"
 
 
 class VerificationError(RuntimeError):
@@ -157,13 +159,31 @@ class PolicyStore:
                 if time.time() - p.stat().st_mtime > older_than_s:
                     shutil.rmtree(p)
 
+    def roll_back(self, version: int, to: int, reason: str) -> None:
+        """Move LATEST from `version` back to `to` and record why (ROLLBACKS.json, replaced atomically).
+        Versions are immutable, so the record lives beside them, not in them."""
+        record = self.rollbacks()
+        record[version] = {"to": to, "reason": reason, "ts": time.time()}
+        tmp = self.root / f".ROLLBACKS.{uuid.uuid4().hex[:8]}"
+        tmp.write_text(json.dumps({str(k): v for k, v in record.items()}, indent=2))
+        os.replace(tmp, self.root / ROLLBACKS)
+        self.set_latest(to)
+
+    def rollbacks(self) -> dict[int, dict]:
+        """version -> {"to", "reason", "ts"} for every version rolled back."""
+        try:
+            return {int(k): v for k, v in json.loads((self.root / ROLLBACKS).read_text()).items()}
+        except FileNotFoundError:
+            return {}
+
     def info(self) -> list[dict]:
         out = []
+        rolled = self.rollbacks()
         for v in self.versions():
             try:
                 m = self.manifest(v)
                 out.append({"version": v, "parent_version": m.parent_version, "base_version": m.base_version,
-                            "created": m.created, "metrics": m.metrics})
+                            "created": m.created, "metrics": m.metrics, "rolled_back": rolled.get(v)})
             except (FileNotFoundError, ValueError) as e:
                 out.append({"version": v, "error": str(e)})
         return out

@@ -32,4 +32,5 @@ policy_following = Gauge("rlhf_policy_updates_following",
                          "1 while this replica is attached to the policy-updates topic", multiprocess_mode="livemin")
 policy_announcements = Counter("rlhf_policy_announcements", "PolicyUpdate announcements read from Kafka")
 policy_swaps = Counter("rlhf_policy_swaps", "Policy versions swapped in")
+policy_rollbacks = Counter("rlhf_policy_rollbacks", "Rollbacks announced by the trainer's live-approval watch and followed")
 policy_load_failures = Counter("rlhf_policy_load_failures", "Policy versions refused, by reason", ["reason"])

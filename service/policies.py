@@ -16,9 +16,10 @@ that fails to verify or load is refused: the old one keeps serving, a metric and
 line say why, and it is not retried (versions are immutable) unless an admin pins it.
 
 Rules for moving: an announcement moves to its version only if that is newer than the one
-serving (so a replayed old announcement is harmless); a change of LATEST is followed
-whatever it says (that is how an operator moves LATEST back); a pin overrides both until
-unpinned.
+serving (so a replayed old announcement is harmless), or if it is a rollback away from the
+one serving (the trainer's live-approval watch, `rollback_of`); a change of LATEST is
+followed whatever it says (that is how an operator moves LATEST back); a pin overrides all
+of them until unpinned.
 """
 
 from __future__ import annotations
@@ -130,7 +131,7 @@ class PolicyManager:
             if self._pinned is not None or version in self.refused:
                 return
             if current is not None and (version == current.version or (source == "announcement" and version < current.version)):
-                return
+                return  # (a rollback comes as source "rollback": it moves back on purpose)
             try:
                 policy = self._load_or_refuse(version, files)
             except PolicyRefused:
@@ -263,6 +264,13 @@ class PolicyManager:
             # one's is): LATEST, read at start and polled, already speaks for that time
             log.info("ignoring policy version %d announced before this replica followed the topic", update.version)
             return
-        log.info("announced: policy version %d (parent %d)", update.version, update.parent_version)
-        self.offer(update.version, files=update.files, source="announcement")
+        current = self._current
+        if update.rollback_of is not None:
+            log.warning("announced: rollback of policy version %d to %d", update.rollback_of, update.version)
+            if current is not None and current.version == update.rollback_of:
+                self.offer(update.version, files=update.files, source="rollback")
+                metrics.policy_rollbacks.inc()
+        else:
+            log.info("announced: policy version %d (parent %s)", update.version, update.parent_version)
+            self.offer(update.version, files=update.files, source="announcement")
         metrics.policy_announcements.inc()  # after acting on it: "counted" means "decided"

@@ -31,7 +31,7 @@ from kafka.errors import KafkaError
 from rlhf.broker import ensure_topics
 from rlhf.contracts import Settings
 from rlhf.models import count_parameters, ensure_policy_store, resolve_device
-from trainer import config, dist, metrics
+from trainer import config, dist, metrics, watch
 from trainer.round import run_round
 from trainer.state import RoundAborted, TrainerState
 
@@ -156,4 +156,7 @@ def _poll_and_decide(state: TrainerState, settings: Settings, clock: dict[str, f
         clock["prune"] = now
     new = state.new_labels()
     metrics.observe_state(state.version, *state.store.label_stats(), state.consumer.lag())
+    verdict = watch.check(state)  # the live-approval watch: may roll LATEST back to its parent
+    if verdict is not None:
+        metrics.observe_watch(verdict)
     return new >= settings.train_min_labels or (new > 0 and now - clock["round"] >= settings.train_max_wait_s)

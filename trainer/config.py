@@ -288,6 +288,27 @@ class GateConfig:
 
 
 @dataclass(frozen=True)
+class WatchConfig:
+    """After a promotion: the new version's live approval against its parent's (trainer/watch.py)."""
+
+    enabled: bool = True
+    """Roll a promoted version back, with no operator, when its users' approval drops significantly."""
+    max_drop: float = 0.1
+    """The drop the test is built to catch: H1 is approval = parent's - max_drop (H0: = parent's)."""
+    false_alarm: float = 0.05
+    """alpha: the chance of rolling back a version as good as its parent (Wald's SPRT error rate)."""
+    miss: float = 0.1
+    """beta: the chance of keeping a version that is max_drop worse."""
+    min_parent_votes: int = 50
+    """The parent's approval is only trusted (and the test only run) once it has this many votes."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "max_drop", "false_alarm", "miss", "min_parent_votes")
+        if self.false_alarm + self.miss >= 1.0 or self.max_drop >= 1.0:
+            raise ValueError("watch: false_alarm + miss must be < 1 and max_drop < 1")
+
+
+@dataclass(frozen=True)
 class SFTConfig:
     """`rlhf sft`: supervised fine-tuning on demonstrations (assistant tokens only)."""
 
@@ -325,6 +346,7 @@ class TrainerConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     gate: GateConfig = field(default_factory=GateConfig)
+    watch: WatchConfig = field(default_factory=WatchConfig)
 
     def replace(self, **sections: dict) -> "TrainerConfig":
         """A copy with some fields overridden: `cfg.replace(ppo={"lr": 1e-4})`."""

@@ -36,6 +36,13 @@ consumer_lag = Gauge("rlhf_trainer_consumer_lag", "Records the broker holds beyo
                      "partition (the high watermark of the last fetch minus the position)", ["topic", "partition"])
 
 
+rollbacks = Counter("rlhf_trainer_rollbacks", "Promoted versions rolled back by the live-approval watch")
+watch_llr = Gauge("rlhf_trainer_watch_llr", "The live-approval watch's log-likelihood ratio for LATEST against its "
+                  "parent (rolls back at the upper bound, keeps at the lower)")
+voters_capped = Gauge("rlhf_trainer_voters_capped", "Voters whose votes the influence cap down-weighted, last round")
+voter_share = Gauge("rlhf_trainer_max_voter_share", "The largest share of a round's votes one voter cast, before the cap")
+
+
 def serve(host: str, port: int) -> None:
     """/metrics on host:port from a daemon thread (prometheus_client's own server)."""
     start_http_server(port, addr=host)
@@ -54,6 +61,9 @@ def observe_round(report: dict) -> None:
         if report[policy]:
             reward.labels(policy=policy).set(report[policy]["reward"])
             kl_to_reference.labels(policy=policy).set(report[policy]["kl_to_ref"])
+    if report["voters"]:
+        voters_capped.set(report["voters"]["capped"])
+        voter_share.set(report["voters"]["max_share"])
     if math.isfinite(report["kl_coef"]):  # NaN in a round skipped before PPO
         kl_coef.set(report["kl_coef"])
     policy_version.set(report["version"] if report["promoted"] else report["version_before"])
@@ -68,3 +78,10 @@ def observe_state(version: int, labels_stored: int, last_vote_ts: float | None,
         last_vote.set(last_vote_ts)
     for (topic, partition), records in lag.items():
         consumer_lag.labels(topic=topic, partition=str(partition)).set(records)
+
+
+def observe_watch(verdict) -> None:
+    """The live-approval watch's last verdict (trainer/watch.py)."""
+    watch_llr.set(verdict.llr)
+    if verdict.decision == "roll back":
+        rollbacks.inc()

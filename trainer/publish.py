@@ -60,16 +60,18 @@ class Publisher:
         else:
             raise RuntimeError("could not claim a policy version number after 3 tries")
         killpoint("publish:written")
-        return self.announce(version)
+        update = self.announce(version)
+        self.store.set(self.intent_key, None)
+        return update
 
-    def announce(self, version: int) -> PolicyUpdate:
+    def announce(self, version: int, rollback_of: int | None = None) -> PolicyUpdate:
+        """A PolicyUpdate for `version` (or for the move back to it from `rollback_of`), acked by Kafka."""
         manifest = self.policies.manifest(version)
         update = PolicyUpdate(version=version, parent_version=manifest.parent_version,
-                              base_version=manifest.base_version, uri=str(self.policies.path(version)),
-                              files=manifest.files, metrics=manifest.metrics)
+                              base_version=manifest.base_version, rollback_of=rollback_of,
+                              uri=str(self.policies.path(version)), files=manifest.files, metrics=manifest.metrics)
         # one key: every update lands in one partition, so replicas see versions in order
         self.producer.send(self.settings.topic_policy_updates, key=b"policy", value=update.to_bytes()).get(timeout=30)
-        self.store.set(self.intent_key, None)
         return update
 
     def recover(self) -> PolicyUpdate | None:
@@ -85,4 +87,6 @@ class Publisher:
         if (self.policies.latest() or 0) < version:
             self.policies.set_latest(version)
         log.info("re-announcing policy version %d after an interrupted publish", version)
-        return self.announce(version)
+        update = self.announce(version)
+        self.store.set(self.intent_key, None)
+        return update

@@ -285,6 +285,13 @@ class LabelStore:
                 out.append(Example(rid, choice, key, json.loads(messages), completion, rating, w, version))
         return out
 
+    def approval_by_version(self) -> dict[int, tuple[int, int]]:
+        """policy version -> (up-votes, down-votes): every live vote on a response that version gave."""
+        return {v: (up, down) for v, up, down in self.db.execute(
+            "SELECT i.policy_version, SUM(v.rating > 0), SUM(v.rating < 0) FROM votes v JOIN interactions i ON "
+            "v.response_id = i.response_id AND v.choice_index = i.choice_index WHERE v.deleted = 0 "
+            "GROUP BY i.policy_version")}
+
     def voter_counts(self) -> dict[str, int]:
         """Live joined votes per voter (votes without a voter count as their own voter each)."""
         return dict(self.db.execute(
