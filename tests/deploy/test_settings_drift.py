@@ -79,6 +79,7 @@ THIRD_PARTY = {
     "PATH": "the image puts its venv first",
     "PYTHONUNBUFFERED": "log lines reach `kubectl logs` as they happen",
     "OMP_NUM_THREADS": "torch's thread pool, sized to the pod's CPU request",
+    "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "torchrun's wait for its ranks to stop on SIGTERM, inside the trainer's grace period",
 }
 
 
