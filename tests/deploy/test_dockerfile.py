@@ -31,15 +31,17 @@ import pytest
 from deploy_support import (
     DOCKERFILE,
     DOCKERIGNORE,
+    OVERLAYS,
     ROOT,
     Instruction,
     container_env,
     dockerfile,
     env_pairs,
-    get,
     image_env,
     render,
+    rlhf_containers,
     substitute,
+    the_container,
 )
 
 from rlhf import tinylm
@@ -117,11 +119,10 @@ def test_model_is_baked_where_the_settings_point():
     assert src == dst == state_dir and models.is_relative_to(dst)
     env = image_env()
     assert Path(env["RLHF_MODEL"]).is_relative_to(dst)
-    for overlay in ("dev", "prod"):
+    for overlay in OVERLAYS:
         objs = render(overlay)
-        for name in ("rlhf-service", "rlhf-trainer"):
-            (c,) = get(objs, "Deployment", name)["spec"]["template"]["spec"]["containers"]
-            assert container_env(objs, c, env)["RLHF_MODEL"] == env["RLHF_MODEL"], f"{overlay} {name}"
+        for w, c in rlhf_containers(objs):
+            assert container_env(objs, c, env)["RLHF_MODEL"] == env["RLHF_MODEL"], f"{overlay} {w['metadata']['name']}"
 
 
 def test_state_dir_is_writable_in_the_image():
@@ -309,7 +310,7 @@ def test_install_steps_build_a_venv_that_serves(tmp_path, base_model_dir, broker
 
     # 4. start `rlhf serve` as the dev overlay configures it; volumes become directories
     objs = render("dev")
-    (c,) = get(objs, "Deployment", "rlhf-service")["spec"]["template"]["spec"]["containers"]
+    _, c = the_container(objs, "rlhf-service")
     pod_env = container_env(objs, c, image_env())
     mounts = {m["mountPath"]: tmp_path / "volumes" / m["name"] for m in c["volumeMounts"]}
     for path in mounts.values():

@@ -2,11 +2,14 @@
 
     .venv/bin/python -m pytest -q tests/deploy/test_settings_drift.py
 
-Both directions, for every overlay:
+Both directions, for every overlay (dev, prod, prod-multinode) and every container that
+runs the image: the service's StatefulSet, the trainer's Deployment, and a TrainJob's pods
+as Kubeflow Trainer builds them from the ClusterTrainingRuntime (deploy_support.trainjob_pods):
 - every variable the code reads (the fields of rlhf.contracts.Settings, the trainer's
   RLHF_<SECTION>_<FIELD> hyperparameters, and any other os.environ / os.getenv read in
   rlhf/, service/, trainer/, kernels/) is set by the image or the manifests, or listed
-  below as deliberately left at its default, or as no deployment setting at all;
+  below as deliberately left at its default (everywhere, or in one overlay), or as no
+  deployment setting at all;
 - every variable the image or the manifests set is read by the code (pydantic-settings
   ignores unknown RLHF_* names, so a typo there would otherwise pass silently), and every
   value parses.
@@ -45,6 +48,16 @@ DEFAULTED = {
     "RLHF_TRAIN_MAX_WAIT_S": "training cadence, tuned with the trainer",
     "RLHF_LATE_VOTE_WINDOW_S": "join window, tuned with the trainer (topic retention is far longer)",
 }
+# Settings one overlay leaves at the code's default while another sets them, and why.
+DEFAULTED_IN = {
+    "dev": {
+        "RLHF_KAFKA_SASL_MECHANISM": "dev's single broker is PLAINTEXT (in-cluster, NetworkPolicy-fenced): no SASL",
+        "RLHF_KAFKA_SASL_USERNAME": "no SASL in dev",
+        "RLHF_KAFKA_SASL_PASSWORD": "no SASL in dev",
+        "RLHF_KAFKA_SSL_CAFILE": "no TLS in dev",
+    },
+}
+
 # The trainer's hyperparameters (trainer/config.py, env RLHF_<SECTION>_<FIELD>) stay at
 # their documented, tested defaults unless an overlay sets one on the trainer.
 TRAINER_HYPERPARAMETERS = "defaults documented and tuned in trainer/config.py"
@@ -66,6 +79,7 @@ THIRD_PARTY = {
     "PATH": "the image puts its venv first",
     "PYTHONUNBUFFERED": "log lines reach `kubectl logs` as they happen",
     "OMP_NUM_THREADS": "torch's thread pool, sized to the pod's CPU request",
+    "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "torchrun's wait for its ranks to stop on SIGTERM, inside the trainer's grace period",
 }
 
 
@@ -173,10 +187,10 @@ def test_the_scan_finds_the_reads_it_must():
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_every_setting_the_code_reads_is_deployed(overlay):
     deployed = set().union(*deployed_env(overlay).values())
-    missing = sorted(settings_env() - deployed - set(DEFAULTED))
+    missing = sorted(settings_env() - deployed - set(DEFAULTED) - set(DEFAULTED_IN.get(overlay, {})))
     assert not missing, (f"{overlay}: the code reads {missing} but the deployment neither sets them "
                          "(k8s/base/config.env, an overlay's config.env, a pod spec, the Dockerfile) "
-                         "nor lists them in DEFAULTED with a reason")
+                         "nor lists them in DEFAULTED or DEFAULTED_IN with a reason")
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -210,12 +224,24 @@ def test_every_deployed_value_parses(overlay):
 def test_allow_lists_are_current():
     read = code_env()
     assert not set(DEFAULTED) - settings_env(), f"DEFAULTED names settings that no longer exist: {set(DEFAULTED) - settings_env()}"
+    assert set(DEFAULTED_IN) <= set(OVERLAYS), f"DEFAULTED_IN names overlays that do not exist: {set(DEFAULTED_IN) - set(OVERLAYS)}"
+    for overlay, names in DEFAULTED_IN.items():
+        assert not set(names) - settings_env(), f"DEFAULTED_IN[{overlay!r}] names settings that no longer exist"
+        assert not set(names) & set(DEFAULTED), "a setting defaulted everywhere belongs in DEFAULTED only"
     assert not set(NOT_DEPLOYMENT_SETTINGS) - set(read), f"no code reads {set(NOT_DEPLOYMENT_SETTINGS) - set(read)} any more"
     for overlay in OVERLAYS:
         deployed = set().union(*deployed_env(overlay).values())
         assert not set(DEFAULTED) & deployed, f"{overlay} sets {set(DEFAULTED) & deployed}: take them out of DEFAULTED"
+        stale = set(DEFAULTED_IN.get(overlay, {})) & deployed
+        assert not stale, f"{overlay} sets {stale}: take them out of DEFAULTED_IN[{overlay!r}]"
         assert not set(NOT_DEPLOYMENT_SETTINGS) & deployed, f"{overlay} sets {set(NOT_DEPLOYMENT_SETTINGS) & deployed}"
         assert set(THIRD_PARTY) <= deployed, f"THIRD_PARTY lists {set(THIRD_PARTY) - deployed}, which nothing sets"
+
+
+def test_every_container_that_runs_the_image_is_covered():
+    """The service, the trainer Deployment, and where one trains, the TrainJob's pods (container `node`)."""
+    assert set(deployed_env("prod")) == {"rlhf-service/service", "rlhf-trainer/trainer"}
+    assert set(deployed_env("prod-multinode")) == {"rlhf-service/service", "rlhf-trainer/trainer", "rlhf-trainer/node"}
 
 
 def test_image_sets_what_the_cli_would_default():
