@@ -52,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="run on this many local ranks: re-executes itself under `torchrun --standalone "
                          "--nproc_per_node N --max-restarts 3` (multi-node: call torchrun yourself)")
     config.add_arguments(ap)
+    ap.add_argument("--algorithm", dest="train.algorithm", choices=["ppo", "grpo", "rloo", "kto", "dpo"],
+                    help="= --train.algorithm (env RLHF_TRAIN_ALGORITHM): how the policy learns from the votes")
     args = ap.parse_args(argv)
     if args.nproc:
         return _exec_torchrun(args.nproc, argv if argv is not None else sys.argv[2:])

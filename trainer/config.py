@@ -40,6 +40,11 @@ LORA_AUTO_MIN_PARAMS = 50_000_000  # train.adapter=auto picks LoRA from here on
 class TrainConfig:
     """What trains: all weights or LoRA adapters (peft) over a frozen base."""
 
+    algorithm: Literal["ppo", "grpo", "rloo", "kto", "dpo"] = "ppo"
+    """How the policy learns from the votes: ppo (reward model + PPO with a value head), grpo / rloo
+    (reward model, k answers per prompt, a group baseline instead of a critic), kto (the thumbs
+    themselves, unpaired), dpo (pairs of a liked and a disliked answer to one prompt). The same
+    reward model, gate and publishing for all; docs/trainer.md compares them on one bench."""
     adapter: Literal["auto", "full", "lora"] = "auto"
     """full: every weight trains, a version is a full checkpoint; lora: LoRA adapters on a frozen
     base (the reference), a version is the adapter (megabytes) and the reference is the base
@@ -220,11 +225,18 @@ class PPOConfig:
     """Sequences per no-grad forward when scoring rollouts (TRL local_rollout_forward_batch_size 64)."""
     seed: int = 0
     """Seed for rollout sampling and minibatch order; round r uses seed + r."""
+    group_size: int = 4
+    """grpo / rloo: answers per prompt, the group whose mean is each answer's baseline; a rollout
+    batch then asks rollout_prompts / group_size prompts (the same number of answers as ppo).
+    GRPO's paper samples 64 at 7B; 4 keeps the prompts varied at this batch size."""
 
     def __post_init__(self) -> None:
         _positive(self, "rollout_prompts", "rollout_batches", "max_new_tokens", "temperature", "ppo_epochs",
                   "minibatch_size", "lr", "max_grad_norm", "clip_range", "clip_range_value", "reward_clip",
                   "kl_horizon", "forward_batch_size")
+        if self.group_size < 2 or self.rollout_prompts % self.group_size:
+            raise ValueError(f"ppo.group_size must be >= 2 and divide ppo.rollout_prompts ({self.rollout_prompts}), "
+                             f"got {self.group_size}")
         _non_negative(self, "vf_coef", "entropy_coef", "init_kl_coef", "reference_version")
         if not (0.0 < self.gamma <= 1.0 and 0.0 <= self.lam <= 1.0):
             raise ValueError(f"ppo.gamma must be in (0, 1] and ppo.lam in [0, 1], got {self.gamma}, {self.lam}")
@@ -232,6 +244,31 @@ class PPOConfig:
             raise ValueError(f"ppo.kl_target must be > 0 or None, got {self.kl_target}")
         if self.minibatch_size > self.rollout_prompts:
             raise ValueError("ppo.minibatch_size must not exceed ppo.rollout_prompts")
+
+
+@dataclass(frozen=True)
+class DirectConfig:
+    """kto and dpo (train.algorithm): learning from the stored thumbs without rollouts."""
+
+    beta: float = 0.1
+    """How far from the reference the log-ratio may go before the loss flattens (TRL's KTO and DPO beta 0.1)."""
+    lr: float = 1e-4
+    """AdamW learning rate. TRL's KTOConfig / DPOConfig 1e-6 at 7B; the 0.7M embedded model needs
+    a far larger step (tuned, as ppo.lr)."""
+    batch_size: int = 16
+    """Answers (kto) or pairs (dpo) per step."""
+    epochs: float = 1.0
+    """Passes over the stored labels per round."""
+    max_steps: int = 24
+    """Cap on steps per round, so rounds stay short as labels accumulate."""
+    desirable_weight: float = 1.0
+    """KTO's lambda_D, the weight of a thumbs-up answer's loss (TRL default 1)."""
+    undesirable_weight: float = 1.0
+    """KTO's lambda_U, the weight of a thumbs-down answer's loss (TRL default 1; the KTO paper
+    suggests lambda_D n_D / (lambda_U n_U) in [1, 4/3] when the classes are unbalanced)."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "beta", "lr", "batch_size", "epochs", "max_steps", "desirable_weight", "undesirable_weight")
 
 
 @dataclass(frozen=True)
@@ -264,10 +301,9 @@ class GateConfig:
     """Fixed prompts with rule checks that must not regress (a JSONL of {"messages", "checks"};
     trainer/guard_set.jsonl, 'builtin', is for the embedded model's domain; give your own for
     yours; none turns it off). Checks: mentions, min_words, max_words, not_contains, max_repeat, taste."""
-    guard_samples: int = 2
-    """Answers per guard prompt and policy (seeded, the same noise for both)."""
     guard_tolerance: float = 0.1
-    """The candidate's guard pass rate may fall at most this much below the current policy's."""
+    """The candidate's guard pass rate (greedy answers) may fall at most this much below the current
+    policy's (0.1: one prompt of the built-in twelve)."""
     min_rm_auroc: float = 0.6
     """The judge: a learned reward model's held-out AUROC, at its lower 95 % confidence bound
     (Hanley-McNeil, for the number of held-out up and down votes), must be at least this, or no
@@ -278,7 +314,7 @@ class GateConfig:
     (a judge whose approval disagrees with the users' is optimised in the wrong direction). 0 turns it off."""
 
     def __post_init__(self) -> None:
-        _positive(self, "eval_responses", "max_kl", "guard_samples")
+        _positive(self, "eval_responses", "max_kl")
         _non_negative(self, "max_length_ratio", "min_distinct_ratio", "guard_tolerance", "min_rm_auroc",
                       "max_rm_approval_gap")
         if not 0.0 <= self.min_length_ratio <= 1.0:
@@ -345,6 +381,7 @@ class TrainerConfig:
     consumer: ConsumerConfig = field(default_factory=ConsumerConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    direct: DirectConfig = field(default_factory=DirectConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     watch: WatchConfig = field(default_factory=WatchConfig)
 
@@ -382,6 +419,7 @@ def model_defaults(model_dir: str | Path, params: int, device_type: str, adapter
         lora = TrainConfig(adapter=adapter).resolved_adapter(params) == "lora"
         out["ppo"] = {"lr": 3e-5 if lora else 3e-6}
         out["reward"] = {"lr": 9e-5 if lora else 9e-6}
+        out["direct"] = {"lr": 1e-5 if lora else 1e-6}  # TRL's KTOConfig / DPOConfig 1e-6; x10 for LoRA
         if device_type == "cpu":
             out["ppo"].update(rollout_prompts=16, rollout_batches=1, ppo_epochs=2, minibatch_size=8,
                               max_new_tokens=32, forward_batch_size=16)

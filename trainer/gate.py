@@ -10,7 +10,7 @@ independent samples), and are measured the same way:
                over the vocabulary (kernels.full_kl), nats per response,
 * length:      mean response length in tokens,
 * distinct_2:  distinct token bigrams / bigrams over all responses (repetition shows here),
-* guard_pass:  share of the guard set's answers (fixed prompts, rule checks) that pass.
+* guard_pass:  share of the guard set's greedy answers (fixed prompts, rule checks) that pass.
 
 `decide` runs every check of GateConfig (each can be turned off) and promotes only if all
 pass; the checks and their values go to rounds.jsonl. The judge's own checks use the reward
@@ -76,10 +76,10 @@ def evaluate(
     policy, reference, tokenizer, reward_fn: RewardFn, prompts: list[list[dict]], *, seed: int,
     eos_ids: Collection[int], max_new_tokens: int, temperature: float, max_prompt_tokens: int, batch_size: int,
     autocast_dtype: torch.dtype = torch.float32, dist: Dist = Dist(), guard: list[GuardPrompt] = (),
-    guard_samples: int = 2,
 ) -> PolicyEval:
     """Sample one response per prompt (seeded), score, measure exact KL to the reference, length and
-    distinct-2; then `guard_samples` answers per guard prompt, checked by its rules.
+    distinct-2; then the greedy answer to each guard prompt, checked by its rules (greedy: a
+    regression check must not depend on sampling luck).
 
     The prompts are split across ranks and the results gathered; prompt i draws its noise from
     (seed, i) wherever it runs, so the evaluation does not depend on the number of ranks.
@@ -104,10 +104,9 @@ def evaluate(
     tokens = [t for r in rows for t in r[3]]
     guard_pass = None
     if guard:
-        plan = [g for g in guard for _ in range(guard_samples)]
-        answers = sample_([g.messages for g in plan], ("guard", seed), lambda *a: [a[-1]])
+        answers = sample_([g.messages for g in guard], seed, lambda *a: [a[-1]], temperature=0.0)
         texts = [t for chunk in answers for t in chunk[0]]
-        guard_pass = sum(passes(g, t) for g, t in zip(plan, texts)) / len(plan)
+        guard_pass = sum(passes(g, t) for g, t in zip(guard, texts)) / len(guard)
     policy.train(was_training)
     return PolicyEval(reward.mean().item(), kl.mean().item(), length.mean().item(), len(prompts),
                       distinct_2(tokens), guard_pass)

@@ -99,9 +99,9 @@ class Net:
 
 
 class PolicyWithValue(torch.nn.Module):
-    """What PPO trains: the policy and its value head, one module for DDP / FSDP2 to wrap."""
+    """What an algorithm trains: the policy and (PPO) its value head, one module for DDP / FSDP2 to wrap."""
 
-    def __init__(self, policy: Net, value_head: torch.nn.Linear):
+    def __init__(self, policy: Net, value_head: torch.nn.Linear | None):
         super().__init__()
         self.lm, self.value_head = policy.module, value_head  # registered: the wrappers see their parameters
         self.policy = policy  # not a module attribute of ours (a Net): switches the adapter around calls
@@ -114,7 +114,8 @@ class PolicyWithValue(torch.nn.Module):
                        value_head=self.value_head)
 
     def trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
-        return [*self.policy.named_trainable(), *(("value_head." + n, p) for n, p in self.value_head.named_parameters())]
+        head = [] if self.value_head is None else self.value_head.named_parameters()
+        return [*self.policy.named_trainable(), *(("value_head." + n, p) for n, p in head)]
 
 
 class RewardModel(torch.nn.Module):

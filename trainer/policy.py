@@ -69,7 +69,7 @@ def sample(
     R = the longest response (<= max_new_tokens); any of `eos_ids` ends a row (models often
     have several). Gumbel-max: argmax(z / T + g) with g ~ Gumbel(0, 1) draws from
     softmax(z / T) without forming probabilities; row i's noise comes from its own generator
-    seeded with seeds[i]. `lockstep(all_done) -> stop` lets ranks whose forwards are
+    seeded with seeds[i]. temperature 0: greedy. `lockstep(all_done) -> stop` lets ranks whose forwards are
     collectives (FSDP2) stop together (Dist.all); one rank stops when its rows are done.
     """
     B = query.shape[0]
@@ -83,9 +83,12 @@ def sample(
     done = torch.zeros(B, dtype=torch.bool, device=query.device)
     tokens, alive = [], []
     for _ in range(max_new_tokens):
-        u = torch.stack([torch.rand(logits.shape[-1], generator=g) for g in gens]).to(logits.device)  # (B, V)
-        gumbel = -torch.log(-torch.log(u.clamp(min=1e-20, max=1.0 - 1e-7)))
-        token = torch.argmax(logits.float() / temperature + gumbel, dim=-1)  # (B,)
+        if temperature == 0:
+            token = torch.argmax(logits, dim=-1)  # (B,)
+        else:
+            u = torch.stack([torch.rand(logits.shape[-1], generator=g) for g in gens]).to(logits.device)  # (B, V)
+            gumbel = -torch.log(-torch.log(u.clamp(min=1e-20, max=1.0 - 1e-7)))
+            token = torch.argmax(logits.float() / temperature + gumbel, dim=-1)  # (B,)
         alive.append(~done)
         tokens.append(torch.where(done, torch.full_like(token, pad_id), token))
         done = done | torch.isin(token, eos)

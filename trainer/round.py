@@ -1,7 +1,9 @@
 """One training round, top to bottom: consume -> reward model -> the gate's view of the current policy ->
-rollouts -> score -> PPO -> the gate's view of the candidate -> publish.
+the algorithm (ppo, grpo, rloo: rollouts -> score -> policy-gradient epochs; kto, dpo: the stored
+thumbs) -> the gate's view of the candidate -> publish.
 
     rlhf train --once                                       # one round on what is stored + what the broker holds
+    rlhf train --once --algorithm kto                       # the same data, another algorithm (train.algorithm)
     torchrun --nproc_per_node 2 -m rlhf.cli train --once    # the same round on two ranks (trainer/dist.py)
 
 `run_round` is called by the continuous loop in trainer/cli.py whenever enough new labels arrived,
@@ -32,9 +34,13 @@ from trainer import gate, metrics
 from trainer.dist import Dist
 from trainer.killpoints import killpoint
 from trainer.networks import PolicyWithValue, full_tensors, save_atomic
-from trainer.policy import autocast, decode, encode_prompts, left_pad, row_seeds, sample, score_against_reference
+from kernels import kl_penalty
+from trainer.objectives import dpo_loss, grpo_advantages, kto_loss, kto_reference_point, rloo_advantages
+from trainer.policy import (
+    autocast, decode, encode_prompts, forward, left_pad, row_seeds, sample, score_against_reference,
+)
 from trainer.ppo import Rollout, gae, masked_mean, masked_whiten, policy_loss, token_rewards, value_loss
-from trainer.reward_model import is_heldout, rule_reward, score, train_reward_model
+from trainer.reward_model import is_heldout, make_pairs, rule_reward, score, train_reward_model
 from trainer.state import TrainerState
 from trainer.store import Example, voter_weights
 
@@ -66,7 +72,8 @@ class RoundReport:
     consumed: dict = field(default_factory=dict)
     voters: dict = field(default_factory=dict)  # the influence cap's effect (RoundInputs.voters)
     reward_model: dict = field(default_factory=dict)
-    ppo: dict = field(default_factory=dict)
+    algorithm: str = "ppo"  # TrainConfig.algorithm
+    train: dict = field(default_factory=dict)  # the algorithm's statistics, averaged over its steps
     current: dict = field(default_factory=dict)  # gate's evaluation of the current policy
     candidate: dict = field(default_factory=dict)  # ... and of the candidate
     checks: dict = field(default_factory=dict)  # every gate check: passed, value, bound
@@ -106,7 +113,7 @@ def run_round(state: TrainerState, *, progress: bool = True, drain_s: float | No
     report = RoundReport(round=n, trigger_time=started, kl_bound=cfg.gate.max_kl, labels=len(inputs.examples),
                          votes=sum(e.n_votes for e in inputs.examples), new_labels=inputs.new_labels,
                          consumed=inputs.consumed, voters=inputs.voters, version_before=inputs.version, world_size=d.world,
-                         strategy=cfg.train.strategy, seconds=seconds)
+                         strategy=cfg.train.strategy, algorithm=cfg.train.algorithm, seconds=seconds)
     state.follow(inputs.version)  # LATEST as rank 0 read it: an `rlhf sft` or an operator may have moved it
     if not inputs.examples or not inputs.pool:
         report.reason = "no labelled examples yet"
@@ -136,92 +143,20 @@ def run_round(state: TrainerState, *, progress: bool = True, drain_s: float | No
                        seed=cfg.gate.eval_seed, eos_ids=state.eos_ids, max_new_tokens=cfg.ppo.max_new_tokens,
                        temperature=cfg.ppo.temperature, max_prompt_tokens=state.settings.max_prompt_tokens,
                        batch_size=cfg.ppo.forward_batch_size, autocast_dtype=state.dtype, dist=d,
-                       guard=state.guard_set, guard_samples=cfg.gate.guard_samples)
+                       guard=state.guard_set)
     with timer("gate"):
         current = evaluate(state.nets.policy)
     state.check_stop()
 
     # the policy (and value head) train in place from here; this snapshot restores them if the gate says no
     snapshot = state.nets.snapshot(state.value_head)
-    model = PolicyWithValue(state.nets.policy, state.value_head)
-    with state.nets.policy.active():  # DDP takes the parameters that require grad now: the policy adapter's (lora)
-        trainable = d.data_parallel(model)
-    params = [p for _, p in model.trainable()]
-    opt = torch.optim.AdamW(params, lr=cfg.ppo.lr, eps=1e-5)
-    perm_gen = torch.Generator().manual_seed(cfg.ppo.seed + n)
-    stats: dict[str, list[float]] = {}
     try:
-        for batch_idx in range(cfg.ppo.rollout_batches):
-            # 4. rollouts: the policy answers sampled logged prompts, each rank its share; row i of the
-            #    batch draws its noise from (seed, round, batch, i) wherever it runs
-            with timer("rollout"), _bar(progress, n, f"rollout {batch_idx + 1}/{cfg.ppo.rollout_batches}", "seq") as bar:
-                prompts = rng.choices(train_prompts, k=cfg.ppo.rollout_prompts)  # the same on every rank
-                mine, _ = d.shard(len(prompts))
-                query, query_mask = left_pad(encode_prompts(tok, [prompts[i] for i in mine], state.settings.max_prompt_tokens),
-                                             tok.pad_token_id, state.device)
-                state.nets.policy.eval()
-                with autocast(state.device, state.dtype):
-                    response, response_mask = sample(
-                        state.nets.policy, query, query_mask, max_new_tokens=cfg.ppo.max_new_tokens,
-                        temperature=cfg.ppo.temperature, eos_ids=state.eos_ids, pad_id=tok.pad_token_id,
-                        seeds=row_seeds(cfg.ppo.seed, n, batch_idx, rows=mine), lockstep=d.all if d.sharded else None)
-                    seen = score_against_reference(state.nets.policy, state.nets.reference, query, query_mask, response,
-                                                   response_mask, temperature=cfg.ppo.temperature,
-                                                   estimator=cfg.ppo.kl_estimator, batch_size=cfg.ppo.forward_batch_size,
-                                                   value_head=state.value_head)
-                state.nets.policy.train()
-                bar.update(len(prompts))
-
-            # 5. score with the reward model; per-token reward = -beta * KL, + score at the end; GAE over the whole batch
-            with timer("score"):
-                scores = reward_fn([prompts[i] for i in mine], decode(tok, response, response_mask)).to(state.device).float()
-                rollout = _gather_rollout(d, state.device, query=query, query_mask=query_mask, response=response,
-                                          response_mask=response_mask, logprobs=seen.logprobs, ref_logprobs=seen.ref_logprobs,
-                                          values=seen.values, kl=seen.kl, entropy=seen.entropy,
-                                          scores=scores.clamp(-cfg.ppo.reward_clip, cfg.ppo.reward_clip))
-                rewards = token_rewards(rollout.scores, rollout.kl, rollout.response_mask, state.kl_ctl.value,
-                                        cfg.ppo.reward_clip)
-                advantages, returns = gae(rewards, rollout.values, rollout.response_mask, cfg.ppo.gamma, cfg.ppo.lam)
-                if cfg.ppo.whiten_advantages:
-                    advantages = masked_whiten(advantages, rollout.response_mask)
-                rollout = rollout._replace(rewards=rewards, advantages=advantages, returns=returns)
-                seq_kl = rollout.kl.sum(1).mean().item()
-                _log(stats, score=rollout.scores.mean().item(), kl=seq_kl, kl_coef=state.kl_ctl.value,
-                     entropy=masked_mean(rollout.entropy, rollout.response_mask).item(),
-                     length=rollout.response_mask.sum(1).float().mean().item())
-            state.check_stop()
-
-            # 6. PPO epochs over minibatches of this rollout; each rank takes its share of a minibatch and
-            #    normalises by the whole minibatch's tokens, so the averaged gradients are the minibatch's
-            steps = cfg.ppo.ppo_epochs * math.ceil(len(prompts) / cfg.ppo.minibatch_size)
-            with timer("ppo"), _bar(progress, n, f"ppo {batch_idx + 1}/{cfg.ppo.rollout_batches}", "step", steps) as bar:
-                for _ in range(cfg.ppo.ppo_epochs):
-                    perm = torch.randperm(len(prompts), generator=perm_gen)  # the same on every rank
-                    for s in _slices(len(prompts), cfg.ppo.minibatch_size):
-                        rows = perm[s]
-                        tokens = rollout.response_mask[rows.to(state.device)].sum().item()
-                        mine_mb, real = d.shard(len(rows))
-                        mb = rollout.select(rows[mine_mb[:real]].to(state.device))
-                        with autocast(state.device, state.dtype):
-                            new = trainable(mb.query, mb.query_mask, mb.response, mb.response_mask,
-                                            temperature=cfg.ppo.temperature)
-                        pg_loss, pg_stats = policy_loss(new.logprobs, mb.logprobs, mb.advantages, mb.response_mask,
-                                                        cfg.ppo.clip_range, num_tokens=tokens)
-                        vf_loss, vf_clipfrac = value_loss(new.values, mb.values, mb.returns, mb.response_mask,
-                                                          cfg.ppo.clip_range_value, num_tokens=tokens)
-                        ent = masked_mean(new.entropy, mb.response_mask, tokens)
-                        loss = pg_loss + cfg.ppo.vf_coef * vf_loss - cfg.ppo.entropy_coef * ent
-                        opt.zero_grad(set_to_none=True)
-                        (loss * d.world).backward()  # DDP / FSDP2 average the ranks' gradients: their sum is the minibatch's
-                        torch.nn.utils.clip_grad_norm_(params, cfg.ppo.max_grad_norm)
-                        opt.step()
-                        _log(stats, pg_loss=d.sum(pg_loss.item()), vf_loss=d.sum(vf_loss.item()),
-                             clipfrac=pg_stats["clipfrac"].item(), approx_kl=pg_stats["approx_kl"].item(),
-                             vf_clipfrac=vf_clipfrac.item())
-                        bar.update(1)
-                        state.check_stop()
-            state.kl_ctl.update(seq_kl, len(prompts))
-        report.ppo = {k: sum(v) / len(v) for k, v in stats.items()}
+        # 4-6. the algorithm moves the policy (train.algorithm): from fresh rollouts scored by the reward
+        #      function (ppo, grpo, rloo), or from the stored thumbs themselves (kto, dpo)
+        if cfg.train.algorithm in ("kto", "dpo"):
+            report.train = _learn_from_labels(state, inputs.examples, n, timer, progress)
+        else:
+            report.train = _learn_from_rollouts(state, reward_fn, train_prompts, rng, n, timer, progress)
         report.kl_coef = state.kl_ctl.value
         killpoint("round:trained")
 
@@ -238,7 +173,7 @@ def run_round(state: TrainerState, *, progress: bool = True, drain_s: float | No
         # 8. publish: policy store version + PolicyUpdate (rank 0; every rank helps gather FSDP2's shards first)
         with timer("publish"):
             if report.promoted:
-                weights, head = state.nets.gather(), full_tensors(state.value_head.named_parameters())
+                weights, head = state.nets.gather(), full_tensors(state.value_head.named_parameters())  # (every rank)
                 state.version = report.version = d.main_only(lambda: state.publisher.publish(
                     partial(state.nets.write, weights, tok), parent_version=state.version,
                     base_version=state.nets.base_version if state.nets.layout == "lora" else None, metrics={
@@ -253,6 +188,195 @@ def run_round(state: TrainerState, *, progress: bool = True, drain_s: float | No
         state.nets.restore(snapshot, state.value_head)  # an aborted round leaves the current policy as it was
         raise
     return _finish(state, report, inputs.label_seq)
+
+
+def _learn_from_rollouts(state: TrainerState, reward_fn, train_prompts: list[list[dict]], rng: random.Random,
+                         n: int, timer: "_PhaseTimer", progress: bool) -> dict:
+    """Steps 4-6 of ppo, grpo and rloo: sample, score, and clipped policy-gradient epochs over minibatches.
+    They differ only in the advantage (and where the KL leash goes):
+        ppo:  GAE with the value head over per-token rewards (-beta * KL each token, + score at the end)
+        grpo: (score - group mean) / group std, shared by an answer's tokens; beta * k3 KL in the loss
+        rloo: (score - beta * KL) minus the mean of the group's other answers'; no value head
+    grpo and rloo answer rollout_prompts / group_size prompts group_size times each."""
+    cfg, tok, d, algo = state.cfg, state.tokenizer, state.dist, state.cfg.train.algorithm
+    group = 1 if algo == "ppo" else cfg.ppo.group_size
+    value_head = state.value_head if algo == "ppo" else None
+    model = PolicyWithValue(state.nets.policy, value_head)
+    with state.nets.policy.active():  # DDP takes the parameters that require grad now: the policy adapter's (lora)
+        trainable = d.data_parallel(model)
+    params = [p for _, p in model.trainable()]
+    opt = torch.optim.AdamW(params, lr=cfg.ppo.lr, eps=1e-5)
+    perm_gen = torch.Generator().manual_seed(cfg.ppo.seed + n)
+    stats: dict[str, list[float]] = {}
+    for batch_idx in range(cfg.ppo.rollout_batches):
+        # 4. rollouts: the policy answers sampled logged prompts, each rank its share; row i of the
+        #    batch draws its noise from (seed, round, batch, i) wherever it runs
+        with timer("rollout"), _bar(progress, n, f"rollout {batch_idx + 1}/{cfg.ppo.rollout_batches}", "seq") as bar:
+            asked = rng.choices(train_prompts, k=cfg.ppo.rollout_prompts // group)  # the same on every rank
+            prompts = [p for p in asked for _ in range(group)]  # a group's answers are neighbours
+            mine, _ = d.shard(len(prompts))
+            query, query_mask = left_pad(encode_prompts(tok, [prompts[i] for i in mine], state.settings.max_prompt_tokens),
+                                         tok.pad_token_id, state.device)
+            state.nets.policy.eval()
+            with autocast(state.device, state.dtype):
+                response, response_mask = sample(
+                    state.nets.policy, query, query_mask, max_new_tokens=cfg.ppo.max_new_tokens,
+                    temperature=cfg.ppo.temperature, eos_ids=state.eos_ids, pad_id=tok.pad_token_id,
+                    seeds=row_seeds(cfg.ppo.seed, n, batch_idx, rows=mine), lockstep=d.all if d.sharded else None)
+                seen = score_against_reference(state.nets.policy, state.nets.reference, query, query_mask, response,
+                                               response_mask, temperature=cfg.ppo.temperature,
+                                               estimator=cfg.ppo.kl_estimator, batch_size=cfg.ppo.forward_batch_size,
+                                               value_head=value_head)
+            state.nets.policy.train()
+            bar.update(len(prompts))
+
+        # 5. score with the reward function; the algorithm's advantages over the whole batch
+        with timer("score"):
+            scores = reward_fn([prompts[i] for i in mine], decode(tok, response, response_mask)).to(state.device).float()
+            values = seen.values if value_head is not None else torch.zeros_like(seen.logprobs)
+            rollout = _gather_rollout(d, state.device, query=query, query_mask=query_mask, response=response,
+                                      response_mask=response_mask, logprobs=seen.logprobs, ref_logprobs=seen.ref_logprobs,
+                                      values=values, kl=seen.kl, entropy=seen.entropy,
+                                      scores=scores.clamp(-cfg.ppo.reward_clip, cfg.ppo.reward_clip))
+            beta, mask = state.kl_ctl.value, rollout.response_mask
+            if algo == "ppo":
+                rewards = token_rewards(rollout.scores, rollout.kl, mask, beta, cfg.ppo.reward_clip)
+                advantages, returns = gae(rewards, rollout.values, mask, cfg.ppo.gamma, cfg.ppo.lam)
+                if cfg.ppo.whiten_advantages:
+                    advantages = masked_whiten(advantages, mask)
+            else:
+                if algo == "grpo":
+                    sequence = grpo_advantages(rollout.scores, group)
+                else:
+                    sequence = rloo_advantages(rollout.scores - beta * rollout.kl.sum(1), group)
+                advantages = sequence[:, None] * mask  # (B, R): every token of an answer shares its advantage
+                rewards, returns = torch.zeros_like(advantages), torch.zeros_like(advantages)
+            rollout = rollout._replace(rewards=rewards, advantages=advantages, returns=returns)
+            seq_kl = rollout.kl.sum(1).mean().item()
+            _log(stats, score=rollout.scores.mean().item(), kl=seq_kl, kl_coef=beta,
+                 entropy=masked_mean(rollout.entropy, mask).item(), length=mask.sum(1).float().mean().item())
+        state.check_stop()
+
+        # 6. policy-gradient epochs over minibatches of this rollout; each rank takes its share of a minibatch
+        #    and normalises by the whole minibatch's tokens, so the averaged gradients are the minibatch's
+        steps = cfg.ppo.ppo_epochs * math.ceil(len(prompts) / cfg.ppo.minibatch_size)
+        with timer("ppo"), _bar(progress, n, f"{algo} {batch_idx + 1}/{cfg.ppo.rollout_batches}", "step", steps) as bar:
+            for _ in range(cfg.ppo.ppo_epochs):
+                perm = torch.randperm(len(prompts), generator=perm_gen)  # the same on every rank
+                for s in _slices(len(prompts), cfg.ppo.minibatch_size):
+                    rows = perm[s]
+                    tokens = rollout.response_mask[rows.to(state.device)].sum().item()
+                    mine_mb, real = d.shard(len(rows))
+                    mb = rollout.select(rows[mine_mb[:real]].to(state.device))
+                    with autocast(state.device, state.dtype):
+                        new = trainable(mb.query, mb.query_mask, mb.response, mb.response_mask,
+                                        temperature=cfg.ppo.temperature)
+                    pg_loss, pg_stats = policy_loss(new.logprobs, mb.logprobs, mb.advantages, mb.response_mask,
+                                                    cfg.ppo.clip_range, num_tokens=tokens)
+                    loss = pg_loss - cfg.ppo.entropy_coef * masked_mean(new.entropy, mb.response_mask, tokens)
+                    if algo == "ppo":
+                        vf_loss, vf_clipfrac = value_loss(new.values, mb.values, mb.returns, mb.response_mask,
+                                                          cfg.ppo.clip_range_value, num_tokens=tokens)
+                        loss = loss + cfg.ppo.vf_coef * vf_loss
+                        _log(stats, vf_loss=d.sum(vf_loss.item()), vf_clipfrac=vf_clipfrac.item())
+                    elif algo == "grpo":
+                        kl_loss = masked_mean(kl_penalty(new.logprobs, mb.ref_logprobs, "k3"), mb.response_mask, tokens)
+                        loss = loss + beta * kl_loss
+                        _log(stats, kl_loss=d.sum(kl_loss.item()))
+                    opt.zero_grad(set_to_none=True)
+                    (loss * d.world).backward()  # DDP / FSDP2 average the ranks' gradients: their sum is the minibatch's
+                    torch.nn.utils.clip_grad_norm_(params, cfg.ppo.max_grad_norm)
+                    opt.step()
+                    _log(stats, pg_loss=d.sum(pg_loss.item()), clipfrac=pg_stats["clipfrac"].item(),
+                         approx_kl=pg_stats["approx_kl"].item())
+                    bar.update(1)
+                    state.check_stop()
+        state.kl_ctl.update(seq_kl, len(prompts))
+    return {k: sum(v) / len(v) for k, v in stats.items()}
+
+
+def _learn_from_labels(state: TrainerState, examples: list[Example], n: int, timer: "_PhaseTimer",
+                       progress: bool) -> dict:
+    """Steps 4-6 of kto and dpo: no rollouts, no reward model in the update; the stored answers and their
+    thumbs are the data (the reward model still trains and is still the gate's judge).
+        kto: every answer with a net thumbs-up is desirable, net thumbs-down undesirable (kto_loss)
+        dpo: pairs of a liked and a disliked answer to the same prompt (dpo_loss)
+    Held-out answers (reward.heldout_fraction) are left out, as for the reward model."""
+    cfg, tok, d, algo = state.cfg, state.tokenizer, state.dist, state.cfg.train.algorithm
+    direct = cfg.direct
+    rng = random.Random(cfg.ppo.seed + n)
+    train = [e for e in examples if e.rating != 0 and not is_heldout(e.response_id, cfg.reward.heldout_fraction)]
+    pairs = make_pairs(train, cfg.reward.max_pairs_per_prompt, rng) if algo == "dpo" else []
+    items = len(pairs) if algo == "dpo" else len(train)
+    steps = min(direct.max_steps, math.ceil(direct.epochs * items / direct.batch_size)) if items else 0
+    model = PolicyWithValue(state.nets.policy, None)
+    with state.nets.policy.active():
+        trainable = d.data_parallel(model)
+    params = [p for _, p in model.trainable()]
+    opt = torch.optim.AdamW(params, lr=direct.lr, eps=1e-5)
+    stats: dict[str, list[float]] = {}
+
+    def logratios(batch: list[tuple[list[dict], str]], grad: bool) -> torch.Tensor:
+        """(B,) log pi(answer | prompt) - log pi_ref(answer | prompt), summed over the answer's tokens."""
+        query, query_mask = left_pad(encode_prompts(tok, [p for p, _ in batch], state.settings.max_prompt_tokens),
+                                     tok.pad_token_id, state.device)
+        answers = [tok(a, add_special_tokens=False)["input_ids"][:cfg.ppo.max_new_tokens - 1] + [min(state.eos_ids)]
+                   for _, a in batch]
+        response, response_mask = _right_pad(answers, tok.pad_token_id, state.device)
+        with autocast(state.device, state.dtype):
+            with torch.no_grad():
+                ref = forward(state.nets.reference, query, query_mask, response, response_mask,
+                              temperature=1.0).logprobs.sum(1)
+            with torch.enable_grad() if grad else torch.no_grad():
+                pol = trainable(query, query_mask, response, response_mask, temperature=1.0).logprobs.sum(1)
+        return pol - ref
+
+    order: list[int] = []
+    with timer("ppo"), _bar(progress, n, algo, "step", steps) as bar:
+        for _ in range(steps):
+            if len(order) < direct.batch_size:
+                order += rng.sample(range(items), items)
+            batch, order = order[:direct.batch_size], order[direct.batch_size:]
+            positions, real = d.shard(len(batch))
+            positions = positions[:real]
+            mine = [batch[j] for j in positions]
+            if algo == "kto":
+                rows = [train[i] for i in mine]
+                shifted = [train[batch[(j + 1) % len(batch)]] for j in positions]  # (x_i, y_{i+1}): mismatched pairs
+                local = logratios([(r.messages, s.completion) for r, s in zip(rows, shifted)], grad=False).tolist()
+                z0 = kto_reference_point(torch.tensor([x for part in d.gather(local) for x in part]))
+                weight_total = sum(train[i].n_votes for i in batch)
+                r = logratios([(e.messages, e.completion) for e in rows], grad=True)
+                loss = kto_loss(r, torch.tensor([e.rating > 0 for e in rows], device=state.device),
+                                torch.tensor([e.n_votes for e in rows], device=state.device), z0, beta=direct.beta,
+                                desirable_weight=direct.desirable_weight, undesirable_weight=direct.undesirable_weight,
+                                weight_total=weight_total)
+                _log(stats, z0=z0.item(), logratio=d.sum(r.sum().item()) / len(batch))
+            else:
+                chosen = logratios([(train[a].messages, train[a].completion) for a, _ in (pairs[i] for i in mine)], True)
+                rejected = logratios([(train[b].messages, train[b].completion) for _, b in (pairs[i] for i in mine)], True)
+                loss = dpo_loss(chosen, rejected, beta=direct.beta, pair_total=len(batch))
+                _log(stats, margin=d.sum((chosen - rejected).sum().item()) / len(batch))
+            opt.zero_grad(set_to_none=True)
+            (loss * d.world).backward()  # DDP / FSDP2 average the ranks' gradients: their sum is the batch's
+            torch.nn.utils.clip_grad_norm_(params, cfg.ppo.max_grad_norm)
+            opt.step()
+            _log(stats, loss=d.sum(loss.item()))
+            bar.update(1)
+            state.check_stop()
+    return {"examples": float(len(train)), "pairs": float(len(pairs)), "steps": float(steps),
+            **{k: sum(v) / len(v) for k, v in stats.items()}}
+
+
+def _right_pad(seqs: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, R) ids and bool mask, sequences flush left."""
+    R = max(len(x) for x in seqs)
+    ids = torch.full((len(seqs), R), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(seqs), R, dtype=torch.bool)
+    for i, x in enumerate(seqs):
+        ids[i, :len(x)] = torch.tensor(x, dtype=torch.long)
+        mask[i, :len(x)] = True
+    return ids.to(device), mask.to(device)
 
 
 def _consume(state: TrainerState, progress: bool, drain_s: float | None) -> RoundInputs:

@@ -166,7 +166,7 @@ def _read(path: Path) -> dict[str, torch.Tensor] | None:
 def _check_divisible(cfg: TrainerConfig, world: int) -> None:
     """Batches split evenly across ranks: every rank runs as many steps as the others."""
     sizes = {"ppo.rollout_prompts": cfg.ppo.rollout_prompts, "ppo.minibatch_size": cfg.ppo.minibatch_size,
-             "reward.batch_size": cfg.reward.batch_size}
+             "reward.batch_size": cfg.reward.batch_size, "direct.batch_size": cfg.direct.batch_size}
     uneven = [f"{k}={v}" for k, v in sizes.items() if v % world]
     if uneven:
         raise ValueError(f"with {world} ranks, {', '.join(uneven)} must be multiples of {world}")

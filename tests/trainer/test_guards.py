@@ -45,7 +45,7 @@ def base(base_model_dir):
 def gate_eval(policy, reference, tok):
     return evaluate(policy, reference, tok, rule_reward("cheerful"), prompts(16, seed=5), seed=7,
                     eos_ids=eos_token_ids(reference, tok), max_new_tokens=24, temperature=1.0, max_prompt_tokens=512,
-                    batch_size=16, guard=load_guard_set("builtin"), guard_samples=2)
+                    batch_size=16, guard=load_guard_set("builtin"))
 
 
 def test_a_degenerate_candidate_that_games_the_reward_is_rejected_by_the_guards(base):
