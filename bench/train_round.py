@@ -137,7 +137,9 @@ def run(args: argparse.Namespace, path: str, adapter: str, nproc: int, traffic: 
         url = f"http://127.0.0.1:{port}"
         env = {**os.environ, "RLHF_STATE_DIR": str(state), "RLHF_MODEL": path, "PYTHONPATH": str(ROOT),
                "RLHF_KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap, "RLHF_ADMIN_PORT": str(free_port()),
-               "RLHF_TRAIN_ADAPTER": adapter, "RLHF_GATE_MIN_REWARD_GAIN": "-inf",
+               "RLHF_TRAIN_ADAPTER": adapter, "RLHF_GATE_MIN_REWARD_GAIN": "-inf", "RLHF_GATE_MAX_KL": "1e9",
+               "RLHF_GATE_MIN_RM_AUROC": "0", "RLHF_GATE_MAX_RM_APPROVAL_GAP": "0", "RLHF_GATE_GUARD_SET": "none",
+               "RLHF_GATE_MIN_DISTINCT_RATIO": "0", "RLHF_GATE_MAX_LENGTH_RATIO": "0", "RLHF_GATE_MIN_LENGTH_RATIO": "0",
                "RLHF_TRAIN_MIN_LABELS": str(args.labels), "RLHF_TRAIN_MAX_WAIT_S": "3600"}
         env.pop("BENTOML_HOME", None)
         service = serve.spawn("127.0.0.1", port, env, open(state / "service.log", "ab"))

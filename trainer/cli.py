@@ -144,6 +144,15 @@ def loop(state: TrainerState, settings: Settings, *, progress: bool) -> None:
             clock["round"] = time.monotonic()
 
 
+def budget_spent(state: TrainerState) -> bool:
+    """Rank 0: whether the last round found the KL budget spent for what LATEST is now, under the bound
+    this trainer runs with (a restart with a larger gate.max_kl, or LATEST moved, reopens it)."""
+    spent = state.store.get("budget_spent")
+    now = bool(spent) and spent["version"] == state.policies.latest() and spent["bound"] >= state.cfg.gate.max_kl
+    metrics.budget_spent.set(int(now))
+    return now
+
+
 def _poll_and_decide(state: TrainerState, settings: Settings, clock: dict[str, float]) -> bool:
     """Rank 0: one poll into the label store; True when a round is due."""
     try:
@@ -161,4 +170,11 @@ def _poll_and_decide(state: TrainerState, settings: Settings, clock: dict[str, f
     verdict = watch.check(state)  # the live-approval watch: may roll LATEST back to its parent
     if verdict is not None:
         metrics.observe_watch(verdict)
+    if budget_spent(state):
+        if not clock.get("told"):
+            log.warning("KL budget spent: %s. No rounds until LATEST moves; labels are still stored.",
+                        state.store.get("budget_spent")["why"])
+            clock["told"] = True
+        return False
+    clock["told"] = False
     return new >= settings.train_min_labels or (new > 0 and now - clock["round"] >= settings.train_max_wait_s)

@@ -234,9 +234,8 @@ class PPOConfig:
         _positive(self, "rollout_prompts", "rollout_batches", "max_new_tokens", "temperature", "ppo_epochs",
                   "minibatch_size", "lr", "max_grad_norm", "clip_range", "clip_range_value", "reward_clip",
                   "kl_horizon", "forward_batch_size")
-        if self.group_size < 2 or self.rollout_prompts % self.group_size:
-            raise ValueError(f"ppo.group_size must be >= 2 and divide ppo.rollout_prompts ({self.rollout_prompts}), "
-                             f"got {self.group_size}")
+        if self.group_size < 2:
+            raise ValueError(f"ppo.group_size must be >= 2, got {self.group_size}")
         _non_negative(self, "vf_coef", "entropy_coef", "init_kl_coef", "reference_version")
         if not (0.0 < self.gamma <= 1.0 and 0.0 <= self.lam <= 1.0):
             raise ValueError(f"ppo.gamma must be in (0, 1] and ppo.lam in [0, 1], got {self.gamma}, {self.lam}")
@@ -244,6 +243,40 @@ class PPOConfig:
             raise ValueError(f"ppo.kl_target must be > 0 or None, got {self.kl_target}")
         if self.minibatch_size > self.rollout_prompts:
             raise ValueError("ppo.minibatch_size must not exceed ppo.rollout_prompts")
+
+
+@dataclass(frozen=True)
+class BudgetConfig:
+    """Spending the KL budget (gate.max_kl) on purpose instead of discovering it at the gate
+    (trainer/round.py steps 6-7 and _finish; trainer/cli.py)."""
+
+    early_stop: float = 0.8
+    """ppo, grpo, rloo: their epochs stop when the in-round estimate of the policy's KL to the
+    reference (per answer, on the rollout's tokens, importance-weighted) reaches this share of
+    gate.max_kl (PPO's early stopping on a target KL, as in OpenAI's baselines). 0 turns it off."""
+    target: float = 0.9
+    """A candidate whose KL (the gate's own measure: same prompts, same noise) is at or above this
+    share of gate.max_kl has its update scaled back ..."""
+    scale_backs: int = 3
+    """... halved at most this many times (its weights moved back toward the round's start: 1/2,
+    1/4, 1/8 of the update), until it is below. For every algorithm. 0 turns it off."""
+    backoff_lr: float = 0.5
+    """After a rejection for KL, the next rounds' learning rate is multiplied by this (down to 1/16
+    of the configured one) and beta (the KL penalty) by backoff_beta; each promotion undoes one step."""
+    backoff_beta: float = 1.5
+    """See backoff_lr."""
+    spent: float = 0.85
+    """The budget is spent when the serving version's KL is at least this share of gate.max_kl and a
+    round could not turn what is left into a promotion: rounds stop (labels keep being stored, the
+    watch keeps watching) until LATEST moves, the bound is raised, or a new reference is set."""
+
+    def __post_init__(self) -> None:
+        _non_negative(self, "early_stop", "scale_backs")
+        for name in ("target", "backoff_lr", "spent"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise ValueError(f"budget.{name} must be in (0, 1], got {getattr(self, name)}")
+        if self.backoff_beta < 1.0:
+            raise ValueError(f"budget.backoff_beta must be >= 1, got {self.backoff_beta}")
 
 
 @dataclass(frozen=True)
@@ -382,8 +415,14 @@ class TrainerConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     direct: DirectConfig = field(default_factory=DirectConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     watch: WatchConfig = field(default_factory=WatchConfig)
+
+    def __post_init__(self) -> None:
+        if self.train.algorithm in ("grpo", "rloo") and self.ppo.rollout_prompts % self.ppo.group_size:
+            raise ValueError(f"{self.train.algorithm}: ppo.group_size ({self.ppo.group_size}) must divide "
+                             f"ppo.rollout_prompts ({self.ppo.rollout_prompts})")
 
     def replace(self, **sections: dict) -> "TrainerConfig":
         """A copy with some fields overridden: `cfg.replace(ppo={"lr": 1e-4})`."""

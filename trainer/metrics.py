@@ -39,6 +39,10 @@ consumer_lag = Gauge("rlhf_trainer_consumer_lag", "Records the broker holds beyo
 rollbacks = Counter("rlhf_trainer_rollbacks", "Promoted versions rolled back by the live-approval watch")
 watch_llr = Gauge("rlhf_trainer_watch_llr", "The live-approval watch's log-likelihood ratio for LATEST against its "
                   "parent (rolls back at the upper bound, keeps at the lower)")
+budget_spent = Gauge("rlhf_trainer_kl_budget_spent", "1 while the KL budget is spent: the serving version is near "
+                     "gate.max_kl and rounds could not use the rest, so none run until LATEST moves")
+update_scale = Gauge("rlhf_trainer_update_scale", "How much of its update the last candidate kept (1; 1/2, 1/4, ... "
+                     "when scaled back under the KL bound)")
 voters_capped = Gauge("rlhf_trainer_voters_capped", "Voters whose votes the influence cap down-weighted, last round")
 voter_share = Gauge("rlhf_trainer_max_voter_share", "The largest share of a round's votes one voter cast, before the cap")
 
@@ -64,6 +68,8 @@ def observe_round(report: dict) -> None:
     if report["voters"]:
         voters_capped.set(report["voters"]["capped"])
         voter_share.set(report["voters"]["max_share"])
+    if report["budget"]:
+        update_scale.set(report["budget"].get("update_scale", 1.0))
     if math.isfinite(report["kl_coef"]):  # NaN in a round skipped before PPO
         kl_coef.set(report["kl_coef"])
     policy_version.set(report["version"] if report["promoted"] else report["version_before"])

@@ -196,6 +196,13 @@ class Networks:
         for n, p in self._trained(modules):
             _local(p).copy_(snapshot[n])
 
+    @torch.no_grad()
+    def interpolate(self, start: dict[str, torch.Tensor], end: dict[str, torch.Tensor], alpha: float,
+                    *modules: torch.nn.Module) -> None:
+        """The trained weights at start + alpha (end - start): a candidate's update scaled back."""
+        for n, p in self._trained(modules):
+            _local(p).copy_(start[n] + alpha * (end[n] - start[n]))
+
     def _trained(self, modules) -> list[tuple[str, torch.nn.Parameter]]:
         return [*self.policy.named_trainable(),
                 *((f"{i}.{n}", p) for i, m in enumerate(modules) for n, p in m.named_parameters())]

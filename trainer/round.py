@@ -77,6 +77,7 @@ class RoundReport:
     current: dict = field(default_factory=dict)  # gate's evaluation of the current policy
     candidate: dict = field(default_factory=dict)  # ... and of the candidate
     checks: dict = field(default_factory=dict)  # every gate check: passed, value, bound
+    budget: dict = field(default_factory=dict)  # the KL budget: update scale, backoff, whether it is spent
     kl_coef: float = float("nan")
     version_before: int = 0
     version: int | None = None  # the version published by this round, if promoted
@@ -91,6 +92,10 @@ class RoundReport:
         if not self.candidate:
             return f"round {self.round}: {self.labels} labels (+{self.new_labels}) | skipped: {self.reason}"
         verdict = f"promoted v{self.version}" if self.promoted else f"rejected: {self.reason}"
+        if self.budget.get("update_scale", 1.0) < 1.0:
+            verdict += f" (update scaled to {self.budget['update_scale']:g} for the KL bound)"
+        if self.budget.get("spent"):
+            verdict += " | KL budget spent"
         return (f"round {self.round}: {self.labels} labels (+{self.new_labels}) | "
                 f"RM acc {rm.get('accuracy', math.nan):.2f} AUROC {rm.get('auroc', math.nan):.2f} | "
                 f"reward {self.current['reward']:.3f} -> {self.candidate['reward']:.3f} | "
@@ -160,10 +165,21 @@ def run_round(state: TrainerState, *, progress: bool = True, drain_s: float | No
         report.kl_coef = state.kl_ctl.value
         killpoint("round:trained")
 
-        # 7. the gate's view of the candidate: the same prompts and noise as step 3
+        # 7. the gate's view of the candidate: the same prompts and noise as step 3. A candidate at or over
+        #    budget.target of the KL bound has its update scaled back (halved) until it is below: the round
+        #    spends the budget it has instead of overshooting it and being thrown away
         with timer("gate"), _bar(progress, n, "gate", "policy", 1) as bar:
             cand = evaluate(state.nets.policy)
+            trained, scale = None, 1.0
+            for _ in range(cfg.budget.scale_backs):
+                if not cand.kl_to_ref >= cfg.budget.target * cfg.gate.max_kl:
+                    break
+                trained = trained or state.nets.snapshot(state.value_head)
+                scale /= 2
+                state.nets.interpolate(snapshot, trained, scale, state.value_head)
+                cand = evaluate(state.nets.policy)
             bar.update(1)
+        report.budget["update_scale"] = scale
         report.current, report.candidate = asdict(current), asdict(cand)
         decision = gate.decide(cand, current, cfg.gate, judge=None if cfg.reward.rule else report.reward_model)
         report.promoted, report.reason = decision.promoted, decision.reason
@@ -205,10 +221,13 @@ def _learn_from_rollouts(state: TrainerState, reward_fn, train_prompts: list[lis
     with state.nets.policy.active():  # DDP takes the parameters that require grad now: the policy adapter's (lora)
         trainable = d.data_parallel(model)
     params = [p for _, p in model.trainable()]
-    opt = torch.optim.AdamW(params, lr=cfg.ppo.lr, eps=1e-5)
+    opt = torch.optim.AdamW(params, lr=cfg.ppo.lr * state.lr_scale, eps=1e-5)
     perm_gen = torch.Generator().manual_seed(cfg.ppo.seed + n)
+    kl_stop = cfg.budget.early_stop * cfg.gate.max_kl
     stats: dict[str, list[float]] = {}
     for batch_idx in range(cfg.ppo.rollout_batches):
+        if stats.get("early_stopped"):
+            break
         # 4. rollouts: the policy answers sampled logged prompts, each rank its share; row i of the
         #    batch draws its noise from (seed, round, batch, i) wherever it runs
         with timer("rollout"), _bar(progress, n, f"rollout {batch_idx + 1}/{cfg.ppo.rollout_batches}", "seq") as bar:
@@ -291,8 +310,35 @@ def _learn_from_rollouts(state: TrainerState, reward_fn, train_prompts: list[lis
                          approx_kl=pg_stats["approx_kl"].item())
                     bar.update(1)
                     state.check_stop()
+                if kl_stop:  # budget.early_stop: after each epoch, how far has the policy gone?
+                    kl_now = _kl_estimate(trainable, rollout, d, cfg.ppo.forward_batch_size, state)
+                    _log(stats, kl_estimate=kl_now)
+                    if kl_now >= kl_stop:
+                        stats["early_stopped"] = [float(bar.n)]  # after this many steps of this batch
+                        break
         state.kl_ctl.update(seq_kl, len(prompts))
-    return {k: sum(v) / len(v) for k, v in stats.items()}
+    out = {k: sum(v) / len(v) for k, v in stats.items()}
+    if "kl_estimate" in stats:
+        out["kl_estimate_last"] = stats["kl_estimate"][-1]
+    return out
+
+
+@torch.no_grad()
+def _kl_estimate(trainable, rollout: Rollout, d: Dist, batch_size: int, state: TrainerState) -> float:
+    """The policy's KL to the reference per answer, estimated on the rollout (every rank its share,
+    one no-grad forward): sum_t w_t (log pi - log pi_ref) at the rollout's tokens, w_t = pi / pi_old
+    capped at 3 (the tokens were sampled from pi_old; at each prefix this is the exact per-token KL's
+    importance-sampling estimate). rounds.jsonl keeps the last estimate next to the gate's exact KL."""
+    mine, real = d.shard(len(rollout.query))
+    total = 0.0
+    for i in range(0, real, batch_size):
+        mb = rollout.select(torch.tensor(mine[i:min(i + batch_size, real)], device=state.device))
+        with autocast(state.device, state.dtype):
+            logprobs = trainable(mb.query, mb.query_mask, mb.response, mb.response_mask,
+                                 temperature=state.cfg.ppo.temperature).logprobs
+        w = torch.exp((logprobs - mb.logprobs).clamp(max=math.log(3.0)))
+        total += ((w * (logprobs - mb.ref_logprobs)) * mb.response_mask).sum().item()
+    return d.sum(total) / len(rollout.query)
 
 
 def _learn_from_labels(state: TrainerState, examples: list[Example], n: int, timer: "_PhaseTimer",
@@ -313,7 +359,7 @@ def _learn_from_labels(state: TrainerState, examples: list[Example], n: int, tim
     with state.nets.policy.active():
         trainable = d.data_parallel(model)
     params = [p for _, p in model.trainable()]
-    opt = torch.optim.AdamW(params, lr=direct.lr, eps=1e-5)
+    opt = torch.optim.AdamW(params, lr=direct.lr * state.lr_scale, eps=1e-5)
     stats: dict[str, list[float]] = {}
 
     def logratios(batch: list[tuple[list[dict], str]], grad: bool) -> torch.Tensor:
@@ -423,18 +469,46 @@ def _gather_rollout(d: Dist, device: torch.device, **local: torch.Tensor) -> Rol
 
 
 def _finish(state: TrainerState, report: RoundReport, label_seq: int) -> RoundReport:
-    """Persist the round's counters and metrics; print the summary line (rank 0)."""
+    """The KL budget's bookkeeping (every rank alike); then persist the round's counters and metrics and
+    print the summary line (rank 0)."""
     report.seconds["total"] = time.time() - report.trigger_time
+    if report.candidate:
+        _spend_budget(state, report)
     if not state.dist.is_main:
         return report
     state.store.set("round", report.round)
     state.store.set("label_watermark", label_seq)
     state.store.set("kl_coef", state.kl_ctl.value)
+    state.store.set("lr_scale", state.lr_scale)
+    state.store.set("budget_spent", report.budget.get("spent"))
     with open(state.rounds_path, "a") as f:
         f.write(json.dumps(_nan_to_none(asdict(report))) + "\n")  # strict JSON: nan -> null
     metrics.observe_round(asdict(report))
     print(report.summary(), flush=True)
     return report
+
+
+def _spend_budget(state: TrainerState, report: RoundReport) -> None:
+    """After a rejection for KL, be more conservative: lr x backoff_lr (down to 1/16), beta x backoff_beta;
+    each promotion undoes one step. The budget is spent when the serving version's KL is already at
+    budget.spent of the bound and this round could not be promoted: cli.loop then runs no more rounds
+    until LATEST moves (or the trainer restarts with a larger bound or another reference)."""
+    b, bound = state.cfg.budget, state.cfg.gate.max_kl
+    kl_rejected = not report.checks.get("kl", {}).get("passed", True)
+    if kl_rejected:
+        state.lr_scale = max(state.lr_scale * b.backoff_lr, 1 / 16)
+        state.kl_ctl.value *= b.backoff_beta
+    elif report.promoted:
+        state.lr_scale = min(1.0, state.lr_scale / b.backoff_lr)
+    report.budget.update(lr_scale=state.lr_scale, kl_coef_after=state.kl_ctl.value, bound=bound,
+                         backed_off=kl_rejected)
+    serving_kl = report.current["kl_to_ref"]
+    if not report.promoted and serving_kl >= b.spent * bound:
+        report.budget["spent"] = {
+            "version": state.version, "bound": bound, "serving_kl": serving_kl,
+            "why": (f"v{state.version} is at KL {serving_kl:.2f} of the bound {bound:g} and this round's candidate "
+                    f"was not promoted ({report.reason}); raise gate.max_kl or make a new reference "
+                    f"(rlhf sft, ppo.reference_version) to go further")}
 
 
 def _nan_to_none(obj):

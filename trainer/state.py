@@ -55,6 +55,7 @@ class TrainerState:
     version: int  # of the current policy
     value_head: torch.nn.Linear
     kl_ctl: KLController
+    lr_scale: float  # the KL budget's backoff on the learning rates (config.BudgetConfig), 1 = as configured
     device: torch.device
     dtype: torch.dtype  # autocast dtype: bf16 on CUDA, fp32 on CPU
     # rank 0 alone talks to Kafka and owns the label store and the publishing (None on the other ranks)
@@ -87,6 +88,7 @@ class TrainerState:
         start = dist.broadcast({
             "version": PolicyStore(settings.policy_dir).latest(),
             "kl_coef": store.get("kl_coef", cfg.ppo.init_kl_coef),
+            "lr_scale": store.get("lr_scale", 1.0),
             "reward_model": _read(cls.reward_model_path(settings)),
             "value_head": _read(cls.value_head_path(settings)),
         } if dist.is_main else None)
@@ -108,7 +110,7 @@ class TrainerState:
             log.info("trainer ready: policy v%d, reference v%d, %s weights, %d rank(s) (%s), %d labels stored, "
                      "device %s", version, ref_version, layout, dist.world, cfg.train.strategy, len(store.votes()), device)
         return cls(settings, cfg, dist, policies, tokenizer, eos_token_ids(nets.reference.module, tokenizer), nets,
-                   version, value_head, kl_ctl, device, resolve_dtype(settings, device), store, consumer, producer,
+                   version, value_head, kl_ctl, start["lr_scale"], device, resolve_dtype(settings, device), store, consumer, producer,
                    publisher, load_guard_set(cfg.gate.guard_set))
 
     def close(self) -> None:

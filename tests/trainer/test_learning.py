@@ -95,5 +95,5 @@ def test_a_round_runs_with_each_kl_estimator(settings, base_model_dir, estimator
         report = run_round(state, progress=False)
     finally:
         state.close()
-    assert report.labels == 24 and report.candidate and report.ppo["kl"] > 0
+    assert report.labels == 24 and report.candidate and report.train["kl"] > 0
     assert report.reason  # promoted or not, the decision says why

@@ -25,7 +25,7 @@ from trainer_helpers import consume_all, interaction, produce, prompts, records,
 ANSWERS = ["Oh, I love it!", "It is fine.", "Great, what a joy!", "Hmm, no.", "Yay!", "Rain again."]
 TINY = {"ppo": {"rollout_prompts": 8, "minibatch_size": 8, "rollout_batches": 1, "ppo_epochs": 1,
                 "max_new_tokens": 8, "forward_batch_size": 8},
-        "reward": {"max_steps": 2, "batch_size": 8}, "gate": {"eval_responses": 4, "min_reward_gain": -1e9}}
+        "reward": {"max_steps": 2, "batch_size": 8}, "gate": {"eval_responses": 4, "min_reward_gain": -1e9, "min_rm_auroc": 0.0}}
 
 
 def traffic(n: int, seed: int):
