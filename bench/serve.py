@@ -28,7 +28,7 @@ import torch
 from kafka import KafkaConsumer, TopicPartition
 
 from rlhf import tinylm
-from rlhf.broker import EmbeddedBroker, free_port
+from rlhf.broker import EmbeddedBroker, client_options, free_port
 from rlhf.contracts import Feedback, Settings
 from rlhf.models import base_model_dir, load_causal_lm
 from service import serve
@@ -109,8 +109,8 @@ async def votes(url: str, response_ids: list[str], n_votes: int, concurrency: in
 
 def time_until_on_kafka(bootstrap: str, topic: str, feedback_ids: set[str], start: float, timeout: float = 300) -> float:
     """Seconds from the first vote sent until the last of `feedback_ids` was readable on Kafka."""
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
-                             auto_offset_reset="earliest")
+    consumer = KafkaConsumer(**client_options(Settings(kafka_bootstrap_servers=bootstrap)), group_id=None,
+                             enable_auto_commit=False, auto_offset_reset="earliest")
     try:
         tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
         consumer.assign(tps)

@@ -103,7 +103,7 @@ def run_layout(args: argparse.Namespace) -> dict:
     """One layout in this process: rounds, phases, peak RSS, version bytes, swap times."""
     from kafka import KafkaProducer
 
-    from rlhf.broker import EmbeddedBroker, ensure_topics, free_port
+    from rlhf.broker import EmbeddedBroker, client_options, ensure_topics, free_port
     from rlhf.contracts import Settings
     from service import serve
     from trainer import config
@@ -128,7 +128,7 @@ def run_layout(args: argparse.Namespace) -> dict:
         env.pop("BENTOML_HOME", None)
         service = serve.spawn("127.0.0.1", port, env, open(state_dir / "service.log", "ab"))
         state = TrainerState.open(settings, cfg)
-        producer = KafkaProducer(bootstrap_servers=broker.bootstrap, acks="all")
+        producer = KafkaProducer(**client_options(settings), acks="all")
         rng = random.Random(0)
         try:
             serve.wait_ready(f"http://127.0.0.1:{port}", service, timeout=300)

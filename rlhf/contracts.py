@@ -47,6 +47,12 @@ class Settings(BaseSettings):
     # -- kafka
     kafka_bootstrap_servers: str = "127.0.0.1:9092"
     kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = Field(
+        "SCRAM-SHA-512", description="SASL mechanism; used only with the SASL_* protocols")
+    kafka_sasl_username: str = Field("", description="SASL user (Strimzi: the KafkaUser's name); required with SASL_*")
+    kafka_sasl_password: SecretStr = Field(SecretStr(""), description="SASL password; required with SASL_*")
+    kafka_ssl_cafile: str = Field("", description="path to the CA PEM that signed the brokers' certificates (SSL, "
+                                                  "SASL_SSL); empty = the system CAs")
     topic_interactions: str = "rlhf.interactions"
     topic_feedback: str = "rlhf.feedback"
     topic_policy_updates: str = "rlhf.policy-updates"

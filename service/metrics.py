@@ -22,6 +22,8 @@ votes_withdrawn = Counter("rlhf_votes_withdrawn", "Votes withdrawn (tombstones),
 events_spooled = Counter("rlhf_events_spooled", "Events appended to the local spool", ["topic"])
 events_delivered = Counter("rlhf_events_delivered", "Events acknowledged by Kafka (acks=all)", ["topic"])
 events_dropped = Counter("rlhf_events_dropped", "Events dropped because the spool was over its size cap", ["topic"])
+events_quarantined = Counter("rlhf_events_quarantined", "Spooled events Kafka refused for good, moved to the "
+                             "spool's quarantine file (docs/service.md: replay)", ["topic", "reason"])
 kafka_errors = Counter("rlhf_kafka_errors", "Failed attempts to deliver a batch of spooled events", ["reason"])
 spool_depth = Gauge("rlhf_spool_depth", "Events spooled but not yet acknowledged by Kafka", multiprocess_mode="livesum")
 spool_bytes = Gauge("rlhf_spool_bytes", "Bytes of spool segment files on disk", multiprocess_mode="livesum")

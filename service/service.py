@@ -18,6 +18,7 @@ import time
 import bentoml
 import torch
 
+from rlhf.broker import describe_connection
 from rlhf.contracts import Settings
 from service.admin import AdminServer, make_admin_app
 from service.api import app
@@ -52,7 +53,7 @@ class ChatService:
                                  self.settings.admin_port).start()
         log.info("rlhf-chat starting: model %r, policy store %s, kafka %s, spool %s, admin API on %s",
                  self.settings.served_model_name, self.settings.policy_dir,
-                 self.settings.kafka_bootstrap_servers, self.events.spool.root, self.admin.address)
+                 describe_connection(self.settings), self.events.spool.root, self.admin.address)
 
     def __is_ready__(self) -> bool:
         return self.policies.current is not None

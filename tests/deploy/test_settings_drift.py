@@ -44,6 +44,11 @@ DEFAULTED = {
     "RLHF_TRAIN_MIN_LABELS": "training cadence, tuned with the trainer",
     "RLHF_TRAIN_MAX_WAIT_S": "training cadence, tuned with the trainer",
     "RLHF_LATE_VOTE_WINDOW_S": "join window, tuned with the trainer (topic retention is far longer)",
+    "RLHF_KAFKA_SASL_MECHANISM": "used only with SASL_* protocols; SCRAM-SHA-512 is what Strimzi's KafkaUser "
+                                 "(authentication: scram-sha-512) gives; prod sets it with the KafkaUser",
+    "RLHF_KAFKA_SASL_USERNAME": "used only with SASL_* protocols; prod sets it from the KafkaUser (issue 13, k8s side)",
+    "RLHF_KAFKA_SASL_PASSWORD": "a secret, used only with SASL_* protocols; prod sets it from the KafkaUser's Secret",
+    "RLHF_KAFKA_SSL_CAFILE": "used only with SSL/SASL_SSL; empty = the system CAs; prod mounts Strimzi's cluster CA",
 }
 # The trainer's hyperparameters (trainer/config.py, env RLHF_<SECTION>_<FIELD>) stay at
 # their documented, tested defaults unless an overlay sets one on the trainer.
