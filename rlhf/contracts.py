@@ -76,6 +76,11 @@ class Settings(BaseSettings):
     spool_max_bytes: int = Field(512 * 1024 * 1024, description="spool disk cap; above it chat still works, events are counted as dropped")
     engine_threads: int = Field(2, ge=1, description="generation worker threads: requests decoded at the same time per replica (about one per core: bench/serve.py)")
     policy_poll_s: float = Field(5.0, gt=0, description="how often a replica re-reads LATEST (fallback for missed announcements)")
+    vote_rate_limit: int = Field(60, ge=0, description="votes per window per identity (a user; a vote without one: its "
+                                                       "API key, or client address when keys are off), per replica; 0 = no cap")
+    vote_rate_window_s: float = Field(60.0, gt=0, description="the window of both vote caps, seconds")
+    vote_key_rate_limit: int = Field(0, ge=0, description="votes + withdrawals per window per API key (or client "
+                                                          "address), all its users together, per replica; 0 = no cap")
 
     # -- trainer
     trainer_group: str = "rlhf-trainer"

@@ -17,6 +17,8 @@ generation_seconds = Histogram("rlhf_generation_seconds", "Wall time from admiss
                                buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
 votes = Counter("rlhf_votes", "Votes accepted, by rating and the policy version of the response voted on",
                 ["rating", "policy_version"])
+votes_rate_limited = Counter("rlhf_votes_rate_limited", "Votes and withdrawals refused (429) by a vote cap, by the "
+                             "kind of identity whose cap was reached", ["identity_kind"])
 votes_withdrawn = Counter("rlhf_votes_withdrawn", "Votes withdrawn (tombstones), by policy version", ["policy_version"])
 
 events_spooled = Counter("rlhf_events_spooled", "Events appended to the local spool", ["topic"])

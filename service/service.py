@@ -24,6 +24,7 @@ from service.admin import AdminServer, make_admin_app
 from service.api import app
 from service.engine import Engine
 from service.events import EventLog
+from service.limits import VoteLimits
 from service.policies import PolicyManager
 
 log = logging.getLogger("rlhf.service")
@@ -47,6 +48,7 @@ class ChatService:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.settings.engine_threads))
         self.events = EventLog.open(self.settings)  # resumes draining anything spooled by a previous run
         self.engine = Engine(threads=self.settings.engine_threads)
+        self.vote_limits = VoteLimits(self.settings)
         self.policies = PolicyManager(self.settings)
         self.policies.start()  # loads LATEST on a background thread; /readyz says when it is in
         self.admin = AdminServer(make_admin_app(self.settings, self.policies), self.settings.host,
