@@ -177,7 +177,8 @@ def main() -> int:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "RLHF_STATE_DIR": str(state), "RLHF_MODEL": model_dir, "RLHF_API_KEYS": API_KEY,
-           "RLHF_ENGINE_THREADS": str(args.engine_threads), "RLHF_ADMIN_PORT": str(free_port())}
+           "RLHF_ENGINE_THREADS": str(args.engine_threads), "RLHF_ADMIN_PORT": str(free_port()),
+           "RLHF_VOTE_RATE_LIMIT": "0"}  # what the vote path takes, not what one client may cast
     env.pop("BENTOML_HOME", None)
     with EmbeddedBroker(log_path=state / "broker.log") as broker, open(state / "service.log", "ab") as log:
         env["RLHF_KAFKA_BOOTSTRAP_SERVERS"] = broker.bootstrap

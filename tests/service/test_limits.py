@@ -97,7 +97,8 @@ def test_a_flooding_user_gets_429_with_retry_after_and_nothing_of_it_reaches_kaf
     flood = vote("flooder", n=5)
     assert [r.status_code for r in flood] == [202, 202, 202, 429, 429]
     refused = flood[3]
-    assert int(refused.headers["Retry-After"]) == 1200  # a token per 3600/3 s
+    # a token per 3600/3 s, less what came back since the first vote (seconds, on a slow machine)
+    assert 1100 <= int(refused.headers["Retry-After"]) <= 1200
     assert refused.json()["error"]["code"] == "rate_limit_exceeded"
     assert refused.json()["error"]["type"] == "rate_limit_exceeded"
     assert [r.status_code for r in vote("calm")] == [202]  # another user is unaffected
