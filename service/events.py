@@ -19,7 +19,8 @@ host never share one, and a restarted process drains what its predecessor left):
     <spool_dir>/<hostname>-<k>/lock
     <spool_dir>/<hostname>-<k>/000000000001.seg   records: u32 length, u32 crc32, JSON {topic, key, value}
     <spool_dir>/<hostname>-<k>/cursor             JSON {segment, offset} of the first unacknowledged record
-    <spool_dir>/<hostname>-<k>/quarantine.jsonl   records Kafka refused: one JSON {ts, reason, error, topic, key, value} a line
+    <spool_dir>/<hostname>-<k>/quarantine.jsonl   records Kafka refused, a line each:
+                                                  JSON {ts, reason, error, topic, key, value}
 """
 
 from __future__ import annotations
@@ -371,8 +372,8 @@ class EventLog:
             path = self.spool.quarantine({"ts": time.time(), "reason": type(error).__name__, "error": str(error),
                                           "topic": r.topic, "key": r.key, "value": r.value.decode()})
             metrics.events_quarantined.labels(topic=r.topic, reason=type(error).__name__).inc()
-            log.error("Kafka refused a %d-byte %s record for good (%s: %s); quarantined in %s (replay: docs/service.md)",
-                      len(r.value), r.topic, type(error).__name__, error, path)
+            log.error("Kafka refused a %d-byte %s record for good (%s: %s); quarantined in %s "
+                      "(replay: docs/service.md)", len(r.value), r.topic, type(error).__name__, error, path)
         self.spool.commit(end, len(batch))
         bad = {id(r) for r, _ in refused}
         for r in batch:

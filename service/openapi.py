@@ -68,8 +68,8 @@ RETRY_AFTER = {"Retry-After": {"description": "Seconds until the request may suc
 def answers(status: int, model: type[BaseModel], description: str, *errors: int, **extra: Any) -> dict:
     """FastAPI `responses`: the success body, then each error status with OpenAI's error body."""
     return {status: {"model": model, "description": description, **extra},
-            **{code: {"model": ErrorResponse, "description": ERRORS[code], **({"headers": RETRY_AFTER} if code == 429 else {})}
-               for code in errors}}
+            **{code: {"model": ErrorResponse, "description": ERRORS[code],
+                      **({"headers": RETRY_AFTER} if code == 429 else {})} for code in errors}}
 
 
 STREAM = {"text/event-stream": {"schema": {  # one event (OpenAPI 3.2 calls it itemSchema; fuzzers read both)

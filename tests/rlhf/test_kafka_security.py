@@ -84,7 +84,9 @@ def test_a_login_the_broker_refuses_delivers_nothing_quarantines_nothing_and_say
         settings = Settings(state_dir=tmp_path, kafka_bootstrap_servers=broker.bootstrap,
                             kafka_security_protocol="SASL_PLAINTEXT", kafka_sasl_username="alice",
                             kafka_sasl_password=PASSWORD)
-        errors = lambda: REGISTRY.get_sample_value("rlhf_kafka_errors_total", {"reason": "KafkaTimeoutError"}) or 0  # noqa: E731
+        def errors() -> float:
+            return REGISTRY.get_sample_value("rlhf_kafka_errors_total", {"reason": "KafkaTimeoutError"}) or 0
+
         before = errors()
         log = EventLog.open(settings)
         try:

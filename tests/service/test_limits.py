@@ -39,8 +39,9 @@ def test_identities_user_scoped_by_key_else_key_else_address():
     fp = key_fingerprint("k")
     assert vote_identities("k", "alice", "10.0.0.1") == (Identity("user", f"{fp}/alice"), Identity("key_total", fp))
     assert vote_identities("k", None, "10.0.0.1") == (Identity("key", fp), Identity("key_total", fp))
-    assert vote_identities(None, "alice", "10.0.0.1") == (Identity("user", "alice"), Identity("address_total", "10.0.0.1"))
-    assert vote_identities(None, None, "10.0.0.1") == (Identity("address", "10.0.0.1"), Identity("address_total", "10.0.0.1"))
+    address = Identity("address_total", "10.0.0.1")
+    assert vote_identities(None, "alice", "10.0.0.1") == (Identity("user", "alice"), address)
+    assert vote_identities(None, None, "10.0.0.1") == (Identity("address", "10.0.0.1"), address)
     assert "k" not in fp and len(fp) == 16
 
 
