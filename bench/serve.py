@@ -28,7 +28,7 @@ import torch
 from kafka import KafkaConsumer, TopicPartition
 
 from rlhf import tinylm
-from rlhf.broker import EmbeddedBroker, free_port
+from rlhf.broker import EmbeddedBroker, client_options, free_port
 from rlhf.contracts import Feedback, Settings
 from rlhf.models import base_model_dir, load_causal_lm
 from service import serve
@@ -109,8 +109,8 @@ async def votes(url: str, response_ids: list[str], n_votes: int, concurrency: in
 
 def time_until_on_kafka(bootstrap: str, topic: str, feedback_ids: set[str], start: float, timeout: float = 300) -> float:
     """Seconds from the first vote sent until the last of `feedback_ids` was readable on Kafka."""
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
-                             auto_offset_reset="earliest")
+    consumer = KafkaConsumer(**client_options(Settings(kafka_bootstrap_servers=bootstrap)), group_id=None,
+                             enable_auto_commit=False, auto_offset_reset="earliest")
     try:
         tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
         consumer.assign(tps)
@@ -177,7 +177,8 @@ def main() -> int:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "RLHF_STATE_DIR": str(state), "RLHF_MODEL": model_dir, "RLHF_API_KEYS": API_KEY,
-           "RLHF_ENGINE_THREADS": str(args.engine_threads), "RLHF_ADMIN_PORT": str(free_port())}
+           "RLHF_ENGINE_THREADS": str(args.engine_threads), "RLHF_ADMIN_PORT": str(free_port()),
+           "RLHF_VOTE_RATE_LIMIT": "0"}  # what the vote path takes, not what one client may cast
     env.pop("BENTOML_HOME", None)
     with EmbeddedBroker(log_path=state / "broker.log") as broker, open(state / "service.log", "ab") as log:
         env["RLHF_KAFKA_BOOTSTRAP_SERVERS"] = broker.bootstrap

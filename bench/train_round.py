@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 import httpx
+from kafka import KafkaProducer
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import RESULTS_DIR, device_name, slug  # noqa: E402
 
 from rlhf import random_models, tinylm  # noqa: E402
-from rlhf.broker import EmbeddedBroker, ensure_topics, free_port  # noqa: E402
+from rlhf.broker import EmbeddedBroker, client_options, ensure_topics, free_port  # noqa: E402
 from rlhf.contracts import Feedback, Interaction, Message, Sampling, Settings, feedback_id_for  # noqa: E402
 from rlhf.models import eos_token_ids, load_causal_lm  # noqa: E402
 from rlhf.tastes import cheerful  # noqa: E402
@@ -151,7 +152,7 @@ def run(args: argparse.Namespace, path: str, adapter: str, nproc: int, traffic: 
             trainer = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(state / "trainer.log", "ab"),
                                        stderr=subprocess.STDOUT, start_new_session=True)
             rounds_path = state / "trainer" / "rounds.jsonl"
-            producer = __import__("kafka").KafkaProducer(bootstrap_servers=broker.bootstrap, acks="all")
+            producer = KafkaProducer(**client_options(settings), acks="all")
             for r in range(1, args.rounds + 1):
                 for it, fb in traffic.batch(args.labels):
                     producer.send(settings.topic_interactions, key=it.response_id.encode(), value=it.to_bytes())

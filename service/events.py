@@ -9,6 +9,9 @@ then moves the spool's persisted cursor. On any Kafka error it backs off, reconn
 re-creates missing topics: the embedded broker forgets them when it restarts) and resends
 from the cursor. Delivery is at-least-once: a crash between an ack and the cursor write,
 or a batch that failed half-way, resends events; consumers dedupe by `event_id`.
+A record Kafka refuses for good (PERMANENT below: too large, invalid) is moved to the spool
+directory's quarantine file, with the reason, and the cursor moves past it, so one bad
+record never blocks the ones behind it (docs/service.md says how to replay them).
 
 Spool layout (one directory per replica, claimed with an flock so two processes on one
 host never share one, and a restarted process drains what its predecessor left):
@@ -16,6 +19,8 @@ host never share one, and a restarted process drains what its predecessor left):
     <spool_dir>/<hostname>-<k>/lock
     <spool_dir>/<hostname>-<k>/000000000001.seg   records: u32 length, u32 crc32, JSON {topic, key, value}
     <spool_dir>/<hostname>-<k>/cursor             JSON {segment, offset} of the first unacknowledged record
+    <spool_dir>/<hostname>-<k>/quarantine.jsonl   records Kafka refused, a line each:
+                                                  JSON {ts, reason, error, topic, key, value}
 """
 
 from __future__ import annotations
@@ -27,22 +32,36 @@ import os
 import socket
 import struct
 import threading
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 from kafka import KafkaProducer
+from kafka import errors as Errors
 from kafka.errors import KafkaError
 
-from rlhf.broker import ensure_topics
+from rlhf.broker import client_options, describe_connection, ensure_topics
 from rlhf.contracts import Feedback, Interaction, Settings
 from service import metrics
 
 log = logging.getLogger("rlhf.service.events")
 
+# Errors after which Kafka will never take *this record*, however often it is resent: too big
+# for the producer's request or the topic's max.message.bytes, invalid to the broker, or
+# addressed to a topic name the broker refuses. Such a record is quarantined so that the
+# records behind it move on. Everything else is retried from the cursor: the network, a
+# broker away, a leader moving, a missing topic (re-created) -- and also a refused login or
+# a missing ACL, which are misconfigurations every record would meet: quarantining would
+# only empty the spool into the quarantine file instead of waiting for the fix.
+PERMANENT = (Errors.MessageSizeTooLargeError, Errors.RecordListTooLargeError, Errors.InvalidRecordError,
+             Errors.InvalidTopicError)
+REFUSED_LOGIN = (Errors.SaslAuthenticationFailedError, Errors.UnsupportedSaslMechanismError, Errors.AuthorizationError)
+
 _HEADER = struct.Struct("<II")  # payload length, crc32(payload)
 SEGMENT_BYTES = 4 * 1024 * 1024  # roll to a new segment file after this many bytes
+QUARANTINE = "quarantine.jsonl"
 
 
 @dataclass(frozen=True)
@@ -158,6 +177,15 @@ class Spool:
             (self.root / _seg_name(s)).unlink(missing_ok=True)
         self._publish_gauges(*gauges)
 
+    def quarantine(self, entry: dict) -> Path:
+        """Append one refused record to the quarantine file, durably (before the cursor moves past it)."""
+        path = self.root / QUARANTINE
+        with open(path, "ab") as f:
+            f.write(json.dumps(entry).encode() + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+        return path
+
     def wake(self) -> None:
         with self._lock:
             self._appended.notify_all()
@@ -237,6 +265,7 @@ class EventLog:
 
     @classmethod
     def open(cls, settings: Settings) -> "EventLog":
+        client_options(settings)  # a Kafka setting no client can connect with stops the start, with its name
         log_ = cls(settings, Spool.claim(settings.spool_dir, settings.spool_max_bytes))
         log_._thread.start()
         return log_
@@ -284,36 +313,76 @@ class EventLog:
                 self.spool.wait(1.0)
                 continue
             try:
-                self._send(batch)
+                refused = self._send(batch)
+                if refused and len(batch) > 1:
+                    # Kafka fails a whole produce batch for one bad record in it: find out which
+                    # records it refuses for themselves, one at a time (a rare, slow path)
+                    self._isolate(len(batch))
+                else:
+                    self._settle(batch, refused, end)
             except (KafkaError, OSError) as e:
                 if self._stop.is_set():
                     return
                 metrics.kafka_errors.labels(reason=type(e).__name__).inc()
-                log.warning("kafka delivery failed (%s: %s); %d events wait in the spool, retrying in %.1fs",
-                            type(e).__name__, e, self.spool.depth, backoff)
+                if isinstance(e, REFUSED_LOGIN):
+                    log.error("Kafka at %s refused the service (%s: %s): check RLHF_KAFKA_SASL_* and the user's ACLs; "
+                              "%d events wait in the spool, retrying in %.1fs", describe_connection(self.settings),
+                              type(e).__name__, e, self.spool.depth, backoff)
+                else:
+                    log.warning("kafka delivery to %s failed (%s: %s); %d events wait in the spool, retrying in %.1fs",
+                                describe_connection(self.settings), type(e).__name__, e, self.spool.depth, backoff)
                 self._reset_producer()
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
             backoff = 0.2
-            self.spool.commit(end, len(batch))
-            for r in batch:
-                metrics.events_delivered.labels(topic=r.topic).inc()
 
-    def _send(self, batch: list[Record]) -> None:
+    def _send(self, batch: list[Record]) -> list[tuple[Record, KafkaError]]:
+        """Send the batch and wait for every ack; the records Kafka refused for good, with why.
+        Raises on any other failure (the caller retries the batch from the cursor)."""
         producer = self._producer or self._connect()
-        futures = [producer.send(r.topic, key=r.key.encode(), value=r.value) for r in batch]
+        outcomes = []
+        for r in batch:
+            try:
+                outcomes.append(producer.send(r.topic, key=r.key.encode(), value=r.value))
+            except PERMANENT as e:  # kafka-python refuses a record over max_request_size before sending it
+                outcomes.append(e)
         producer.flush(timeout=15)
-        for f in futures:
-            if f.failed():
-                raise f.exception
-            if not f.succeeded():
+        refused = []
+        for r, f in zip(batch, outcomes):
+            error = f if isinstance(f, KafkaError) else f.exception
+            if isinstance(error, PERMANENT):
+                refused.append((r, error))
+            elif error is not None:
+                raise error
+            elif not f.succeeded():
                 raise KafkaError("send not acknowledged within the flush timeout")
+        return refused
+
+    def _isolate(self, n: int) -> None:
+        """Deliver the next `n` spooled records one at a time, quarantining each one Kafka refuses.
+        The records of the failed batch that Kafka had taken are sent again (consumers dedupe)."""
+        for _ in range(n):
+            one, end = self.spool.read(1)
+            self._settle(one, self._send(one), end)
+
+    def _settle(self, batch: list[Record], refused: list[tuple[Record, KafkaError]], end) -> None:
+        """Quarantine the refused records, then move the cursor past the whole batch."""
+        for r, error in refused:
+            path = self.spool.quarantine({"ts": time.time(), "reason": type(error).__name__, "error": str(error),
+                                          "topic": r.topic, "key": r.key, "value": r.value.decode()})
+            metrics.events_quarantined.labels(topic=r.topic, reason=type(error).__name__).inc()
+            log.error("Kafka refused a %d-byte %s record for good (%s: %s); quarantined in %s "
+                      "(replay: docs/service.md)", len(r.value), r.topic, type(error).__name__, error, path)
+        self.spool.commit(end, len(batch))
+        bad = {id(r) for r, _ in refused}
+        for r in batch:
+            if id(r) not in bad:
+                metrics.events_delivered.labels(topic=r.topic).inc()
 
     def _connect(self) -> KafkaProducer:
         producer = KafkaProducer(
-            bootstrap_servers=self.settings.kafka_bootstrap_servers,
-            security_protocol=self.settings.kafka_security_protocol,
+            **client_options(self.settings),
             client_id="rlhf-service",
             acks="all",
             enable_idempotence=True,

@@ -17,11 +17,15 @@ generation_seconds = Histogram("rlhf_generation_seconds", "Wall time from admiss
                                buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
 votes = Counter("rlhf_votes", "Votes accepted, by rating and the policy version of the response voted on",
                 ["rating", "policy_version"])
+votes_rate_limited = Counter("rlhf_votes_rate_limited", "Votes and withdrawals refused (429) by a vote cap, by the "
+                             "kind of identity whose cap was reached", ["identity_kind"])
 votes_withdrawn = Counter("rlhf_votes_withdrawn", "Votes withdrawn (tombstones), by policy version", ["policy_version"])
 
 events_spooled = Counter("rlhf_events_spooled", "Events appended to the local spool", ["topic"])
 events_delivered = Counter("rlhf_events_delivered", "Events acknowledged by Kafka (acks=all)", ["topic"])
 events_dropped = Counter("rlhf_events_dropped", "Events dropped because the spool was over its size cap", ["topic"])
+events_quarantined = Counter("rlhf_events_quarantined", "Spooled events Kafka refused for good, moved to the "
+                             "spool's quarantine file (docs/service.md: replay)", ["topic", "reason"])
 kafka_errors = Counter("rlhf_kafka_errors", "Failed attempts to deliver a batch of spooled events", ["reason"])
 spool_depth = Gauge("rlhf_spool_depth", "Events spooled but not yet acknowledged by Kafka", multiprocess_mode="livesum")
 spool_bytes = Gauge("rlhf_spool_bytes", "Bytes of spool segment files on disk", multiprocess_mode="livesum")

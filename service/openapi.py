@@ -31,6 +31,8 @@ ERRORS = {  # status -> when; every error body is OpenAI's shape (ErrorResponse)
     404: "`model_not_found`, `response_not_found` or `feedback_not_found`: the id or model is not one this "
          "service issued or serves.",
     413: "`request_too_large`: the body is over the server's byte limit.",
+    429: "`rate_limit_exceeded`: a vote cap of this server is reached (per user, or per API key / client address); "
+         "nothing was recorded. The `Retry-After` header says in how many seconds one more is allowed.",
     500: "`generation_failed` (type `server_error`).",
     503: "`model_not_ready` (no policy loaded yet) or `events_unavailable` (a vote could not be spooled; retry).",
 }
@@ -59,10 +61,15 @@ def inline(schema: dict) -> dict:
     return resolve({k: v for k, v in schema.items() if k != "$defs"})
 
 
+RETRY_AFTER = {"Retry-After": {"description": "Seconds until the request may succeed.",
+                               "schema": {"type": "integer", "minimum": 1}}}
+
+
 def answers(status: int, model: type[BaseModel], description: str, *errors: int, **extra: Any) -> dict:
     """FastAPI `responses`: the success body, then each error status with OpenAI's error body."""
     return {status: {"model": model, "description": description, **extra},
-            **{code: {"model": ErrorResponse, "description": ERRORS[code]} for code in errors}}
+            **{code: {"model": ErrorResponse, "description": ERRORS[code],
+                      **({"headers": RETRY_AFTER} if code == 429 else {})} for code in errors}}
 
 
 STREAM = {"text/event-stream": {"schema": {  # one event (OpenAPI 3.2 calls it itemSchema; fuzzers read both)
@@ -96,14 +103,14 @@ FEEDBACK = dict(
     summary="Vote on an answer; the same user voting again replaces the vote",
     openapi_extra=json_body(FeedbackRequest),
     responses=answers(
-        202, FeedbackAccepted, "Accepted: one Feedback event spooled for Kafka.", 400, 401, 404, 413, 503,
+        202, FeedbackAccepted, "Accepted: one Feedback event spooled for Kafka.", 400, 401, 404, 413, 429, 503,
         links={"withdrawIt": {"operationId": "deleteFeedback", "description": "Withdraw this vote.",
                               "parameters": {"feedback_id": "$response.body#/id"}}},
     ),
 )
 WITHDRAW = dict(operation_id="deleteFeedback", summary="Withdraw a vote (a tombstone event)",
                 responses=answers(202, FeedbackAccepted, "Accepted: one tombstone event spooled for Kafka.",
-                                  401, 404, 503))
+                                  401, 404, 429, 503))
 
 _TEXT = {"text/plain": {"schema": {"type": "string"}}}
 PROBES = {  # BentoML's routes on the same port (docs/service.md, "Probes and metrics")

@@ -32,7 +32,7 @@ from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 from pydantic import ValidationError
 
-from rlhf.broker import ensure_topics
+from rlhf.broker import client_options, ensure_topics
 from rlhf.contracts import PolicyUpdate, Settings
 from rlhf.models import ensure_policy_store, load_causal_lm
 from rlhf.policy_store import MANIFEST, PolicyStore, VerificationError
@@ -222,8 +222,7 @@ class PolicyManager:
             consumer = None
             try:
                 consumer = KafkaConsumer(
-                    bootstrap_servers=self.settings.kafka_bootstrap_servers,
-                    security_protocol=self.settings.kafka_security_protocol,
+                    **client_options(self.settings),
                     client_id="rlhf-service-policy-follower", group_id=None, enable_auto_commit=False,
                     auto_offset_reset="latest", request_timeout_ms=10000,
                     bootstrap_timeout_ms=5000, reconnect_backoff_max_ms=1000,

@@ -18,11 +18,13 @@ import time
 import bentoml
 import torch
 
+from rlhf.broker import describe_connection
 from rlhf.contracts import Settings
 from service.admin import AdminServer, make_admin_app
 from service.api import app
 from service.engine import Engine
 from service.events import EventLog
+from service.limits import VoteLimits
 from service.policies import PolicyManager
 
 log = logging.getLogger("rlhf.service")
@@ -46,13 +48,14 @@ class ChatService:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.settings.engine_threads))
         self.events = EventLog.open(self.settings)  # resumes draining anything spooled by a previous run
         self.engine = Engine(threads=self.settings.engine_threads)
+        self.vote_limits = VoteLimits(self.settings)
         self.policies = PolicyManager(self.settings)
         self.policies.start()  # loads LATEST on a background thread; /readyz says when it is in
         self.admin = AdminServer(make_admin_app(self.settings, self.policies), self.settings.host,
                                  self.settings.admin_port).start()
         log.info("rlhf-chat starting: model %r, policy store %s, kafka %s, spool %s, admin API on %s",
                  self.settings.served_model_name, self.settings.policy_dir,
-                 self.settings.kafka_bootstrap_servers, self.events.spool.root, self.admin.address)
+                 describe_connection(self.settings), self.events.spool.root, self.admin.address)
 
     def __is_ready__(self) -> bool:
         return self.policies.current is not None

@@ -24,6 +24,7 @@ from kafka.errors import CommitFailedError
 from kafka.structs import OffsetAndMetadata
 from pydantic import ValidationError
 
+from rlhf.broker import client_options
 from rlhf.contracts import DeadLetter, Feedback, Interaction, Settings
 from trainer.config import ConsumerConfig
 from trainer.killpoints import killpoint
@@ -80,8 +81,7 @@ class VoteConsumer:
         self.producer = producer  # acks=all; shared with the publisher
         self.consumer = KafkaConsumer(
             settings.topic_interactions, settings.topic_feedback,
-            bootstrap_servers=settings.kafka_bootstrap_servers,
-            security_protocol=settings.kafka_security_protocol,
+            **client_options(settings),
             group_id=settings.trainer_group, client_id="rlhf-trainer",
             enable_auto_commit=False, auto_offset_reset="earliest",
             session_timeout_ms=cfg.session_timeout_ms, heartbeat_interval_ms=cfg.heartbeat_interval_ms,

@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
 def _publish(settings, policies, model, tokenizer, parent: int, losses: list[float], n: int):
     from kafka import KafkaProducer
 
-    from rlhf.broker import ensure_topics
+    from rlhf.broker import client_options, ensure_topics
     from trainer.publish import Publisher
     from trainer.store import LabelStore
 
@@ -180,8 +180,7 @@ def _publish(settings, policies, model, tokenizer, parent: int, losses: list[flo
     trainer_cfg = config.ConsumerConfig()
     store = LabelStore(settings.trainer_dir / "labels.sqlite", late_vote_window_s=settings.late_vote_window_s,
                        dedupe_window_s=trainer_cfg.dedupe_window_s, prompt_pool_size=trainer_cfg.prompt_pool_size)
-    producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers,
-                             security_protocol=settings.kafka_security_protocol, acks="all", client_id="rlhf-sft")
+    producer = KafkaProducer(**client_options(settings), acks="all", client_id="rlhf-sft")
     try:
         publisher = Publisher(settings, policies, store, producer, name="sft")
         publisher.recover()

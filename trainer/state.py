@@ -23,6 +23,7 @@ import torch
 from kafka import KafkaProducer
 from safetensors.torch import load_file
 
+from rlhf.broker import client_options
 from rlhf.contracts import Settings
 from rlhf.models import count_parameters, ensure_policy_store, eos_token_ids, load_tokenizer, resolve_device, resolve_dtype
 from rlhf.policy_store import PolicyStore
@@ -77,8 +78,7 @@ class TrainerState:
                                dedupe_window_s=cfg.consumer.dedupe_window_s,
                                prompt_pool_size=cfg.consumer.prompt_pool_size)
             ensure_policy_store(settings)
-            producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers,
-                                     security_protocol=settings.kafka_security_protocol, client_id="rlhf-trainer",
+            producer = KafkaProducer(**client_options(settings), client_id="rlhf-trainer",
                                      acks="all", retries=5, max_block_ms=30_000)
             policies = PolicyStore(settings.policy_dir)
             publisher = Publisher(settings, policies, store, producer, name="trainer")

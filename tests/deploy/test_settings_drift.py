@@ -47,6 +47,14 @@ DEFAULTED = {
     "RLHF_TRAIN_MIN_LABELS": "training cadence, tuned with the trainer",
     "RLHF_TRAIN_MAX_WAIT_S": "training cadence, tuned with the trainer",
     "RLHF_LATE_VOTE_WINDOW_S": "join window, tuned with the trainer (topic retention is far longer)",
+    "RLHF_VOTE_RATE_LIMIT": "vote cap per user (API contract; 60 a minute is far above a person's pace), tested with the service",
+    "RLHF_VOTE_RATE_WINDOW_S": "the vote caps' window (API contract)",
+    "RLHF_VOTE_KEY_RATE_LIMIT": "off by default: an app's one key carries all its users; set per deployment",
+    "RLHF_KAFKA_SASL_MECHANISM": "used only with SASL_* protocols; SCRAM-SHA-512 is what Strimzi's KafkaUser "
+                                 "(authentication: scram-sha-512) gives; prod sets it with the KafkaUser",
+    "RLHF_KAFKA_SASL_USERNAME": "used only with SASL_* protocols; prod sets it from the KafkaUser (issue 13, k8s side)",
+    "RLHF_KAFKA_SASL_PASSWORD": "a secret, used only with SASL_* protocols; prod sets it from the KafkaUser's Secret",
+    "RLHF_KAFKA_SSL_CAFILE": "used only with SSL/SASL_SSL; empty = the system CAs; prod mounts Strimzi's cluster CA",
 }
 # Settings one overlay leaves at the code's default while another sets them, and why.
 DEFAULTED_IN = {

@@ -109,11 +109,18 @@ def read_events(bootstrap: str, topics: list[str], until: Callable[[list], bool]
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
                              auto_offset_reset="earliest")
     try:
-        tps = [TopicPartition(t, p) for t in topics for p in sorted(consumer.partitions_for_topic(t) or [])]
+        deadline = time.monotonic() + timeout
+
+        def partitions() -> list[TopicPartition] | None:
+            """Every partition of `topics`; None until all exist (the producer under test creates
+            them when it connects, which may be after this reader starts)."""
+            found = [[TopicPartition(t, p) for p in sorted(consumer.partitions_for_topic(t) or [])] for t in topics]
+            return [tp for tps in found for tp in tps] if all(found) else None
+
+        tps = wait_until(partitions, timeout, f"topics {topics} to exist")
         consumer.assign(tps)
         consumer.seek_to_beginning(*tps)
         events: list = []
-        deadline = time.monotonic() + timeout
         while True:
             for records in consumer.poll(timeout_ms=300).values():
                 events.extend(EVENTS.validate_json(r.value) for r in records)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from service_helpers import read_events
+from service_helpers import read_events, wait_until
 
 from rlhf.broker import EmbeddedBroker, free_port
 from rlhf.contracts import Feedback, Settings
@@ -129,3 +129,35 @@ def test_an_idle_spool_makes_the_drainer_sleep_not_spin(tmp_path, monkeypatch):
     drain(spool)
     spool.wait(0.01)
     assert waits == [0.01, 0.01]
+
+
+@pytest.mark.timeout(120)
+def test_a_record_kafka_refuses_is_quarantined_and_the_records_behind_it_arrive_in_order(tmp_path):
+    """A vote over 1 MiB (kafka-python's max_request_size, and Kafka's default max.message.bytes;
+    tansu enforces no topic max.message.bytes) can never be delivered: it goes to the quarantine
+    file with its reason, and the drainer moves on to the records spooled after it."""
+    from prometheus_client import REGISTRY
+
+    with EmbeddedBroker(log_path=tmp_path / "broker.log") as broker:
+        settings = Settings(state_dir=tmp_path, kafka_bootstrap_servers=broker.bootstrap)
+        rid = "chatcmpl-big"
+        sent = [Feedback(feedback_id=f"{rid}:k{i}", response_id=rid, rating=1) for i in range(10)]
+        huge = Feedback(feedback_id=f"{rid}:huge", response_id=rid, rating=-1, comment="x" * 1_100_000)
+        quarantined = lambda: REGISTRY.get_sample_value(  # noqa: E731
+            "rlhf_events_quarantined_total", {"topic": settings.topic_feedback, "reason": "MessageSizeTooLargeError"}) or 0
+        before = quarantined()
+        log = EventLog.open(settings)
+        try:
+            assert log.emit(sent[:4] + [huge] + sent[4:7])  # one batch: the refusal must not sink its neighbours
+            assert log.emit([huge]) and log.emit(sent[7:])  # and a batch of the bad record alone
+            got = read_events(broker.bootstrap, [settings.topic_feedback],
+                              until=lambda evs: {e.event_id for e in evs} >= {e.event_id for e in sent})
+            wait_until(lambda: log.spool.depth == 0, 30, "the spool to drain")
+        finally:
+            log.close()
+    assert list(dict.fromkeys(e.event_id for e in got)) == [e.event_id for e in sent]
+    lines = [json.loads(x) for x in (log.spool.root / events_mod.QUARANTINE).read_text().splitlines()]
+    assert [(q["topic"], q["key"], q["reason"]) for q in lines] == [(settings.topic_feedback, rid,
+                                                                      "MessageSizeTooLargeError")] * 2
+    assert all(Feedback.model_validate_json(q["value"]) == huge for q in lines)  # the record itself, replayable
+    assert quarantined() - before == 2

@@ -53,7 +53,7 @@ class Conversations:
 def test_outage_loses_nothing_and_fails_no_request(start_service, tmp_path_factory):
     broker = EmbeddedBroker(log_path=tmp_path_factory.mktemp("broker") / "broker.log").start()
     try:
-        svc = start_service(broker.bootstrap, policy_poll_s="1")
+        svc = start_service(broker.bootstrap, policy_poll_s="1", vote_rate_limit="0")  # u1 votes until v1 serves
         conv = Conversations(svc)
         for i in range(3):
             conv.talk(i)
