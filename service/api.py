@@ -403,17 +403,21 @@ async def retrieve_model(model: str):
 
 # ---------------------------------------------------------------------------- feedback
 
-def cap_votes(svc: "ChatService", request: Request, user: str | None, *, withdrawal: bool = False) -> None:
-    """429 with Retry-After when a vote cap is reached (service/limits.py), before anything is written."""
+def cap_votes(svc: "ChatService", request: Request, user: str | None, *, withdrawal: bool = False) -> str:
+    """429 with Retry-After when a vote cap is reached (service/limits.py), before anything is written.
+    Returns the voter: the identity the caps count, which the event carries for the trainer's
+    influence cap on a round's labels (Feedback.voter)."""
     key = bearer_token(request) if svc.api_keys else None
     address = request.client.host if request.client else "unknown"
-    refusal = svc.vote_limits.admit(vote_identities(key, user, address), withdrawal=withdrawal)
+    identities = vote_identities(key, user, address)
+    refusal = svc.vote_limits.admit(identities, withdrawal=withdrawal)
     if refusal is not None:
         metrics.votes_rate_limited.labels(identity_kind=refusal.kind).inc()
         window = svc.settings.vote_rate_window_s
         raise APIError(429, f"Rate limit reached for votes ({refusal.kind}): at most {refusal.limit} per {window:g} s "
                             f"on this server. Retry after {refusal.retry_after_s} s.", type="rate_limit_exceeded",
                        code="rate_limit_exceeded", headers={"Retry-After": str(refusal.retry_after_s)})
+    return f"{identities[0].kind}:{identities[0].name}"
 
 
 async def record(svc: "ChatService", event: Feedback) -> None:
@@ -434,11 +438,11 @@ async def post_feedback(request: Request):
     if req.choice_index >= issued.n:
         raise APIError(400, f"'choice_index' must be below {issued.n}: the response has {issued.n} choice(s).",
                        param="choice_index", code="invalid_value")
-    cap_votes(svc, request, req.user)
+    voter = cap_votes(svc, request, req.user)
     fid = feedback_id_for(req.response_id, req.choice_index, req.feedback_id, req.user)
     rating = req.signed_rating()
     event = Feedback(feedback_id=fid, response_id=req.response_id, choice_index=req.choice_index, rating=rating,
-                     comment=req.comment, user=req.user)
+                     comment=req.comment, user=req.user, voter=voter)
     await record(svc, event)
     word = "up" if rating == 1 else "down"
     metrics.votes.labels(rating=word, policy_version=str(issued.policy_version)).inc()
