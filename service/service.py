@@ -6,17 +6,15 @@ The routes live in service/api.py (a FastAPI app mounted here, as BentoML's own
 OpenAI-compatible LLM services do); BentoML adds /livez, /readyz (ready once a policy
 is loaded, via __is_ready__) and /metrics (its own metrics and ours, service/metrics.py).
 The admin API (service/admin.py) listens on its own port, RLHF_ADMIN_PORT.
-One worker process; requests run concurrently on the engine's generation threads.
+One worker process; its engine (service/engine.py) decodes every running request in one batch.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 
 import bentoml
-import torch
 
 from rlhf.contracts import Settings
 from service.admin import AdminServer, make_admin_app
@@ -24,6 +22,7 @@ from service.api import app
 from service.engine import Engine
 from service.events import EventLog
 from service.policies import PolicyManager
+from service.scheduler import Limits
 
 log = logging.getLogger("rlhf.service")
 
@@ -42,10 +41,9 @@ class ChatService:
         self.started = int(time.time())
         self.api_keys = self.settings.api_key_set()
         self.id_secret = self.settings.id_secret()
-        # a few intra-op threads per request, so that engine_threads requests can run side by side
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.settings.engine_threads))
         self.events = EventLog.open(self.settings)  # resumes draining anything spooled by a previous run
-        self.engine = Engine(threads=self.settings.engine_threads)
+        self.engine = Engine(Limits(self.settings.engine_max_running_seqs, self.settings.engine_max_batched_tokens,
+                                    self.settings.engine_max_waiting_requests))
         self.policies = PolicyManager(self.settings)
         self.policies.start()  # loads LATEST on a background thread; /readyz says when it is in
         self.admin = AdminServer(make_admin_app(self.settings, self.policies), self.settings.host,
