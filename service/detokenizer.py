@@ -9,7 +9,8 @@ Each token decodes only a short window of ids (vLLM's and TGI's `prefix_offset` 
 tokenizers whose decoding depends on the previous token (SentencePiece's leading space)
 decode the same as a full decode would, and it moves on once its text is complete. A
 window whose text ends in U+FFFD is an incomplete character (byte-level BPE splits
-multi-byte characters across tokens) and waits for the next token.
+multi-byte characters across tokens): the text before it is shown, the rest waits for
+the next token.
 
 A stop string can only start in text not yet handed out: text that could still become
 the start of a stop string is held back until it cannot, so the search per token covers
@@ -28,38 +29,44 @@ class Detokenizer:
         self.ids: list[int] = []
         self.prefix = 0  # ids[prefix:read] is the context the next window is decoded against
         self.read = 0  # ids[read:] are not in `text` yet
-        self.text = ""  # everything decoded so far
-        self.emitted = 0  # characters of `text` already handed out
+        self.text = ""  # the text of ids[:read]
+        self.pending = ""  # the text of ids[read:] up to an incomplete character at its end
+        self.emitted = 0  # characters of text + pending already handed out
 
     def push(self, token_id: int) -> tuple[str, bool]:
         """Add a token; return (new text to show, whether a stop string ended the answer)."""
         self.ids.append(token_id)
         context = self._decode(self.ids[self.prefix:self.read])
-        window = self._decode(self.ids[self.prefix:])
-        if len(window) > len(context) and not window.endswith("\ufffd"):
-            self.text += window[len(context):]
-            self.prefix, self.read = self.read, len(self.ids)
+        new = self._decode(self.ids[self.prefix:])[len(context):]
+        if new and not new.endswith("\ufffd"):
+            self.text += new
+            self.prefix, self.read, self.pending = self.read, len(self.ids), ""
+        else:
+            # U+FFFD at the end: a character still incomplete (it decodes to exactly one U+FFFD), or
+            # bytes that never make one (a random model's output); everything before it is final
+            self.pending = new[:-1]
         return self._release()
 
     def flush(self) -> str:
         """Whatever was held back (an unfinished stop-string prefix, an incomplete character)."""
         context = self._decode(self.ids[self.prefix:self.read])
         self.text += self._decode(self.ids[self.prefix:])[len(context):]
-        self.prefix = self.read = len(self.ids)
+        self.prefix, self.read, self.pending = len(self.ids), len(self.ids), ""
         delta = self.text[self.emitted:]
         self.emitted = len(self.text)
         return delta
 
     def _release(self) -> tuple[str, bool]:
-        hits = [i for i in (self.text.find(s, self.emitted) for s in self.stop) if i >= 0]
+        text = self.text + self.pending
+        hits = [i for i in (text.find(s, self.emitted) for s in self.stop) if i >= 0]
         if hits:
             end = min(hits)
-            delta = self.text[self.emitted:end]
+            delta = text[self.emitted:end]
             self.emitted = end
             return delta, True
-        hold = max((k for s in self.stop for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
-        end = max(self.emitted, len(self.text) - hold)
-        delta = self.text[self.emitted:end]
+        hold = max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        end = max(self.emitted, len(text) - hold)
+        delta = text[self.emitted:end]
         self.emitted = end
         return delta, False
 

@@ -15,6 +15,7 @@ import logging
 import time
 
 import bentoml
+import torch
 
 from rlhf.contracts import Settings
 from service.admin import AdminServer, make_admin_app
@@ -41,6 +42,9 @@ class ChatService:
         self.started = int(time.time())
         self.api_keys = self.settings.api_key_set()
         self.id_secret = self.settings.id_secret()
+        # the engine's forward passes get every core torch would use but one, which the event loop needs
+        # (HTTP, tokenizing, SSE): torch's intra-op threads spin, and on an oversubscribed core they stall
+        torch.set_num_threads(max(1, torch.get_num_threads() - 1))
         self.events = EventLog.open(self.settings)  # resumes draining anything spooled by a previous run
         self.engine = Engine(Limits(self.settings.engine_max_running_seqs, self.settings.engine_max_batched_tokens,
                                     self.settings.engine_max_waiting_requests))
@@ -48,9 +52,10 @@ class ChatService:
         self.policies.start()  # loads LATEST on a background thread; /readyz says when it is in
         self.admin = AdminServer(make_admin_app(self.settings, self.policies), self.settings.host,
                                  self.settings.admin_port).start()
-        log.info("rlhf-chat starting: model %r, policy store %s, kafka %s, spool %s, admin API on %s",
-                 self.settings.served_model_name, self.settings.policy_dir,
-                 self.settings.kafka_bootstrap_servers, self.events.spool.root, self.admin.address)
+        log.info("rlhf-chat starting: model %r, policy store %s, kafka %s, spool %s, admin API on %s, "
+                 "engine %s with %d torch threads", self.settings.served_model_name, self.settings.policy_dir,
+                 self.settings.kafka_bootstrap_servers, self.events.spool.root, self.admin.address,
+                 self.engine.limits, torch.get_num_threads())
 
     def __is_ready__(self) -> bool:
         return self.policies.current is not None
