@@ -84,10 +84,11 @@ class Policy:
     def new_cache(self) -> DynamicCache:
         return DynamicCache(config=self.model.config)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor,
                 cache: DynamicCache) -> tuple[torch.Tensor, DynamicCache]:
         """The one way the engine runs the model: (B, Q) ids, (B, T + Q) mask over the cache's T columns
-        and the new ones, (B, Q) positions -> (B, V) logits of the last position, and the grown cache."""
+        and the new ones (None: no padding anywhere), (B, Q) positions -> (B, V) logits of the last
+        position, and the grown cache."""
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          cache=cache, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1, :], out.cache
@@ -101,9 +102,9 @@ class Generation:
     """The deltas of one request, as an async iterator. `aclose()`, or dropping it unfinished,
     cancels the request: the engine frees its rows at its next step."""
 
-    def __init__(self, request: Request):
+    def __init__(self, engine: "Engine", request: Request):
         self._request = request
-        self._cancel = weakref.finalize(self, _cancel, request)
+        self._cancel = weakref.finalize(self, engine.cancel, request)
 
     def __aiter__(self) -> "Generation":
         return self
@@ -121,10 +122,6 @@ class Generation:
         self._cancel()
 
 
-def _cancel(request: Request) -> None:
-    request.cancelled = True
-
-
 class Engine:
     """One per replica: a thread that runs steps over every running request (see the module docstring)."""
 
@@ -136,6 +133,7 @@ class Engine:
         self._inbox: list[Request] = []
         self._calls: list[tuple[Callable[[], Any], Future]] = []
         self._waiting = 0  # len(scheduler.waiting) as of the end of the last step
+        self._cancellations = False  # some request was cancelled since the engine last looked
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._thread.start()
@@ -153,7 +151,12 @@ class Engine:
                 raise EngineFull(f"{self.limits.max_waiting_requests} requests are already waiting")
             self._inbox.append(request)
             self._wake.notify()
-        return Generation(request)
+        return Generation(self, request)
+
+    def cancel(self, request: Request) -> None:
+        """The client left: free the request's rows at the next step (any thread; a finished request is left alone)."""
+        request.cancelled = True
+        self._cancellations = True
 
     def run_between_steps(self, fn: Callable[[], T]) -> "Future[T]":
         """Run `fn()` on the engine thread between two steps (no forward runs meanwhile): the place to change
@@ -209,7 +212,9 @@ class Engine:
 
     def _step(self) -> None:
         out = _Outbox()
-        self._drop_cancelled()
+        if self._cancellations:
+            self._cancellations = False  # before looking, so that a cancel arriving meanwhile is seen next step
+            self._drop_cancelled()
         runner = self.runner
         if runner.prefilling is None:
             group = self.scheduler.admit(runner.rows)

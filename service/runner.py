@@ -46,6 +46,7 @@ class Prefill:
     ids: torch.Tensor  # (k, L) prompt ids, right-aligned, padding before them
     mask: torch.Tensor  # (k, L) 1 on prompt tokens
     cache: DynamicCache
+    padded: bool  # some prompt is shorter than the longest
     done: int = 0  # columns already run
 
     @classmethod
@@ -59,7 +60,8 @@ class Prefill:
             mask[i, width - len(r.prompt_ids):] = 1
         cache = policy.new_cache()
         _layers(cache)  # refuse a model this layout cannot batch before any work is done
-        return cls(policy, list(requests), ids.to(policy.device), mask.to(policy.device), cache)
+        padded = len({len(r.prompt_ids) for r in requests}) > 1
+        return cls(policy, list(requests), ids.to(policy.device), mask.to(policy.device), cache, padded)
 
     @property
     def width(self) -> int:
@@ -74,6 +76,7 @@ class Batch:
     rows: list["Choice"]  # row i of the cache and the mask
     cache: DynamicCache
     mask: torch.Tensor  # (B, T) 1 where column t holds a token of row i
+    padded: bool  # the mask has a 0: without one the model needs no mask (faster for one request alone)
 
 
 class ModelRunner:
@@ -89,8 +92,8 @@ class ModelRunner:
         """Run the next `columns` columns of the prompts; the last position's (k, V) logits once all are in."""
         start, end = prefill.done, min(prefill.done + columns, prefill.width)
         positions = (prefill.mask.cumsum(-1) - 1).clamp(min=0)[:, start:end]  # (k, C); padding gets 0, masked anyway
-        logits, prefill.cache = prefill.policy.forward(prefill.ids[:, start:end], prefill.mask[:, :end], positions,
-                                                      prefill.cache)
+        mask = prefill.mask[:, :end] if prefill.padded else None
+        logits, prefill.cache = prefill.policy.forward(prefill.ids[:, start:end], mask, positions, prefill.cache)
         prefill.done = end
         return logits if end == prefill.width else None
 
@@ -98,7 +101,7 @@ class ModelRunner:
         """Make `rows` running: row j continues prompt `origin[j]` of `prefill` (its cache repeated per choice)."""
         index = torch.tensor(origin, device=prefill.ids.device)
         prefill.cache.batch_select_indices(index)
-        new = Batch(prefill.policy, rows, prefill.cache, prefill.mask[index])
+        new = Batch(prefill.policy, rows, prefill.cache, prefill.mask[index], prefill.padded)
         batch = self.batch_of(prefill.policy)
         if batch is None:
             self.batches.append(new)
@@ -113,7 +116,7 @@ class ModelRunner:
         ids = torch.tensor([[c.token_ids[-1]] for c in batch.rows], device=batch.mask.device)  # (B, 1)
         positions = batch.mask.sum(-1, keepdim=True)  # (B, 1): the tokens each row already has
         batch.mask = F.pad(batch.mask, (0, 1), value=1)
-        logits, batch.cache = batch.policy.forward(ids, batch.mask, positions, batch.cache)
+        logits, batch.cache = batch.policy.forward(ids, batch.mask if batch.padded else None, positions, batch.cache)
         return logits
 
     def keep(self, batch: Batch, rows: list[int]) -> None:
@@ -132,11 +135,13 @@ class ModelRunner:
             batch.mask = batch.mask[:, unused:]
             for layer in _layers(batch.cache):
                 layer.keys, layer.values = layer.keys[:, :, unused:], layer.values[:, :, unused:]
+        batch.padded = bool((batch.mask == 0).any())
 
 
 def _concat(batch: Batch, new: Batch) -> None:
     """Append `new`'s rows to `batch`, left-padding whichever is shorter so both stay right-aligned."""
     width = max(batch.mask.shape[1], new.mask.shape[1])
+    batch.padded = batch.padded or new.padded or batch.mask.shape[1] != new.mask.shape[1]
 
     def pad(x: torch.Tensor, dim_from_end: int, to: int) -> torch.Tensor:
         missing = to - x.shape[-dim_from_end]

@@ -24,21 +24,30 @@ if TYPE_CHECKING:
 
 def sample(logits: torch.Tensor, rows: Sequence["Choice"]) -> list[int]:
     """(B, V) logits -> B token ids."""
-    out = torch.empty(len(rows), dtype=torch.long, device=logits.device)
-    temperature = torch.tensor([c.request.params.temperature for c in rows], device=logits.device)  # (B,)
-    greedy = temperature == 0
-    if greedy.any():
-        out[greedy] = logits[greedy].argmax(-1)
-    if not greedy.all():
-        drawn = (~greedy).nonzero().squeeze(-1)  # (S,)
-        top_p = torch.tensor([rows[i].request.params.top_p for i in drawn.tolist()], device=logits.device)
-        probs = nucleus(torch.softmax(logits[drawn].float() / temperature[drawn, None], dim=-1), top_p)  # (S, V)
-        at = 0
-        for request, same in groupby((rows[i].request for i in drawn.tolist())):
-            k = len(list(same))
-            out[drawn[at:at + k]] = torch.multinomial(probs[at:at + k], 1, generator=request.generator).squeeze(-1)
-            at += k
-    return out.tolist()
+    params = [c.request.params for c in rows]
+    drawn = [i for i, p in enumerate(params) if p.temperature > 0]
+    if len(drawn) < len(rows):
+        tokens = logits.argmax(-1).tolist()
+        if not drawn:
+            return tokens
+        logits = logits[drawn]
+    else:
+        tokens = [0] * len(rows)
+    temperature = [params[i].temperature for i in drawn]
+    top_p = [params[i].top_p for i in drawn]
+    # one scalar for the common case of one temperature: no (S, 1) tensor to build per step
+    scale = temperature[0] if len(set(temperature)) == 1 else torch.tensor(temperature, device=logits.device)[:, None]
+    probs = torch.softmax(logits.float() / scale, dim=-1)  # (S, V)
+    if min(top_p) < 1.0:
+        probs = nucleus(probs, torch.tensor(top_p, device=logits.device))
+    at = 0
+    for request, same in groupby(drawn, key=lambda i: rows[i].request):
+        k = len(list(same))
+        picked = torch.multinomial(probs[at:at + k], 1, generator=request.generator).view(-1).tolist()
+        for i, token in zip(drawn[at:at + k], picked):
+            tokens[i] = token
+        at += k
+    return tokens
 
 
 def nucleus(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
