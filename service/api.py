@@ -361,16 +361,21 @@ async def _sse(svc: "ChatService", job: Job, deltas: Generation, started: float,
             c.setdefault("finish_reason", None)
         return f"data: {_json(data)}\n\n"
 
+    def events(d: Delta) -> str:
+        job.add(d)
+        out = chunk([ChunkChoice(index=d.index, delta=ChunkDelta(content=d.text))]) if d.text else ""
+        if d.finish_reason is not None:
+            out += chunk([ChunkChoice(index=d.index, delta=ChunkDelta(), finish_reason=d.finish_reason)])
+        return out
+
     async with contextlib.aclosing(deltas):  # a client that leaves mid-stream cancels its rows
-        for i in range(job.params.n):
-            yield chunk([ChunkChoice(index=i, delta=ChunkDelta(role="assistant", content=""))])
+        yield "".join(chunk([ChunkChoice(index=i, delta=ChunkDelta(role="assistant", content=""))])
+                      for i in range(job.params.n))
         try:
             async for d in deltas:
-                job.add(d)
-                if d.text:
-                    yield chunk([ChunkChoice(index=d.index, delta=ChunkDelta(content=d.text))])
-                if d.finish_reason is not None:
-                    yield chunk([ChunkChoice(index=d.index, delta=ChunkDelta(), finish_reason=d.finish_reason)])
+                # with the deltas that came meanwhile: a busy event loop writes once per request, not per token
+                if text := "".join(events(e) for e in (d, *deltas.ready())):
+                    yield text
         except Exception:
             log.exception("generation failed mid-stream for %s", job.response_id)
             err = ErrorResponse(error=ErrorBody(message="The server failed to generate a completion.",

@@ -32,7 +32,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
@@ -47,6 +47,12 @@ from service.scheduler import Limits, Scheduler
 log = logging.getLogger("rlhf.service.engine")
 
 T = TypeVar("T")
+
+# Deltas go to an event loop at most this often, and only once it has written out the last ones: on a
+# small model a step takes a millisecond or two, and each SSE write costs the event loop (BentoML's
+# middleware, a syscall) GIL time that the next step needs. Held deltas of a request leave together, in
+# one write. A first token, an end or an error goes at once.
+STREAM_INTERVAL_S = 0.01
 
 
 @dataclass(frozen=True)
@@ -98,25 +104,41 @@ class EngineFull(Exception):
     """The waiting queue is at `max_waiting_requests`; the API answers 429 with Retry-After."""
 
 
+_NOT_YET = object()  # Generation._end before the engine has ended the request
+
+
 class Generation:
     """The deltas of one request, as an async iterator. `aclose()`, or dropping it unfinished,
     cancels the request: the engine frees its rows at its next step."""
 
     def __init__(self, engine: "Engine", request: Request):
         self._request = request
+        self._end: Any = _NOT_YET  # None (done) or the exception, once `ready()` has read it
         self._cancel = weakref.finalize(self, engine.cancel, request)
 
     def __aiter__(self) -> "Generation":
         return self
 
     async def __anext__(self) -> Delta:
-        item = await self._request.outbox.get()
+        item = await self._request.outbox.get() if self._end is _NOT_YET else self._end
         if isinstance(item, Delta):
             return item
         self._cancel.detach()  # ended (or failed) on the engine's side: nothing left to cancel
         if item is None:
             raise StopAsyncIteration
         raise item
+
+    def ready(self) -> list[Delta]:
+        """The deltas that have arrived already, without waiting (the end stays for the next `__anext__`):
+        a stream that fell behind catches up in one write instead of one per token."""
+        deltas = []
+        while self._end is _NOT_YET and not self._request.outbox.empty():
+            item = self._request.outbox.get_nowait()
+            if isinstance(item, Delta):
+                deltas.append(item)
+            else:
+                self._end = item
+        return deltas
 
     async def aclose(self) -> None:
         self._cancel()
@@ -134,6 +156,8 @@ class Engine:
         self._calls: list[tuple[Callable[[], Any], Future]] = []
         self._waiting = 0  # len(scheduler.waiting) as of the end of the last step
         self._cancellations = False  # some request was cancelled since the engine last looked
+        self._out = _Outbox()  # deltas not handed to the event loop yet (engine thread only)
+        self._last_decode_at: float | None = None  # for the inter-token latency: the previous decode step
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._thread.start()
@@ -201,6 +225,7 @@ class Engine:
             except Exception as e:  # a bug, not a model failure (those fail their batch only): fail everyone, go on
                 log.exception("engine step failed")
                 self._fail(self._live_requests(), e)
+            self._out.send(force=not self._busy())
             with self._wake:
                 self._waiting = len(self.scheduler.waiting)
         self._fail(self._live_requests() + self._inbox, RuntimeError("the engine is closed"))
@@ -211,7 +236,7 @@ class Engine:
         return bool(self.scheduler.waiting or self.runner.batches or self.runner.prefilling)
 
     def _step(self) -> None:
-        out = _Outbox()
+        out = self._out
         if self._cancellations:
             self._cancellations = False  # before looking, so that a cancel arriving meanwhile is seen next step
             self._drop_cancelled()
@@ -227,6 +252,10 @@ class Engine:
                     log.exception("cannot prefill %d request(s) on %s", len(group), group[0].policy.fingerprint)
                     self._fail(group, e)
 
+        now = time.monotonic()
+        if runner.batches and self._last_decode_at is not None:
+            metrics.inter_token_latency.observe(now - self._last_decode_at)  # what every running row waited
+        self._last_decode_at = now if runner.batches else None
         for batch in list(runner.batches):
             try:
                 logits = runner.decode(batch)  # (B, V)
@@ -258,21 +287,17 @@ class Engine:
                 if going:
                     runner.start(prefill, [rows[j] for j in going], [origin[j] for j in going])
 
-        out.send()
         metrics.engine_waiting.set(len(self.scheduler.waiting))
         metrics.engine_running.set(runner.rows)
 
     def _advance(self, rows: list[Choice], token_ids: list[int], out: "_Outbox") -> list[Choice]:
         """Give each row its sampled token; queue the deltas, and the end of each request that finished."""
-        now = time.monotonic()
         for choice, token_id in zip(rows, token_ids):
-            out.put(choice.request, choice.advance(token_id))
+            out.put(choice.request, choice.advance(token_id), urgent=not choice.request.started)
         for request in dict.fromkeys(c.request for c in rows):
-            if request.last_token_at is None:
-                metrics.time_to_first_token.observe(now - request.arrived)
-            else:
-                metrics.inter_token_latency.observe(now - request.last_token_at)
-            request.last_token_at = now
+            if not request.started:
+                request.started = True
+                metrics.time_to_first_token.observe(time.monotonic() - request.arrived)
             if all(c.finish_reason is not None for c in request.choices):
                 request.status = Status.FINISHED
                 out.put(request, None)
@@ -288,12 +313,11 @@ class Engine:
 
     def _fail(self, requests: list[Request], error: BaseException) -> None:
         """End `requests` with `error` (the API answers 500, or an error event mid-stream) and free their rows."""
-        out = _Outbox()
         for request in requests:
             if request.status is not Status.FINISHED:
                 request.status = Status.FINISHED
-                out.put(request, error)
-        out.send()
+                self._out.put(request, error)
+        self._out.send(force=True)
         self._sweep()
 
     def _sweep(self) -> None:
@@ -314,22 +338,42 @@ class Engine:
 
 
 class _Outbox:
-    """What a step hands to the API's event loops: one `call_soon_threadsafe` per loop per step."""
+    """What the engine hands to the API's event loops: per loop, one `call_soon_threadsafe` per hand-off."""
 
     def __init__(self) -> None:
-        self.items: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Any]]] = {}
+        self.loops: dict[asyncio.AbstractEventLoop, _Handoff] = {}
 
-    def put(self, request: Request, item: Delta | BaseException | None) -> None:
-        self.items.setdefault(request.loop, []).append((request.outbox, item))
+    def put(self, request: Request, item: Delta | BaseException | None, urgent: bool = False) -> None:
+        handoff = self.loops.setdefault(request.loop, _Handoff())
+        handoff.items.append((request.outbox, item))
+        handoff.since = min(handoff.since, time.monotonic())
+        handoff.urgent = handoff.urgent or urgent or not isinstance(item, Delta)
 
-    def send(self) -> None:
-        for loop, items in self.items.items():
+    def send(self, force: bool = False) -> None:
+        """Hand over what is due (see STREAM_INTERVAL_S); `force`: everything."""
+        now = time.monotonic()
+        for loop, h in list(self.loops.items()):
+            if not h.items or not (force or h.urgent or (h.drained and now - h.since >= STREAM_INTERVAL_S)):
+                continue
+            items, h.items, h.since, h.urgent, h.drained = h.items, [], float("inf"), False, False
             try:
-                loop.call_soon_threadsafe(_deliver, items)
+                loop.call_soon_threadsafe(_deliver, items, h)
             except RuntimeError:  # that loop is closed: its requests' clients are gone
-                pass
+                del self.loops[loop]
 
 
-def _deliver(items: list[tuple[asyncio.Queue, Any]]) -> None:
+@dataclass(eq=False)
+class _Handoff:
+    """Deltas waiting for one event loop, and whether that loop has written out the last ones."""
+
+    items: list[tuple[asyncio.Queue, Any]] = field(default_factory=list)
+    since: float = float("inf")  # when the oldest waiting item was put
+    urgent: bool = False  # holds a first token, an end or an error
+    drained: bool = True  # set on the loop once the readers woken by the last hand-off have run
+
+
+def _deliver(items: list[tuple[asyncio.Queue, Any]], handoff: _Handoff) -> None:
     for queue, item in items:
         queue.put_nowait(item)
+    # the readers these puts woke run before this callback (the ready queue is first in, first out)
+    asyncio.get_running_loop().call_soon(setattr, handoff, "drained", True)

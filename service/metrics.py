@@ -23,7 +23,8 @@ engine_rejected = Counter("rlhf_engine_rejected", "Requests refused with 429 bec
 engine_cancelled = Counter("rlhf_engine_cancelled", "Requests whose client left before the end; their rows were freed")
 time_to_first_token = Histogram("rlhf_time_to_first_token_seconds", "From arrival in the engine to the first token",
                                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
-inter_token_latency = Histogram("rlhf_inter_token_latency_seconds", "Between a request's consecutive decode steps",
+inter_token_latency = Histogram("rlhf_inter_token_latency_seconds",
+                                "Between two decode steps: what every running row waits for its next token",
                                 buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
 votes = Counter("rlhf_votes", "Votes accepted, by rating and the policy version of the response voted on",
                 ["rating", "policy_version"])

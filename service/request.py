@@ -72,8 +72,8 @@ class Request:
     choices: list["Choice"] = field(init=False)
     status: Status = Status.WAITING
     cancelled: bool = False  # set from the API's thread when the client leaves; the engine acts at its next step
-    arrived: float = field(default_factory=time.monotonic)
-    last_token_at: float | None = None  # for time to first token and inter-token latency
+    arrived: float = field(default_factory=time.monotonic)  # for the time to first token
+    started: bool = False  # its first token is out
 
     def __post_init__(self) -> None:
         self.generator = torch.Generator(device=self.policy.device).manual_seed(self.params.seed)
