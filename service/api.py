@@ -49,7 +49,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("rlhf.service.api")
 
 MAX_STOP_STRINGS = 4  # as OpenAI
-RETRY_AFTER_S = 1  # a full queue drains in about a second at the throughput bench/serve.py measures
+# Retry-After of a 429: the engine's queue moves at every step, so a second usually finds room; a replica
+# overloaded for longer needs more replicas (the HPA), not clients that wait longer
+RETRY_AFTER_S = 1
 
 
 # ---------------------------------------------------------------------------- errors

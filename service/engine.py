@@ -14,7 +14,8 @@ Each step of the engine thread (continuous batching, as in vLLM's v1 engine and 
 4. the runner runs the next chunk of the prefill group; when its prompts are complete,
    their first tokens are drawn and their rows (n per request) join the decode batch;
 5. each row's detokenizer (service/detokenizer.py) turns its token into text, finished
-   rows leave the batch, and the deltas of the step go to the API's event loop in one hop.
+   rows leave the batch, and the deltas go to the API's event loop, one hop for all
+   requests (at most every STREAM_INTERVAL_S, below).
 
 A request holds one `Policy` from start to end. Rows of different Policy objects never
 share a forward, so during a hot swap the old and the new version run side by side, each
@@ -280,8 +281,6 @@ class Engine:
                 started = [(i, r) for i, r in enumerate(prefill.requests) if r.status is Status.PREFILLING]
                 origin = [i for i, r in started for _ in r.choices]
                 rows = [c for _, r in started for c in r.choices]
-                for _, request in started:
-                    request.status = Status.RUNNING
                 advanced = self._advance(rows, sample(logits[origin], rows), out)
                 going = [j for j, choice in enumerate(advanced) if choice.finish_reason is None]
                 if going:
@@ -293,10 +292,10 @@ class Engine:
     def _advance(self, rows: list[Choice], token_ids: list[int], out: "_Outbox") -> list[Choice]:
         """Give each row its sampled token; queue the deltas, and the end of each request that finished."""
         for choice, token_id in zip(rows, token_ids):
-            out.put(choice.request, choice.advance(token_id), urgent=not choice.request.started)
+            out.put(choice.request, choice.advance(token_id), urgent=choice.request.status is Status.PREFILLING)
         for request in dict.fromkeys(c.request for c in rows):
-            if not request.started:
-                request.started = True
+            if request.status is Status.PREFILLING:  # this was its first token
+                request.status = Status.RUNNING
                 metrics.time_to_first_token.observe(time.monotonic() - request.arrived)
             if all(c.finish_reason is not None for c in request.choices):
                 request.status = Status.FINISHED

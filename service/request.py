@@ -60,7 +60,7 @@ class Request:
     `policy` is the object the API took at admission: every token comes from it, so a
     response never mixes versions. `generator` is seeded by `params.seed` and used by
     this request's rows only. `outbox` is the API's queue on `loop`: the engine thread
-    puts Delta lists, an exception, or None (the end) on it with `call_soon_threadsafe`.
+    puts Deltas, then None (the end) or an exception, on it with `call_soon_threadsafe`.
     """
 
     policy: "Policy"
@@ -73,16 +73,11 @@ class Request:
     status: Status = Status.WAITING
     cancelled: bool = False  # set from the API's thread when the client leaves; the engine acts at its next step
     arrived: float = field(default_factory=time.monotonic)  # for the time to first token
-    started: bool = False  # its first token is out
 
     def __post_init__(self) -> None:
         self.generator = torch.Generator(device=self.policy.device).manual_seed(self.params.seed)
         self.choices = [Choice(self, i, Detokenizer(self.policy.tokenizer, self.params.stop))
                         for i in range(self.params.n)]
-
-    @property
-    def live_choices(self) -> list["Choice"]:
-        return [c for c in self.choices if c.finish_reason is None]
 
 
 @dataclass(eq=False)

@@ -1,9 +1,10 @@
 """The model runner: runs the forward passes the scheduler asked for, and keeps the KV caches.
 
-    prefill = Prefill.of(requests)                 # prompts of one Policy, left-padded
+    runner.prefilling = Prefill.of(requests)       # prompts of one Policy, left-padded
     logits = runner.prefill(prefill, columns)      # (k, V) once the whole prompt is in, else None
-    runner.start(prefill, token_ids)               # its rows (n per request) join their policy's batch
+    runner.start(prefill, rows, origin)            # its rows (n per request) join their policy's batch
     logits = runner.decode(batch)                  # (B, V): one step for every row of the batch
+    runner.keep(batch, rows)                       # the rows still going
 
 Layout: the rows of a batch are right-aligned in one transformers `DynamicCache`
 (keys/values `(B, heads, T, head_dim)` per layer): row i's tokens fill the last columns

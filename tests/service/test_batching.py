@@ -145,9 +145,9 @@ def test_a_client_that_leaves_mid_stream_frees_its_rows(llama_service):
     with httpx.stream("POST", f"{svc.url}/v1/chat/completions", json=body, timeout=60,
                       headers={"Authorization": f"Bearer {API_KEY}"}) as r:
         for line in r.iter_lines():
-            if '"content":"' in line and '"role"' not in line:
-                break  # tokens are flowing
-        assert svc.metric("rlhf_engine_running_seqs") == 2
+            if '"content":"' in line and '"role"' not in line:  # tokens are flowing
+                assert svc.metric("rlhf_engine_running_seqs") == 2  # read while the stream is still open
+                break  # closing the line iterator may already drop the connection
     # the client has left
     wait_until(lambda: svc.metric("rlhf_engine_cancelled_total") == cancelled + 1, 60, "the engine to cancel the request")
     wait_until(lambda: svc.metric("rlhf_engine_running_seqs") == 0, 60, "its two rows to leave the batch")
