@@ -478,7 +478,8 @@ def main() -> int:
         for name in args.models:
             results.append(run_model(name, args, settings, broker, work, previous))
 
-    out = args.out or RESULTS / f"serve-{'cpu' if device.type == 'cpu' else _timing.slug(_timing.device_name(device))}.json"
+    slug = "cpu" if device.type == "cpu" else _timing.slug(_timing.device_name(device))
+    out = args.out or RESULTS / f"serve-{slug}.json"
     payload = {
         "bench": "serve", "device": _timing.device_name(device), "device_type": device.type,
         "cpu_count": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0],

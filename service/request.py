@@ -87,7 +87,8 @@ class Choice:
     request: Request
     index: int
     detokenizer: Detokenizer
-    token_ids: list[int] = field(default_factory=list)  # sampled: up to and including a stop string's last token, eos excluded
+    # sampled so far: up to and including the token that completed a stop string, eos excluded
+    token_ids: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
 
     def advance(self, token_id: int) -> Delta:

@@ -46,7 +46,8 @@ def engine(**limits) -> Engine:
     return Engine(Limits(**{"max_running_seqs": 64, "max_batched_tokens": 512, "max_waiting_requests": 64, **limits}))
 
 
-async def answer(eng: Engine, policy: Policy, prompt_ids: list[int], p: SamplingParams) -> list[tuple[str, list[int], str]]:
+async def answer(eng: Engine, policy: Policy, prompt_ids: list[int],
+                 p: SamplingParams) -> list[tuple[str, list[int], str]]:
     """(text, token ids, finish reason) per choice."""
     texts, ids, finish = [""] * p.n, [[] for _ in range(p.n)], [None] * p.n
     async for d in eng.stream(policy, prompt_ids, p):
