@@ -74,7 +74,9 @@ class Settings(BaseSettings):
     default_max_tokens: int = Field(48, ge=1)
     max_n: int = Field(4, ge=1)
     spool_max_bytes: int = Field(512 * 1024 * 1024, description="spool disk cap; above it chat still works, events are counted as dropped")
-    engine_threads: int = Field(2, ge=1, description="generation worker threads: requests decoded at the same time per replica (about one per core: bench/serve.py)")
+    engine_max_running_seqs: int = Field(64, ge=1, description="rows (choices) one replica decodes per step, in one batch per policy version")
+    engine_max_batched_tokens: int = Field(512, ge=1, description="tokens per engine step: decode rows plus prompt tokens; longer prompts are prefilled in chunks")
+    engine_max_waiting_requests: int = Field(128, ge=1, description="requests queued before they start; beyond it chat answers 429 with Retry-After")
     policy_poll_s: float = Field(5.0, gt=0, description="how often a replica re-reads LATEST (fallback for missed announcements)")
     vote_rate_limit: int = Field(60, ge=0, description="votes per window per identity (a user; a vote without one: its "
                                                        "API key, or client address when keys are off), per replica; 0 = no cap")

@@ -16,6 +16,7 @@ with the offending `param` named.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 import logging
@@ -39,8 +40,9 @@ from rlhf.contracts import (
     split_feedback_id,
 )
 from service import metrics, openapi
-from service.engine import Delta, Policy, SamplingParams
+from service.engine import EngineFull, Generation, Policy
 from service.limits import vote_identities
+from service.request import Delta, SamplingParams
 from service.schemas import (
     AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice, ChunkChoice, ChunkDelta,
     ErrorBody, ErrorResponse, FeedbackAccepted, FeedbackRequest, ModelCard, ModelList, Usage,
@@ -52,6 +54,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("rlhf.service.api")
 
 MAX_STOP_STRINGS = 4  # as OpenAI
+# Retry-After of a 429: the engine's queue moves at every step, so a second usually finds room; a replica
+# overloaded for longer needs more replicas (the HPA), not clients that wait longer
+RETRY_AFTER_S = 1
 
 
 # ---------------------------------------------------------------------------- errors
@@ -323,19 +328,31 @@ async def finish(svc: "ChatService", job: Job, started: float) -> None:
     metrics.generation_seconds.observe(time.monotonic() - started)
 
 
+def start(svc: "ChatService", job: Job) -> Generation:
+    """Queue the job in the engine, or answer 429 (nothing written) when its queue is full."""
+    try:
+        return svc.engine.stream(job.policy, job.prompt_ids, job.params)
+    except EngineFull:
+        raise APIError(429, "The server is at capacity; retry after the time in the Retry-After header.",
+                       type="requests", code="rate_limit_exceeded",
+                       headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+
+
 @app.post("/v1/chat/completions", dependencies=[Depends(require_api_key)], **openapi.CHAT)
 async def chat_completions(request: Request):
     svc = current()
     req = parse(ChatCompletionRequest, await read_body(request, svc.settings.max_body_bytes))
     job = await admit(svc, req)
     started = time.monotonic()
+    deltas = start(svc, job)
     if req.stream:
         include_usage = req.stream_options is not None and req.stream_options.include_usage
-        return StreamingResponse(_sse(svc, job, started, include_usage), media_type="text/event-stream",
+        return StreamingResponse(_sse(svc, job, deltas, started, include_usage), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     try:
-        async for delta in svc.engine.stream(job.policy, job.prompt_ids, job.params):
-            job.add(delta)
+        async with contextlib.aclosing(deltas):  # a client that leaves cancels its rows
+            async for delta in deltas:
+                job.add(delta)
     except Exception:
         log.exception("generation failed for %s", job.response_id)
         raise APIError(500, "The server failed to generate a completion.", type="server_error",
@@ -349,7 +366,8 @@ async def chat_completions(request: Request):
     ).model_dump(mode="json")
 
 
-async def _sse(svc: "ChatService", job: Job, started: float, include_usage: bool) -> AsyncIterator[str]:
+async def _sse(svc: "ChatService", job: Job, deltas: Generation, started: float,
+               include_usage: bool) -> AsyncIterator[str]:
     """OpenAI's stream: a role delta per choice, content deltas, a finish chunk per choice,
     a usage chunk if asked, then `data: [DONE]`."""
 
@@ -362,21 +380,27 @@ async def _sse(svc: "ChatService", job: Job, started: float, include_usage: bool
             c.setdefault("finish_reason", None)
         return f"data: {_json(data)}\n\n"
 
-    for i in range(job.params.n):
-        yield chunk([ChunkChoice(index=i, delta=ChunkDelta(role="assistant", content=""))])
-    try:
-        async for d in svc.engine.stream(job.policy, job.prompt_ids, job.params):
-            job.add(d)
-            if d.text:
-                yield chunk([ChunkChoice(index=d.index, delta=ChunkDelta(content=d.text))])
-            if d.finish_reason is not None:
-                yield chunk([ChunkChoice(index=d.index, delta=ChunkDelta(), finish_reason=d.finish_reason)])
-    except Exception:
-        log.exception("generation failed mid-stream for %s", job.response_id)
-        err = ErrorResponse(error=ErrorBody(message="The server failed to generate a completion.",
-                                            type="server_error", code="generation_failed"))
-        yield f"data: {err.model_dump_json()}\n\n"
-        return
+    def events(d: Delta) -> str:
+        job.add(d)
+        out = chunk([ChunkChoice(index=d.index, delta=ChunkDelta(content=d.text))]) if d.text else ""
+        if d.finish_reason is not None:
+            out += chunk([ChunkChoice(index=d.index, delta=ChunkDelta(), finish_reason=d.finish_reason)])
+        return out
+
+    async with contextlib.aclosing(deltas):  # a client that leaves mid-stream cancels its rows
+        yield "".join(chunk([ChunkChoice(index=i, delta=ChunkDelta(role="assistant", content=""))])
+                      for i in range(job.params.n))
+        try:
+            async for d in deltas:
+                # with the deltas that came meanwhile: a busy event loop writes once per request, not per token
+                if text := "".join(events(e) for e in (d, *deltas.ready())):
+                    yield text
+        except Exception:
+            log.exception("generation failed mid-stream for %s", job.response_id)
+            err = ErrorResponse(error=ErrorBody(message="The server failed to generate a completion.",
+                                                type="server_error", code="generation_failed"))
+            yield f"data: {err.model_dump_json()}\n\n"
+            return
     await finish(svc, job, started)
     if include_usage:
         yield chunk([], usage=job.usage())

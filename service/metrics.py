@@ -15,6 +15,17 @@ tokens = Counter("rlhf_tokens", "Tokens processed, by kind (prompt/completion) a
 completions = Counter("rlhf_completions", "Chat completions answered, by policy version", ["policy_version"])
 generation_seconds = Histogram("rlhf_generation_seconds", "Wall time from admission to last token of a completion",
                                buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+engine_waiting = Gauge("rlhf_engine_waiting_requests", "Requests queued in the engine, not started yet",
+                       multiprocess_mode="livesum")
+engine_running = Gauge("rlhf_engine_running_seqs", "Rows (choices) in the engine's decode batches",
+                       multiprocess_mode="livesum")
+engine_rejected = Counter("rlhf_engine_rejected", "Requests refused with 429 because the engine's queue was full")
+engine_cancelled = Counter("rlhf_engine_cancelled", "Requests whose client left before the end; their rows were freed")
+time_to_first_token = Histogram("rlhf_time_to_first_token_seconds", "From arrival in the engine to the first token",
+                                buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+inter_token_latency = Histogram("rlhf_inter_token_latency_seconds",
+                                "Between two decode steps: what every running row waits for its next token",
+                                buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
 votes = Counter("rlhf_votes", "Votes accepted, by rating and the policy version of the response voted on",
                 ["rating", "policy_version"])
 votes_rate_limited = Counter("rlhf_votes_rate_limited", "Votes and withdrawals refused (429) by a vote cap, by the "

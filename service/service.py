@@ -6,13 +6,12 @@ The routes live in service/api.py (a FastAPI app mounted here, as BentoML's own
 OpenAI-compatible LLM services do); BentoML adds /livez, /readyz (ready once a policy
 is loaded, via __is_ready__) and /metrics (its own metrics and ours, service/metrics.py).
 The admin API (service/admin.py) listens on its own port, RLHF_ADMIN_PORT.
-One worker process; requests run concurrently on the engine's generation threads.
+One worker process; its engine (service/engine.py) decodes every running request in one batch.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 
 import bentoml
@@ -26,6 +25,7 @@ from service.engine import Engine
 from service.events import EventLog
 from service.limits import VoteLimits
 from service.policies import PolicyManager
+from service.scheduler import Limits
 
 log = logging.getLogger("rlhf.service")
 
@@ -35,6 +35,10 @@ log = logging.getLogger("rlhf.service")
     name="rlhf-chat",
     workers=1,
     traffic={"timeout": 300, "concurrency": 32, "max_concurrency": 256},
+    # BentoML samples no traces unless tracing.sample_rate is set, yet its OpenTelemetry middleware makes
+    # a span for every ASGI message, which for a stream is one per token (~12 % of chat throughput at
+    # concurrency 32 in bench/serve.py): chat stays out of it
+    tracing={"excluded_urls": ["/v1/chat/completions"]},
 )
 class ChatService:
     def __init__(self) -> None:
@@ -44,18 +48,21 @@ class ChatService:
         self.started = int(time.time())
         self.api_keys = self.settings.api_key_set()
         self.id_secret = self.settings.id_secret()
-        # a few intra-op threads per request, so that engine_threads requests can run side by side
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.settings.engine_threads))
+        # the engine's forward passes get every core torch would use but one, which the event loop needs
+        # (HTTP, tokenizing, SSE): torch's intra-op threads spin, and on an oversubscribed core they stall
+        torch.set_num_threads(max(1, torch.get_num_threads() - 1))
         self.events = EventLog.open(self.settings)  # resumes draining anything spooled by a previous run
-        self.engine = Engine(threads=self.settings.engine_threads)
+        self.engine = Engine(Limits(self.settings.engine_max_running_seqs, self.settings.engine_max_batched_tokens,
+                                    self.settings.engine_max_waiting_requests))
         self.vote_limits = VoteLimits(self.settings)
         self.policies = PolicyManager(self.settings)
         self.policies.start()  # loads LATEST on a background thread; /readyz says when it is in
         self.admin = AdminServer(make_admin_app(self.settings, self.policies), self.settings.host,
                                  self.settings.admin_port).start()
-        log.info("rlhf-chat starting: model %r, policy store %s, kafka %s, spool %s, admin API on %s",
-                 self.settings.served_model_name, self.settings.policy_dir,
-                 describe_connection(self.settings), self.events.spool.root, self.admin.address)
+        log.info("rlhf-chat starting: model %r, policy store %s, kafka %s, spool %s, admin API on %s, "
+                 "engine %s with %d torch threads", self.settings.served_model_name, self.settings.policy_dir,
+                 describe_connection(self.settings), self.events.spool.root, self.admin.address,
+                 self.engine.limits, torch.get_num_threads())
 
     def __is_ready__(self) -> bool:
         return self.policies.current is not None

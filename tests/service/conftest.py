@@ -20,11 +20,12 @@ def module_broker(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def start_service(tmp_path_factory, base_model_dir):
-    """start_service(bootstrap, **settings) -> ServiceProcess; every process started is stopped at teardown."""
+    """start_service(bootstrap, model_dir=<the embedded model>, **settings) -> ServiceProcess; every process
+    started is stopped at teardown."""
     started: list[ServiceProcess] = []
 
-    def start(bootstrap: str, **settings: str) -> ServiceProcess:
-        svc = ServiceProcess.start(tmp_path_factory.mktemp("service"), base_model_dir, bootstrap, **settings)
+    def start(bootstrap: str, model_dir: str = base_model_dir, **settings: str) -> ServiceProcess:
+        svc = ServiceProcess.start(tmp_path_factory.mktemp("service"), model_dir, bootstrap, **settings)
         started.append(svc)
         return svc
 

@@ -54,7 +54,7 @@ class ServiceProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("RLHF_", "BENTOML_HOME"))}
         env.update({
             "RLHF_STATE_DIR": str(state_dir), "RLHF_MODEL": model_dir, "RLHF_KAFKA_BOOTSTRAP_SERVERS": bootstrap,
-            "RLHF_API_KEYS": API_KEY, "RLHF_ADMIN_PORT": str(admin_port), "RLHF_ENGINE_THREADS": "4", "BENTOML_DO_NOT_TRACK": "true",
+            "RLHF_API_KEYS": API_KEY, "RLHF_ADMIN_PORT": str(admin_port), "BENTOML_DO_NOT_TRACK": "true",
             "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
             **{f"RLHF_{k.upper()}": v for k, v in settings.items()},
         })
