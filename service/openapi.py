@@ -31,8 +31,9 @@ ERRORS = {  # status -> when; every error body is OpenAI's shape (ErrorResponse)
     404: "`model_not_found`, `response_not_found` or `feedback_not_found`: the id or model is not one this "
          "service issued or serves.",
     413: "`request_too_large`: the body is over the server's byte limit.",
-    429: "`rate_limit_exceeded`: a vote cap of this server is reached (per user, or per API key / client address); "
-         "nothing was recorded. The `Retry-After` header says in how many seconds one more is allowed.",
+    429: "`rate_limit_exceeded`: a chat while the engine's queue is full, or a vote over a vote cap of this server "
+         "(per user, or per API key / client address); nothing was generated or recorded. The `Retry-After` header "
+         "says in how many seconds to try again.",
     500: "`generation_failed` (type `server_error`).",
     503: "`model_not_ready` (no policy loaded yet) or `events_unavailable` (a vote could not be spooled; retry).",
 }
@@ -89,7 +90,7 @@ CHAT = dict(
     openapi_extra=json_body(ChatCompletionRequest),
     responses=answers(
         200, ChatCompletion, "The completion; with `stream`, the same as Server-Sent Events.", 400, 401, 404, 413,
-        500, 503, content=STREAM,
+        429, 500, 503, content=STREAM,
         links={"voteOnIt": {"operationId": "createFeedback", "description": "Vote on this answer.",
                             "requestBody": {"response_id": "$response.body#/id", "rating": "up"}}},
     ),
