@@ -60,6 +60,10 @@ class PolicyStore:
         except FileNotFoundError:
             return None
 
+    def manifest_sha256(self, version: int) -> str:
+        """The sha256 of a version's manifest.json: what an adapter's manifest names its base by."""
+        return sha256_file(self.path(version) / MANIFEST)
+
     def manifest(self, version: int) -> Manifest:
         return Manifest.model_validate_json((self.path(version) / MANIFEST).read_text())
 
@@ -84,7 +88,7 @@ class PolicyStore:
         if base_version is not None:
             if self.manifest(base_version).base_version is not None:
                 raise ValueError(f"version {base_version} is an adapter itself; an adapter's base must be full weights")
-            base_sha256 = sha256_file(self.path(base_version) / MANIFEST)
+            base_sha256 = self.manifest_sha256(base_version)
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         self.versions_dir.mkdir(parents=True, exist_ok=True)
         stage = self.tmp_dir / f"{version_dirname(version)}.{uuid.uuid4().hex[:8]}"
@@ -130,10 +134,14 @@ class PolicyStore:
                 self._verify_files(manifest.base_version)
             except VerificationError as e:
                 raise VerificationError(f"version {version}: its base {e}") from e
-            if sha256_file(self.path(manifest.base_version) / MANIFEST) != manifest.base_sha256:
+            if self.manifest_sha256(manifest.base_version) != manifest.base_sha256:
                 raise VerificationError(f"version {version}: base version {manifest.base_version} is not the one "
                                         "it was trained on (manifest sha256 differs)")
         return manifest
+
+    def verify_files(self, version: int) -> Manifest:
+        """This version's own files against its manifest (not an adapter's base: see verify)."""
+        return self._verify_files(version)
 
     def _verify_files(self, version: int) -> Manifest:
         vdir = self.path(version)

@@ -26,6 +26,7 @@ dropped and its weights are freed with the last reference to the object.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -56,24 +57,41 @@ T = TypeVar("T")
 STREAM_INTERVAL_S = 0.01
 
 
+@dataclass(eq=False)
+class SharedBase:
+    """A full-weight version several policies share: itself, and the LoRA adapter versions over it.
+
+    `peft` is set (on the engine thread, by the policy manager) when the first adapter is loaded:
+    peft injects the adapter layers into `model`'s own modules, so from then on every forward
+    through them names its adapter, or turns them off for the base version itself (Policy.forward).
+    """
+
+    version: int
+    model: Any  # the causal LM, eval mode
+    tokenizer: Any
+    manifest_sha256: str  # of the base's manifest when it was verified and loaded: an adapter must name it
+    peft: Any = None  # the peft PeftModel around `model`, once an adapter is on it
+
+
 @dataclass(frozen=True)
 class Policy:
     """One loaded policy version. Immutable: swapping versions means swapping Policy objects."""
 
     version: int
-    model: Any  # a transformers causal LM in eval mode
+    model: Any  # a transformers causal LM in eval mode (for an adapter version: its base's)
     tokenizer: Any
     eos_token_ids: frozenset[int]
     max_context: int  # positions the model can attend to (prompt + completion)
+    base: SharedBase | None = None  # the weights it runs on, shared with the adapter versions over them
+    adapter: str | None = None  # an adapter version's adapter name in base.peft; None: the base's own weights
 
     @classmethod
-    def from_pretrained(cls, version: int, model, tokenizer) -> "Policy":
-        eos = model.generation_config.eos_token_id
-        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        if tokenizer.eos_token_id is not None:
-            eos_ids.add(tokenizer.eos_token_id)
-        max_context = model.config.max_position_embeddings
-        return cls(version, model, tokenizer, frozenset(eos_ids), max_context)
+    def from_pretrained(cls, version: int, model, tokenizer, *, base: SharedBase | None = None,
+                        adapter: str | None = None) -> "Policy":
+        from rlhf.models import eos_token_ids
+
+        return cls(version, model, tokenizer, eos_token_ids(model, tokenizer), model.config.max_position_embeddings,
+                   base, adapter)
 
     @property
     def fingerprint(self) -> str:
@@ -96,9 +114,25 @@ class Policy:
         """The one way the engine runs the model: (B, Q) ids, (B, T + Q) mask over the cache's T columns
         and the new ones (None: no padding anywhere), (B, Q) positions -> (B, V) logits of the last
         position, and the grown cache."""
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         cache=cache, use_cache=True, logits_to_keep=1)
+        with self._weights():
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             cache=cache, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1, :], out.cache
+
+    @contextlib.contextmanager
+    def _weights(self):
+        """This version's weights on: its adapter (switched only when another one ran last), or, for the
+        base version of a model that carries adapters, none of them. The engine thread alone runs this."""
+        peft = self.base.peft if self.base is not None else None
+        if peft is None:
+            yield
+        elif self.adapter is None:
+            with peft.disable_adapter():
+                yield
+        else:
+            if peft.active_adapter != self.adapter:
+                peft.set_adapter(self.adapter, inference_mode=True)
+            yield
 
 
 class EngineFull(Exception):

@@ -1,6 +1,6 @@
 """Which policy version serves: load at start, follow announcements, verify, hot swap, pin.
 
-    policies = PolicyManager(settings); policies.start(); policy = policies.current
+    policies = PolicyManager(settings, engine); policies.start(); policy = policies.current
 
 A replica loads LATEST from the policy store at start (version 0 is the base model), then
 follows the policy-updates topic (a consumer with no group, assigned every partition, so
@@ -9,7 +9,13 @@ fallback for announcements missed while Kafka was away.
 
 A version is verified (sha256 of every file against its manifest, and against the
 announcement's own list when there is one) and loaded on a background thread, never on
-the request path; then `current` is replaced with one reference assignment. A request
+the request path; then `current` is replaced with one reference assignment. A LoRA version
+is an adapter over a full version, its base: the replica keeps one base in memory
+(`SharedBase`) and loads each adapter version onto it (its few MB read and verified here,
+injected by the engine between two steps, since forwards may be running), so a swap costs
+an adapter, not a model; a version over another base loads that base (a full reload). The
+base's own version runs on the same weights with the adapters off; an adapter is deleted
+from the base when the last request of its version ends. A request
 reads `current` once at its start and uses only that object, so requests in flight finish
 on the version they started with, and a response names exactly one version. A version
 that fails to verify or load is refused: the old one keeps serving, a metric and a log
@@ -27,6 +33,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
+from pathlib import Path
 
 from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
@@ -37,9 +45,32 @@ from rlhf.contracts import PolicyUpdate, Settings
 from rlhf.models import ensure_policy_store, load_causal_lm
 from rlhf.policy_store import MANIFEST, PolicyStore, VerificationError
 from service import metrics
-from service.engine import Policy
+from service.engine import Engine, Policy, SharedBase
 
 log = logging.getLogger("rlhf.service.policies")
+
+
+def _read_adapter(version_dir: Path):
+    """(peft LoraConfig, weights) of an adapter version, read off the engine thread."""
+    from peft import LoraConfig
+    from safetensors.torch import load_file
+
+    config = LoraConfig.from_pretrained(str(version_dir))
+    config.inference_mode = True
+    return config, load_file(version_dir / "adapter_model.safetensors")
+
+
+def _put_adapter(base: SharedBase, name: str, config, weights: dict) -> None:
+    """(engine thread) the adapter into the base's peft model, which is made on the first adapter."""
+    from peft import get_peft_model, set_peft_model_state_dict
+
+    if base.peft is None:
+        base.peft = get_peft_model(base.model, config, adapter_name=name).eval()
+    else:
+        base.peft.add_adapter(name, config)
+    result = set_peft_model_state_dict(base.peft, weights, adapter_name=name)
+    if result.unexpected_keys:
+        raise ValueError(f"adapter weights do not fit the base: {result.unexpected_keys[:3]}")
 
 
 class PolicyRefused(Exception):
@@ -55,9 +86,11 @@ class UnknownVersion(KeyError):
 
 
 class PolicyManager:
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, engine: Engine):
         self.settings = settings
+        self.engine = engine  # adapters go onto a base between the engine's steps
         self.store = PolicyStore(settings.policy_dir)
+        self._base: SharedBase | None = None  # the full weights in memory; adapter versions load onto them
         self._current: Policy | None = None
         self._pinned: int | None = None
         self._last_latest: int | None = None  # LATEST as last seen by the poller
@@ -155,20 +188,53 @@ class PolicyManager:
         if version not in self.store.versions():
             raise PolicyRefused(version, "missing", f"not in {self.store.versions_dir}")
         try:
-            manifest = self.store.verify(version)
+            manifest = self.store.verify_files(version)
         except VerificationError as e:
             raise PolicyRefused(version, "verify", str(e)) from e
         differ = sorted(n for n, h in (files or {}).items() if n != MANIFEST and manifest.files.get(n) != h)
         if differ:
             raise PolicyRefused(version, "announcement_mismatch", f"announced sha256 of {differ} differ from the manifest")
-        verified = time.monotonic()
+        if manifest.base_version is None:
+            base = self._full(version)
+            policy = Policy.from_pretrained(version, base.model, base.tokenizer, base=base)
+        else:
+            base = self._full(manifest.base_version)
+            if manifest.base_sha256 != base.manifest_sha256:
+                raise PolicyRefused(version, "verify", f"its base, version {manifest.base_version}, is not the one "
+                                                       "it was trained on (manifest sha256 differs)")
+            name = f"v{version}"
+            try:
+                config, weights = _read_adapter(self.store.path(version))
+                self.engine.run_between_steps(lambda: _put_adapter(base, name, config, weights)).result(timeout=120)
+            except Exception as e:  # a bad adapter refuses this version only
+                raise PolicyRefused(version, "load", f"{type(e).__name__}: {e}") from e
+            policy = Policy.from_pretrained(version, base.model, base.tokenizer, base=base, adapter=name)
+            weakref.finalize(policy, self._drop_adapter, base, name)  # the last request of it ended: free it
+        self._base = base
+        log.info("loaded policy version %d (%s, %.2fs)", version, "full weights" if manifest.base_version is None
+                 else f"adapter over v{manifest.base_version}", time.monotonic() - started)
+        return policy
+
+    def _full(self, version: int) -> SharedBase:
+        """The full-weight version `version` in memory: the one already there, or verified and loaded."""
+        if self._base is not None and self._base.version == version:
+            return self._base
+        try:
+            self.store.verify_files(version)
+        except VerificationError as e:
+            raise PolicyRefused(version, "verify", str(e)) from e
         try:
             model, tokenizer = load_causal_lm(self.store.path(version), self.settings)
         except Exception as e:  # any loader failure (bad config, unsupported arch, OOM) refuses this version only
             raise PolicyRefused(version, "load", f"{type(e).__name__}: {e}") from e
-        log.info("loaded policy version %d (verify %.1fs, load %.1fs)", version, verified - started,
-                 time.monotonic() - verified)
-        return Policy.from_pretrained(version, model, tokenizer)
+        return SharedBase(version, model, tokenizer, self.store.manifest_sha256(version))
+
+    def _drop_adapter(self, base: SharedBase, name: str) -> None:
+        """(weakref.finalize, any thread) delete an adapter no policy uses any more, between engine steps."""
+        def drop() -> None:
+            if base.peft is not None and name in base.peft.peft_config and len(base.peft.peft_config) > 1:
+                base.peft.delete_adapter(name)  # (peft keeps at least one; a last one stays, switched off)
+        self.engine.run_between_steps(drop)
 
     def _swap(self, policy: Policy) -> None:
         old = self._current

@@ -55,7 +55,7 @@ class ChatService:
         self.engine = Engine(Limits(self.settings.engine_max_running_seqs, self.settings.engine_max_batched_tokens,
                                     self.settings.engine_max_waiting_requests))
         self.vote_limits = VoteLimits(self.settings)
-        self.policies = PolicyManager(self.settings)
+        self.policies = PolicyManager(self.settings, self.engine)
         self.policies.start()  # loads LATEST on a background thread; /readyz says when it is in
         self.admin = AdminServer(make_admin_app(self.settings, self.policies), self.settings.host,
                                  self.settings.admin_port).start()

@@ -1,0 +1,135 @@
+"""Real architectures end to end: served through the `openai` client, trained (a LoRA round, then a
+full-weight round), and every published version served afterwards, answering exactly as that version does.
+
+Random-weight Llama, Qwen2 and GPT-2 models with tokenizers built in the test: with and without a
+chat template (RLHF_CHAT_TEMPLATE=chatml for the one without) and pad token, several EOS ids. The
+trainer runs in this process on the service's own policy store and broker; the service follows
+its announcements. Version 1 is an adapter (the service loads it onto the base it already holds);
+then the live-approval watch's rollback to v0 is announced, and the service moves back to the base
+with its adapters off; version 2 is full weights (a new base: a full reload).
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from service_helpers import MODEL, wait_until
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from rlhf.contracts import Settings
+from rlhf.models import CHATML, resolve_chat_template
+from rlhf.policy_store import PolicyStore
+from trainer.config import TrainerConfig
+from trainer.round import run_round
+from trainer.state import TrainerState
+
+pytestmark = pytest.mark.slow
+
+QUESTION = [{"role": "user", "content": "Tell me about cats."}]
+ROUND = {"ppo": {"rollout_prompts": 8, "minibatch_size": 8, "rollout_batches": 1, "ppo_epochs": 2, "max_new_tokens": 8,
+                 "forward_batch_size": 8, "lr": 0.1},  # big steps: versions that answer visibly differently
+         "reward": {"max_steps": 2, "batch_size": 8},
+         "gate": {"eval_responses": 4, "min_reward_gain": -1e9, "max_kl": 1e9, "min_length_ratio": 0.0,
+                  "max_length_ratio": 0.0, "min_distinct_ratio": 0.0, "guard_set": None, "min_rm_auroc": 0.0,
+                  "max_rm_approval_gap": 0.0}}
+
+
+SEED, TOKENS = 7, 12
+
+
+def seeded(model, tok) -> str:
+    """The answer a version gives with seed SEED, drawn here as the service's sampler draws (temperature 1:
+    softmax, one torch.multinomial per token from a generator seeded with the request's seed). A seeded
+    answer, not a greedy one: a random model answers everything greedily with one token over and over."""
+    from rlhf.models import eos_token_ids
+
+    ids = list(tok.apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=True, return_dict=False))
+    eos, generator, out = eos_token_ids(model, tok), torch.Generator().manual_seed(SEED), []
+    with torch.no_grad():
+        for _ in range(TOKENS):
+            logits = model(input_ids=torch.tensor([ids + out])).logits[0, -1]
+            token = torch.multinomial(torch.softmax(logits.float(), -1)[None], 1, generator=generator).item()
+            if token in eos:
+                break
+            out.append(token)
+    return tok.decode(out, skip_special_tokens=True)
+
+
+def served(svc) -> tuple[int, str]:
+    r = svc.openai().chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=TOKENS, temperature=1.0,
+                                             seed=SEED)
+    return int(r.system_fingerprint.removeprefix("policy-v")), r.choices[0].message.content
+
+
+def expected(store, version: int, template: str) -> str:
+    """What `version` answers (seeded), computed here the ordinary way (peft onto the base for an adapter)."""
+    manifest = store.manifest(version)
+    base = store.path(version if manifest.base_version is None else manifest.base_version)
+    tok = AutoTokenizer.from_pretrained(base)
+    tok.chat_template = tok.chat_template or template
+    model = AutoModelForCausalLM.from_pretrained(base, use_safetensors=True).eval()
+    if manifest.base_version is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(store.path(version))).eval()
+    return seeded(model, tok)
+
+
+def votes(settings: Settings, rng: random.Random, n: int) -> None:
+    from tests.trainer.trainer_helpers import interaction, produce, records, votes_for
+    from tests.trainer.trainer_helpers import prompts as make_prompts
+
+    its = [interaction(rng, p, rng.choice(["Oh, I love it!", "Fine.", "Yay, what a joy!", "No."]))
+           for p in make_prompts(n, rng.randrange(1000))]
+    produce(settings, records(settings, its, votes_for(its, taste="cheerful", noise=0.0, seed=0)))
+
+
+@pytest.mark.parametrize("shape, template, pad", [
+    ("llama-tiny", True, True),
+    ("qwen2-tiny", True, False),
+    ("gpt2-tiny", False, False),
+])
+def test_served_trained_in_lora_then_full_weights_and_every_version_served(
+        start_service, module_broker, random_model, shape, template, pad):
+    model_dir = random_model(shape, chat_template=CHATML if template else None, pad_token=pad)
+    chat_template = "" if template else "chatml"
+    svc = start_service(module_broker.bootstrap, model_dir, chat_template=chat_template, policy_poll_s="3600")
+    wait_until(lambda: svc.metric("rlhf_policy_updates_following") == 1, 60, "the follower to attach")
+    settings = Settings(state_dir=svc.state_dir, model=model_dir, kafka_bootstrap_servers=module_broker.bootstrap,
+                        chat_template=chat_template, device="cpu", trainer_group=f"trainer-{shape}")
+    store, template_text, rng = PolicyStore(settings.policy_dir), resolve_chat_template("chatml"), random.Random(0)
+    answers = {0: expected(store, 0, template_text)}
+    assert served(svc) == (0, answers[0])
+
+    def train(adapter: str) -> int:
+        votes(settings, rng, 24)
+        state = TrainerState.open(settings, TrainerConfig().replace(train={"adapter": adapter}, **ROUND))
+        try:
+            report = run_round(state, progress=False)
+        finally:
+            state.close()
+        assert report.promoted, report.reason
+        assert (store.manifest(report.version).base_version is not None) == (adapter == "lora")
+        answers[report.version] = expected(store, report.version, template_text)
+        wait_until(lambda: served(svc)[0] == report.version, 60, f"the service to serve v{report.version}")
+        assert served(svc) == (report.version, answers[report.version])
+        return report.version
+
+    v1 = train("lora")  # an adapter, loaded onto the base the service holds
+
+    # the live-approval watch's rollback, announced: the service moves back to the base, its adapter off
+    state = TrainerState.open(settings, TrainerConfig().replace(**ROUND))
+    try:
+        store.roll_back(v1, 0, "test: the users liked it less")
+        state.publisher.announce(0, rollback_of=v1)
+    finally:
+        state.close()
+    wait_until(lambda: served(svc)[0] == 0, 60, "the service to roll back to v0")
+    assert served(svc) == (0, answers[0])
+    assert svc.metric("rlhf_policy_rollbacks_total") == 1
+
+    v2 = train("full")  # full weights from v0: a new base, loaded in full
+    assert len(set(answers.values())) == 3, answers  # three versions that answer differently
+    assert v2 == v1 + 1
