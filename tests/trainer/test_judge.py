@@ -1,0 +1,43 @@
+"""Never promote on a reward model that cannot predict the votes (the gate's judge check).
+
+Votes that are noise (each a coin flip, whatever the answer) leave the reward model at chance on
+held-out labels. PPO still finds something to climb on it, and its candidates' "reward" beats the
+current policy's; the gate must see that the judge cannot be trusted and promote nothing, round
+after round, while the labels are stored and the reward model keeps training.
+"""
+
+from __future__ import annotations
+
+import random
+
+from trainer.config import TrainerConfig
+from trainer.round import run_round
+from trainer.state import TrainerState
+from trainer_helpers import produce, records, sample_interactions
+
+from rlhf.contracts import Feedback, feedback_id_for
+
+
+def test_a_reward_model_at_chance_promotes_nothing(settings, base_model_dir):
+    interactions = sample_interactions(base_model_dir, 192, seed=21)
+    rng = random.Random(5)
+    noise = [Feedback(feedback_id=feedback_id_for(it.response_id, 0, None, "u"), response_id=it.response_id,
+                      rating=rng.choice([1, -1]), user="u") for it in interactions]
+    cfg = TrainerConfig().replace(reward={"max_steps": 12}, gate={"eval_responses": 32})
+    state = TrainerState.open(settings, cfg)
+    try:
+        reports = []
+        for r in range(3):
+            batch = slice(r * 64, (r + 1) * 64)
+            produce(settings, records(settings, interactions[batch], noise[batch]))
+            reports.append(run_round(state, progress=False))
+    finally:
+        state.close()
+    assert [r.labels for r in reports] == [64, 128, 192]  # the labels are stored all the same
+    assert not any(r.promoted for r in reports), [r.reason for r in reports]
+    assert state.policies.versions() == [0]
+    for r in reports:
+        judge = r.checks["rm_auroc"]
+        assert not judge["passed"] and judge["value"] < 0.6, judge
+        assert "reward model cannot yet predict held-out votes" in r.reason
+    assert all(r.reward_model["steps"] > 0 for r in reports)  # it kept learning
