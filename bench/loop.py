@@ -3,6 +3,7 @@
     .venv/bin/python bench/loop.py                 # the run: 2,000 votes / 15 minutes
     .venv/bin/python bench/loop.py --votes 400     # a shorter look
     .venv/bin/python bench/loop.py --taste short   # users with another taste (rlhf/tastes.py)
+    .venv/bin/python bench/loop.py --algorithm kto # another algorithm on the same users
 
 Runs the whole loop on the embedded default on this machine (broker, `bentoml serve`,
 `rlhf train`, simulated users who like --taste answers, cheerful by default, with 10 % noise) and reports:
@@ -41,11 +42,13 @@ def main() -> int:
     ap.add_argument("--round-labels", type=int, default=128)
     ap.add_argument("--kl-bound", type=float, default=None, help="the trainer's KL bound (default: its own)")
     ap.add_argument("--taste", default="cheerful", help="what the simulated users secretly like (rlhf/tastes.py)")
+    ap.add_argument("--algorithm", default="ppo", choices=["ppo", "grpo", "rloo", "kto", "dpo"],
+                    help="how the trainer learns from the votes (rlhf train --algorithm)")
     ap.add_argument("--out", default=None, help="results name (default loop-<device>, or loop-<taste>-<device>)")
     args = ap.parse_args()
     state = Path(tempfile.mkdtemp(prefix="bench-loop-state-"))
     cfg = LoopConfig(
-        state_dir=state, port=0, train_min_labels=args.round_labels,
+        state_dir=state, port=0, train_min_labels=args.round_labels, trainer_args=("--algorithm", args.algorithm),
         sim=SimConfig(taste=args.taste, noise=0.1, users=16, concurrency=4,
                       max_votes=args.votes, max_seconds=args.minutes * 60),
     )
@@ -78,10 +81,12 @@ def main() -> int:
                                    "approval_by_version", "elapsed_s", "votes_to_gain_0.3", "rounds_promoted",
                                    "rounds_rejected_kl", "rounds_rejected_reward", "max_consecutive_kl_rejections",
                                    "seconds_per_round_median", "rm_auroc_end", "rm_auroc_0.75_at_votes", "taste")},
+        "algorithm": args.algorithm,
     }
     RESULTS.mkdir(exist_ok=True)
     slug = "cpu" if not out["device"] else out["device"].lower().replace(" ", "-")
-    name = args.out or (f"loop-{slug}" if args.taste == "cheerful" else f"loop-{args.taste}-{slug}")
+    name = args.out or "-".join(["loop", *([args.taste] if args.taste != "cheerful" else []),
+                                 *([args.algorithm] if args.algorithm != "ppo" else []), slug])
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(out, indent=2))
     shutil.copy(png, RESULTS / f"{name}.png")

@@ -139,12 +139,19 @@ class Loop:
         versions = self.versions()
         current = max(by) if by else 0
         kl = next((v["metrics"].get("kl_to_ref") for v in reversed(versions) if v.get("metrics")), None)
+        trained = [r for r in rounds if r.get("candidate")]
+        last = trained[-1] if trained else {}
         return {
             "elapsed_s": round(time.monotonic() - self.t0, 1), "votes": votes, "chat_errors": errors,
             "serving_version": current, "approval_current": by.get(current, {}).get("approval"),
             "approval_last100": window, "kl_to_ref": kl,
             "rounds": len(rounds), "promoted": sum(bool(r.get("promoted")) for r in rounds),
             "rejected": sum(not r.get("promoted") for r in rounds),
+            # is the judge trustworthy yet (the gate's check), and is the KL budget spent?
+            "rm_auroc": (last.get("reward_model") or {}).get("auroc"),
+            "rm_trusted": (last.get("checks") or {}).get("rm_auroc", {}).get("passed"),
+            "budget_spent": bool((last.get("budget") or {}).get("spent")),
+            "rolled_back": sum(1 for v in versions if v.get("rolled_back")),
         }
 
     def summary(self) -> dict:

@@ -44,6 +44,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--votes", type=int, default=2000, help="stop after this many votes")
     ap.add_argument("--minutes", type=float, default=15.0, help="or after this long")
     ap.add_argument("--taste", default="cheerful", help="what the simulated users secretly like")
+    ap.add_argument("--algorithm", default="ppo", choices=["ppo", "grpo", "rloo", "kto", "dpo"],
+                    help="how the trainer learns from the votes (rlhf train --algorithm)")
     ap.add_argument("--noise", type=float, default=0.1)
     ap.add_argument("--users", type=int, default=16)
     ap.add_argument("--concurrency", type=int, default=4)
@@ -53,6 +55,7 @@ def main(argv: list[str]) -> int:
     args = ap.parse_args(argv)
     cfg = LoopConfig(
         state_dir=args.state_dir, port=args.port, train_min_labels=args.round_labels, keep_serving=args.keep_serving,
+        trainer_args=("--algorithm", args.algorithm),
         sim=SimConfig(taste=args.taste, noise=args.noise, users=args.users, concurrency=args.concurrency, rate=args.rate,
                       max_votes=args.votes, max_seconds=args.minutes * 60),
     )
@@ -64,9 +67,12 @@ def main(argv: list[str]) -> int:
         ap_cur = "-" if s["approval_current"] is None else f"{s['approval_current']:.2f}"
         ap_win = "-" if s["approval_last100"] is None else f"{s['approval_last100']:.2f}"
         kl = "-" if s["kl_to_ref"] is None else f"{s['kl_to_ref']:.3f}"
+        judge = "-" if s["rm_auroc"] is None else f"{s['rm_auroc']:.2f}" + ("" if s["rm_trusted"] else " (not yet trusted)")
+        budget = " (budget spent)" if s["budget_spent"] else ""
+        rolled = f", {s['rolled_back']} rolled back" if s["rolled_back"] else ""
         line = (f"[{s['elapsed_s']:6.0f}s] serving v{s['serving_version']}  approval(v) {ap_cur}  last100 {ap_win}  "
-                f"votes {s['votes']}/{args.votes}  KL {kl}  rounds {s['rounds']} "
-                f"(+{s['promoted']} promoted, {s['rejected']} rejected)  chat errors {s['chat_errors']}")
+                f"votes {s['votes']}/{args.votes}  KL {kl}{budget}  RM AUROC {judge}  rounds {s['rounds']} "
+                f"(+{s['promoted']} promoted, {s['rejected']} rejected{rolled})  chat errors {s['chat_errors']}")
         print("\r" + line if sys.stdout.isatty() else line, end="" if sys.stdout.isatty() else "\n", flush=True)
 
     try:
