@@ -147,6 +147,20 @@ class Dist:
             torch_dist.destroy_process_group()
 
 
+def _attempt_store(timeout: datetime.timedelta) -> torch_dist.Store:
+    """The rendezvous store torchrun set up (MASTER_ADDR:MASTER_PORT), with this attempt's own key prefix.
+
+    torchrun reuses its agent's store when it restarts the group, and the process group's keys
+    are not per attempt there: a restarted rank could read a dead peer's address from the last
+    attempt and fail to connect (seen here, about one restart in two). The restart count
+    (TORCHELASTIC_RESTART_COUNT) in the prefix keeps every attempt's keys apart."""
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # else rank 0 hosts it (plain env://)
+    store = torch_dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                                int(os.environ["WORLD_SIZE"]), is_master=not agent and os.environ["RANK"] == "0",
+                                timeout=timeout)
+    return torch_dist.PrefixStore(f"rlhf/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
 def init(strategy: Literal["ddp", "fsdp2"], timeout_s: float) -> Dist:
     """The process group torchrun set up in the environment (RANK, WORLD_SIZE, ...), or world size 1."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -156,6 +170,8 @@ def init(strategy: Literal["ddp", "fsdp2"], timeout_s: float) -> Dist:
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(local_rank)
-    torch_dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
+    timeout = datetime.timedelta(seconds=timeout_s)
+    torch_dist.init_process_group("nccl" if cuda else "gloo", store=_attempt_store(timeout), timeout=timeout,
+                                  rank=int(os.environ["RANK"]), world_size=world)
     return Dist(rank=torch_dist.get_rank(), world=world, local_rank=local_rank, strategy=strategy,
                 device=torch.device("cuda", local_rank) if cuda else torch.device("cpu"))

@@ -50,11 +50,6 @@ DEFAULTED = {
     "RLHF_VOTE_RATE_LIMIT": "vote cap per user (API contract; 60 a minute is far above a person's pace), tested with the service",
     "RLHF_VOTE_RATE_WINDOW_S": "the vote caps' window (API contract)",
     "RLHF_VOTE_KEY_RATE_LIMIT": "off by default: an app's one key carries all its users; set per deployment",
-    "RLHF_KAFKA_SASL_MECHANISM": "used only with SASL_* protocols; SCRAM-SHA-512 is what Strimzi's KafkaUser "
-                                 "(authentication: scram-sha-512) gives; prod sets it with the KafkaUser",
-    "RLHF_KAFKA_SASL_USERNAME": "used only with SASL_* protocols; prod sets it from the KafkaUser (issue 13, k8s side)",
-    "RLHF_KAFKA_SASL_PASSWORD": "a secret, used only with SASL_* protocols; prod sets it from the KafkaUser's Secret",
-    "RLHF_KAFKA_SSL_CAFILE": "used only with SSL/SASL_SSL; empty = the system CAs; prod mounts Strimzi's cluster CA",
 }
 # Settings one overlay leaves at the code's default while another sets them, and why.
 DEFAULTED_IN = {
@@ -79,7 +74,11 @@ NOT_DEPLOYMENT_SETTINGS = {
     "RANK": "set by torchrun for each trainer rank (trainer/dist.py)",
     "WORLD_SIZE": "set by torchrun",
     "LOCAL_RANK": "set by torchrun",
-    "TORCHELASTIC_RESTART_COUNT": "set by torchrun; a kill point pauses only the first attempt",
+    "TORCHELASTIC_RESTART_COUNT": "set by torchrun; a kill point pauses only the first attempt, and it prefixes "
+                                  "each attempt's rendezvous keys",
+    "MASTER_ADDR": "set by torchrun (or Kubeflow Trainer's PET_* -> torchrun): the rendezvous store",
+    "MASTER_PORT": "set by torchrun",
+    "TORCHELASTIC_USE_AGENT_STORE": "set by torchrun: whether its agent hosts the rendezvous store",
 }
 
 # Third-party variables the image or the manifests set without the project reading them.
