@@ -1,0 +1,92 @@
+"""The trainer spends the KL budget on purpose (issue 15): a taste that needs more KL than the bound.
+
+Cheerful answers are far more than 1 nat from the base model (the loop gains its +0.4 at KL 5-7),
+so with gate.max_kl = 1 the users want more than the leash allows. Without the budget, every round
+started from the same policy with the same step, overshot the bound and was thrown away, round after
+round. With it, rounds stop their epochs early or scale their update back to land under the bound, a
+rejection for KL makes the next round more conservative, and once the serving version sits at the
+bound and cannot improve, the trainer says the budget is spent (round report, rounds.jsonl, metric)
+instead of burning more rounds.
+
+The reward is the taste's own rule (reward.rule), so the judge's check does not stand in the way:
+this test is about the KL bound alone.
+"""
+
+from __future__ import annotations
+
+import json
+
+from prometheus_client import REGISTRY
+
+from rlhf.broker import ensure_topics
+from trainer.cli import budget_spent
+from trainer.config import TrainerConfig
+from trainer.round import run_round
+from trainer.state import TrainerState
+from trainer_helpers import produce, records, sample_interactions, votes_for
+
+BOUND, MAX_ROUNDS, PER_ROUND = 1.0, 8, 32
+NO_BUDGET = {"early_stop": 0.0, "scale_backs": 0, "backoff_lr": 1.0, "backoff_beta": 1.0, "spent": 1.0}
+
+
+def longest_run(flags: list[bool]) -> int:
+    best = run = 0
+    for f in flags:
+        run = run + 1 if f else 0
+        best = max(best, run)
+    return best
+
+
+def run_rounds(settings, interactions, votes, cfg: TrainerConfig, rounds: int):
+    """Rounds of PER_ROUND new labels each, as cli.loop runs them: none once the budget is spent."""
+    state = TrainerState.open(settings, cfg)
+    reports = []
+    try:
+        for r in range(rounds):
+            if budget_spent(state):
+                break
+            batch = slice(r * PER_ROUND, (r + 1) * PER_ROUND)
+            produce(settings, records(settings, interactions[batch], votes[batch]))
+            reports.append(run_round(state, progress=False))
+        return state, reports, budget_spent(state)
+    finally:
+        state.close()
+
+
+def trail(reports) -> str:
+    return "; ".join(f"{'v%d' % r.version if r.promoted else 'rejected'} KL {r.candidate['kl_to_ref']:.2f} "
+                     f"scale {r.budget.get('update_scale', 1):g}" for r in reports)
+
+
+def test_a_taste_beyond_the_bound_spends_the_budget_without_a_run_of_kl_rejections(settings, base_model_dir, tmp_path):
+    interactions = sample_interactions(base_model_dir, MAX_ROUNDS * PER_ROUND, seed=3)
+    votes = votes_for(interactions, taste="cheerful", noise=0.1, seed=4)
+    cfg = TrainerConfig().replace(reward={"rule": "cheerful"}, gate={"max_kl": BOUND}, ppo={"rollout_batches": 1})
+
+    # the premise: without the budget, a round's update lands far over the bound
+    blind = settings.model_copy(update={"state_dir": tmp_path / "blind", **{
+        f"topic_{t}": f"blind.{t}" for t in ("interactions", "feedback", "policy_updates", "dlq")}})
+    ensure_topics(blind)
+    _, unaware, _ = run_rounds(blind, interactions, votes, cfg.replace(budget=NO_BUDGET), 1)
+    assert not unaware[0].checks["kl"]["passed"] and unaware[0].candidate["kl_to_ref"] > 2 * BOUND, trail(unaware)
+
+    state, reports, spent_now = run_rounds(settings, interactions, votes, cfg, MAX_ROUNDS)
+    kl_rejected = [not r.checks["kl"]["passed"] for r in reports]
+    assert any(r.promoted for r in reports), trail(reports)  # it did move toward the taste, within the bound
+    assert all(r.candidate["kl_to_ref"] < BOUND for r in reports if r.promoted), trail(reports)
+    # the leash is reached: the serving version sits at the bound, and the trainer says so and stops
+    assert spent_now, trail(reports)
+    assert longest_run(kl_rejected) <= 2, trail(reports)  # no more than one consecutive KL rejection after the first
+    spent = reports[-1].budget["spent"]
+    assert spent["version"] == state.policies.latest() and spent["serving_kl"] >= cfg.budget.spent * BOUND, spent
+    assert "raise gate.max_kl" in spent["why"]
+    assert "KL budget spent" in reports[-1].summary()
+    # a rejection for KL made the next round more conservative, and the report says so
+    for r in reports:
+        if not r.checks["kl"]["passed"]:
+            assert r.budget["backed_off"] and r.budget["lr_scale"] < 1.0, r.budget
+    # the budget spent shows where people look: rounds.jsonl and the trainer's metric
+    last = json.loads((settings.trainer_dir / "rounds.jsonl").read_text().splitlines()[-1])
+    assert last["budget"]["spent"]["version"] == spent["version"]
+    assert REGISTRY.get_sample_value("rlhf_trainer_kl_budget_spent") == 1.0
+    print(f"\nwithout the budget: {trail(unaware)}\nwith it: {trail(reports)}")
