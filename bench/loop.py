@@ -58,8 +58,11 @@ def main() -> int:
         if "ready" in s or time.monotonic() - last[0] < 15:
             return
         last[0] = time.monotonic()
-        print(f"[{s['elapsed_s']:5.0f}s] v{s['serving_version']} approval(v) {s['approval_current']}  "
-              f"votes {s['votes']}  rounds {s['rounds']} (+{s['promoted']})  errors {s['chat_errors']}", flush=True)
+        approval = "-" if s["approval_current"] is None else f"{s['approval_current']:.2f}"
+        kl = "-" if s["kl_to_ref"] is None else f"{s['kl_to_ref']:.2f}"
+        print(f"[{s['elapsed_s']:5.0f}s] v{s['serving_version']} approval(v) {approval}  KL {kl}  votes {s['votes']}  "
+              f"rounds {s['rounds']} (+{s['promoted']})  errors {s['chat_errors']}"
+              + ("  KL budget spent" if s["budget_spent"] else ""), flush=True)
 
     summary, png, _ = run(cfg, status)
     final_kl = summary["versions"].get(str(summary["final_version"]), {}).get("kl_to_ref")  # KL of the version serving at the end
