@@ -14,9 +14,8 @@ import pytest
 from trainer.config import TrainerConfig
 from trainer.gate import evaluate
 from trainer.reward_model import rule_reward
-from trainer.round import run_round
 from trainer.state import TrainerState
-from trainer_helpers import produce, prompts, records, sample_interactions, votes_for
+from trainer_helpers import prompts, rounds_on, sample_interactions, votes_for
 
 pytestmark = pytest.mark.slow
 
@@ -42,11 +41,7 @@ def test_each_algorithm_learns_the_taste_behind_the_votes(settings, traffic, alg
     state = TrainerState.open(settings, TrainerConfig().replace(train={"algorithm": algorithm}, **SMALL))
     try:
         before = rule_eval(state.nets.policy, state)
-        reports = []
-        for r in range(ROUNDS):
-            batch = slice(r * PER_ROUND, (r + 1) * PER_ROUND)
-            produce(settings, records(settings, interactions[batch], votes[batch]))
-            reports.append(run_round(state, progress=False))
+        reports = rounds_on(state, settings, interactions, votes, rounds=ROUNDS, per_round=PER_ROUND)
         after = rule_eval(state.nets.policy, state)
     finally:
         state.close()

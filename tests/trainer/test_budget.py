@@ -21,9 +21,8 @@ from prometheus_client import REGISTRY
 from rlhf.broker import ensure_topics
 from trainer.cli import budget_spent
 from trainer.config import TrainerConfig
-from trainer.round import run_round
 from trainer.state import TrainerState
-from trainer_helpers import produce, records, sample_interactions, votes_for
+from trainer_helpers import rounds_on, sample_interactions, votes_for
 
 BOUND, MAX_ROUNDS, PER_ROUND = 1.0, 8, 32
 NO_BUDGET = {"early_stop": 0.0, "scale_backs": 0, "backoff_lr": 1.0, "backoff_beta": 1.0, "spent": 1.0}
@@ -40,14 +39,9 @@ def longest_run(flags: list[bool]) -> int:
 def run_rounds(settings, interactions, votes, cfg: TrainerConfig, rounds: int):
     """Rounds of PER_ROUND new labels each, as cli.loop runs them: none once the budget is spent."""
     state = TrainerState.open(settings, cfg)
-    reports = []
     try:
-        for r in range(rounds):
-            if budget_spent(state):
-                break
-            batch = slice(r * PER_ROUND, (r + 1) * PER_ROUND)
-            produce(settings, records(settings, interactions[batch], votes[batch]))
-            reports.append(run_round(state, progress=False))
+        reports = rounds_on(state, settings, interactions, votes, rounds=rounds, per_round=PER_ROUND,
+                            until=budget_spent)
         return state, reports, budget_spent(state)
     finally:
         state.close()

@@ -11,9 +11,8 @@ from __future__ import annotations
 import random
 
 from trainer.config import TrainerConfig
-from trainer.round import run_round
 from trainer.state import TrainerState
-from trainer_helpers import produce, records, sample_interactions
+from trainer_helpers import rounds_on, sample_interactions
 
 from rlhf.contracts import Feedback, feedback_id_for
 
@@ -26,11 +25,7 @@ def test_a_reward_model_at_chance_promotes_nothing(settings, base_model_dir):
     cfg = TrainerConfig().replace(reward={"max_steps": 12}, gate={"eval_responses": 32})
     state = TrainerState.open(settings, cfg)
     try:
-        reports = []
-        for r in range(3):
-            batch = slice(r * 64, (r + 1) * 64)
-            produce(settings, records(settings, interactions[batch], noise[batch]))
-            reports.append(run_round(state, progress=False))
+        reports = rounds_on(state, settings, interactions, noise, rounds=3, per_round=64)
     finally:
         state.close()
     assert [r.labels for r in reports] == [64, 128, 192]  # the labels are stored all the same

@@ -21,7 +21,7 @@ from trainer.gate import evaluate
 from trainer.reward_model import rule_reward
 from trainer.round import run_round
 from trainer.state import TrainerState
-from trainer_helpers import consume_all, produce, prompts, records, sample_interactions, votes_for
+from trainer_helpers import consume_all, produce, prompts, records, rounds_on, sample_interactions, votes_for
 
 ROUNDS, PER_ROUND = 4, 80
 
@@ -39,11 +39,7 @@ def test_rounds_learn_the_taste_behind_the_votes(settings, base_model_dir):
     state = TrainerState.open(settings, cfg)
     try:
         before = rule_eval(state.nets.policy, state)
-        reports = []
-        for r in range(ROUNDS):
-            batch = slice(r * PER_ROUND, (r + 1) * PER_ROUND)
-            produce(settings, records(settings, interactions[batch], votes[batch]))
-            reports.append(run_round(state, progress=False))
+        reports = rounds_on(state, settings, interactions, votes, rounds=ROUNDS, per_round=PER_ROUND)
     finally:
         state.close()
 

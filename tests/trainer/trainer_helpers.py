@@ -163,3 +163,20 @@ class TrainerProcess:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait(30)
+
+
+def rounds_on(state, settings: Settings, interactions: list[Interaction], votes: list[Feedback], *, rounds: int,
+              per_round: int, until=None) -> list:
+    """`rounds` rounds, each after the next `per_round` interactions and votes went through the
+    broker; `until(state)` true before a round stops early (as cli.loop does once the KL budget
+    is spent)."""
+    from trainer.round import run_round
+
+    reports = []
+    for r in range(rounds):
+        if until is not None and until(state):
+            break
+        batch = slice(r * per_round, (r + 1) * per_round)
+        produce(settings, records(settings, interactions[batch], votes[batch]))
+        reports.append(run_round(state, progress=False))
+    return reports
