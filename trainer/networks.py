@@ -299,7 +299,7 @@ def _open_lora(settings: Settings, store: PolicyStore, train: TrainConfig, refer
 
     base = load_full(store, reference_version, settings)  # bf16 on CUDA: frozen; the adapters stay fp32
     base.requires_grad_(False)
-    cfg = _lora_config(train)
+    cfg = _lora_config(train, base)
     peft = get_peft_model(base, cfg, adapter_name="policy")
     peft.add_adapter("reward", copy.deepcopy(cfg))
     dist.shard_model(peft)
@@ -309,13 +309,17 @@ def _open_lora(settings: Settings, store: PolicyStore, train: TrainConfig, refer
                     base_version=reference_version, settings=settings)
 
 
-def _lora_config(train: TrainConfig):
+def _lora_config(train: TrainConfig, base: torch.nn.Module):
     from peft import LoraConfig
+    from transformers.pytorch_utils import Conv1D
 
     targets = train.lora_target_modules
+    # GPT-2's projections are transformers' Conv1D, whose weight is (in, out): peft must be told, or it
+    # corrects the setting itself with a warning on every start
+    transposed = any(isinstance(m, Conv1D) for m in base.modules())
     return LoraConfig(r=train.lora_rank, lora_alpha=train.lora_alpha, lora_dropout=train.lora_dropout,
                       target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")],
-                      bias="none", task_type="CAUSAL_LM")
+                      fan_in_fan_out=transposed, bias="none", task_type="CAUSAL_LM")
 
 
 def _reward_model(body: Net, config, dist: Dist) -> RewardModel:

@@ -19,8 +19,8 @@ def test_approval_rises_when_users_vote(tmp_path, base_model_dir, monkeypatch):
     shutil.copytree(base_model_dir, tmp_path / "models" / os.path.basename(base_model_dir))
     cfg = LoopConfig(
         state_dir=tmp_path, port=0, train_min_labels=96, train_max_wait_s=30,
-        sim=SimConfig(taste="cheerful", noise=0.1, users=8, concurrency=3, rate=5.0,
-                      max_votes=520, max_seconds=240),
+        sim=SimConfig(taste="cheerful", noise=0.1, users=8, concurrency=3, rate=8.0,
+                      max_votes=400, max_seconds=180),
     )
     summary, png, js = run(cfg)
     assert png.stat().st_size > 10_000 and json.loads(js.read_text())["votes"] == summary["votes"]

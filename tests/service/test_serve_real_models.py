@@ -36,31 +36,36 @@ ROUND = {"ppo": {"rollout_prompts": 8, "minibatch_size": 8, "rollout_batches": 1
                   "max_rm_approval_gap": 0.0}}
 
 
-SEED, TOKENS = 7, 12
+SEEDS, TOKENS = (7, 8, 9), 12  # several seeds: a small LoRA step may leave any one seeded answer as it was
 
 
-def seeded(model, tok) -> str:
-    """The answer a version gives with seed SEED, drawn here as the service's sampler draws (temperature 1:
-    softmax, one torch.multinomial per token from a generator seeded with the request's seed). A seeded
-    answer, not a greedy one: a random model answers everything greedily with one token over and over."""
+def seeded(model, tok) -> tuple[str, ...]:
+    """The answers a version gives with each of SEEDS, drawn here as the service's sampler draws (temperature
+    1: softmax, one torch.multinomial per token from a generator seeded with the request's seed). Seeded
+    answers, not greedy ones: a random model answers everything greedily with one token over and over."""
     from rlhf.models import eos_token_ids
 
     ids = list(tok.apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=True, return_dict=False))
-    eos, generator, out = eos_token_ids(model, tok), torch.Generator().manual_seed(SEED), []
+    eos, answers = eos_token_ids(model, tok), []
     with torch.no_grad():
-        for _ in range(TOKENS):
-            logits = model(input_ids=torch.tensor([ids + out])).logits[0, -1]
-            token = torch.multinomial(torch.softmax(logits.float(), -1)[None], 1, generator=generator).item()
-            if token in eos:
-                break
-            out.append(token)
-    return tok.decode(out, skip_special_tokens=True)
+        for seed in SEEDS:
+            generator, out = torch.Generator().manual_seed(seed), []
+            for _ in range(TOKENS):
+                logits = model(input_ids=torch.tensor([ids + out])).logits[0, -1]
+                token = torch.multinomial(torch.softmax(logits.float(), -1)[None], 1, generator=generator).item()
+                if token in eos:
+                    break
+                out.append(token)
+            answers.append(tok.decode(out, skip_special_tokens=True))
+    return tuple(answers)
 
 
-def served(svc) -> tuple[int, str]:
-    r = svc.openai().chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=TOKENS, temperature=1.0,
-                                             seed=SEED)
-    return int(r.system_fingerprint.removeprefix("policy-v")), r.choices[0].message.content
+def served(svc) -> tuple[int, tuple[str, ...]]:
+    """The version serving (-1 if a swap came between the requests) and its answer for each of SEEDS."""
+    rs = [svc.openai().chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=TOKENS, temperature=1.0,
+                                               seed=seed) for seed in SEEDS]
+    versions = {int(r.system_fingerprint.removeprefix("policy-v")) for r in rs}
+    return (versions.pop() if len(versions) == 1 else -1), tuple(r.choices[0].message.content for r in rs)
 
 
 def expected(store, version: int, template: str) -> str:
