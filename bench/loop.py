@@ -44,11 +44,14 @@ def main() -> int:
     ap.add_argument("--taste", default="cheerful", help="what the simulated users secretly like (rlhf/tastes.py)")
     ap.add_argument("--algorithm", default="ppo", choices=["ppo", "grpo", "rloo", "kto", "dpo"],
                     help="how the trainer learns from the votes (rlhf train --algorithm)")
+    ap.add_argument("--at", type=int, nargs="*", default=[1000],
+                    help="also report the run as it stood at these vote counts (to compare with shorter runs)")
     ap.add_argument("--out", default=None, help="results name (default loop-<device>, or loop-<taste>-<device>)")
     args = ap.parse_args()
     state = Path(tempfile.mkdtemp(prefix="bench-loop-state-"))
     cfg = LoopConfig(
         state_dir=state, port=0, train_min_labels=args.round_labels, trainer_args=("--algorithm", args.algorithm),
+        stats_at_votes=tuple(args.at),
         sim=SimConfig(taste=args.taste, noise=0.1, users=16, concurrency=4,
                       max_votes=args.votes, max_seconds=args.minutes * 60),
     )
@@ -84,7 +87,7 @@ def main() -> int:
                                    "approval_by_version", "elapsed_s", "votes_to_gain_0.3", "rounds_promoted",
                                    "rounds_rejected_kl", "rounds_rejected_reward", "max_consecutive_kl_rejections",
                                    "seconds_per_round_median", "rm_auroc_end", "rm_auroc_0.75_at_votes", "taste")},
-        "algorithm": args.algorithm,
+        "algorithm": args.algorithm, **{f"at_{n}_votes": summary[f"at_{n}_votes"] for n in args.at},
     }
     RESULTS.mkdir(exist_ok=True)
     slug = "cpu" if not out["device"] else out["device"].lower().replace(" ", "-")
@@ -101,7 +104,7 @@ def main() -> int:
                                           "max_consecutive_kl_rejections", "seconds_per_round_median",
                                           "rm_auroc_end", "rm_auroc_0.75_at_votes",
                                           "final_kl_to_ref", "kl_bound", "chat_errors", "freshness_s_median",
-                                          "votes", "elapsed_s", "checks")}, indent=2))
+                                          "votes", "elapsed_s", "checks", *(f"at_{n}_votes" for n in args.at))}, indent=2))
     print(f"saved {path} and {RESULTS / f'{name}.png'}")
     return 0 if all(checks.values()) else 1
 

@@ -47,6 +47,7 @@ class LoopConfig:
     train_max_wait_s: float = 60.0
     trainer_args: tuple[str, ...] = ()  # extra `rlhf train` flags (PPO/RM config)
     keep_serving: bool = False  # after the users stop, keep broker + service up until Ctrl-C
+    stats_at_votes: tuple[int, ...] = ()  # also report the run as it stood at these vote counts (stats_at)
 
 
 class Loop:
@@ -171,7 +172,7 @@ class Loop:
             if r.get("promoted") and v in log.first_served and trig is not None:
                 freshness.append(self.users_epoch + log.first_served[v] - trig)
         return {
-            **round_stats(rounds), "votes_to_gain_0.3": votes_to_gain(log, baseline, 0.3),
+            **round_stats(rounds), "votes_to_gain_0.3": votes_to_gain(log.votes, baseline, 0.3),
             "votes": len(log.votes), "requests": log.requests, "chat_errors": len(log.chat_errors),
             "vote_errors": len(log.vote_errors), "chat_error_samples": log.chat_errors[:5],
             "baseline_approval": baseline, "final_version": final_version, "final_approval": final,
@@ -183,6 +184,7 @@ class Loop:
             "freshness_s_median": statistics.median(freshness) if freshness else None,
             "freshness_s": freshness, "elapsed_s": round(time.monotonic() - self.t0, 1),
             "taste": self.cfg.sim.taste, "noise": self.cfg.sim.noise,
+            **{f"at_{n}_votes": stats_at(log, rounds, versions, self.users_epoch, n) for n in self.cfg.stats_at_votes},
         }
 
     def close(self, on_stopped: Callable[[str], None] = lambda part: None) -> None:
@@ -225,13 +227,32 @@ def round_stats(rounds: list[dict]) -> dict:
     }
 
 
-def votes_to_gain(log: SimLog, baseline: float | None, gain: float, window: int = 100) -> int | None:
+def stats_at(log: SimLog, rounds: list[dict], versions: dict[int, dict], users_epoch: float, n: int) -> dict | None:
+    """The run as it stood at its n-th vote, so that a longer run compares with one that stopped there:
+    approval over the FINAL_WINDOW votes up to the n-th against v0's approval among them, the rounds
+    finished by then (round_stats), and the KL of the version that took the n-th vote."""
+    if len(log.votes) < n:
+        return None
+    votes = log.votes[:n]
+    cutoff = users_epoch + votes[-1].t
+    done = [r for r in rounds if r.get("trigger_time") is not None and r["trigger_time"] + r["seconds"]["total"] <= cutoff]
+    v0 = [v.up for v in votes if v.version == 0]
+    baseline = sum(v0) / len(v0) if v0 else None
+    window = votes[-FINAL_WINDOW:]
+    approval = sum(v.up for v in window) / len(window)
+    return {**round_stats(done), "votes": n, "baseline_approval": baseline, "approval": approval,
+            "approval_gain": approval - baseline if baseline is not None else None,
+            "votes_to_gain_0.3": votes_to_gain(votes, baseline, 0.3), "serving_version": votes[-1].version,
+            "kl_to_ref": (versions.get(votes[-1].version, {}).get("metrics") or {}).get("kl_to_ref")}
+
+
+def votes_to_gain(votes: list, baseline: float | None, gain: float, window: int = 100) -> int | None:
     """The vote count at which approval over the last `window` votes first reached baseline + gain."""
     if baseline is None:
         return None
     ups = 0
-    for i, v in enumerate(log.votes):
-        ups += v.up - (log.votes[i - window].up if i >= window else 0)
+    for i, v in enumerate(votes):
+        ups += v.up - (votes[i - window].up if i >= window else 0)
         if i + 1 >= window and ups / window >= baseline + gain:
             return i + 1
     return None
