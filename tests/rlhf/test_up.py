@@ -29,7 +29,10 @@ def test_ctrl_c_stops_every_part_with_a_line_each_and_no_traceback(tmp_path, bas
     proc = subprocess.Popen(
         [sys.executable, "-m", "rlhf.cli", "up", "--state-dir", str(state), "--port", str(port), "--votes", "5000",
          "--round-labels", "8", "--rate", "4"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        # as a terminal starts it: Ctrl-C not ignored (a shell's background job, like `make test &`, would
+        # hand SIG_IGN down, and Python then installs no KeyboardInterrupt handler)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines = []
     try:
         for line in proc.stdout:  # until the first status line: the users have started
