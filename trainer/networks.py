@@ -287,6 +287,9 @@ def _open_full(settings: Settings, store: PolicyStore, train: TrainConfig, refer
     policy = copy.deepcopy(reference).float().requires_grad_(True)  # fp32 master weights; autocast does bf16
     body = without_dropout(AutoModel.from_pretrained(store.path(reference_version), dtype=torch.float32,
                                                      use_safetensors=True)).to(resolve_device(settings))
+    if train.gradient_checkpointing:
+        for model in (policy, body):
+            _checkpoint_activations(model)
     for model in (reference, policy, body):
         dist.shard_model(model)
     return Networks("full", policy=Net(policy), reference=Net(reference),
@@ -299,6 +302,8 @@ def _open_lora(settings: Settings, store: PolicyStore, train: TrainConfig, refer
 
     base = load_full(store, reference_version, settings)  # bf16 on CUDA: frozen; the adapters stay fp32
     base.requires_grad_(False)
+    if train.gradient_checkpointing:
+        _checkpoint_activations(base)  # the policy's and the reward model's passes both run through it
     cfg = _lora_config(train, base)
     peft = get_peft_model(base, cfg, adapter_name="policy")
     peft.add_adapter("reward", copy.deepcopy(cfg))
@@ -307,6 +312,17 @@ def _open_lora(settings: Settings, store: PolicyStore, train: TrainConfig, refer
     return Networks("lora", policy=Net(peft, peft, "policy"), reference=Net(peft, peft, None),
                     reward=_reward_model(Net(body, peft, "reward"), base.config, dist),
                     base_version=reference_version, settings=settings)
+
+
+def _checkpoint_activations(model) -> None:
+    """train.gradient_checkpointing: transformers recomputes each decoder layer in the backward pass
+    (only while the model is in training mode, so sampling keeps its KV cache). Non-reentrant, so a
+    frozen base with trainable adapters needs no inputs that require grad."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        log.warning("%s does not support gradient checkpointing; training keeps every layer's activations",
+                    type(model).__name__)
+        return
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _lora_config(train: TrainConfig, base: torch.nn.Module):
