@@ -1,0 +1,64 @@
+"""A markdown table of bench/loop.py results (the tables in docs/trainer.md are its output).
+
+    python bench/loop_table.py bench/results/loop-cheerful-ppo-2000-x86_64.json ...          # at the end of each run
+    python bench/loop_table.py --at 1000 bench/results/loop-cheerful-*-x86_64.json        # as each stood at vote 1,000
+
+One row per file. --at N reads the run as it stood at its N-th vote (bench/loop.py --at, the
+default 1000): a 2,000-vote run then compares with 1,000-vote ones on the same footing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+COLUMNS = [  # header, key, format
+    ("approval gain", "approval_gain", "{:+.2f}"),
+    ("votes to +0.3", "votes_to_gain_0.3", "{}"),
+    ("promoted", "rounds_promoted", "{}"),
+    ("rejected: KL", "rounds_rejected_kl", "{}"),
+    ("rejected: reward", "rounds_rejected_reward", "{}"),
+    ("longest run of KL rejections", "max_consecutive_kl_rejections", "{}"),
+    ("KL at the end", "kl_to_ref", "{:.2f}"),
+    ("s / round", "seconds_per_round_median", "{:.1f}"),
+    ("RM AUROC at the end", "rm_auroc_end", "{:.2f}"),
+    ("RM AUROC >= 0.75 at vote", "rm_auroc_0.75_at_votes", "{}"),
+]
+
+
+def row(path: Path, at: int | None) -> tuple[dict, dict]:
+    run = json.loads(path.read_text())
+    stats = dict(run)
+    stats["kl_to_ref"] = run.get("final_kl_to_ref")
+    if at is not None:
+        snapshot = run.get(f"at_{at}_votes")
+        if snapshot is None:
+            raise SystemExit(f"{path}: no figures at vote {at} (run with bench/loop.py --at {at}, and enough votes)")
+        stats.update(snapshot)
+    return run, stats
+
+
+def cell(value, fmt: str) -> str:
+    return "-" if value is None else fmt.format(value)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("files", nargs="+", type=Path)
+    ap.add_argument("--at", type=int, default=None, help="the runs as they stood at this vote count")
+    args = ap.parse_args()
+    print("| taste | algorithm | votes | " + " | ".join(h for h, _, _ in COLUMNS) + " | file |")
+    print("|---|---|---|" + "---|" * len(COLUMNS) + "---|")
+    for path in args.files:
+        run, stats = row(path, args.at)
+        votes = args.at if args.at is not None else run["votes"]
+        cells = [cell(stats.get(key), fmt) for _, key, fmt in COLUMNS]
+        print(f"| {run.get('taste', 'cheerful')} | {run.get('algorithm', 'ppo')} | {votes} | " + " | ".join(cells)
+              + f" | `{path.name}` |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
