@@ -35,11 +35,14 @@ def test_ctrl_c_stops_every_part_with_a_line_each_and_no_traceback(tmp_path, bas
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines = []
     try:
-        for line in proc.stdout:  # until the first status line: the users have started
+        for line in proc.stdout:  # until the users have started
             lines.append(line)
-            if line.startswith("["):
+            if line.startswith("simulated users ("):
                 break
-        time.sleep(3)  # conversations in flight when Ctrl-C comes
+        service_log, deadline = state / "logs" / "service.log", time.monotonic() + 60
+        while "path=/v1/feedback" not in service_log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.5)  # until they vote
+        time.sleep(1)  # conversations in flight when Ctrl-C comes
         os.killpg(proc.pid, signal.SIGINT)
         rest, _ = proc.communicate(timeout=180)
     finally:
