@@ -16,7 +16,7 @@ from pathlib import Path
 
 COLUMNS = [  # header, key, format
     ("approval gain", "approval_gain", "{:+.2f}"),
-    ("votes to +0.3", "votes_to_gain_0.3", "{}"),
+    ("votes to +0.3", "votes_to_gain_0.3", "{:.0f}"),
     ("promoted", "rounds_promoted", "{}"),
     ("rejected: KL", "rounds_rejected_kl", "{}"),
     ("rejected: reward", "rounds_rejected_reward", "{}"),
@@ -24,7 +24,7 @@ COLUMNS = [  # header, key, format
     ("KL at the end", "kl_to_ref", "{:.2f}"),
     ("s / round", "seconds_per_round_median", "{:.1f}"),
     ("RM AUROC at the end", "rm_auroc_end", "{:.2f}"),
-    ("RM AUROC >= 0.75 at vote", "rm_auroc_0.75_at_votes", "{}"),
+    ("RM AUROC >= 0.75 at vote", "rm_auroc_0.75_at_votes", "{:.0f}"),
 ]
 
 
