@@ -2,8 +2,9 @@
 
     python bench/loop_table.py bench/results/loop-cheerful-ppo-2000-x86_64.json ...          # at the end of each run
     python bench/loop_table.py --at 1000 bench/results/loop-cheerful-*-x86_64.json        # as each stood at vote 1,000
+    python bench/loop_table.py before=OLD.json after=NEW.json                             # a first column naming each
 
-One row per file. --at N reads the run as it stood at its N-th vote (bench/loop.py --at, the
+One row per file (LABEL=FILE puts LABEL in a first column). --at N reads the run as it stood at its N-th vote (bench/loop.py --at, the
 default 1000): a 2,000-vote run then compares with 1,000-vote ones on the same footing.
 """
 
@@ -46,16 +47,18 @@ def cell(value, fmt: str) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("files", nargs="+", type=Path)
+    ap.add_argument("files", nargs="+", help="FILE or LABEL=FILE")
     ap.add_argument("--at", type=int, default=None, help="the runs as they stood at this vote count")
     args = ap.parse_args()
-    print("| taste | algorithm | votes | " + " | ".join(h for h, _, _ in COLUMNS) + " | file |")
-    print("|---|---|---|" + "---|" * len(COLUMNS) + "---|")
-    for path in args.files:
+    runs = [(f.partition("=")[0], Path(f.partition("=")[2])) if "=" in f else (None, Path(f)) for f in args.files]
+    labelled = any(label for label, _ in runs)
+    print(("| run " if labelled else "") + "| taste | algorithm | votes | " + " | ".join(h for h, _, _ in COLUMNS) + " | file |")
+    print(("|---" if labelled else "") + "|---|---|---|" + "---|" * len(COLUMNS) + "---|")
+    for label, path in runs:
         run, stats = row(path, args.at)
         votes = args.at if args.at is not None else run["votes"]
         cells = [cell(stats.get(key), fmt) for _, key, fmt in COLUMNS]
-        print(f"| {run.get('taste', 'cheerful')} | {run.get('algorithm', 'ppo')} | {votes} | " + " | ".join(cells)
+        print((f"| {label or ''} " if labelled else "") + f"| {run.get('taste', 'cheerful')} | {run.get('algorithm', 'ppo')} | {votes} | " + " | ".join(cells)
               + f" | `{path.name}` |")
     return 0
 

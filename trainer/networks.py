@@ -322,7 +322,11 @@ def _checkpoint_activations(model) -> None:
         log.warning("%s does not support gradient checkpointing; training keeps every layer's activations",
                     type(model).__name__)
         return
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers' newer name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def _lora_config(train: TrainConfig, base: torch.nn.Module):

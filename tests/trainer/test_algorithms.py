@@ -35,12 +35,17 @@ def rule_eval(policy, state: TrainerState):
                     batch_size=96)
 
 
+BASE_EVAL = {}  # every algorithm starts from the same base policy: its evaluation is computed once
+
+
 @pytest.mark.parametrize("algorithm", ["grpo", "rloo", "kto", "dpo"])
 def test_each_algorithm_learns_the_taste_behind_the_votes(settings, traffic, algorithm):
     interactions, votes = traffic
     state = TrainerState.open(settings, TrainerConfig().replace(train={"algorithm": algorithm}, **SMALL))
     try:
-        before = rule_eval(state.nets.policy, state)
+        if "base" not in BASE_EVAL:
+            BASE_EVAL["base"] = rule_eval(state.nets.policy, state)
+        before = BASE_EVAL["base"]
         reports = rounds_on(state, settings, interactions, votes, rounds=ROUNDS, per_round=PER_ROUND)
         after = rule_eval(state.nets.policy, state)
     finally:

@@ -103,3 +103,42 @@ def test_lora_needs_latest_on_its_base(settings, base_model_dir):
     with pytest.raises(ValueError, match="ppo.reference_version=1"):
         TrainerState.open(settings, TrainerConfig().replace(train={"adapter": "lora"}))
 
+
+
+@pytest.mark.parametrize("adapter", ["full", "lora"])
+def test_gradient_checkpointing_changes_memory_not_gradients(settings, random_model, adapter):
+    """train.gradient_checkpointing recomputes activations in the backward pass: the policy's and the reward
+    model's gradients must be the ones computed without it (and it must really be on)."""
+    from rlhf.models import ensure_policy_store
+    from trainer.config import TrainConfig
+    from trainer.dist import Dist
+    from trainer.networks import Networks
+    from trainer.policy import forward
+
+    s = settings.model_copy(update={"model": random_model("llama-tiny")})
+    store = ensure_policy_store(s)
+    g = torch.Generator().manual_seed(0)
+    query, response = torch.randint(3, 200, (3, 6), generator=g), torch.randint(3, 200, (3, 5), generator=g)
+    ones = lambda t: torch.ones_like(t, dtype=torch.bool)  # noqa: E731
+    grads = {}
+    for checkpointing in (False, True):
+        nets = Networks.open(s, store, TrainConfig(adapter=adapter, gradient_checkpointing=checkpointing), adapter, 0, 0,
+                             Dist())
+        torch.manual_seed(1)
+        for p in (p for _, p in nets.reward.trainable()):  # the reward head starts at zero: give it a gradient path
+            if p.dim() == 2 and p.shape[0] == 1:
+                torch.nn.init.normal_(p)
+        nets.policy.train()
+        nets.reward.train()
+        lm = nets.policy.module
+        on = lm.is_activation_checkpointing if hasattr(lm, "is_activation_checkpointing") else lm.is_gradient_checkpointing
+        assert on == checkpointing
+        with nets.policy.active():
+            forward(nets.policy, query, ones(query), response, ones(response), temperature=1.0).logprobs.sum().backward()
+        with nets.reward.body.active():
+            nets.reward(torch.cat([query, response], 1), ones(torch.cat([query, response], 1))).sum().backward()
+        params = [*nets.policy.named_trainable(), *nets.reward.trainable()]
+        grads[checkpointing] = {n: p.grad.clone() for n, p in params if p.grad is not None}
+    assert grads[False].keys() == grads[True].keys() and len(grads[False]) > 4
+    for name, grad in grads[False].items():
+        torch.testing.assert_close(grads[True][name], grad, rtol=1e-5, atol=1e-6, msg=name)
