@@ -40,6 +40,22 @@ log = logging.getLogger("trainer")
 PRUNE_EVERY_S = 60.0
 
 
+def _give_freed_memory_back() -> None:
+    """A fixed glibc mmap threshold (128 KiB), so that every large tensor is its own mapping and goes back to
+    the system when freed. By default glibc raises the threshold each time a large block is freed, after
+    which blocks of that size come from its heap and stay there: a CPU trainer's resident memory then grows
+    to several times what its tensors hold (bench/rm_memory.py: a 135M LoRA reward-model phase peaks at
+    3.9 GB instead of 1.3 GB). Linux with glibc only; elsewhere a no-op."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc (musl, ...): it has no such threshold
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="rlhf train", description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -58,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.nproc:
         return _exec_torchrun(args.nproc, argv if argv is not None else sys.argv[2:])
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s {_rank_tag()}%(name)s: %(message)s")
+    _give_freed_memory_back()
     torch.set_num_threads(args.threads)
     transformers.utils.logging.disable_progress_bar()  # per-load bars would drown the round lines
     settings = Settings()

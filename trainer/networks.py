@@ -133,7 +133,7 @@ class RewardModel(torch.nn.Module):
         from trainer.policy import position_ids
 
         hidden = self.body(input_ids=input_ids, attention_mask=attention_mask.long(),
-                           position_ids=position_ids(attention_mask)).last_hidden_state  # (B, T, H)
+                           position_ids=position_ids(attention_mask), use_cache=False).last_hidden_state  # (B, T, H)
         T = input_ids.shape[1]
         last = (attention_mask.long() * torch.arange(T, device=input_ids.device)).argmax(-1)  # (B,)
         h = hidden[torch.arange(len(last), device=last.device), last]  # (B, H)

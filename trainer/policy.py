@@ -77,7 +77,7 @@ def sample(
     gens = [torch.Generator().manual_seed(s) for s in seeds]
     attn = query_mask.long()
     pos = position_ids(query_mask)
-    out = model(input_ids=query, attention_mask=attn, position_ids=pos, use_cache=True)
+    out = model(input_ids=query, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
     cache, logits = out.cache, out.logits[:, -1]  # (B, V)
     next_pos = pos[:, -1]
     done = torch.zeros(B, dtype=torch.bool, device=query.device)
@@ -124,9 +124,13 @@ def forward(
     P = query.shape[1]
     ids = torch.cat([query, response], dim=1)  # (B, P + R)
     mask = torch.cat([query_mask, response_mask], dim=1)
+    R = response.shape[1]
+    # the logits of the response's R tokens only, not the prompt's (the output head is a fifth of a small
+    # model's FLOPs, and its (B, T, vocab) output the largest activation): the response fills the last R
+    # positions, and position P - 1 + t predicts response token t
     out = model(input_ids=ids, attention_mask=mask.long(), position_ids=position_ids(mask),
-                output_hidden_states=value_head is not None)
-    logits = out.logits[:, P - 1:-1]  # (B, R, V): position t predicts response token t
+                output_hidden_states=value_head is not None, use_cache=False, logits_to_keep=R + 1)
+    logits = out.logits[:, :-1]  # (B, R, V)
     labels = response.masked_fill(~response_mask, -100)
     logp, entropy = token_logprobs(logits, labels, temperature=temperature, return_entropy=True)
     values = None
