@@ -76,17 +76,9 @@ def child(model: str, layout: str, checkpointing: bool, steps: int) -> dict:
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
-def model_dir(name: str, cache: Path) -> str:
-    if Path(name).is_dir():
-        return name
-    from rlhf import random_models
-
-    return str(random_models.ensure(cache / "random", name))
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="llama-135m", help="a random_models shape or a model directory")
+    ap.add_argument("--model", default="llama-135m", help="tiny-chat, a random_models shape, or a model directory")
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--model-cache", type=Path, default=Path(".rlhf/models"))
     ap.add_argument("--child", nargs=3, metavar=("LAYOUT", "CHECKPOINTING", "MODEL_DIR"), help=argparse.SUPPRESS)
@@ -99,6 +91,7 @@ def main() -> int:
     import torch
 
     from _timing import RESULTS_DIR, device_name, slug
+    from train_round import model_dir  # tiny-chat, a random_models shape, or a directory: as train_round takes it
 
     path = model_dir(args.model, args.model_cache)
     env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
