@@ -4,6 +4,7 @@
     .venv/bin/python bench/loop.py --votes 400     # a shorter look
     .venv/bin/python bench/loop.py --taste short   # users with another taste (rlhf/tastes.py)
     .venv/bin/python bench/loop.py --algorithm kto # another algorithm on the same users
+    .venv/bin/python bench/loop.py --seed 1        # other users' draws and trainer sampling (a repeat)
 
 Runs the whole loop on the embedded default on this machine (broker, `bentoml serve`,
 `rlhf train`, simulated users who like --taste answers, cheerful by default, with 10 % noise) and reports:
@@ -44,15 +45,18 @@ def main() -> int:
     ap.add_argument("--taste", default="cheerful", help="what the simulated users secretly like (rlhf/tastes.py)")
     ap.add_argument("--algorithm", default="ppo", choices=["ppo", "grpo", "rloo", "kto", "dpo"],
                     help="how the trainer learns from the votes (rlhf train --algorithm)")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="seeds the simulated users and the trainer's sampling (ppo.seed); repeats differ only here")
     ap.add_argument("--at", type=int, nargs="*", default=[1000],
                     help="also report the run as it stood at these vote counts (to compare with shorter runs)")
     ap.add_argument("--out", default=None, help="results name (default loop-<device>, or loop-<taste>-<device>)")
     args = ap.parse_args()
     state = Path(tempfile.mkdtemp(prefix="bench-loop-state-"))
     cfg = LoopConfig(
-        state_dir=state, port=0, train_min_labels=args.round_labels, trainer_args=("--algorithm", args.algorithm),
+        state_dir=state, port=0, train_min_labels=args.round_labels,
+        trainer_args=("--algorithm", args.algorithm, "--ppo.seed", str(args.seed)),
         stats_at_votes=tuple(args.at),
-        sim=SimConfig(taste=args.taste, noise=0.1, users=16, concurrency=4,
+        sim=SimConfig(taste=args.taste, noise=0.1, users=16, concurrency=4, seed=args.seed,
                       max_votes=args.votes, max_seconds=args.minutes * 60),
     )
     last = [0.0]
@@ -87,7 +91,7 @@ def main() -> int:
                                    "approval_by_version", "elapsed_s", "votes_to_gain_0.3", "rounds_promoted",
                                    "rounds_rejected_kl", "rounds_rejected_reward", "max_consecutive_kl_rejections",
                                    "seconds_per_round_median", "rm_auroc_end", "rm_auroc_0.75_at_votes", "taste")},
-        "algorithm": args.algorithm, **{f"at_{n}_votes": summary[f"at_{n}_votes"] for n in args.at},
+        "algorithm": args.algorithm, "seed": args.seed, **{f"at_{n}_votes": summary[f"at_{n}_votes"] for n in args.at},
     }
     RESULTS.mkdir(exist_ok=True)
     slug = "cpu" if not out["device"] else out["device"].lower().replace(" ", "-")
