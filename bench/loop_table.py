@@ -7,7 +7,7 @@
 
 One row per file (LABEL=FILE puts LABEL in a first column). --at N reads the run as it stood at its N-th vote (bench/loop.py --at, the
 default 1000): a 2,000-vote run then compares with 1,000-vote ones on the same footing. --mean adds,
-after the runs, one row per (taste, algorithm) with the mean of each column over its runs (bench/loop.py --seed).
+after the runs, one row per (taste, algorithm) run more than once with the mean of each column over its runs (bench/loop.py --seed).
 """
 
 from __future__ import annotations
@@ -70,6 +70,8 @@ def main() -> int:
               + " | ".join(cells) + f" | `{path.name}` |")
     if args.mean:
         for (taste, algorithm), group in groups.items():
+            if len(group) < 2:
+                continue
             cells = []
             for _, key, fmt in COLUMNS:
                 values = [s[key] for s in group if s.get(key) is not None]
