@@ -56,14 +56,24 @@ def _give_freed_memory_back() -> None:
         pass
 
 
+def default_threads(environ) -> int:
+    """OMP_NUM_THREADS when it is set (a pod's CPU request: os.cpu_count() would count the whole
+    node), else half the CPUs this process may run on, at least 1."""
+    if environ.get("OMP_NUM_THREADS", "").strip().isdigit() and int(environ["OMP_NUM_THREADS"]) > 0:
+        return int(environ["OMP_NUM_THREADS"])
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+    return max(1, cpus // 2)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="rlhf train", description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--once", action="store_true", help="run one round and exit")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars (summary lines only)")
-    ap.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2),
-                    help="torch CPU threads (default: half the cores; the trainer runs beside the service, and "
-                         "two processes spinning on the same cores are several times slower than one each)")
+    ap.add_argument("--threads", type=int, default=default_threads(os.environ),
+                    help="torch CPU threads (default: OMP_NUM_THREADS if set, as the Kubernetes manifests set it to "
+                         "the CPU request; else half the cores this process may run on: the trainer runs beside the "
+                         "service, and two processes spinning on the same cores are several times slower than one each)")
     ap.add_argument("--nproc", type=int, default=None,
                     help="run on this many local ranks: re-executes itself under `torchrun --standalone "
                          "--nproc_per_node N --max-restarts 3` (multi-node: call torchrun yourself)")

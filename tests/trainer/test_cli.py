@@ -34,3 +34,16 @@ def test_rounds_follow_the_label_stream_and_sigterm_stops_cleanly(settings, base
     rounds = [json.loads(x) for x in (settings.trainer_dir / "rounds.jsonl").read_text().splitlines()]
     assert rounds[-1]["labels"] == 27 and all(r["promoted"] for r in rounds)
     assert [r["version"] for r in rounds] == list(range(1, len(rounds) + 1))
+
+
+def test_threads_follow_omp_num_threads_before_the_cores():
+    """A pod's OMP_NUM_THREADS (its CPU request, k8s/base/trainer.yaml) wins over the node's core
+    count, which os.cpu_count() reports inside a container."""
+    import os
+
+    from trainer.cli import default_threads
+
+    assert default_threads({"OMP_NUM_THREADS": "3"}) == 3
+    half = max(1, len(os.sched_getaffinity(0)) // 2)
+    for unset in ({}, {"OMP_NUM_THREADS": ""}, {"OMP_NUM_THREADS": "0"}, {"OMP_NUM_THREADS": "two"}):
+        assert default_threads(unset) == half
