@@ -343,6 +343,11 @@ class GateConfig:
     guard_tolerance: float = 0.1
     """The candidate's guard pass rate (greedy answers) may fall at most this much below the current
     policy's (0.1: one prompt of the built-in twelve)."""
+    guard_stall_rounds: int = 3
+    """After this many rounds in a row whose candidate failed the guard set, every further one warns
+    (the log, `guard_streak` in rounds.jsonl, rlhf_trainer_guard_rejections_in_a_row): the votes pull
+    the policy where the guard set forbids, so rounds keep training and throwing the result away.
+    Rounds go on; the guard set or the taste needs a person's look. 0: never warn."""
     min_rm_auroc: float = 0.6
     """The judge: a learned reward model's held-out AUROC, at its lower 95 % confidence bound
     (Hanley-McNeil, for the number of held-out up and down votes), must be at least this, or no
@@ -355,7 +360,7 @@ class GateConfig:
     def __post_init__(self) -> None:
         _positive(self, "eval_responses", "max_kl")
         _non_negative(self, "max_length_ratio", "min_distinct_ratio", "guard_tolerance", "min_rm_auroc",
-                      "max_rm_approval_gap")
+                      "max_rm_approval_gap", "guard_stall_rounds")
         if not 0.0 <= self.min_length_ratio <= 1.0:
             raise ValueError(f"gate.min_length_ratio must be in [0, 1], got {self.min_length_ratio}")
         if self.max_length_ratio and self.max_length_ratio < 1.0:

@@ -43,6 +43,8 @@ budget_spent = Gauge("rlhf_trainer_kl_budget_spent", "1 while the KL budget is s
                      "gate.max_kl and rounds could not use the rest, so none run until LATEST moves")
 update_scale = Gauge("rlhf_trainer_update_scale", "How much of its update the last candidate kept (1; 1/2, 1/4, ... "
                      "when scaled back under the KL bound)")
+guard_streak = Gauge("rlhf_trainer_guard_rejections_in_a_row", "Rounds in a row whose candidate failed the guard set "
+                     "(gate.guard_stall_rounds and more: the votes pull where the guard set forbids)")
 voters_capped = Gauge("rlhf_trainer_voters_capped", "Voters whose votes the influence cap down-weighted, last round")
 voter_share = Gauge("rlhf_trainer_max_voter_share", "The largest share of a round's votes one voter cast, before the cap")
 
@@ -70,6 +72,7 @@ def observe_round(report: dict) -> None:
         voter_share.set(report["voters"]["max_share"])
     if report["budget"]:
         update_scale.set(report["budget"].get("update_scale", 1.0))
+    guard_streak.set(report["guard_streak"])
     if math.isfinite(report["kl_coef"]):  # NaN in a round skipped before PPO
         kl_coef.set(report["kl_coef"])
     policy_version.set(report["version"] if report["promoted"] else report["version_before"])

@@ -19,6 +19,7 @@ summary line.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 import sys
@@ -43,6 +44,8 @@ from trainer.ppo import Rollout, gae, masked_mean, masked_whiten, policy_loss, t
 from trainer.reward_model import is_heldout, make_pairs, rule_reward, score, train_reward_model
 from trainer.state import TrainerState
 from trainer.store import Example, voter_weights
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -78,6 +81,7 @@ class RoundReport:
     candidate: dict = field(default_factory=dict)  # ... and of the candidate
     checks: dict = field(default_factory=dict)  # every gate check: passed, value, bound
     budget: dict = field(default_factory=dict)  # the KL budget: update scale, backoff, whether it is spent
+    guard_streak: int = 0  # rounds in a row, this one included, whose candidate failed the guard set
     kl_coef: float = float("nan")
     version_before: int = 0
     version: int | None = None  # the version published by this round, if promoted
@@ -96,6 +100,8 @@ class RoundReport:
             verdict += f" (update scaled to {self.budget['update_scale']:g} for the KL bound)"
         if self.budget.get("spent"):
             verdict += " | KL budget spent"
+        if self.guard_streak > 1:
+            verdict += f" | guard set: {self.guard_streak} rejections in a row"
         return (f"round {self.round}: {self.labels} labels (+{self.new_labels}) | "
                 f"RM acc {rm.get('accuracy', math.nan):.2f} AUROC {rm.get('auroc', math.nan):.2f} | "
                 f"reward {self.current['reward']:.3f} -> {self.candidate['reward']:.3f} | "
@@ -481,11 +487,33 @@ def _finish(state: TrainerState, report: RoundReport, label_seq: int) -> RoundRe
     state.store.set("kl_coef", state.kl_ctl.value)
     state.store.set("lr_scale", state.lr_scale)
     state.store.set("budget_spent", report.budget.get("spent"))
+    report.guard_streak = guard_streak(state.store.get("guard_streak") or 0, report)
+    state.store.set("guard_streak", report.guard_streak)
+    if (stall := guard_stall(report, state.cfg.gate)) is not None:
+        log.warning(stall)
     with open(state.rounds_path, "a") as f:
         f.write(json.dumps(_nan_to_none(asdict(report))) + "\n")  # strict JSON: nan -> null
     metrics.observe_round(asdict(report))
     print(report.summary(), flush=True)
     return report
+
+
+def guard_streak(previous: int, report: RoundReport) -> int:
+    """Rounds in a row whose candidate failed the guard set: +1 for such a round; a candidate that
+    passed it resets the count; a round without a candidate (skipped) leaves it as it was."""
+    if not report.candidate:
+        return previous
+    return previous + 1 if not report.checks.get("guard_set", {}).get("passed", True) else 0
+
+
+def guard_stall(report: RoundReport, cfg) -> str | None:
+    """The warning for a run of gate.guard_stall_rounds or more guard-set rejections, else None."""
+    if not cfg.guard_stall_rounds or report.guard_streak < cfg.guard_stall_rounds:
+        return None
+    check = report.checks["guard_set"]
+    return (f"the guard set has rejected {report.guard_streak} candidates in a row (pass rate {check['value']:.2f}, "
+            f"needed {check['bound']:.2f}): the votes pull the policy where the guard set ({cfg.guard_set}) forbids. "
+            "Rounds go on; look at the guard set and at what the users reward.")
 
 
 def _spend_budget(state: TrainerState, report: RoundReport) -> None:

@@ -68,3 +68,48 @@ def test_an_honest_candidate_passes_the_guards(base):
     honest = gate_eval(Shouting(model, tok.convert_tokens_to_ids("!"), 1.0), model, tok)
     d = decide(honest, current, GateConfig(max_kl=1e9), judge=None)
     assert d.checks["guard_set"].passed and d.checks["distinct_2"].passed and d.checks["length_down"].passed, d.reason
+
+
+def test_a_run_of_guard_rejections_is_reported_and_a_pass_ends_it(base):
+    """The loop's failure mode when the users reward what the guard set forbids: every round trains a
+    candidate the guard set rejects. After gate.guard_stall_rounds of them each round says so (its
+    summary line, rounds.jsonl's guard_streak, the trainer metric); a candidate that passes the guard
+    set, or is promoted, ends the run; a round skipped before training leaves it as it was."""
+    from dataclasses import asdict
+
+    from prometheus_client import REGISTRY
+
+    from trainer import metrics
+    from trainer.round import RoundReport, guard_stall, guard_streak
+
+    model, tok = base
+    current = gate_eval(model, model, tok)
+    views = {"shouting": gate_eval(Shouting(model, tok.convert_tokens_to_ids("!"), 30.0), model, tok),
+             "honest": gate_eval(Shouting(model, tok.convert_tokens_to_ids("!"), 1.0), model, tok)}
+
+    def round_of(n: int, candidate: str | None) -> RoundReport:
+        report = RoundReport(round=n, trigger_time=0.0, kl_bound=1e9, current=asdict(current), seconds={"total": 1.0})
+        if candidate is None:
+            report.reason = "too few labels"
+            return report
+        d = decide(views[candidate], current, GateConfig(max_kl=1e9), judge=None)
+        report.candidate, report.promoted, report.reason = asdict(views[candidate]), d.promoted, d.reason
+        report.checks = {name: asdict(c) for name, c in d.checks.items()}
+        return report
+
+    streak, seen = 0, []
+    for n, candidate in enumerate(["shouting", "shouting", None, "shouting", "honest", "shouting"], 1):
+        report = round_of(n, candidate)
+        report.guard_streak = streak = guard_streak(streak, report)
+        metrics.observe_round(asdict(report))
+        seen.append((streak, REGISTRY.get_sample_value("rlhf_trainer_guard_rejections_in_a_row"), report.summary(),
+                     guard_stall(report, GateConfig())))  # warns from 3 (the default guard_stall_rounds)
+    assert [s for s, _, _, _ in seen] == [1, 2, 2, 3, 0, 1]
+    assert [g for _, g, _, _ in seen] == [1, 2, 2, 3, 0, 1]
+    assert "guard set: 3 rejections in a row" in seen[3][2] and "guard set:" not in seen[0][2] + seen[4][2]
+    assert [w is not None for *_, w in seen] == [False, False, False, True, False, False]
+    assert "rejected 3 candidates in a row (pass rate 0.0" in seen[3][3] and "(builtin)" in seen[3][3]
+    long_run = round_of(7, "shouting")
+    long_run.guard_streak = 9
+    assert guard_stall(long_run, GateConfig()) is not None
+    assert guard_stall(long_run, GateConfig(guard_stall_rounds=0)) is None  # 0: never
