@@ -2,6 +2,7 @@
 
     PYTHONPATH=. .venv/bin/python bench/rm_memory.py                      # llama-135m, 8 configurations
     PYTHONPATH=. .venv/bin/python bench/rm_memory.py --model DIR --steps 2
+    PYTHONPATH=. .venv/bin/python bench/rm_memory.py --checkpointing on --thresholds 131072 4194304 --out NAME
 
 Each configuration runs in a fresh process (peak RSS is per process): the trainer's networks
 opened as `rlhf train` opens them (Networks.open, the model's scale profile, the layout given),
@@ -10,8 +11,8 @@ profile's batch: 8 labels + 8 pairs = 24 sequences of ~85 tokens for the 135M mo
 the held-out scoring). Reported: peak RSS of the process (VmHWM; weights included) after
 opening the networks and after the phase. "malloc default" is glibc as it comes (its mmap
 threshold rises whenever a large block is freed); "malloc fixed" sets MALLOC_MMAP_THRESHOLD_ to
-128 KiB, what `rlhf train` does at start (trainer/cli.py). Results:
-bench/results/rm_memory-<model>-<device>.json. Seconds are printed, but they are not a speed
+each of --thresholds (default: trainer.cli.MMAP_THRESHOLD, what `rlhf train` sets at start). Results:
+bench/results/rm_memory-<model>-<device>.json (or --out NAME). Seconds are printed, but they are not a speed
 figure unless the machine was otherwise idle.
 """
 
@@ -81,6 +82,10 @@ def main() -> int:
     ap.add_argument("--model", default="llama-135m", help="tiny-chat, a random_models shape, or a model directory")
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--model-cache", type=Path, default=Path(".rlhf/models"))
+    ap.add_argument("--checkpointing", nargs="+", default=["off", "on"], choices=["off", "on"])
+    ap.add_argument("--thresholds", nargs="+", type=int, default=None,
+                    help="fixed mmap thresholds in bytes (default: the one rlhf train sets)")
+    ap.add_argument("--out", default=None, help="results name (default rm_memory-<model>-<device>)")
     ap.add_argument("--child", nargs=3, metavar=("LAYOUT", "CHECKPOINTING", "MODEL_DIR"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -96,22 +101,27 @@ def main() -> int:
     path = model_dir(args.model, args.model_cache)
     env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
     env.update(HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    from trainer.cli import MMAP_THRESHOLD
+
     runs = []
-    for malloc in ("default", "fixed"):
-        for checkpointing in ("off", "on"):
+    for threshold in [None, *(args.thresholds or [MMAP_THRESHOLD])]:  # None: glibc's default
+        malloc = "default" if threshold is None else "fixed"
+        for checkpointing in args.checkpointing:
             for layout in ("full", "lora"):
-                e = {**env, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)} if malloc == "fixed" else env
+                e = env if threshold is None else {**env, "MALLOC_MMAP_THRESHOLD_": str(threshold)}
                 out = subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--child", layout,
                                       checkpointing, path], env=e, capture_output=True, text=True, check=True)
-                row = {**json.loads(out.stdout.strip().splitlines()[-1]), "malloc": malloc}
+                row = {**json.loads(out.stdout.strip().splitlines()[-1]), "malloc": malloc,
+                       "mmap_threshold": threshold}
                 runs.append(row)
-                print(f"malloc {malloc:7} checkpointing {checkpointing:3} {layout:4}: peak RSS {row['peak_rss_mb']:8.0f} MB "
-                      f"(after opening {row['peak_rss_mb_opened']:6.0f})  {row['seconds']:6.1f} s", flush=True)
+                print(f"malloc {malloc:7} {'' if threshold is None else threshold:>8} checkpointing {checkpointing:3} "
+                      f"{layout:4}: peak RSS {row['peak_rss_mb']:8.0f} MB (after opening {row['peak_rss_mb_opened']:6.0f})"
+                      f"  {row['seconds']:6.1f} s", flush=True)
     cpu = torch.device("cpu")
     payload = {"bench": "rm_memory", "model": args.model, "device": device_name(cpu), "cpu_count": os.cpu_count(),
                "torch": torch.__version__, "load_average_after": round(os.getloadavg()[0], 2), "runs": runs}
     RESULTS_DIR.mkdir(exist_ok=True)
-    dest = RESULTS_DIR / f"rm_memory-{slug(args.model)}-{slug(device_name(cpu))}.json"
+    dest = RESULTS_DIR / f"{args.out or f'rm_memory-{slug(args.model)}-{slug(device_name(cpu))}'}.json"
     dest.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"results: {dest}")
     return 0

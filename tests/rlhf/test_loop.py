@@ -1,7 +1,7 @@
 """The loop end to end, shortened: real broker, `bentoml serve`, `rlhf train`, simulated users.
 
 bench/loop.py is the full run (2,000 votes / 15 minutes) with the issue's targets; this
-asserts only the direction: the served policy's approval rose over its own baseline,
+asserts only the direction: the promoted versions' approval rose over the baseline's (v0),
 with no failed chat request.
 """
 
@@ -29,4 +29,10 @@ def test_approval_rises_when_users_vote(tmp_path, base_model_dir, monkeypatch):
     by = summary["approval_by_version"]
     assert by["0"]["votes"] >= 50
     assert summary["final_version"] > 0, by
-    assert summary["approval_gain"] > 0.1, by
+    # the versions the loop promoted, pooled, against v0: unlike the run's last-300-votes window
+    # (bench/loop.py's figure), this does not depend on how many of the 400 votes v0 got before
+    # the first round finished, i.e. on the machine's speed
+    trained = [row for v, row in by.items() if v != "0"]
+    votes = sum(row["votes"] for row in trained)
+    assert votes >= 50, by
+    assert sum(row["up"] for row in trained) / votes - by["0"]["approval"] > 0.1, by
