@@ -78,7 +78,7 @@ def main() -> int:
                 # counts average to fractions; a run that never got there (None) is left out, and the cell says so
                 text = cell(statistics.mean(values) if values else None, "{:.1f}" if fmt == "{}" else fmt)
                 cells.append(text if len(values) == len(group) else f"{text} ({len(values)} of {len(group)})")
-            print((f"| mean " if labelled else "") + f"| {taste} | {algorithm} | mean of {len(group)} | "
+            print(("| mean " if labelled else "") + f"| {taste} | {algorithm} | mean of {len(group)} | "
                   + f"{args.at if args.at is not None else '-'} | " + " | ".join(cells) + " | |")
     return 0
 
