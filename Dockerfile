@@ -74,7 +74,7 @@ COPY --chmod=0755 <<'EOF' /usr/local/bin/rlhf-healthcheck
 import sys
 import urllib.request
 
-from rlhf.contracts import Settings
+from rlhf_loop.core.contracts import Settings
 
 if b"train" in open("/proc/1/cmdline", "rb").read().split(b"\0"):
     sys.exit(0)

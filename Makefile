@@ -1,22 +1,38 @@
-# The two commands (README): `make demo` and `make test`. Everything installs from here.
+# The two commands (README): `make demo` and `make test`. Everything installs from here,
+# from the lock (requirements/*.lock): exact versions, every file checked against its sha256.
+#
+#   make install        .venv from requirements/cpu.lock (CPU torch), the project editable
+#   make lock           refresh the locks from pyproject.toml's ranges (on purpose: then run make test)
+#   make test-latest    the suite on the newest releases pyproject.toml allows (.venv-latest), to see
+#                       upstream breakage before a lock refresh brings it to users
 PY ?= python3
 VENV := .venv
-# CPU wheel by default. On a CUDA machine: make demo TORCH_INDEX=https://download.pytorch.org/whl/cu128
-TORCH_INDEX ?=
+UV := $(VENV)/bin/uv
 export BENTOML_DO_NOT_TRACK := true
 export HF_HUB_OFFLINE := 1
+export UV_PYTHON_DOWNLOADS := never
+# Where the CPU build of torch comes from: this machine class keeps it in /opt/wheels; elsewhere
+# PyTorch's CPU index (the lock's sha256 is checked either way).
+TORCH_SOURCE ?= $(if $(wildcard /opt/wheels/torch-*+cpu-*.whl),--find-links /opt/wheels,--extra-index-url https://download.pytorch.org/whl/cpu --index-strategy unsafe-best-match)
+# The locks are for CPython 3.11 on Linux x86_64 (CI, the image); `make lock` on another platform
+# writes locks for that platform.
+LOCK_TARGET := --python-version 3.11 --python-platform x86_64-manylinux_2_28
 # The playground's browser test drives Debian's chromium with its chromedriver (selenium);
 # no browser can be downloaded here, so they come from apt, as root or through sudo.
 CHROMEDRIVER := /usr/bin/chromedriver
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: demo test install bench clean
+.PHONY: demo test install lock test-latest clean
 
-$(VENV)/.installed: pyproject.toml Makefile
+# uv, itself installed from a hashed pin, installs the rest
+$(UV): requirements/bootstrap.txt
+	rm -rf $(VENV)
 	$(PY) -m venv $(VENV)
-	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(VENV)/bin/pip install -q -e '.[dev]'
+	$(VENV)/bin/pip install -q --disable-pip-version-check --require-hashes --no-deps -r requirements/bootstrap.txt
+
+$(VENV)/.installed: $(UV) requirements/cpu.lock pyproject.toml
+	$(UV) pip sync -q --python $(VENV)/bin/python --require-hashes $(TORCH_SOURCE) requirements/cpu.lock requirements/bootstrap.txt
+	$(UV) pip install -q --python $(VENV)/bin/python --no-deps -e .
 	touch $@
 
 install: $(VENV)/.installed
@@ -31,5 +47,26 @@ $(CHROMEDRIVER):
 test: install $(CHROMEDRIVER)
 	$(VENV)/bin/python -m pytest -q --durations=25
 
+# cpu.lock: everything `make install` needs (dev tools included). image-*.lock: what the image
+# installs (Dockerfile, TORCH_VARIANT), held to cpu.lock's versions so that the image runs what
+# the suite ran. requirements/torch-*.txt say which torch build each one takes.
+lock: $(UV)
+	$(UV) pip compile -q pyproject.toml --extra dev --override requirements/torch-cpu.txt $(TORCH_SOURCE) \
+		--generate-hashes $(LOCK_TARGET) -o requirements/cpu.lock
+	sed -n 's/^\([A-Za-z0-9_.-]*==[^ ]*\).*/\1/p' requirements/cpu.lock | grep -v '^torch==' > $(VENV)/pins.txt
+	$(UV) pip compile -q pyproject.toml --override requirements/torch-cpu.txt $(TORCH_SOURCE) -c $(VENV)/pins.txt \
+		--generate-hashes $(LOCK_TARGET) -o requirements/image-cpu.lock
+	$(UV) pip compile -q pyproject.toml --override requirements/torch-cuda.txt -c $(VENV)/pins.txt \
+		--generate-hashes $(LOCK_TARGET) -o requirements/image-cuda.lock
+
+# torch stays the locked CPU build (a torch release is a lock change of its own: another CUDA
+# build, gigabytes); everything else is the newest that pyproject.toml allows today.
+test-latest: $(CHROMEDRIVER)
+	rm -rf .venv-latest
+	$(PY) -m venv .venv-latest
+	$(UV) pip install -q --python .venv-latest/bin/python --upgrade --override requirements/torch-cpu.txt \
+		$(TORCH_SOURCE) -e '.[dev]'
+	.venv-latest/bin/python -m pytest -q --durations=25
+
 clean:
-	rm -rf $(VENV) .rlhf
+	rm -rf $(VENV) .venv-latest .rlhf

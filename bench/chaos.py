@@ -42,12 +42,12 @@ import psutil  # noqa: E402
 from openai import OpenAI  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-from rlhf.contracts import Settings, feedback_id_for  # noqa: E402
-from rlhf.loop import Loop, LoopConfig  # noqa: E402
-from rlhf.policy_store import PolicyStore, VerificationError  # noqa: E402
-from rlhf.simulate import SimConfig, SimLog, run as run_users, version_of  # noqa: E402
-from service import serve  # noqa: E402
-from trainer.store import LabelStore  # noqa: E402
+from rlhf_loop.core.contracts import Settings, feedback_id_for  # noqa: E402
+from rlhf_loop.app.loop import Loop, LoopConfig  # noqa: E402
+from rlhf_loop.core.policy_store import PolicyStore, VerificationError  # noqa: E402
+from rlhf_loop.app.simulate import SimConfig, SimLog, run as run_users, version_of  # noqa: E402
+from rlhf_loop.service import serve  # noqa: E402
+from rlhf_loop.trainer.store import LabelStore  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BROKER_DOWN_S = 60.0
@@ -143,7 +143,7 @@ class Supervisor:
             self.loop.procs[name] = serve.spawn("127.0.0.1", self.loop.port, self.loop.env(), log)
         else:
             self.loop.procs[name] = subprocess.Popen(
-                [sys.executable, "-m", "rlhf.cli", "train", "--no-progress"], env=self.loop.env(), stdout=log,
+                [sys.executable, "-m", "rlhf_loop", "train", "--no-progress"], env=self.loop.env(), stdout=log,
                 stderr=subprocess.STDOUT, start_new_session=True)
 
     def kill(self, name: str) -> None:

@@ -25,7 +25,7 @@ from collections.abc import Callable
 import torch
 
 import _timing
-from kernels import full_kl
+from rlhf_loop.kernels import full_kl
 
 SEQ_LEN = 1024
 CHUNK_ROWS = 1024

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import _timing
-from kernels import token_logprobs
+from rlhf_loop.kernels import token_logprobs
 
 SEQ_LEN = 1024  # tokens per sequence: N tokens are laid out as (N // SEQ_LEN, SEQ_LEN)
 CHUNK_ROWS = 1024  # OpenRLHF's _logsumexp_by_chunk chunk size

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/loop.py                 # the issue's run: 2,000 votes / 15 minutes
     .venv/bin/python bench/loop.py --votes 400     # a shorter look
-    .venv/bin/python bench/loop.py --taste short   # users with another taste (rlhf/tastes.py)
+    .venv/bin/python bench/loop.py --taste short   # users with another taste (core/tastes.py)
     .venv/bin/python bench/loop.py --algorithm kto # another algorithm on the same users
     .venv/bin/python bench/loop.py --seed 1        # other users' draws and trainer sampling (a repeat)
 
@@ -30,8 +30,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rlhf.loop import LoopConfig, run  # noqa: E402
-from rlhf.simulate import SimConfig  # noqa: E402
+from rlhf_loop.app.loop import LoopConfig, run  # noqa: E402
+from rlhf_loop.app.simulate import SimConfig  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -42,7 +42,7 @@ def main() -> int:
     ap.add_argument("--minutes", type=float, default=15.0)
     ap.add_argument("--round-labels", type=int, default=128)
     ap.add_argument("--kl-bound", type=float, default=None, help="the trainer's KL bound (default: its own)")
-    ap.add_argument("--taste", default="cheerful", help="what the simulated users secretly like (rlhf/tastes.py)")
+    ap.add_argument("--taste", default="cheerful", help="what the simulated users secretly like (core/tastes.py)")
     ap.add_argument("--algorithm", default="ppo", choices=["ppo", "grpo", "rloo", "kto", "dpo"],
                     help="how the trainer learns from the votes (rlhf train --algorithm)")
     ap.add_argument("--seed", type=int, default=0,

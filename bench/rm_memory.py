@@ -43,14 +43,14 @@ def child(model: str, layout: str, checkpointing: bool, steps: int) -> dict:
 
     import torch
 
-    from rlhf.contracts import Settings
-    from rlhf.models import count_parameters, ensure_policy_store, resolve_device
-    from rlhf.policy_store import PolicyStore
-    from trainer.config import TrainerConfig, model_defaults
-    from trainer.dist import Dist
-    from trainer.networks import Networks
-    from trainer.reward_model import train_reward_model
-    from trainer.store import Example
+    from rlhf_loop.core.contracts import Settings
+    from rlhf_loop.core.models import count_parameters, ensure_policy_store, resolve_device
+    from rlhf_loop.core.policy_store import PolicyStore
+    from rlhf_loop.trainer.config import TrainerConfig, model_defaults
+    from rlhf_loop.trainer.dist import Dist
+    from rlhf_loop.trainer.networks import Networks
+    from rlhf_loop.trainer.reward_model import train_reward_model
+    from rlhf_loop.trainer.store import Example
 
     torch.set_num_threads(1)
     settings = Settings(state_dir=Path(tempfile.mkdtemp(prefix="rm-memory-")), model=model, device="cpu")
@@ -101,7 +101,7 @@ def main() -> int:
     path = model_dir(args.model, args.model_cache)
     env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
     env.update(HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
-    from trainer.cli import MMAP_THRESHOLD
+    from rlhf_loop.trainer.cli import MMAP_THRESHOLD
 
     runs = []
     for threshold in [None, *(args.thresholds or [MMAP_THRESHOLD])]:  # None: glibc's default

@@ -6,7 +6,7 @@ HF `generate` on padded batches and transformers' own continuous batching, at co
     .venv/bin/python bench/serve.py --levels 1 32 --max-tokens 32 --out /tmp/serve.json
 
 Models: the embedded one and a random-weight Llama of SmolLM-135M's shape (hidden 576, 30
-layers, 9 heads, 3 KV heads, vocab 49152; rlhf/random_models.py), whose answers always run to
+layers, 9 heads, 3 KV heads, vocab 49152; app/random_models.py), whose answers always run to
 --max-tokens. Variants, per model and concurrency c (c requests in flight until the level's
 requests are all answered):
   service      this checkout's `rlhf serve`: streaming chat completions over HTTP (httpx)
@@ -51,11 +51,12 @@ import torch  # noqa: E402
 from kafka import KafkaConsumer, TopicPartition  # noqa: E402
 
 import _timing  # noqa: E402
-from rlhf import random_models, tinylm  # noqa: E402
-from rlhf.broker import EmbeddedBroker, free_port  # noqa: E402
-from rlhf.contracts import Feedback, Settings  # noqa: E402
-from rlhf.models import base_model_dir, load_causal_lm  # noqa: E402
-from service import serve  # noqa: E402
+from rlhf_loop.app import random_models  # noqa: E402
+from rlhf_loop.core import tinylm  # noqa: E402
+from rlhf_loop.core.broker import EmbeddedBroker, free_port  # noqa: E402
+from rlhf_loop.core.contracts import Feedback, Settings  # noqa: E402
+from rlhf_loop.core.models import base_model_dir, load_causal_lm  # noqa: E402
+from rlhf_loop.service import serve  # noqa: E402
 
 API_KEY = "bench-key"
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -243,7 +244,7 @@ def service(source: Path, model_dir: str, bootstrap: str, state: Path):
     state.mkdir(parents=True, exist_ok=True)
     with open(state / "service.log", "ab") as log:
         t0 = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-m", "rlhf.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+        proc = subprocess.Popen([sys.executable, "-m", "rlhf_loop", "serve", "--host", "127.0.0.1", "--port", str(port)],
                                 cwd=source, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             serve.wait_ready(url, proc, timeout=300)
@@ -256,9 +257,9 @@ def service(source: Path, model_dir: str, bootstrap: str, state: Path):
 
 
 def engine_level(policy, prompt_ids: list[list[int]], concurrency: int, n_requests: int, max_tokens: int) -> dict:
-    from service.engine import Engine
-    from service.request import SamplingParams
-    from service.scheduler import Limits
+    from rlhf_loop.service.engine import Engine
+    from rlhf_loop.service.request import SamplingParams
+    from rlhf_loop.service.scheduler import Limits
 
     s = Settings()
     engine = Engine(Limits(s.engine_max_running_seqs, s.engine_max_batched_tokens, s.engine_max_waiting_requests))
@@ -386,7 +387,7 @@ def run_model(name: str, args, settings: Settings, broker: EmbeddedBroker, work:
         threads = torch.get_num_threads()
         torch.set_num_threads(max(1, threads - 1))  # as service/service.py gives its engine
         model, tok = load_causal_lm(model_dir, Settings(device="cpu" if not torch.cuda.is_available() else "cuda"))
-        from service.engine import Policy
+        from rlhf_loop.service.engine import Policy
 
         policy = Policy.from_pretrained(0, model, tok)
         prompt_ids = [policy.encode_chat([{"role": "user", "content": t}]) for t in prompts(max(n for _, n in levels))]

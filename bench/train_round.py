@@ -7,7 +7,7 @@
 What runs, for each combination of --adapter and --nproc: an embedded broker (tansu), a real
 service (`rlhf serve`) and the trainer exactly as deployed, `rlhf train [--nproc N]` (continuous,
 a round per --labels new labels), all on a fresh state dir. The model is `tiny-chat` (the embedded
-one), a shape of rlhf/random_models.py (e.g. `llama-135m`: SmolLM-135M's shape, random weights,
+one), a shape of app/random_models.py (e.g. `llama-135m`: SmolLM-135M's shape, random weights,
 built into --model-cache), or any HF causal-LM directory; the trainer resolves its config as
 `rlhf train` does (the model's scale profile; only train.adapter is set here, so every layout has
 the same rollout settings). Before each round the bench produces --labels interactions (the base
@@ -45,13 +45,14 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import RESULTS_DIR, device_name, slug  # noqa: E402
 
-from rlhf import random_models, tinylm  # noqa: E402
-from rlhf.broker import EmbeddedBroker, client_options, ensure_topics, free_port  # noqa: E402
-from rlhf.contracts import Feedback, Interaction, Message, Sampling, Settings, feedback_id_for  # noqa: E402
-from rlhf.models import eos_token_ids, load_causal_lm  # noqa: E402
-from rlhf.tastes import cheerful  # noqa: E402
-from service import serve  # noqa: E402
-from trainer.policy import decode, encode_prompts, left_pad, sample  # noqa: E402
+from rlhf_loop.app import random_models  # noqa: E402
+from rlhf_loop.core import tinylm  # noqa: E402
+from rlhf_loop.core.broker import EmbeddedBroker, client_options, ensure_topics, free_port  # noqa: E402
+from rlhf_loop.core.contracts import Feedback, Interaction, Message, Sampling, Settings, feedback_id_for  # noqa: E402
+from rlhf_loop.core.models import eos_token_ids, load_causal_lm  # noqa: E402
+from rlhf_loop.core.tastes import cheerful  # noqa: E402
+from rlhf_loop.service import serve  # noqa: E402
+from rlhf_loop.trainer.rollout import decode, encode_prompts, left_pad, sample  # noqa: E402
 
 PHASES = ("consume", "reward_model", "rollout", "score", "ppo", "gate", "publish", "total")
 
@@ -147,7 +148,7 @@ def run(args: argparse.Namespace, path: str, adapter: str, nproc: int, traffic: 
         trainer = None
         try:
             serve.wait_ready(url, service, timeout=600)
-            cmd = [sys.executable, "-m", "rlhf.cli", "train", "--no-progress", "--threads", str(args.threads),
+            cmd = [sys.executable, "-m", "rlhf_loop", "train", "--no-progress", "--threads", str(args.threads),
                    *(["--nproc", str(nproc)] if nproc > 1 else [])]
             trainer = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(state / "trainer.log", "ab"),
                                        stderr=subprocess.STDOUT, start_new_session=True)

@@ -10,7 +10,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 
-from rlhf.broker import EmbeddedBroker  # noqa: E402
+from rlhf_loop.core.broker import EmbeddedBroker  # noqa: E402
 
 
 @pytest.fixture
@@ -29,7 +29,7 @@ def base_model_dir(tmp_path_factory) -> str:
     """
     from pathlib import Path
 
-    from rlhf import tinylm
+    from rlhf_loop.core import tinylm
 
     cache = Path(os.environ.get("RLHF_TEST_MODEL_CACHE", Path.home() / ".cache" / "rlhf-loop-test"))
     return str(tinylm.ensure(cache))
@@ -38,10 +38,10 @@ def base_model_dir(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def random_model():
     """random_model(shape, chat_template=..., pad_token=...) -> directory of a random-weight HF causal LM
-    (rlhf/random_models.py), built once into the shared test cache."""
+    (app/random_models.py), built once into the shared test cache."""
     from pathlib import Path
 
-    from rlhf import random_models
+    from rlhf_loop.app import random_models
 
     cache = Path(os.environ.get("RLHF_TEST_MODEL_CACHE", Path.home() / ".cache" / "rlhf-loop-test"))
 

@@ -17,8 +17,8 @@ import pytest
 from deploy_support import DASHBOARD
 from prometheus_client.metrics import MetricWrapperBase
 
-from service import metrics as service_metrics
-from trainer import metrics as trainer_metrics
+from rlhf_loop.service import metrics as service_metrics
+from rlhf_loop.trainer import metrics as trainer_metrics
 
 SAMPLE_SUFFIXES = {"counter": ("_total", "_created"), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count", "_created")}
 PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless", "offset"}

@@ -44,8 +44,8 @@ from deploy_support import (
     the_container,
 )
 
-from rlhf import tinylm
-from rlhf.contracts import Settings
+from rlhf_loop.core import tinylm
+from rlhf_loop.core.contracts import Settings
 
 # The base image's PATH (python:*-slim); the image's ENV PATH extends it.
 BASE_IMAGE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -177,7 +177,7 @@ def build_context(dest: Path) -> Path:
 
 def test_dockerignore_sends_only_what_the_image_installs():
     patterns = dockerignore_patterns()
-    assert in_context("rlhf/contracts.py", patterns) and in_context("pyproject.toml", patterns)
+    assert in_context("core/contracts.py", patterns) and in_context("pyproject.toml", patterns)
     for rel in (".venv/bin/python", ".git/HEAD", "tests/conftest.py", "k8s/base/service.yaml", ".rlhf/x",
                 "rlhf/__pycache__/cli.cpython-311.pyc", "Dockerfile", "docs/deploy.md"):
         assert not in_context(rel, patterns), rel

@@ -18,7 +18,7 @@ from pathlib import PurePosixPath
 import pytest
 from deploy_support import OVERLAYS, container_env, get, image_env, of_kind, pod_spec, render, rlhf_containers
 
-from rlhf.contracts import Settings
+from rlhf_loop.core.contracts import Settings
 
 PROD = [o for o in OVERLAYS if o.startswith("prod")]
 
@@ -36,7 +36,7 @@ def role(workload: dict) -> str:
 def expected_acls(s: Settings) -> dict[str, dict[tuple[str, str], set[str]]]:
     """What each client does, by the settings' names: the ACLs it needs and no more."""
     return {
-        # events out (service/events.py); policy announcements in, without a group (service/policies.py)
+        # events out (service/events.py); policy announcements in, without a group (service/versions.py)
         "service": {("topic", s.topic_interactions): {"Describe", "Write"},
                     ("topic", s.topic_feedback): {"Describe", "Write"},
                     ("topic", s.topic_policy_updates): {"Describe", "Read"}},

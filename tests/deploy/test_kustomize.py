@@ -43,7 +43,7 @@ from deploy_support import (
     workloads,
 )
 
-from rlhf.contracts import Settings
+from rlhf_loop.core.contracts import Settings
 
 SECRET_KEYS = {"RLHF_API_KEYS": "api-keys", "RLHF_ADMIN_KEY": "admin-key", "RLHF_RESPONSE_ID_SECRET": "response-id-secret"}
 ADMIN_CLIENT = {"rlhf-loop/admin-client": "true"}

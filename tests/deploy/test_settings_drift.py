@@ -5,7 +5,7 @@
 Both directions, for every overlay (dev, prod, prod-multinode) and every container that
 runs the image: the service's StatefulSet, the trainer's Deployment, and a TrainJob's pods
 as Kubeflow Trainer builds them from the ClusterTrainingRuntime (deploy_support.trainjob_pods):
-- every variable the code reads (the fields of rlhf.contracts.Settings, the trainer's
+- every variable the code reads (the fields of core.contracts.Settings, the trainer's
   RLHF_<SECTION>_<FIELD> hyperparameters, and any other os.environ / os.getenv read in
   rlhf/, service/, trainer/, kernels/) is set by the image or the manifests, or listed
   below as deliberately left at its default (everywhere, or in one overlay), or as no
@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 from deploy_support import OVERLAYS, ROOT, container_env, image_env, render, rlhf_containers
 
-from rlhf.contracts import Settings
+from rlhf_loop.core.contracts import Settings
 
 CODE_DIRS = ("rlhf", "service", "trainer", "kernels")
 
@@ -141,7 +141,7 @@ def settings_env() -> set[str]:
 
 def trainer_env() -> set[str]:
     """RLHF_<SECTION>_<FIELD> for every field of every section of trainer.config.TrainerConfig."""
-    from trainer.config import TrainerConfig
+    from rlhf_loop.trainer.config import TrainerConfig
 
     names = set()
     sections = typing.get_type_hints(TrainerConfig)
@@ -157,7 +157,7 @@ COMPUTED_READS = {"trainer/config.py": trainer_env}
 
 def code_env() -> dict[str, str]:
     """name -> where it is read, for everything the code can read from the environment."""
-    names = {n: "rlhf/contracts.py Settings" for n in settings_env()}
+    names = {n: "core/contracts.py Settings" for n in settings_env()}
     for read in env_reads():
         if read.name is not None:
             names.setdefault(read.name, read.where)
@@ -165,7 +165,7 @@ def code_env() -> dict[str, str]:
         path = read.where.rpartition(":")[0]
         if path not in COMPUTED_READS:
             pytest.fail(f"{read.where} reads an environment variable whose name is computed: read it through "
-                        "rlhf.contracts.Settings, or teach tests/deploy/test_settings_drift.py (COMPUTED_READS) "
+                        "core.contracts.Settings, or teach tests/deploy/test_settings_drift.py (COMPUTED_READS) "
                         "which names it can read")
         for name in COMPUTED_READS[path]():
             names.setdefault(name, read.where)
@@ -186,7 +186,7 @@ def deployed_env(overlay: str) -> dict[str, dict[str, str]]:
 
 def test_the_scan_finds_the_reads_it_must():
     reads = {r.name for r in env_reads()}
-    # rlhf/cli.py sets these when absent: the scan sees setdefault as a read
+    # app/cli.py sets these when absent: the scan sees setdefault as a read
     assert {"BENTOML_DO_NOT_TRACK", "HF_HUB_OFFLINE"} <= reads
     assert not settings_env() & trainer_env(), "one variable, two meanings: a trainer hyperparameter shadows a setting"
 
@@ -219,7 +219,7 @@ def test_every_variable_the_deployment_sets_is_read(overlay):
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_every_deployed_value_parses(overlay):
-    from trainer.config import from_args
+    from rlhf_loop.trainer.config import from_args
 
     for container, env in deployed_env(overlay).items():
         fields = {k[len("RLHF_"):].lower(): v for k, v in env.items()

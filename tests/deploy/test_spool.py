@@ -21,8 +21,8 @@ import socket
 import pytest
 from deploy_support import OVERLAYS, container_env, get, image_env, of_kind, pod_spec, render
 
-from rlhf.contracts import Settings
-from service.events import Record, Spool
+from rlhf_loop.core.contracts import Settings
+from rlhf_loop.service.events import Record, Spool
 
 UNITS = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
 

@@ -44,7 +44,7 @@ from deploy_support import (
     trainjob_pods,
 )
 
-from rlhf.contracts import Settings
+from rlhf_loop.core.contracts import Settings
 
 OVERLAY = "prod-multinode"
 GROUP = "trainer.kubeflow.org"
@@ -187,7 +187,7 @@ def test_the_command_exists_in_the_image():
     assert "/opt/venv/bin" in image_env()["PATH"].split(":")
     (entrypoint,) = [i for i in dockerfile().stage("runtime").instructions if i.cmd == "ENTRYPOINT"]
     assert entrypoint.args.startswith('["tini", "--"')
-    from rlhf import cli
+    from rlhf_loop.app import cli
 
     assert 'if __name__ == "__main__":' in Path(cli.__file__).read_text()
 

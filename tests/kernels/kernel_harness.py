@@ -21,7 +21,8 @@ def _worker_init() -> None:
     torch.set_num_threads(1)
     from triton.runtime.interpreter import InterpretedFunction
 
-    import kernels.logprobs
+    import rlhf_loop.kernels.logprobs
+    from rlhf_loop import kernels
 
     if not isinstance(kernels.logprobs._token_logprobs_fwd_kernel, InterpretedFunction):
         raise RuntimeError("worker imported triton outside interpreter mode")
@@ -33,7 +34,7 @@ def call_op(op_name, args, kwargs, grad_args, grad_outputs, device):
     grad_args: indices of `args` to differentiate w.r.t.; grad_outputs: one tensor or None
     per output (None = that output is not in the loss). Returns (outputs, grads) on CPU.
     """
-    import kernels
+    from rlhf_loop import kernels
 
     args = [a.detach().to(device) if torch.is_tensor(a) else a for a in args]
     for i in grad_args:
@@ -49,7 +50,7 @@ def call_op(op_name, args, kwargs, grad_args, grad_outputs, device):
 
 def call_gradcheck(op_name, args, kwargs, grad_args, device):
     """torch.autograd.gradcheck of kernels.<op_name> w.r.t. args[grad_args] (float64 inputs)."""
-    import kernels
+    from rlhf_loop import kernels
 
     args = [a.detach().to(device) if torch.is_tensor(a) else a for a in args]
     for i in grad_args:
@@ -66,7 +67,7 @@ def call_gradcheck(op_name, args, kwargs, grad_args, device):
 
 def resolved_backend_for_cpu_tensor() -> str:
     """What `backend=None` picks for a CPU tensor in the calling process."""
-    from kernels import _dispatch
+    from rlhf_loop.kernels import _dispatch
 
     return _dispatch.resolve_backend(None, torch.zeros(1))
 

@@ -18,7 +18,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.interpreter import InterpretedFunction
 
-from kernels import kl, kl_full, logprobs
+from rlhf_loop.kernels import kl, kl_full, logprobs
 
 TARGET = GPUTarget("cuda", 90, 32)
 

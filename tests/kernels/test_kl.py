@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels
+from rlhf_loop import kernels
 
 BACKENDS = ["triton", "torch"]
 

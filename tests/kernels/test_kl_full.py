@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels import kl_full as kl_full_mod
+from rlhf_loop import kernels
+from rlhf_loop.kernels import kl_full as kl_full_mod
 
 BACKENDS = ["triton", "torch"]
 OUT_TOL = dict(atol=5e-5, rtol=1e-5)

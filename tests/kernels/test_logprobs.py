@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels
-from kernels import _dispatch
-from kernels import logprobs as logprobs_mod
+from rlhf_loop import kernels
+from rlhf_loop.kernels import _dispatch
+from rlhf_loop.kernels import logprobs as logprobs_mod
 
 BACKENDS = ["triton", "torch"]
 IGNORE = -100

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 from service_helpers import ServiceProcess
 
-from rlhf.broker import EmbeddedBroker
+from rlhf_loop.core.broker import EmbeddedBroker
 
 
 @pytest.fixture(scope="module")

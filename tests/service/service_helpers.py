@@ -15,9 +15,9 @@ from kafka import KafkaConsumer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import TypeAdapter
 
-from rlhf.broker import free_port
-from rlhf.contracts import AnyEvent
-from service import serve
+from rlhf_loop.core.broker import free_port
+from rlhf_loop.core.contracts import AnyEvent
+from rlhf_loop.service import serve
 
 API_KEY = "sk-test-key"
 MODEL = "rlhf-policy"
@@ -104,7 +104,7 @@ class ServiceProcess:
 def read_events(bootstrap: str, topics: list[str], until: Callable[[list], bool], timeout: float = 60) -> list:
     """Every event on `topics` from the beginning, in partition order, once `until(events)` holds.
 
-    Events are parsed with the shared schemas (rlhf.contracts), so a malformed one fails here.
+    Events are parsed with the shared schemas (core.contracts), so a malformed one fails here.
     """
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
                              auto_offset_reset="earliest")
@@ -144,7 +144,7 @@ def write_version(store_root: Path, *, seed: int, noise: float = 0.05, corrupt: 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rlhf.policy_store import PolicyStore
+    from rlhf_loop.core.policy_store import PolicyStore
 
     store = PolicyStore(store_root)
     version = max(store.versions()) + 1
@@ -174,8 +174,8 @@ def announce(bootstrap: str, store_root: Path, version: int, topic: str = "rlhf.
     """Send the PolicyUpdate a trainer would send for `version` (files = its manifest's hashes)."""
     from kafka import KafkaProducer
 
-    from rlhf.contracts import PolicyUpdate
-    from rlhf.policy_store import PolicyStore
+    from rlhf_loop.core.contracts import PolicyUpdate
+    from rlhf_loop.core.policy_store import PolicyStore
 
     store = PolicyStore(store_root)
     manifest = store.manifest(version)

@@ -10,7 +10,7 @@ import openai
 import pytest
 from service_helpers import API_KEY, MODEL, chat, read_events
 
-from rlhf.contracts import Feedback, Interaction, make_response_id, parse_response_id
+from rlhf_loop.core.contracts import Feedback, Interaction, make_response_id, parse_response_id
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 

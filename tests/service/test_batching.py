@@ -2,7 +2,7 @@
 
 Three models: the embedded one, a Llama of SmolLM-135M's shape (hidden 576, 30 layers, 9
 heads, 3 KV heads, vocab 49152) and a GPT-2, the last two with random weights and
-tokenizers built by rlhf/random_models.py. On each: 32 concurrent streams with mixed n,
+tokenizers built by app/random_models.py. On each: 32 concurrent streams with mixed n,
 stop, seed, temperature, top_p and max_tokens give exactly the answers each request gets
 alone. Then what only some models can show: a client that leaves frees its rows (the 135M
 model, whose answers are long and slow), and a full queue answers 429 (GPT-2, with tiny limits).

@@ -15,13 +15,13 @@ import pytest
 import torch
 from prometheus_client import REGISTRY
 
-from rlhf.contracts import Settings
-from rlhf.models import load_causal_lm
-from service.detokenizer import Detokenizer
-from service.engine import Engine, EngineFull, Policy
-from service.request import SamplingParams
-from service.sampler import nucleus, sample
-from service.scheduler import Limits
+from rlhf_loop.core.contracts import Settings
+from rlhf_loop.core.models import load_causal_lm
+from rlhf_loop.service.detokenizer import Detokenizer
+from rlhf_loop.service.engine import Engine, EngineFull, Policy
+from rlhf_loop.service.request import SamplingParams
+from rlhf_loop.service.sampler import nucleus, sample
+from rlhf_loop.service.scheduler import Limits
 
 PROMPT = [{"role": "user", "content": "Tell me about trains."}]
 TOPICS = ["cats", "the old harbour and its boats", "rain", "coffee, tea and the morning", "dogs", "a long walk home"]

@@ -7,10 +7,10 @@ import json
 import pytest
 from service_helpers import read_events, wait_until
 
-from rlhf.broker import EmbeddedBroker, free_port
-from rlhf.contracts import Feedback, Settings
-from service import events as events_mod
-from service.events import EventLog, Record, Spool
+from rlhf_loop.core.broker import EmbeddedBroker, free_port
+from rlhf_loop.core.contracts import Feedback, Settings
+from rlhf_loop.service import events as events_mod
+from rlhf_loop.service.events import EventLog, Record, Spool
 
 
 def rec(i: int, key: str = "k") -> Record:

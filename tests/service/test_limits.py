@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 from service_helpers import API_KEY, chat, read_events
 
-from rlhf.contracts import Feedback, Settings
-from service.limits import Identity, VoteLimits, key_fingerprint, vote_identities
+from rlhf_loop.core.contracts import Feedback, Settings
+from rlhf_loop.service.limits import Identity, VoteLimits, key_fingerprint, vote_identities
 
 
 class Clock:

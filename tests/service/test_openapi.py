@@ -20,10 +20,10 @@ import httpx
 import pytest
 from service_helpers import API_KEY, MODEL, read_events
 
-from rlhf.contracts import Interaction
-from service.api import app
-from service.openapi import inline
-from service.schemas import ChatCompletionRequest, FeedbackRequest
+from rlhf_loop.core.contracts import Interaction
+from rlhf_loop.service.api import app
+from rlhf_loop.service.openapi import inline
+from rlhf_loop.service.schemas import ChatCompletionRequest, FeedbackRequest
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 FUZZ_EXAMPLES = 100  # per operation and phase: about 1,300 cases, 30 s on 2 shared cores

@@ -7,8 +7,8 @@ import httpx
 import pytest
 from service_helpers import API_KEY, chat, read_events, wait_until, write_version
 
-from rlhf.broker import EmbeddedBroker
-from rlhf.contracts import Feedback, Interaction
+from rlhf_loop.core.broker import EmbeddedBroker
+from rlhf_loop.core.contracts import Feedback, Interaction
 
 TOPICS = ["rlhf.interactions", "rlhf.feedback"]
 

@@ -23,7 +23,7 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
 from service_helpers import API_KEY, announce, read_events, wait_until, write_version
 
-from rlhf.contracts import Feedback
+from rlhf_loop.core.contracts import Feedback
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 # Headless on a machine with no display, GPU or outside network: without the networking flags

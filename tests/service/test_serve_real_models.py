@@ -18,12 +18,12 @@ import torch
 from service_helpers import MODEL, wait_until
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rlhf.contracts import Settings
-from rlhf.models import CHATML, resolve_chat_template
-from rlhf.policy_store import PolicyStore
-from trainer.config import TrainerConfig
-from trainer.round import run_round
-from trainer.state import TrainerState
+from rlhf_loop.core.contracts import Settings
+from rlhf_loop.core.models import CHATML, resolve_chat_template
+from rlhf_loop.core.policy_store import PolicyStore
+from rlhf_loop.trainer.config import TrainerConfig
+from rlhf_loop.trainer.round import run_round
+from rlhf_loop.trainer.state import TrainerState
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +43,7 @@ def seeded(model, tok) -> tuple[str, ...]:
     """The answers a version gives with each of SEEDS, drawn here as the service's sampler draws (temperature
     1: softmax, one torch.multinomial per token from a generator seeded with the request's seed). Seeded
     answers, not greedy ones: a random model answers everything greedily with one token over and over."""
-    from rlhf.models import eos_token_ids
+    from rlhf_loop.core.models import eos_token_ids
 
     ids = list(tok.apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=True, return_dict=False))
     eos, answers = eos_token_ids(model, tok), []

@@ -9,7 +9,7 @@ import httpx
 import pytest
 from service_helpers import MODEL, announce, read_events, wait_until, write_version
 
-from rlhf.contracts import Interaction, parse_response_id
+from rlhf_loop.core.contracts import Interaction, parse_response_id
 
 ADMIN_KEY = "admin-test-key"
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf.contracts import Settings
+from rlhf_loop.core.contracts import Settings
 
 
 @pytest.fixture(autouse=True)
@@ -23,7 +23,7 @@ def one_torch_thread():
 @pytest.fixture
 def settings(tmp_path: Path, broker, base_model_dir) -> Settings:
     """Trainer settings on a fresh broker and state dir, topics created, base = the embedded model."""
-    from rlhf.broker import ensure_topics
+    from rlhf_loop.core.broker import ensure_topics
 
     s = Settings(state_dir=tmp_path / "state", model=base_model_dir, kafka_bootstrap_servers=broker.bootstrap,
                  topic_partitions=2, device="cpu")

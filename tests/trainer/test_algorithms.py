@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import pytest
 
-from trainer.config import TrainerConfig
-from trainer.gate import evaluate
-from trainer.reward_model import rule_reward
-from trainer.state import TrainerState
+from rlhf_loop.trainer.config import TrainerConfig
+from rlhf_loop.trainer.gate import evaluate
+from rlhf_loop.trainer.reward_model import rule_reward
+from rlhf_loop.trainer.state import TrainerState
 from trainer_helpers import prompts, rounds_on, sample_interactions, votes_for
 
 pytestmark = pytest.mark.slow

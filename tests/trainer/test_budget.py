@@ -18,10 +18,10 @@ import json
 
 from prometheus_client import REGISTRY
 
-from rlhf.broker import ensure_topics
-from trainer.cli import budget_spent
-from trainer.config import TrainerConfig
-from trainer.state import TrainerState
+from rlhf_loop.core.broker import ensure_topics
+from rlhf_loop.trainer.cli import budget_spent
+from rlhf_loop.trainer.config import TrainerConfig
+from rlhf_loop.trainer.state import TrainerState
 from trainer_helpers import rounds_on, sample_interactions, votes_for
 
 BOUND, MAX_ROUNDS, PER_ROUND = 1.0, 8, 32

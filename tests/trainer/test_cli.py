@@ -6,7 +6,7 @@ import json
 import random
 import signal
 
-from rlhf.tinylm import make_answer
+from rlhf_loop.core.tinylm import make_answer
 from trainer_helpers import TrainerProcess, interaction, produce, records, trainer_env, votes_for
 
 
@@ -41,7 +41,7 @@ def test_threads_follow_omp_num_threads_before_the_cores():
     count, which os.cpu_count() reports inside a container."""
     import os
 
-    from trainer.cli import default_threads
+    from rlhf_loop.trainer.cli import default_threads
 
     assert default_threads({"OMP_NUM_THREADS": "3"}) == 3
     half = max(1, len(os.sched_getaffinity(0)) // 2)

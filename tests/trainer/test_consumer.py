@@ -8,11 +8,11 @@ import random
 
 from kafka import KafkaProducer, TopicPartition
 
-from rlhf.contracts import DeadLetter, Settings
-from rlhf.tinylm import make_answer
-from trainer.config import ConsumerConfig
-from trainer.consumer import VoteConsumer
-from trainer.store import LabelStore
+from rlhf_loop.core.contracts import DeadLetter, Settings
+from rlhf_loop.core.tinylm import make_answer
+from rlhf_loop.trainer.config import ConsumerConfig
+from rlhf_loop.trainer.consumer import VoteConsumer
+from rlhf_loop.trainer.store import LabelStore
 from trainer_helpers import consume_all, interaction, produce, records, votes_for
 
 

@@ -17,8 +17,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rlhf.policy_store import PolicyStore
-from trainer.store import LabelStore
+from rlhf_loop.core.policy_store import PolicyStore
+from rlhf_loop.trainer.store import LabelStore
 from trainer_helpers import TrainerProcess, interaction, produce, prompts, records, trainer_env, votes_for
 
 pytestmark = pytest.mark.slow

@@ -8,9 +8,9 @@ import typing
 
 import pytest
 
-from trainer import config
-from trainer.config import GateConfig, PPOConfig, RewardConfig, SFTRun, TrainerConfig
-from trainer.gate import GuardPrompt, PolicyEval, decide, distinct_2, eval_prompt_plan, load_guard_set, passes
+from rlhf_loop.trainer import config
+from rlhf_loop.trainer.config import GateConfig, PPOConfig, RewardConfig, SFTRun, TrainerConfig
+from rlhf_loop.trainer.gate import GuardPrompt, PolicyEval, decide, distinct_2, eval_prompt_plan, load_guard_set, passes
 
 CURRENT = PolicyEval(reward=0.2, kl_to_ref=1.0, length=20.0, responses=48, distinct_2=0.6, guard_pass=0.9)
 JUDGE = {"auroc": 0.85, "auroc_lcb": 0.72, "approval_gap": 0.05}

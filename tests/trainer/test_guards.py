@@ -13,10 +13,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rlhf.models import eos_token_ids
-from trainer.config import GateConfig
-from trainer.gate import decide, evaluate, load_guard_set
-from trainer.reward_model import rule_reward
+from rlhf_loop.core.models import eos_token_ids
+from rlhf_loop.trainer.config import GateConfig
+from rlhf_loop.trainer.gate import decide, evaluate, load_guard_set
+from rlhf_loop.trainer.reward_model import rule_reward
 from trainer_helpers import prompts
 
 
@@ -79,8 +79,8 @@ def test_a_run_of_guard_rejections_is_reported_and_a_pass_ends_it(base):
 
     from prometheus_client import REGISTRY
 
-    from trainer import metrics
-    from trainer.round import RoundReport, guard_stall, guard_streak
+    from rlhf_loop.trainer import metrics
+    from rlhf_loop.trainer.round import RoundReport, guard_stall, guard_streak
 
     model, tok = base
     current = gate_eval(model, model, tok)

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import random
 
-from trainer.config import TrainerConfig
-from trainer.state import TrainerState
+from rlhf_loop.trainer.config import TrainerConfig
+from rlhf_loop.trainer.state import TrainerState
 from trainer_helpers import rounds_on, sample_interactions
 
-from rlhf.contracts import Feedback, feedback_id_for
+from rlhf_loop.core.contracts import Feedback, feedback_id_for
 
 
 def test_a_reward_model_at_chance_promotes_nothing(settings, base_model_dir):

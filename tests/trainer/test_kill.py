@@ -13,10 +13,10 @@ from __future__ import annotations
 import random
 from datetime import datetime, timedelta, timezone
 
-from rlhf.contracts import Feedback, PolicyUpdate, feedback_id_for
-from rlhf.policy_store import PolicyStore
-from rlhf.tinylm import QUESTIONS, SUBJECTS, TONES, make_answer
-from trainer.store import LabelStore
+from rlhf_loop.core.contracts import Feedback, PolicyUpdate, feedback_id_for
+from rlhf_loop.core.policy_store import PolicyStore
+from rlhf_loop.core.tinylm import QUESTIONS, SUBJECTS, TONES, make_answer
+from rlhf_loop.trainer.store import LabelStore
 from trainer_helpers import TrainerProcess, consume_all, interaction, produce, records, trainer_env
 
 T0 = datetime(2025, 1, 1, tzinfo=timezone.utc)

@@ -1,6 +1,6 @@
 """The trainer learns a known taste from votes on a real broker.
 
-The base model answers logged prompts; a rule (rlhf.tastes.cheerful) votes on each answer
+The base model answers logged prompts; a rule (core.tastes.cheerful) votes on each answer
 with 10% noise; the votes and interactions go through Kafka in four batches, one round
 after each. Then: the reward model separates held-out answers well above chance, the
 published policy pleases the rule clearly more often than the base model on fresh prompts
@@ -15,12 +15,12 @@ import json
 import pytest
 from transformers import AutoModelForCausalLM
 
-from rlhf.contracts import PolicyUpdate
-from trainer.config import TrainerConfig
-from trainer.gate import evaluate
-from trainer.reward_model import rule_reward
-from trainer.round import run_round
-from trainer.state import TrainerState
+from rlhf_loop.core.contracts import PolicyUpdate
+from rlhf_loop.trainer.config import TrainerConfig
+from rlhf_loop.trainer.gate import evaluate
+from rlhf_loop.trainer.reward_model import rule_reward
+from rlhf_loop.trainer.round import run_round
+from rlhf_loop.trainer.state import TrainerState
 from trainer_helpers import consume_all, produce, prompts, records, rounds_on, sample_interactions, votes_for
 
 ROUNDS, PER_ROUND = 4, 80

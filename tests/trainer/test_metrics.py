@@ -15,9 +15,9 @@ from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.parser import text_string_to_metric_families
 from trainer_helpers import TrainerProcess, interaction, produce, records, trainer_env, votes_for
 
-from rlhf.broker import free_port
-from rlhf.tinylm import make_answer
-from trainer import metrics
+from rlhf_loop.core.broker import free_port
+from rlhf_loop.core.tinylm import make_answer
+from rlhf_loop.trainer import metrics
 
 PHASES = {"consume", "reward_model", "rollout", "score", "ppo", "gate", "publish", "total"}
 

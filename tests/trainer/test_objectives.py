@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from trainer.objectives import dpo_loss, grpo_advantages, kto_loss, kto_reference_point, rloo_advantages
+from rlhf_loop.trainer.objectives import dpo_loss, grpo_advantages, kto_loss, kto_reference_point, rloo_advantages
 
 
 def sigmoid(x: float) -> float:

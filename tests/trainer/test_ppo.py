@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from trainer.ppo import (
+from rlhf_loop.trainer.ppo import (
     KLController, Rollout, gae, kl_per_token, masked_mean, masked_whiten, policy_loss, token_rewards, value_loss,
 )
 

@@ -16,11 +16,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from rlhf.contracts import PolicyUpdate
+from rlhf_loop.core.contracts import PolicyUpdate
 
-from trainer.config import TrainerConfig
-from trainer.round import run_round
-from trainer.state import TrainerState
+from rlhf_loop.trainer.config import TrainerConfig
+from rlhf_loop.trainer.round import run_round
+from rlhf_loop.trainer.state import TrainerState
 from trainer_helpers import consume_all, interaction, produce, prompts, records, votes_for
 
 ANSWERS = ["Oh, I love it!", "It is fine.", "Great, what a joy!", "Hmm, no.", "Yay!", "Rain again."]
@@ -81,7 +81,7 @@ def test_a_round_publishes_exactly_the_candidate(settings, random_model, adapter
 
 
 def test_a_model_without_a_chat_template_is_refused_with_the_setting_to_use(settings, random_model):
-    from rlhf.models import NoChatTemplate, ensure_policy_store
+    from rlhf_loop.core.models import NoChatTemplate, ensure_policy_store
 
     s = settings.model_copy(update={"model": random_model("gpt2-tiny", chat_template=None, pad_token=False)})
     with pytest.raises(NoChatTemplate, match="RLHF_CHAT_TEMPLATE"):
@@ -91,7 +91,7 @@ def test_a_model_without_a_chat_template_is_refused_with_the_setting_to_use(sett
 
 def test_lora_needs_latest_on_its_base(settings, base_model_dir):
     """LATEST a full-weight version other than the reference: LoRA cannot sit on it; the error says what to do."""
-    from rlhf.models import ensure_policy_store
+    from rlhf_loop.core.models import ensure_policy_store
 
     store = ensure_policy_store(settings)
 
@@ -109,11 +109,11 @@ def test_lora_needs_latest_on_its_base(settings, base_model_dir):
 def test_gradient_checkpointing_changes_memory_not_gradients(settings, random_model, adapter):
     """train.gradient_checkpointing recomputes activations in the backward pass: the policy's and the reward
     model's gradients must be the ones computed without it (and it must really be on)."""
-    from rlhf.models import ensure_policy_store
-    from trainer.config import TrainConfig
-    from trainer.dist import Dist
-    from trainer.networks import Networks
-    from trainer.policy import forward
+    from rlhf_loop.core.models import ensure_policy_store
+    from rlhf_loop.trainer.config import TrainConfig
+    from rlhf_loop.trainer.dist import Dist
+    from rlhf_loop.trainer.networks import Networks
+    from rlhf_loop.trainer.rollout import forward
 
     s = settings.model_copy(update={"model": random_model("llama-tiny")})
     store = ensure_policy_store(s)

@@ -8,14 +8,14 @@ import random
 import pytest
 import torch
 
-from rlhf.contracts import Settings
-from rlhf.models import ensure_policy_store
-from trainer.config import RewardConfig, TrainConfig
-from trainer.networks import Networks
-from trainer.reward_model import (
+from rlhf_loop.core.contracts import Settings
+from rlhf_loop.core.models import ensure_policy_store
+from rlhf_loop.trainer.config import RewardConfig, TrainConfig
+from rlhf_loop.trainer.networks import Networks
+from rlhf_loop.trainer.reward_model import (
     binary_auroc, encode, is_heldout, make_pairs, reward_loss, rule_reward, score, train_reward_model,
 )
-from trainer.store import Example
+from rlhf_loop.trainer.store import Example
 
 
 def softplus(x: float) -> float:
@@ -94,7 +94,7 @@ def test_reward_model_learns_a_rule_and_round_trips_through_safetensors(base_mod
     In lora mode only the reward adapter and the head train: the shared base stays as it was."""
     from transformers import AutoTokenizer
 
-    from rlhf.tinylm import make_answer
+    from rlhf_loop.core.tinylm import make_answer
 
     tok = AutoTokenizer.from_pretrained(base_model_dir)
     rm = reward_model(base_model_dir, tmp_path / "a", layout)

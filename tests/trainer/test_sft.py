@@ -9,10 +9,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rlhf.contracts import PolicyUpdate
-from rlhf.policy_store import PolicyStore
-from rlhf.tinylm import QUESTIONS, SUBJECTS, make_answer
-from trainer.sft import main, read_demonstrations, sft_loss, tokenize
+from rlhf_loop.core.contracts import PolicyUpdate
+from rlhf_loop.core.policy_store import PolicyStore
+from rlhf_loop.core.tinylm import QUESTIONS, SUBJECTS, make_answer
+from rlhf_loop.trainer.sft import main, read_demonstrations, sft_loss, tokenize
 from trainer_helpers import consume_all
 
 

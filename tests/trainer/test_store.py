@@ -6,8 +6,8 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from rlhf.contracts import Feedback, Interaction, Message, Sampling, feedback_id_for
-from trainer.store import LabelStore
+from rlhf_loop.core.contracts import Feedback, Interaction, Message, Sampling, feedback_id_for
+from rlhf_loop.trainer.store import LabelStore
 
 T0 = datetime(2025, 1, 1, tzinfo=timezone.utc)
 
@@ -124,7 +124,7 @@ def test_consumed_offsets_record_the_last_stored_batch_per_partition(store):
 
 def test_no_voter_carries_more_than_the_cap(store):
     """One voter casting most of the votes is down-weighted to the cap; the others keep weight 1."""
-    from trainer.store import voter_weights
+    from rlhf_loop.trainer.store import voter_weights
 
     events = [interaction(f"r{i}") for i in range(12)]
     events += [vote(f"r{i}", 1, "flooder") for i in range(8)]  # 8 of the 12 votes, all up

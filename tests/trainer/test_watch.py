@@ -14,11 +14,11 @@ import math
 
 import pytest
 
-from rlhf.contracts import PolicyUpdate
-from trainer import watch
-from trainer.config import TrainerConfig, WatchConfig
-from trainer.round import run_round
-from trainer.state import TrainerState
+from rlhf_loop.core.contracts import PolicyUpdate
+from rlhf_loop.trainer import watch
+from rlhf_loop.trainer.config import TrainerConfig, WatchConfig
+from rlhf_loop.trainer.round import run_round
+from rlhf_loop.trainer.state import TrainerState
 from trainer_helpers import consume_all, produce, records, sample_interactions, votes_for
 
 

@@ -6,9 +6,9 @@ import random
 
 import torch
 
-from rlhf.contracts import Feedback, Interaction, Message, Sampling, Settings, feedback_id_for
-from rlhf.tastes import TASTES
-from rlhf.tinylm import QUESTIONS, SUBJECTS
+from rlhf_loop.core.contracts import Feedback, Interaction, Message, Sampling, Settings, feedback_id_for
+from rlhf_loop.core.tastes import TASTES
+from rlhf_loop.core.tinylm import QUESTIONS, SUBJECTS
 
 
 def response_id(rng: random.Random) -> str:
@@ -37,7 +37,7 @@ def sample_interactions(model_dir: str, n: int, *, seed: int, max_new_tokens: in
     """n interactions answered by the model in `model_dir` (what the service would log)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trainer.policy import decode, encode_prompts, left_pad, row_seeds, sample
+    from rlhf_loop.trainer.rollout import decode, encode_prompts, left_pad, row_seeds, sample
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
@@ -139,7 +139,7 @@ class TrainerProcess:
         import sys
         import threading
 
-        self.proc = subprocess.Popen([sys.executable, "-m", "rlhf.cli", "train", "--no-progress", "--threads", "1",
+        self.proc = subprocess.Popen([sys.executable, "-m", "rlhf_loop", "train", "--no-progress", "--threads", "1",
                                       *args], env=env, stdout=subprocess.PIPE, stderr=log, text=True)
         self.lines: queue.Queue = queue.Queue()
         self.seen: list[str] = []
@@ -170,7 +170,7 @@ def rounds_on(state, settings: Settings, interactions: list[Interaction], votes:
     """`rounds` rounds, each after the next `per_round` interactions and votes went through the
     broker; `until(state)` true before a round stops early (as cli.loop does once the KL budget
     is spent)."""
-    from trainer.round import run_round
+    from rlhf_loop.trainer.round import run_round
 
     reports = []
     for r in range(rounds):

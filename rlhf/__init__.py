@@ -1,1 +1,0 @@
-"""rlhf-loop: shared contracts, the embedded model and broker, and the `rlhf` command line."""

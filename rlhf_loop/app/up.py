@@ -1,0 +1,112 @@
+"""The README's first command: the whole RLHF loop on one machine, on the embedded defaults.
+
+    rlhf up                       # broker + service + trainer + simulated users, ~15 min
+    rlhf up --votes 300           # a shorter run
+    rlhf up --keep-serving        # leave broker + service + trainer up afterwards (Ctrl-C stops)
+
+Prints a working curl and `openai` example as soon as the service answers, then one live
+status line (policy version served, approval of that version, votes, KL, rounds), and at
+the end the learning curve (PNG) and summary (JSON) paths. Ctrl-C stops everything, one
+line per part (the simulated users, the trainer, the service, the broker), exit code 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from rlhf_loop.app.loop import LoopConfig, run
+from rlhf_loop.app.simulate import SimConfig
+
+EXAMPLES = """
+service ready on {url}  (logs in {logs})
+
+  chat and vote in a browser: {url}/   (the playground; the API reference is {url}/docs)
+
+  curl -s {url}/v1/chat/completions -H 'Content-Type: application/json' \\
+       -d '{{"model": "rlhf-policy", "messages": [{{"role": "user", "content": "Tell me about cats."}}]}}'
+
+  python -c 'from openai import OpenAI; c = OpenAI(base_url="{url}/v1", api_key="none"); \\
+r = c.chat.completions.create(model="rlhf-policy", messages=[{{"role": "user", "content": "Do you like rain?"}}]); \\
+print(r.choices[0].message.content, r.system_fingerprint)'
+
+  curl -s {url}/v1/feedback -H 'Content-Type: application/json' -d '{{"response_id": "<id>", "rating": "up"}}'
+
+simulated users ({taste}, noise {noise}) are voting now; the trainer learns from their votes.
+"""
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="rlhf up", description=__doc__.splitlines()[0])
+    ap.add_argument("--state-dir", type=Path, default=Path(".rlhf/demo"))
+    ap.add_argument("--port", type=int, default=3000)
+    ap.add_argument("--votes", type=int, default=2000, help="stop after this many votes")
+    ap.add_argument("--minutes", type=float, default=15.0, help="or after this long")
+    ap.add_argument("--taste", default="cheerful", help="what the simulated users secretly like")
+    ap.add_argument("--algorithm", default="ppo", choices=["ppo", "grpo", "rloo", "kto", "dpo"],
+                    help="how the trainer learns from the votes (rlhf train --algorithm)")
+    ap.add_argument("--noise", type=float, default=0.1)
+    ap.add_argument("--users", type=int, default=16)
+    ap.add_argument("--concurrency", type=int, default=4)
+    ap.add_argument("--rate", type=float, default=3.0, help="conversations per second across all users")
+    ap.add_argument("--round-labels", type=int, default=128, help="new votes that trigger a training round")
+    ap.add_argument("--keep-serving", action="store_true")
+    args = ap.parse_args(argv)
+    cfg = LoopConfig(
+        state_dir=args.state_dir, port=args.port, train_min_labels=args.round_labels, keep_serving=args.keep_serving,
+        trainer_args=("--algorithm", args.algorithm),
+        sim=SimConfig(taste=args.taste, noise=args.noise, users=args.users, concurrency=args.concurrency, rate=args.rate,
+                      max_votes=args.votes, max_seconds=args.minutes * 60),
+    )
+
+    def on_status(s: dict) -> None:
+        if "ready" in s:
+            print(EXAMPLES.format(url=s["ready"], logs=cfg.state_dir / "logs", taste=args.taste, noise=args.noise), flush=True)
+            return
+        ap_cur = "-" if s["approval_current"] is None else f"{s['approval_current']:.2f}"
+        ap_win = "-" if s["approval_last100"] is None else f"{s['approval_last100']:.2f}"
+        kl = "-" if s["kl_to_ref"] is None else f"{s['kl_to_ref']:.3f}"
+        judge = "-" if s["rm_auroc"] is None else f"{s['rm_auroc']:.2f}" + ("" if s["rm_trusted"] else " (not yet trusted)")
+        budget = " (budget spent)" if s["budget_spent"] else ""
+        rolled = f", {s['rolled_back']} rolled back" if s["rolled_back"] else ""
+        line = (f"[{s['elapsed_s']:6.0f}s] serving v{s['serving_version']}  approval(v) {ap_cur}  last100 {ap_win}  "
+                f"votes {s['votes']}/{args.votes}  KL {kl}{budget}  RM AUROC {judge}  rounds {s['rounds']} "
+                f"(+{s['promoted']} promoted, {s['rejected']} rejected{rolled})  chat errors {s['chat_errors']}")
+        print("\r" + line if sys.stdout.isatty() else line, end="" if sys.stdout.isatty() else "\n", flush=True)
+
+    try:
+        summary, png, js = run(cfg, on_status if sys.stdout.isatty() else _every(on_status, 15), on_stopped=_stopped)
+    except KeyboardInterrupt:
+        print("Ctrl-C: everything shut down.")
+        return 130
+    except (RuntimeError, TimeoutError) as e:  # a part failed to start or died: say which, and where its log is
+        print(f"\nerror: {e}", file=sys.stderr)
+        return 1
+    print("\n\napproval by policy version:")
+    for v, row in summary["approval_by_version"].items():
+        print(f"  v{v}: {row['approval']:.2f}  ({row['votes']} votes)")
+    if summary["approval_gain"] is not None:
+        print(f"baseline {summary['baseline_approval']:.2f} -> final {summary['final_approval']:.2f} "
+              f"(+{summary['approval_gain']:.2f}), {summary['promoted']} versions promoted, "
+              f"{summary['chat_errors']} failed chat requests")
+    print(f"learning curve: {png}\nsummary:        {js}")
+    return 0
+
+
+def _stopped(part: str) -> None:
+    """One line per part stopped (on a terminal, in place of the live status line)."""
+    print(("\r\033[K" if sys.stdout.isatty() else "") + f"stopped {part}", flush=True)
+
+
+def _every(fn, seconds: float):
+    """Status every `seconds` when not on a terminal (logs stay readable)."""
+    import time
+
+    last = [0.0]
+
+    def wrapped(s: dict) -> None:
+        if "ready" in s or time.monotonic() - last[0] >= seconds:
+            last[0] = time.monotonic()
+            fn(s)
+    return wrapped

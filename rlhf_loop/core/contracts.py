@@ -1,0 +1,326 @@
+"""The contracts shared by the service and the trainer: settings, events, ids, store layout.
+
+Both sides import this file and nothing else of each other (docs/architecture.md).
+Every event is JSON from one of the pydantic models below; producer and consumer use
+the same classes, so a field renamed here is renamed everywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Annotated, Literal, NamedTuple
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+SCHEMA_VERSION = 1
+EMBEDDED_MODEL = "tiny-chat"  # the model setting's value that means "the project's own default model"
+
+
+# ---------------------------------------------------------------------------- settings
+
+
+class Settings(BaseSettings):
+    """Every setting the code reads, from `RLHF_*` environment variables.
+
+    Paths left empty are derived from `state_dir`. Secrets are never logged.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="RLHF_", extra="ignore", frozen=True)
+
+    # -- model and state
+    model: str = Field(EMBEDDED_MODEL, description="'tiny-chat' (built on first use) or any HF causal-LM dir/id")
+    served_model_name: str = Field("rlhf-policy", description="the `model` name clients use")
+    state_dir: Path = Field(Path(".rlhf"), description="root for models, spool, trainer state, policies")
+    policy_store: Path | None = Field(None, description="policy store dir; default <state_dir>/policies")
+    chat_template: str = Field("", description="chat template for a base model that has none: 'chatml', a .jinja file, or the Jinja text itself")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: bf16 on CUDA, fp32 on CPU")
+
+    # -- kafka
+    kafka_bootstrap_servers: str = "127.0.0.1:9092"
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = Field(
+        "SCRAM-SHA-512", description="SASL mechanism; used only with the SASL_* protocols")
+    kafka_sasl_username: str = Field("", description="SASL user (Strimzi: the KafkaUser's name); required with SASL_*")
+    kafka_sasl_password: SecretStr = Field(SecretStr(""), description="SASL password; required with SASL_*")
+    kafka_ssl_cafile: str = Field("", description="path to the CA PEM that signed the brokers' certificates (SSL, "
+                                                  "SASL_SSL); empty = the system CAs")
+    topic_interactions: str = "rlhf.interactions"
+    topic_feedback: str = "rlhf.feedback"
+    topic_policy_updates: str = "rlhf.policy-updates"
+    topic_dlq: str = "rlhf.dlq"
+    topic_partitions: int = Field(3, ge=1, description="partitions for topics this project creates")
+    create_topics: bool = Field(True, description="create missing topics at start (off where Strimzi owns them)")
+
+    # -- service
+    host: str = "0.0.0.0"
+    port: int = 3000
+    admin_port: int = Field(3001, description="admin API port, separate so a NetworkPolicy can keep it private")
+    api_keys: SecretStr = Field(SecretStr(""), description="comma-separated bearer keys; empty = no auth")
+    admin_key: SecretStr = Field(SecretStr(""), description="bearer key for /admin; empty = admin API disabled")
+    response_id_secret: SecretStr = Field(SecretStr(""), description="HMAC key for response ids; empty = per-state-dir file")
+    max_body_bytes: int = Field(256 * 1024, ge=1024)
+    max_messages: int = Field(64, ge=1)
+    max_prompt_tokens: int = Field(512, ge=8)
+    max_tokens_limit: int = Field(256, ge=1, description="cap on max_tokens / max_completion_tokens")
+    default_max_tokens: int = Field(48, ge=1)
+    max_n: int = Field(4, ge=1)
+    spool_max_bytes: int = Field(512 * 1024 * 1024, description="spool disk cap; above it chat still works, events are counted as dropped")
+    engine_max_running_seqs: int = Field(64, ge=1, description="rows (choices) one replica decodes per step, in one batch per policy version")
+    engine_max_batched_tokens: int = Field(512, ge=1, description="tokens per engine step: decode rows plus prompt tokens; longer prompts are prefilled in chunks")
+    engine_max_waiting_requests: int = Field(128, ge=1, description="requests queued before they start; beyond it chat answers 429 with Retry-After")
+    policy_poll_s: float = Field(5.0, gt=0, description="how often a replica re-reads LATEST (fallback for missed announcements)")
+    vote_rate_limit: int = Field(60, ge=0, description="votes per window per identity (a user; a vote without one: its "
+                                                       "API key, or client address when keys are off), per replica; 0 = no cap")
+    vote_rate_window_s: float = Field(60.0, gt=0, description="the window of both vote caps, seconds")
+    vote_key_rate_limit: int = Field(0, ge=0, description="votes + withdrawals per window per API key (or client "
+                                                          "address), all its users together, per replica; 0 = no cap")
+
+    # -- trainer
+    trainer_group: str = "rlhf-trainer"
+    train_min_labels: int = Field(64, ge=1, description="a round starts when this many new labels arrived ...")
+    train_max_wait_s: float = Field(120.0, gt=0, description="... or this long passed with at least one")
+    late_vote_window_s: float = Field(3600.0, gt=0, description="how long a vote waits for its response, and back")
+    trainer_metrics_port: int = Field(0, ge=0, le=65535, description="`rlhf train` serves Prometheus /metrics here; 0 = off")
+
+    @field_validator("state_dir")
+    @classmethod
+    def _absolute(cls, v: Path) -> Path:
+        return v.expanduser().resolve()
+
+    @property
+    def policy_dir(self) -> Path:
+        return (self.policy_store or self.state_dir / "policies").expanduser().resolve()
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.state_dir / "spool"
+
+    @property
+    def trainer_dir(self) -> Path:
+        return self.state_dir / "trainer"
+
+    @property
+    def model_cache_dir(self) -> Path:
+        return self.state_dir / "models"
+
+    def api_key_set(self) -> frozenset[str]:
+        return frozenset(k.strip() for k in self.api_keys.get_secret_value().split(",") if k.strip())
+
+    def id_secret(self) -> bytes:
+        """The response-id HMAC key: from the environment, else one kept in the state dir (single-host dev)."""
+        if self.response_id_secret.get_secret_value():
+            return self.response_id_secret.get_secret_value().encode()
+        path = self.state_dir / "response_id_secret"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{uuid.uuid4().hex}")
+            tmp.write_text(secrets.token_hex(32))
+            tmp.chmod(0o600)
+            try:
+                path.hardlink_to(tmp)  # first writer wins; others read its key
+            except FileExistsError:
+                pass
+            tmp.unlink()
+        return path.read_text().strip().encode()
+
+
+# ---------------------------------------------------------------------------- response ids
+
+_ID_PREFIX = "chatcmpl-"
+
+
+def make_response_id(secret: bytes, policy_version: int = 0, n: int = 1) -> str:
+    """`chatcmpl-<nonce>-<tag>`: tag = HMAC(secret, nonce), so any replica can check it issued the id.
+
+    The nonce is `<random hex>v<policy_version>n<n>`: the tag covers the policy version that
+    produced the response and its number of choices, so a vote can be attributed to a
+    version (and its choice_index checked) without shared state.
+    """
+    nonce = f"{secrets.token_hex(12)}v{policy_version}n{n}"
+    return f"{_ID_PREFIX}{nonce}-{_tag(secret, nonce)}"
+
+
+class IssuedResponse(NamedTuple):
+    policy_version: int
+    n: int
+
+
+_NONCE = re.compile(r"[0-9a-f]{24}v(\d{1,9})n(\d{1,4})")
+
+
+def parse_response_id(secret: bytes, response_id: str) -> IssuedResponse | None:
+    """What a response id we issued says (policy version, number of choices); None if not ours."""
+    if not verify_response_id(secret, response_id):
+        return None
+    m = _NONCE.fullmatch(response_id[len(_ID_PREFIX):].partition("-")[0])
+    return IssuedResponse(int(m[1]), int(m[2])) if m else None
+
+
+def verify_response_id(secret: bytes, response_id: str) -> bool:
+    if not response_id.startswith(_ID_PREFIX) or len(response_id) > 80:
+        return False
+    nonce, _, tag = response_id[len(_ID_PREFIX):].partition("-")
+    return bool(nonce) and hmac.compare_digest(tag, _tag(secret, nonce))
+
+
+def _tag(secret: bytes, nonce: str) -> str:
+    return hmac.new(secret, nonce.encode(), hashlib.sha256).hexdigest()[:24]
+
+
+FEEDBACK_KEY = re.compile(r"[A-Za-z0-9_.\-]{1,64}")  # a client's idempotency key (the part after ':')
+
+
+def feedback_id_for(response_id: str, choice_index: int, key: str | None, user: str | None) -> str:
+    """Canonical feedback id `<response_id>:<key>`; the key defaults to one per (user, choice).
+
+    Carrying the response id lets DELETE /v1/feedback/{id} key its tombstone to the
+    vote's partition without shared state.
+    """
+    if key is None:
+        key = "u" + hashlib.sha256(f"{user or ''}\x00{choice_index}".encode()).hexdigest()[:16]
+    return f"{response_id}:{key}"
+
+
+def split_feedback_id(feedback_id: str) -> tuple[str, str] | None:
+    """`<response_id>:<key>` -> (response_id, key); None when it is not of that form."""
+    response_id, sep, key = feedback_id.partition(":")
+    return (response_id, key) if sep and FEEDBACK_KEY.fullmatch(key) else None
+
+
+# ---------------------------------------------------------------------------- events
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Event(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    event_id: uuid.UUID = Field(default_factory=uuid.uuid4)
+    ts: datetime = Field(default_factory=_now)
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json().encode()
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class Sampling(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    temperature: float
+    top_p: float
+    max_tokens: int
+    seed: int | None = None
+
+
+class Interaction(Event):
+    """One answer (one choice of a completion). Keyed by `response_id`."""
+
+    kind: Literal["interaction"] = "interaction"
+    response_id: str
+    choice_index: int = Field(0, ge=0)
+    policy_version: int = Field(ge=0)
+    model: str
+    messages: list[Message] = Field(min_length=1)
+    prompt_token_ids: list[int]
+    completion: str
+    completion_token_ids: list[int]
+    finish_reason: Literal["stop", "length"]
+    sampling: Sampling
+    user: str | None = None
+    created: int = Field(default_factory=lambda: int(time.time()))
+
+
+class Feedback(Event):
+    """A vote (rating +1/-1) or its withdrawal (`deleted`, rating None). Keyed by `response_id`.
+
+    The latest event per `feedback_id` wins; the same `event_id` twice counts once.
+    """
+
+    kind: Literal["feedback"] = "feedback"
+    feedback_id: str
+    response_id: str
+    choice_index: int = Field(0, ge=0)
+    rating: Literal[1, -1] | None
+    comment: str | None = None
+    user: str | None = None
+    voter: str | None = None  # who the influence caps count: the user, else a hash of the API key, else the client
+    deleted: bool = False
+
+
+class PolicyUpdate(Event):
+    """A promoted policy version, announced after it is complete in the store; or a rollback.
+
+    `base_version` is set when the version is a LoRA adapter over that (full) version.
+    `rollback_of` is set when LATEST moved back to `version` from that version (the trainer's
+    live-approval watch): replicas serving `rollback_of` move back although `version` is older.
+    """
+
+    kind: Literal["policy_update"] = "policy_update"
+    version: int = Field(ge=0)
+    parent_version: int | None = Field(None, ge=0)
+    base_version: int | None = None
+    rollback_of: int | None = None
+    uri: str
+    files: dict[str, str]
+    metrics: dict[str, float] = {}
+    created: int = Field(default_factory=lambda: int(time.time()))
+
+
+AnyEvent = Annotated[Interaction | Feedback | PolicyUpdate, Field(discriminator="kind")]
+
+
+class DeadLetter(BaseModel):
+    """What the trainer writes to the DLQ topic for a message it could not use."""
+
+    topic: str
+    partition: int
+    offset: int
+    reason: str
+    value: str  # the original bytes, decoded with errors="replace"
+    ts: datetime = Field(default_factory=_now)
+
+
+# ---------------------------------------------------------------------------- policy store layout
+#
+#   <policy_dir>/versions/v000003/{config.json, model.safetensors, tokenizer*, manifest.json}   full weights
+#   <policy_dir>/versions/v000004/{adapter_config.json, adapter_model.safetensors, manifest.json}
+#                                 a LoRA adapter; its manifest names the base version and the
+#                                 sha256 of the base's manifest, so both are verified
+#   <policy_dir>/LATEST          -> "3\n"   (replaced atomically with os.replace)
+#   <policy_dir>/ROLLBACKS.json  -> {"4": {"to": 3, "reason": ..., "ts": ...}}   versions rolled back, and why
+#   <policy_dir>/tmp/            staging; a version appears in versions/ only when complete
+# Version 0 is the base (reference) model. core/policy_store.py implements this.
+
+
+def version_dirname(version: int) -> str:
+    return f"v{version:06d}"
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    version: int
+    parent_version: int | None
+    files: dict[str, str]  # file name -> sha256 hex
+    metrics: dict[str, float] = {}
+    created: int
+    base_version: int | None = None  # a LoRA adapter: the full version it applies to ...
+    base_sha256: str | None = None  # ... and the sha256 of that version's manifest.json

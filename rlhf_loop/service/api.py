@@ -1,0 +1,520 @@
+"""The HTTP API, a FastAPI app mounted on the BentoML service (service/service.py).
+
+    POST /v1/chat/completions    OpenAI chat completions, plain or SSE streaming
+    GET  /v1/models, /v1/models/{model}
+    POST /v1/feedback            a thumbs up/down on a response  -> 202
+    DELETE /v1/feedback/{id}     withdraw a vote (tombstone)     -> 202
+    GET  /                       the chat playground (service/static/playground.html)
+    GET  /openapi.json, /docs    the OpenAPI document (service/openapi.py) and its Swagger UI page
+
+The admin API listens on its own port (service/admin.py).
+Every handler checks everything before it writes anything: a rejected request (4xx, in
+OpenAI's error shape) writes no event. Bodies are read and parsed here, not by FastAPI,
+so that size limits hold for streamed bodies and validation errors become OpenAI's 400
+with the offending `param` named.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import json
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import anyio
+import bentoml
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from starlette.convertors import PathConvertor, register_url_convertor
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from rlhf_loop.core.contracts import (
+    Feedback, Interaction, Message, Sampling, feedback_id_for, make_response_id, parse_response_id,
+    split_feedback_id,
+)
+from rlhf_loop.service import metrics, openapi
+from rlhf_loop.service.engine import EngineFull, Generation, Policy
+from rlhf_loop.service.limits import vote_identities
+from rlhf_loop.service.request import Delta, SamplingParams
+from rlhf_loop.service.schemas import (
+    AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice, ChunkChoice, ChunkDelta,
+    ErrorBody, ErrorResponse, FeedbackAccepted, FeedbackRequest, ModelCard, ModelList, Usage,
+)
+
+if TYPE_CHECKING:
+    from rlhf_loop.service.service import ChatService
+
+log = logging.getLogger(__name__)
+
+MAX_STOP_STRINGS = 4  # as OpenAI
+# Retry-After of a 429: the engine's queue moves at every step, so a second usually finds room; a replica
+# overloaded for longer needs more replicas (the HPA), not clients that wait longer
+RETRY_AFTER_S = 1
+
+
+# ---------------------------------------------------------------------------- errors
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 type: str = "invalid_request_error", headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.body = status, ErrorBody(message=message, type=type, param=param, code=code)
+        self.headers = {**({"WWW-Authenticate": "Bearer"} if status == 401 else {}), **(headers or {})}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(ErrorResponse(error=self.body).model_dump(), status_code=self.status,
+                            headers=self.headers or None)
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+def _param(loc: tuple) -> str | None:
+    """pydantic's ('messages', 0, 'role') -> OpenAI's 'messages[0].role'."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif not str(part).isidentifier() or part in _TYPE_TAGS:
+            continue  # the union-member labels pydantic adds to the path ('str', 'list[TextPart]', ...)
+        else:
+            out += f".{part}" if out else str(part)
+    return out or None
+
+
+Body = TypeVar("Body", bound=BaseModel)
+
+
+def parse(model: type[Body], raw: bytes) -> Body:
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as e:
+        err = e.errors(include_url=False)[0]
+        if err["type"] == "json_invalid":
+            raise APIError(400, "We could not parse the JSON body of your request. "
+                                f"({err['msg']})", code="invalid_json") from None
+        if err["type"] == "model_type" and not err["loc"]:
+            raise APIError(400, "The request body must be a JSON object.", code="invalid_json") from None
+        param = _param(err["loc"])
+        raise APIError(400, f"Invalid value for '{param}': {err['msg']}" if param else err["msg"],
+                       param=param, code="invalid_value") from None
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, or 413 when it is (declared or actually) over `limit` bytes."""
+    declared = request.headers.get("content-length", "")
+    too_big = declared.isdigit() and int(declared) > limit
+    stream = request.stream()
+    if not too_big:
+        buf = bytearray()
+        async for chunk in stream:
+            buf += chunk
+            if len(buf) > limit:
+                too_big = True
+                break
+        else:
+            return bytes(buf)
+    drained = 0  # read (a bounded amount of) the rest, so the client sees our 413 rather than a reset
+    async for chunk in stream:
+        drained += len(chunk)
+        if drained > 16 * limit:
+            break
+    raise APIError(413, f"Request body too large: the limit is {limit} bytes.", code="request_too_large")
+
+
+# ---------------------------------------------------------------------------- app, auth, metrics
+
+
+class CountRequests:
+    """ASGI middleware: rlhf_requests_total{endpoint, status}."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = 500
+
+        async def send_(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_)
+        finally:
+            metrics.requests.labels(endpoint=_endpoint(scope["path"]), status=str(status)).inc()
+
+
+def _endpoint(path: str) -> str:
+    for prefix, name in (("/v1/chat/completions", "chat"), ("/v1/feedback", "feedback"),
+                         ("/v1/models", "models"), ("/admin/", "admin")):
+        if path.startswith(prefix):
+            return name
+    return "other"
+
+
+def new_app(title: str) -> FastAPI:
+    """A FastAPI app whose every error is OpenAI's JSON and whose requests are counted."""
+    app = FastAPI(title=title, docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(CountRequests)
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, e: APIError) -> JSONResponse:
+        return e.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        code = {404: "unknown_url", 405: "method_not_allowed"}.get(e.status_code)
+        return APIError(e.status_code, str(e.detail), code=code).response()
+
+    return app
+
+
+class PathAcrossLines(PathConvertor):
+    """Starlette's `{x:path}` matches `.*`, so not a path holding a newline (`%0A`), and BentoML's
+    mount of this app (its path is `/{path:path}`) would pass such a request by: BentoML's
+    plain-text 404 would answer instead of OpenAI's error (found by fuzzing). Registered
+    before any route is made, ours and the mount alike (service/service.py imports this module
+    before BentoML builds its app), it makes every `path` parameter match across lines."""
+
+    regex = r"[\s\S]*"
+
+
+register_url_convertor("path", PathAcrossLines())
+app = new_app("rlhf-loop chat + feedback API")
+
+
+def current() -> "ChatService":
+    return bentoml.get_current_service()
+
+
+def bearer_token(request: Request) -> str | None:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return token.strip() or None if scheme.lower() == "bearer" else None
+
+
+def require_api_key(request: Request) -> None:
+    keys = current().api_keys
+    if not keys:
+        return
+    token = bearer_token(request)
+    if token is None:
+        raise APIError(401, "You didn't provide an API key. Send 'Authorization: Bearer <key>'.", code="invalid_api_key")
+    if not any(hmac.compare_digest(token.encode(), k.encode()) for k in keys):
+        raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
+
+
+# ---------------------------------------------------------------------------- chat
+
+
+@dataclass
+class Job:
+    """One admitted chat completion: everything decided before generation starts."""
+
+    response_id: str
+    created: int
+    model: str
+    policy: Policy  # taken once: every token of this response comes from this object
+    messages: list[Message]
+    prompt_ids: list[int]
+    params: SamplingParams
+    user: str | None
+    texts: list[list[str]] = field(init=False)  # per choice: the deltas so far
+    token_ids: list[list[int]] = field(init=False)
+    finish: list[str | None] = field(init=False)
+
+    def __post_init__(self) -> None:
+        n = self.params.n
+        self.texts, self.token_ids, self.finish = [[] for _ in range(n)], [[] for _ in range(n)], [None] * n
+
+    def add(self, d: Delta) -> None:
+        self.texts[d.index].append(d.text)
+        self.token_ids[d.index].extend(d.token_ids)
+        if d.finish_reason is not None:
+            self.finish[d.index] = d.finish_reason
+
+    def usage(self) -> Usage:
+        completion = sum(len(t) for t in self.token_ids)
+        return Usage(prompt_tokens=len(self.prompt_ids), completion_tokens=completion,
+                     total_tokens=len(self.prompt_ids) + completion)
+
+    def interactions(self) -> list[Interaction]:
+        p = self.params
+        sampling = Sampling(temperature=p.temperature, top_p=p.top_p, max_tokens=p.max_tokens, seed=p.seed)
+        return [
+            Interaction(response_id=self.response_id, choice_index=i, policy_version=self.policy.version,
+                        model=self.model, messages=self.messages, prompt_token_ids=self.prompt_ids,
+                        completion="".join(self.texts[i]), completion_token_ids=self.token_ids[i],
+                        finish_reason=self.finish[i], sampling=sampling, user=self.user, created=self.created)
+            for i in range(p.n)
+        ]
+
+
+async def admit(svc: "ChatService", req: ChatCompletionRequest) -> Job:
+    """Check a request against the limits and the serving policy; 4xx before anything happens."""
+    s = svc.settings
+    if req.model != s.served_model_name:
+        raise APIError(404, f"The model '{req.model}' does not exist; this server serves '{s.served_model_name}'.",
+                       param="model", code="model_not_found")
+    if len(req.messages) > s.max_messages:
+        raise APIError(400, f"Too many messages: {len(req.messages)} > {s.max_messages}.", param="messages",
+                       code="invalid_value")
+    if req.tools:
+        raise APIError(400, "'tools' are not supported by this server.", param="tools", code="unsupported_parameter")
+    if req.logprobs:
+        raise APIError(400, "'logprobs' are not supported by this server.", param="logprobs",
+                       code="unsupported_parameter")
+    if req.stream_options is not None and not req.stream:
+        raise APIError(400, "'stream_options' is only allowed when 'stream' is true.", param="stream_options",
+                       code="invalid_value")
+    n = req.n or 1
+    if n > s.max_n:
+        raise APIError(400, f"'n' must be at most {s.max_n}.", param="n", code="invalid_value")
+    name, max_tokens = next(((k, v) for k, v in (("max_completion_tokens", req.max_completion_tokens),
+                                                  ("max_tokens", req.max_tokens)) if v is not None),
+                            ("max_tokens", s.default_max_tokens))
+    if max_tokens > s.max_tokens_limit:
+        raise APIError(400, f"'{name}' is too large: {max_tokens} > {s.max_tokens_limit}.", param=name,
+                       code="invalid_value")
+    stop = req.stop_strings()
+    if len(stop) > MAX_STOP_STRINGS:
+        raise APIError(400, f"At most {MAX_STOP_STRINGS} stop sequences.", param="stop", code="invalid_value")
+
+    policy = svc.policies.current
+    if policy is None:
+        raise APIError(503, "The model is still loading; retry shortly.", type="server_error", code="model_not_ready")
+    messages = [Message(role=m.contract_role(), content=m.text()) for m in req.messages]
+    prompt_ids = await anyio.to_thread.run_sync(policy.encode_chat, [m.model_dump() for m in messages])
+    if len(prompt_ids) > s.max_prompt_tokens:
+        raise APIError(400, f"The prompt is {len(prompt_ids)} tokens; the limit is {s.max_prompt_tokens}.",
+                       param="messages", code="context_length_exceeded")
+    if len(prompt_ids) + max_tokens > policy.max_context:
+        raise APIError(400, f"The prompt ({len(prompt_ids)} tokens) plus '{name}' ({max_tokens}) exceeds the "
+                            f"model's context of {policy.max_context} tokens.", param="messages",
+                       code="context_length_exceeded")
+    params = SamplingParams(
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        max_tokens=max_tokens, n=n, stop=stop,
+        seed=secrets.randbits(63) if req.seed is None else req.seed,
+    )
+    return Job(response_id=make_response_id(svc.id_secret, policy.version, n), created=int(time.time()),
+               model=s.served_model_name, policy=policy, messages=messages, prompt_ids=prompt_ids,
+               params=params, user=req.user)
+
+
+async def finish(svc: "ChatService", job: Job, started: float) -> None:
+    """Log the answered completion: one Interaction per choice to the spool, and the metrics."""
+    with anyio.CancelScope(shield=True):  # a client leaving now must not lose the event of a finished answer
+        await anyio.to_thread.run_sync(svc.events.emit, job.interactions())
+    v = str(job.policy.version)
+    usage = job.usage()
+    metrics.completions.labels(policy_version=v).inc()
+    metrics.tokens.labels(kind="prompt", policy_version=v).inc(usage.prompt_tokens)
+    metrics.tokens.labels(kind="completion", policy_version=v).inc(usage.completion_tokens)
+    metrics.generation_seconds.observe(time.monotonic() - started)
+
+
+def start(svc: "ChatService", job: Job) -> Generation:
+    """Queue the job in the engine, or answer 429 (nothing written) when its queue is full."""
+    try:
+        return svc.engine.stream(job.policy, job.prompt_ids, job.params)
+    except EngineFull:
+        raise APIError(429, "The server is at capacity; retry after the time in the Retry-After header.",
+                       type="requests", code="rate_limit_exceeded",
+                       headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+
+
+@app.post("/v1/chat/completions", dependencies=[Depends(require_api_key)], **openapi.CHAT)
+async def chat_completions(request: Request):
+    svc = current()
+    req = parse(ChatCompletionRequest, await read_body(request, svc.settings.max_body_bytes))
+    job = await admit(svc, req)
+    started = time.monotonic()
+    deltas = start(svc, job)
+    if req.stream:
+        include_usage = req.stream_options is not None and req.stream_options.include_usage
+        return StreamingResponse(_sse(svc, job, deltas, started, include_usage), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    try:
+        async with contextlib.aclosing(deltas):  # a client that leaves cancels its rows
+            async for delta in deltas:
+                job.add(delta)
+    except Exception:
+        log.exception("generation failed for %s", job.response_id)
+        raise APIError(500, "The server failed to generate a completion.", type="server_error",
+                       code="generation_failed") from None
+    await finish(svc, job, started)
+    return ChatCompletion(
+        id=job.response_id, created=job.created, model=job.model, system_fingerprint=job.policy.fingerprint,
+        choices=[Choice(index=i, message=AssistantMessage(content="".join(job.texts[i])), finish_reason=job.finish[i])
+                 for i in range(job.params.n)],
+        usage=job.usage(),
+    ).model_dump(mode="json")
+
+
+async def _sse(svc: "ChatService", job: Job, deltas: Generation, started: float,
+               include_usage: bool) -> AsyncIterator[str]:
+    """OpenAI's stream: a role delta per choice, content deltas, a finish chunk per choice,
+    a usage chunk if asked, then `data: [DONE]`."""
+
+    def chunk(choices: list[ChunkChoice], usage: Usage | None = None) -> str:
+        body = ChatCompletionChunk(id=job.response_id, created=job.created, model=job.model,
+                                   system_fingerprint=job.policy.fingerprint, choices=choices, usage=usage)
+        data = body.model_dump(mode="json", exclude_none=not include_usage)
+        for c in data["choices"]:  # OpenAI omits unset delta fields but keeps finish_reason: null
+            c["delta"] = {k: v for k, v in c["delta"].items() if v is not None}
+            c.setdefault("finish_reason", None)
+        return f"data: {_json(data)}\n\n"
+
+    def events(d: Delta) -> str:
+        job.add(d)
+        out = chunk([ChunkChoice(index=d.index, delta=ChunkDelta(content=d.text))]) if d.text else ""
+        if d.finish_reason is not None:
+            out += chunk([ChunkChoice(index=d.index, delta=ChunkDelta(), finish_reason=d.finish_reason)])
+        return out
+
+    async with contextlib.aclosing(deltas):  # a client that leaves mid-stream cancels its rows
+        yield "".join(chunk([ChunkChoice(index=i, delta=ChunkDelta(role="assistant", content=""))])
+                      for i in range(job.params.n))
+        try:
+            async for d in deltas:
+                # with the deltas that came meanwhile: a busy event loop writes once per request, not per token
+                if text := "".join(events(e) for e in (d, *deltas.ready())):
+                    yield text
+        except Exception:
+            log.exception("generation failed mid-stream for %s", job.response_id)
+            err = ErrorResponse(error=ErrorBody(message="The server failed to generate a completion.",
+                                                type="server_error", code="generation_failed"))
+            yield f"data: {err.model_dump_json()}\n\n"
+            return
+    await finish(svc, job, started)
+    if include_usage:
+        yield chunk([], usage=job.usage())
+    yield "data: [DONE]\n\n"
+
+
+def _json(data: Any) -> str:
+    return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+
+
+@app.get("/v1/models", dependencies=[Depends(require_api_key)], **openapi.LIST_MODELS)
+async def list_models():
+    svc = current()
+    return ModelList(data=[ModelCard(id=svc.settings.served_model_name, created=svc.started)]).model_dump()
+
+
+@app.get("/v1/models/{model:path}", dependencies=[Depends(require_api_key)], **openapi.RETRIEVE_MODEL)
+async def retrieve_model(model: str):
+    svc = current()
+    if model != svc.settings.served_model_name:
+        raise APIError(404, f"The model '{model}' does not exist.", param="model", code="model_not_found")
+    return ModelCard(id=model, created=svc.started).model_dump()
+
+
+# ---------------------------------------------------------------------------- feedback
+
+def cap_votes(svc: "ChatService", request: Request, user: str | None, *, withdrawal: bool = False) -> str:
+    """429 with Retry-After when a vote cap is reached (service/limits.py), before anything is written.
+    Returns the voter: the identity the caps count, which the event carries for the trainer's
+    influence cap on a round's labels (Feedback.voter)."""
+    key = bearer_token(request) if svc.api_keys else None
+    address = request.client.host if request.client else "unknown"
+    identities = vote_identities(key, user, address)
+    refusal = svc.vote_limits.admit(identities, withdrawal=withdrawal)
+    if refusal is not None:
+        metrics.votes_rate_limited.labels(identity_kind=refusal.kind).inc()
+        window = svc.settings.vote_rate_window_s
+        raise APIError(429, f"Rate limit reached for votes ({refusal.kind}): at most {refusal.limit} per {window:g} s "
+                            f"on this server. Retry after {refusal.retry_after_s} s.", type="rate_limit_exceeded",
+                       code="rate_limit_exceeded", headers={"Retry-After": str(refusal.retry_after_s)})
+    return f"{identities[0].kind}:{identities[0].name}"
+
+
+async def record(svc: "ChatService", event: Feedback) -> None:
+    """Spool a vote; if it cannot be (spool full, disk error) the client is told, so it can retry."""
+    if not await anyio.to_thread.run_sync(svc.events.emit, [event]):
+        raise APIError(503, "The vote could not be recorded right now; retry later.", type="server_error",
+                       code="events_unavailable")
+
+
+@app.post("/v1/feedback", status_code=202, dependencies=[Depends(require_api_key)], **openapi.FEEDBACK)
+async def post_feedback(request: Request):
+    svc = current()
+    req = parse(FeedbackRequest, await read_body(request, svc.settings.max_body_bytes))
+    issued = parse_response_id(svc.id_secret, req.response_id)
+    if issued is None:
+        raise APIError(404, f"No response with id '{req.response_id}' was issued by this service.",
+                       param="response_id", code="response_not_found")
+    if req.choice_index >= issued.n:
+        raise APIError(400, f"'choice_index' must be below {issued.n}: the response has {issued.n} choice(s).",
+                       param="choice_index", code="invalid_value")
+    voter = cap_votes(svc, request, req.user)
+    fid = feedback_id_for(req.response_id, req.choice_index, req.feedback_id, req.user)
+    rating = req.signed_rating()
+    event = Feedback(feedback_id=fid, response_id=req.response_id, choice_index=req.choice_index, rating=rating,
+                     comment=req.comment, user=req.user, voter=voter)
+    await record(svc, event)
+    word = "up" if rating == 1 else "down"
+    metrics.votes.labels(rating=word, policy_version=str(issued.policy_version)).inc()
+    return FeedbackAccepted(id=fid, object="feedback", response_id=req.response_id, rating=word).model_dump()
+
+
+@app.delete("/v1/feedback/{feedback_id:path}", status_code=202, dependencies=[Depends(require_api_key)],
+            **openapi.WITHDRAW)
+async def delete_feedback(feedback_id: str, request: Request):
+    svc = current()
+    rid, _ = split_feedback_id(feedback_id) or ("", "")
+    issued = parse_response_id(svc.id_secret, rid)
+    if issued is None:
+        raise APIError(404, f"No feedback with id '{feedback_id}' can exist: it names no response this service issued.",
+                       param="feedback_id", code="feedback_not_found")
+    cap_votes(svc, request, None, withdrawal=True)
+    event = Feedback(feedback_id=feedback_id, response_id=rid, rating=None, deleted=True)
+    await record(svc, event)
+    metrics.votes_withdrawn.labels(policy_version=str(issued.policy_version)).inc()
+    return FeedbackAccepted(id=feedback_id, object="feedback.deleted", response_id=rid, rating=None,
+                            deleted=True).model_dump()
+
+
+@app.api_route("/v1/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
+@app.api_route("/admin/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
+async def unknown_url(request: Request, rest: str):
+    """OpenAI's 404 for any other /v1 path, and for /admin here: the admin API has its own port."""
+    raise APIError(404, f"Unknown request URL: {request.method} {request.url.path}.", code="unknown_url")
+
+
+# ---------------------------------------------------------------------------- pages and the OpenAPI document
+# A route of this app wins over BentoML's own at the same path (docs/service.md, "OpenAPI"):
+# `/` is the playground instead of BentoML's index page, `/docs.json` our document.
+
+PLAYGROUND = Path(__file__).parent / "static" / "playground.html"
+
+
+@app.get("/", include_in_schema=False)
+async def playground():
+    return FileResponse(PLAYGROUND, media_type="text/html")
+
+
+@app.get("/openapi.json", include_in_schema=False)
+@app.get("/docs.json", include_in_schema=False)
+async def openapi_document():
+    return openapi.document(app, current().settings, max_stop=MAX_STOP_STRINGS)
+
+
+@app.get("/docs", include_in_schema=False)
+async def docs():
+    return HTMLResponse(openapi.DOCS_PAGE)

@@ -1,0 +1,106 @@
+"""A request's state inside the engine: one typed object, from submission to its last delta.
+
+    Request -> its Choices (the n rows it decodes) -> Deltas (what the API streams)
+
+The scheduler queues `Request`s, the model runner holds their `Choice`s as batch rows,
+the sampler draws each row with its request's parameters and generator, and a choice
+turns its tokens into text with its own `Detokenizer`. Nothing about a request lives
+anywhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+import torch
+
+from rlhf_loop.service.detokenizer import Detokenizer
+
+if TYPE_CHECKING:
+    from rlhf_loop.service.engine import Policy
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float  # 0 = greedy
+    top_p: float  # nucleus mass in (0, 1]
+    max_tokens: int
+    n: int  # choices: rows that share one prefill of the prompt
+    stop: tuple[str, ...]
+    seed: int  # always set: the API draws one when the client gave none, and logs it
+
+
+@dataclass(frozen=True)
+class Delta:
+    """New output of one choice: text to show, the tokens sampled, and the finish reason on its last delta."""
+
+    index: int
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: FinishReason | None = None
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"  # queued; nothing computed yet
+    PREFILLING = "prefilling"  # its prompt is going through the model, maybe in chunks
+    RUNNING = "running"  # its choices are rows of a decode batch
+    FINISHED = "finished"  # every choice finished, the request failed, or its client left
+
+
+@dataclass(eq=False)
+class Request:
+    """One chat completion: what to generate, with which policy, and where its deltas go.
+
+    `policy` is the object the API took at admission: every token comes from it, so a
+    response never mixes versions. `generator` is seeded by `params.seed` and used by
+    this request's rows only. `outbox` is the API's queue on `loop`: the engine thread
+    puts Deltas, then None (the end) or an exception, on it with `call_soon_threadsafe`.
+    """
+
+    policy: "Policy"
+    prompt_ids: list[int]
+    params: SamplingParams
+    loop: asyncio.AbstractEventLoop
+    outbox: asyncio.Queue
+    generator: torch.Generator = field(init=False)
+    choices: list["Choice"] = field(init=False)
+    status: Status = Status.WAITING
+    cancelled: bool = False  # set from the API's thread when the client leaves; the engine acts at its next step
+    arrived: float = field(default_factory=time.monotonic)  # for the time to first token
+
+    def __post_init__(self) -> None:
+        self.generator = torch.Generator(device=self.policy.device).manual_seed(self.params.seed)
+        self.choices = [Choice(self, i, Detokenizer(self.policy.tokenizer, self.params.stop))
+                        for i in range(self.params.n)]
+
+
+@dataclass(eq=False)
+class Choice:
+    """One of a request's n answers, and one row of a decode batch while it runs."""
+
+    request: Request
+    index: int
+    detokenizer: Detokenizer
+    # sampled so far: up to and including the token that completed a stop string, eos excluded
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+
+    def advance(self, token_id: int) -> Delta:
+        """Take the token sampled for this choice and say what to stream (the finish reason on the last delta)."""
+        if token_id in self.request.policy.eos_token_ids:
+            self.finish_reason = "stop"
+            return Delta(self.index, self.detokenizer.flush(), (), "stop")
+        self.token_ids.append(token_id)
+        text, stopped = self.detokenizer.push(token_id)
+        if stopped:
+            self.finish_reason = "stop"
+        elif len(self.token_ids) == self.request.params.max_tokens:
+            self.finish_reason = "length"
+            text += self.detokenizer.flush()
+        return Delta(self.index, text, (token_id,), self.finish_reason)

@@ -1,0 +1,199 @@
+"""Request and response bodies of the HTTP API: OpenAI's chat shapes, feedback, admin, errors.
+
+Requests are validated strictly (a string is not a number, a float is not an int) and a
+field we do not support but a client might send is accepted and ignored only when
+ignoring it cannot change the answer; `tools`, `logprobs` and non-text content are refused.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+
+from rlhf_loop.core.contracts import FEEDBACK_KEY
+
+# ---------------------------------------------------------------------------- chat request
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    role: Literal["system", "developer", "user", "assistant"]  # developer = OpenAI's newer name for system
+    content: str | list[TextPart]
+    name: str | None = None
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+    def contract_role(self) -> Literal["system", "user", "assistant"]:
+        return "system" if self.role == "developer" else self.role
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    include_usage: bool = False
+
+
+StopString = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+
+
+class ChatCompletionRequest(BaseModel):
+    """POST /v1/chat/completions. Limits that depend on settings are checked by the handler."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    n: int | None = Field(None, ge=1)
+    stop: StopString | list[StopString] | None = Field(None)
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63)
+    user: str | None = Field(None, max_length=256)
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    # accepted for compatibility, refused when they would change the answer
+    logprobs: bool | None = None
+    tools: list[Any] | None = None
+
+    def stop_strings(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+
+# ---------------------------------------------------------------------------- chat response
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+    refusal: None = None
+
+
+class Choice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length"]
+    logprobs: None = None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: list[Choice]
+    usage: Usage
+
+
+class ChunkDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(BaseModel):
+    index: int
+    delta: ChunkDelta
+    finish_reason: Literal["stop", "length"] | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "rlhf-loop"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+# ---------------------------------------------------------------------------- feedback
+
+FeedbackKey = Annotated[str, StringConstraints(pattern=f"^{FEEDBACK_KEY.pattern}$")]
+
+
+class FeedbackRequest(BaseModel):
+    """POST /v1/feedback. `feedback_id` is the client's idempotency key (default: one per user and choice)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    response_id: str = Field(max_length=128)
+    rating: Literal["up", "down", 1, -1]
+    choice_index: int = Field(0, ge=0)
+    comment: str | None = Field(None, max_length=4000)
+    user: str | None = Field(None, max_length=256)
+    feedback_id: FeedbackKey | None = None
+
+    @field_validator("rating", mode="before")
+    @classmethod
+    def _exactly_one_of(cls, v: Any) -> Any:
+        if isinstance(v, (bool, float)):  # Literal compares with ==, which would take true and 1.0
+            raise ValueError("rating must be \"up\", \"down\", 1 or -1")
+        return v
+
+    def signed_rating(self) -> Literal[1, -1]:
+        return 1 if self.rating in ("up", 1) else -1
+
+
+class FeedbackAccepted(BaseModel):
+    id: str
+    object: Literal["feedback", "feedback.deleted"]
+    status: Literal["accepted"] = "accepted"
+    response_id: str
+    rating: Literal["up", "down"] | None
+    deleted: bool = False
+
+
+# ---------------------------------------------------------------------------- admin
+
+
+class PinRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    version: int = Field(ge=0)
+
+
+# ---------------------------------------------------------------------------- errors
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody

@@ -1,0 +1,341 @@
+"""Which policy version serves: load at start, follow announcements, verify, hot swap, pin.
+
+    policies = PolicyManager(settings, engine); policies.start(); policy = policies.current
+
+A replica loads LATEST from the policy store at start (version 0 is the base model), then
+follows the policy-updates topic (a consumer with no group, assigned every partition, so
+every replica sees every announcement) and re-reads LATEST every `policy_poll_s` as a
+fallback for announcements missed while Kafka was away.
+
+A version is verified (sha256 of every file against its manifest, and against the
+announcement's own list when there is one) and loaded on a background thread, never on
+the request path; then `current` is replaced with one reference assignment. A LoRA version
+is an adapter over a full version, its base: the replica keeps one base in memory
+(`SharedBase`) and loads each adapter version onto it (its few MB read and verified here,
+injected by the engine between two steps, since forwards may be running), so a swap costs
+an adapter, not a model; a version over another base loads that base (a full reload). The
+base's own version runs on the same weights with the adapters off; an adapter is deleted
+from the base when the last request of its version ends. A request
+reads `current` once at its start and uses only that object, so requests in flight finish
+on the version they started with, and a response names exactly one version. A version
+that fails to verify or load is refused: the old one keeps serving, a metric and a log
+line say why, and it is not retried (versions are immutable) unless an admin pins it.
+
+Rules for moving: an announcement moves to its version only if that is newer than the one
+serving (so a replayed old announcement is harmless), or if it is a rollback away from the
+one serving (the trainer's live-approval watch, `rollback_of`); a change of LATEST is
+followed whatever it says (that is how an operator moves LATEST back); a pin overrides all
+of them until unpinned.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import weakref
+from pathlib import Path
+
+from kafka import KafkaConsumer, TopicPartition
+from kafka.errors import KafkaError
+from pydantic import ValidationError
+
+from rlhf_loop.core.broker import client_options, ensure_topics
+from rlhf_loop.core.contracts import PolicyUpdate, Settings
+from rlhf_loop.core.models import ensure_policy_store, load_causal_lm
+from rlhf_loop.core.policy_store import MANIFEST, PolicyStore, VerificationError
+from rlhf_loop.service import metrics
+from rlhf_loop.service.engine import Engine, Policy, SharedBase
+
+log = logging.getLogger(__name__)
+
+
+def _read_adapter(version_dir: Path):
+    """(peft LoraConfig, weights) of an adapter version, read off the engine thread."""
+    from peft import LoraConfig
+    from safetensors.torch import load_file
+
+    config = LoraConfig.from_pretrained(str(version_dir))
+    config.inference_mode = True
+    return config, load_file(version_dir / "adapter_model.safetensors")
+
+
+def _put_adapter(base: SharedBase, name: str, config, weights: dict) -> None:
+    """(engine thread) the adapter into the base's peft model, which is made on the first adapter."""
+    from peft import get_peft_model, set_peft_model_state_dict
+
+    if base.peft is None:
+        base.peft = get_peft_model(base.model, config, adapter_name=name).eval()
+    else:
+        base.peft.add_adapter(name, config)
+    result = set_peft_model_state_dict(base.peft, weights, adapter_name=name)
+    if result.unexpected_keys:
+        raise ValueError(f"adapter weights do not fit the base: {result.unexpected_keys[:3]}")
+
+
+class PolicyRefused(Exception):
+    """A version that will not be served; `reason` is the metric label."""
+
+    def __init__(self, version: int, reason: str, detail: str):
+        super().__init__(f"policy version {version} refused ({reason}): {detail}")
+        self.version, self.reason, self.detail = version, reason, detail
+
+
+class UnknownVersion(KeyError):
+    pass
+
+
+class PolicyManager:
+    def __init__(self, settings: Settings, engine: Engine):
+        self.settings = settings
+        self.engine = engine  # adapters go onto a base between the engine's steps
+        self.store = PolicyStore(settings.policy_dir)
+        self._base: SharedBase | None = None  # the full weights in memory; adapter versions load onto them
+        self._current: Policy | None = None
+        self._pinned: int | None = None
+        self._last_latest: int | None = None  # LATEST as last seen by the poller
+        self.refused: dict[int, str] = {}  # version -> why
+        self._lock = threading.Lock()  # current/pinned; never held while loading
+        self._load_lock = threading.Lock()  # one load at a time, and the decision that goes with it
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, name="policy-poll", daemon=True)]
+        self.failed: str | None = None  # set when no version at all could be loaded at start
+
+    @property
+    def current(self) -> Policy | None:
+        """The policy a new request should use (None until the first one is loaded)."""
+        return self._current
+
+    @property
+    def pinned(self) -> int | None:
+        return self._pinned
+
+    def start(self) -> None:
+        for t in self._threads:
+            t.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=3)
+
+    # -- admin
+
+    def pin(self, version: int) -> Policy:
+        """Serve `version` (loading and verifying it first) and ignore announcements and LATEST until unpinned."""
+        with self._load_lock:
+            if version not in self.store.versions():
+                raise UnknownVersion(version)
+            current = self._current
+            policy = current if current is not None and current.version == version else self._load_or_refuse(version)
+            with self._lock:
+                self._pinned = version
+                self._swap(policy)
+            metrics.policy_pinned.set(1)
+            log.warning("pinned policy version %d (announcements and LATEST ignored until unpinned)", version)
+            return policy
+
+    def unpin(self) -> Policy | None:
+        """Go back to following LATEST (loaded now, on the caller's thread)."""
+        with self._lock:
+            self._pinned = None
+        metrics.policy_pinned.set(0)
+        latest = self._last_latest = self.store.latest()
+        if latest is not None:
+            self.offer(latest, source="unpin")
+        return self._current
+
+    def status(self) -> dict:
+        current = self._current
+        versions = []
+        for info in self.store.info():
+            v = info["version"]
+            versions.append({**info, "serving": current is not None and current.version == v,
+                             "refused": self.refused.get(v)})
+        return {"serving": None if current is None else current.version, "pinned": self._pinned,
+                "latest": self.store.latest(), "versions": versions}
+
+    # -- moving between versions
+
+    def offer(self, version: int, *, files: dict[str, str] | None = None, source: str) -> None:
+        """Serve `version` unless pinned, already serving, refused before, or (announcements) not newer."""
+        with self._load_lock:
+            current = self._current
+            if self._pinned is not None or version in self.refused:
+                return
+            if current is not None and (version == current.version or (source == "announcement" and version < current.version)):
+                return  # (a rollback comes as source "rollback": it moves back on purpose)
+            try:
+                policy = self._load_or_refuse(version, files)
+            except PolicyRefused:
+                return
+            with self._lock:
+                if self._pinned is None:
+                    self._swap(policy)
+
+    def _load_or_refuse(self, version: int, files: dict[str, str] | None = None) -> Policy:
+        try:
+            return self._load(version, files)
+        except PolicyRefused as e:
+            self.refused[version] = f"{e.reason}: {e.detail}"
+            metrics.policy_load_failures.labels(reason=e.reason).inc()
+            current = self._current
+            log.error("%s; still serving %s", e, "nothing" if current is None else current.fingerprint)
+            raise
+
+    def _load(self, version: int, files: dict[str, str] | None) -> Policy:
+        started = time.monotonic()
+        if version not in self.store.versions():
+            raise PolicyRefused(version, "missing", f"not in {self.store.versions_dir}")
+        try:
+            manifest = self.store.verify_files(version)
+        except VerificationError as e:
+            raise PolicyRefused(version, "verify", str(e)) from e
+        differ = sorted(n for n, h in (files or {}).items() if n != MANIFEST and manifest.files.get(n) != h)
+        if differ:
+            raise PolicyRefused(version, "announcement_mismatch", f"announced sha256 of {differ} differ from the manifest")
+        if manifest.base_version is None:
+            base = self._full(version)
+            policy = Policy.from_pretrained(version, base.model, base.tokenizer, base=base)
+        else:
+            base = self._full(manifest.base_version)
+            if manifest.base_sha256 != base.manifest_sha256:
+                raise PolicyRefused(version, "verify", f"its base, version {manifest.base_version}, is not the one "
+                                                       "it was trained on (manifest sha256 differs)")
+            name = f"v{version}"
+            try:
+                config, weights = _read_adapter(self.store.path(version))
+                self.engine.run_between_steps(lambda: _put_adapter(base, name, config, weights)).result(timeout=120)
+            except Exception as e:  # a bad adapter refuses this version only
+                raise PolicyRefused(version, "load", f"{type(e).__name__}: {e}") from e
+            policy = Policy.from_pretrained(version, base.model, base.tokenizer, base=base, adapter=name)
+            weakref.finalize(policy, self._drop_adapter, base, name)  # the last request of it ended: free it
+        self._base = base
+        log.info("loaded policy version %d (%s, %.2fs)", version, "full weights" if manifest.base_version is None
+                 else f"adapter over v{manifest.base_version}", time.monotonic() - started)
+        return policy
+
+    def _full(self, version: int) -> SharedBase:
+        """The full-weight version `version` in memory: the one already there, or verified and loaded."""
+        if self._base is not None and self._base.version == version:
+            return self._base
+        try:
+            self.store.verify_files(version)
+        except VerificationError as e:
+            raise PolicyRefused(version, "verify", str(e)) from e
+        try:
+            model, tokenizer = load_causal_lm(self.store.path(version), self.settings)
+        except Exception as e:  # any loader failure (bad config, unsupported arch, OOM) refuses this version only
+            raise PolicyRefused(version, "load", f"{type(e).__name__}: {e}") from e
+        return SharedBase(version, model, tokenizer, self.store.manifest_sha256(version))
+
+    def _drop_adapter(self, base: SharedBase, name: str) -> None:
+        """(weakref.finalize, any thread) delete an adapter no policy uses any more, between engine steps."""
+        def drop() -> None:
+            if base.peft is not None and name in base.peft.peft_config and len(base.peft.peft_config) > 1:
+                base.peft.delete_adapter(name)  # (peft keeps at least one; a last one stays, switched off)
+        self.engine.run_between_steps(drop)
+
+    def _swap(self, policy: Policy) -> None:
+        old = self._current
+        if old is policy:
+            return
+        self._current = policy
+        metrics.policy_version.set(policy.version)
+        metrics.policy_swaps.inc()
+        log.info("now serving %s (was %s)", policy.fingerprint, "nothing" if old is None else old.fingerprint)
+
+    # -- background threads
+
+    def _run(self) -> None:
+        """Initial load, then start following announcements, then poll LATEST."""
+        try:
+            store = ensure_policy_store(self.settings)
+        except Exception as e:  # e.g. an unwritable store: /livez fails and the replica is restarted
+            self.failed = f"policy store {self.settings.policy_dir} unusable: {type(e).__name__}: {e}"
+            log.exception(self.failed)
+            return
+        latest = self._last_latest = store.latest()
+        for v in [latest, *sorted((v for v in store.versions() if v < latest), reverse=True)]:
+            try:
+                policy = self._load_or_refuse(v)
+            except PolicyRefused:
+                continue  # LATEST does not verify: fall back to the newest one that does
+            with self._lock:
+                if self._current is None:
+                    self._swap(policy)
+            break
+        else:
+            self.failed = f"no policy version in {store.root} verifies and loads: {self.refused}"
+            log.critical(self.failed)
+            return
+        follower = threading.Thread(target=self._follow, name="policy-follow", daemon=True)
+        self._threads.append(follower)
+        follower.start()
+        while not self._stop.wait(self.settings.policy_poll_s):
+            try:
+                latest = self.store.latest()
+            except (OSError, ValueError) as e:
+                log.warning("cannot read LATEST: %s", e)
+                continue
+            if latest is not None and latest != self._last_latest:
+                self._last_latest = latest
+                self.offer(latest, source="poll")
+
+    def _follow(self) -> None:
+        topic = self.settings.topic_policy_updates
+        while not self._stop.is_set():
+            consumer = None
+            try:
+                consumer = KafkaConsumer(
+                    **client_options(self.settings),
+                    client_id="rlhf-service-policy-follower", group_id=None, enable_auto_commit=False,
+                    auto_offset_reset="latest", request_timeout_ms=10000,
+                    bootstrap_timeout_ms=5000, reconnect_backoff_max_ms=1000,
+                )
+                if self.settings.create_topics:
+                    ensure_topics(self.settings, timeout=5)
+                partitions = consumer.partitions_for_topic(topic)
+                if not partitions:
+                    raise KafkaError(f"topic {topic} does not exist")
+                tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+                consumer.assign(tps)
+                consumer.seek_to_end(*tps)
+                for tp in tps:
+                    consumer.position(tp)  # resolve "the end" now: announcements from here on are seen
+                attached = time.time()
+                metrics.policy_following.set(1)
+                log.info("following %s (%d partitions)", topic, len(tps))
+                while not self._stop.is_set():
+                    for records in consumer.poll(timeout_ms=500).values():
+                        for record in records:
+                            self._on_announcement(record.value, attached)
+            except KafkaError as e:
+                log.warning("policy-updates follower: %s: %s; retrying (LATEST is still polled)", type(e).__name__, e)
+            finally:
+                metrics.policy_following.set(0)
+                if consumer is not None:
+                    consumer.close()
+            self._stop.wait(2.0)
+
+    def _on_announcement(self, value: bytes, attached: float) -> None:
+        try:
+            update = PolicyUpdate.model_validate_json(value)
+        except ValidationError as e:
+            log.warning("ignoring a malformed policy announcement: %s", e)
+            return
+        if update.ts.timestamp() < attached:
+            # a replay from before we attached (a broker whose "end" offset is off, as the embedded
+            # one's is): LATEST, read at start and polled, already speaks for that time
+            log.info("ignoring policy version %d announced before this replica followed the topic", update.version)
+            return
+        current = self._current
+        if update.rollback_of is not None:
+            log.warning("announced: rollback of policy version %d to %d", update.rollback_of, update.version)
+            if current is not None and current.version == update.rollback_of:
+                self.offer(update.version, files=update.files, source="rollback")
+                metrics.policy_rollbacks.inc()
+        else:
+            log.info("announced: policy version %d (parent %s)", update.version, update.parent_version)
+            self.offer(update.version, files=update.files, source="announcement")
+        metrics.policy_announcements.inc()  # after acting on it: "counted" means "decided"

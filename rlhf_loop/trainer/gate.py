@@ -1,0 +1,237 @@
+"""The promotion gate: does the round's candidate beat the current policy, close to the reference,
+without the marks of reward hacking, judged by a reward model that can be trusted?
+
+Both policies answer the same held-out prompts with the same sampling noise (a seeded
+generator per row: common random numbers make the comparison far less noisy than two
+independent samples), and are measured the same way:
+
+* reward:      mean reward-function score of the responses (this round's RM, or the rule),
+* kl_to_ref:   mean over responses of sum_t KL(pi(.|prefix_t) || pi_ref(.|prefix_t)), exact
+               over the vocabulary (kernels.full_kl), nats per response,
+* length:      mean response length in tokens,
+* distinct_2:  distinct token bigrams / bigrams over all responses (repetition shows here),
+* guard_pass:  share of the guard set's greedy answers (fixed prompts, rule checks) that pass.
+
+`decide` runs every check of GateConfig (each can be turned off) and promotes only if all
+pass; the checks and their values go to rounds.jsonl. The judge's own checks use the reward
+model's held-out metrics: AUROC at its lower confidence bound (rule rewards are exempt) and
+the gap between its predicted approval and the users' on the serving version's answers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from functools import partial
+from collections.abc import Collection
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from rlhf_loop.core.tastes import TASTES
+from rlhf_loop.trainer.config import GateConfig
+from rlhf_loop.trainer.dist import Dist
+from rlhf_loop.trainer.rollout import autocast, decode, encode_prompts, left_pad, row_seeds, sample, score_against_reference
+from rlhf_loop.trainer.reward_model import RewardFn
+
+
+BUILTIN_GUARD_SET = Path(__file__).with_name("guard_set.jsonl")
+
+
+@dataclass(frozen=True)
+class PolicyEval:
+    reward: float
+    kl_to_ref: float
+    length: float
+    responses: int
+    distinct_2: float = 1.0
+    guard_pass: float | None = None  # None: no guard set
+
+
+@dataclass(frozen=True)
+class GuardPrompt:
+    messages: list[dict]
+    checks: dict  # check name -> argument (GUARD_CHECKS)
+
+
+@dataclass(frozen=True)
+class Check:
+    passed: bool
+    value: float | None
+    bound: float | None
+    why: str = ""  # for a failed check: what the summary line says
+
+
+@dataclass(frozen=True)
+class Decision:
+    promoted: bool
+    reason: str
+    checks: dict[str, Check] = field(default_factory=dict)
+
+
+@torch.no_grad()
+def evaluate(
+    policy, reference, tokenizer, reward_fn: RewardFn, prompts: list[list[dict]], *, seed: int,
+    eos_ids: Collection[int], max_new_tokens: int, temperature: float, max_prompt_tokens: int, batch_size: int,
+    autocast_dtype: torch.dtype = torch.float32, dist: Dist = Dist(), guard: list[GuardPrompt] = (),
+) -> PolicyEval:
+    """Sample one response per prompt (seeded), score, measure exact KL to the reference, length and
+    distinct-2; then the greedy answer to each guard prompt, checked by its rules (greedy: a
+    regression check must not depend on sampling luck).
+
+    The prompts are split across ranks and the results gathered; prompt i draws its noise from
+    (seed, i) wherever it runs, so the evaluation does not depend on the number of ranks.
+    """
+    device = policy.device
+    was_training = policy.training
+    policy.eval()
+    sample_ = partial(_sample_texts, policy, tokenizer, eos_ids=eos_ids, max_new_tokens=max_new_tokens,
+                      temperature=temperature, max_prompt_tokens=max_prompt_tokens, batch_size=batch_size,
+                      autocast_dtype=autocast_dtype, dist=dist, device=device)
+
+    def measure(query, query_mask, response, mask, chunk, texts):
+        kl = score_against_reference(policy, reference, query, query_mask, response, mask, temperature=temperature,
+                                     estimator="full", batch_size=batch_size).kl
+        return (reward_fn(chunk, texts).float().cpu(), kl.sum(1).cpu(), mask.sum(1).float().cpu(),
+                [r[m].tolist() for r, m in zip(response.cpu(), mask.cpu())])
+
+    rows = sample_(prompts, seed, measure)
+    reward = torch.cat([r[0] for r in rows]) if rows else torch.zeros(0)
+    kl = torch.cat([r[1] for r in rows]) if rows else torch.zeros(0)
+    length = torch.cat([r[2] for r in rows]) if rows else torch.zeros(0)
+    tokens = [t for r in rows for t in r[3]]
+    guard_pass = None
+    if guard:
+        answers = sample_([g.messages for g in guard], seed, lambda *a: [a[-1]], temperature=0.0)
+        texts = [t for chunk in answers for t in chunk[0]]
+        guard_pass = sum(passes(g, t) for g, t in zip(guard, texts)) / len(guard)
+    policy.train(was_training)
+    return PolicyEval(reward.mean().item(), kl.mean().item(), length.mean().item(), len(prompts),
+                      distinct_2(tokens), guard_pass)
+
+
+def _sample_texts(policy, tokenizer, prompts, seed, measure, *, eos_ids, max_new_tokens, temperature,
+                  max_prompt_tokens, batch_size, autocast_dtype, dist, device) -> list:
+    """`measure(query, query_mask, response, mask, prompts, texts)` for each chunk of this rank's share of
+    `prompts` (row i seeded with (seed, i)), gathered from every rank in prompt order."""
+    mine, real = dist.shard(len(prompts))
+    out = []
+    for i in range(0, len(mine), batch_size):
+        rows = mine[i:i + batch_size]
+        keep = max(0, min(len(rows), real - i))  # this chunk's rows that are not padding (Dist.shard)
+        chunk = [prompts[r] for r in rows]
+        query, query_mask = left_pad(encode_prompts(tokenizer, chunk, max_prompt_tokens), tokenizer.pad_token_id, device)
+        with autocast(device, autocast_dtype):
+            response, mask = sample(policy, query, query_mask, max_new_tokens=max_new_tokens, temperature=temperature,
+                                    eos_ids=eos_ids, pad_id=tokenizer.pad_token_id, seeds=row_seeds(seed, rows=rows),
+                                    lockstep=dist.all if dist.sharded else None)
+            measured = measure(query, query_mask, response, mask, chunk, decode(tokenizer, response, mask))
+        out.append(tuple(m[:keep] for m in measured))
+    return [part for rank in dist.gather(out) for part in rank]
+
+
+def decide(candidate: PolicyEval, current: PolicyEval, cfg: GateConfig, judge: dict | None = None) -> Decision:
+    """Every check of the gate; promote only if all pass. `judge`: the reward model's held-out
+    metrics (RewardMetrics as a dict; None when a rule is the reward)."""
+    c, cur = candidate, current
+    checks = {
+        "reward": Check(c.reward > cur.reward + cfg.min_reward_gain, c.reward, cur.reward + cfg.min_reward_gain,
+                        f"reward {c.reward:.3f} does not beat current {cur.reward:.3f}"
+                        + (f" + {cfg.min_reward_gain:g}" if cfg.min_reward_gain else "")),
+        "kl": Check(c.kl_to_ref < cfg.max_kl, c.kl_to_ref, cfg.max_kl,  # (< also fails on nan)
+                    f"KL to reference {c.kl_to_ref:.2f} >= bound {cfg.max_kl:g}"),
+        "length_down": Check(c.length >= cfg.min_length_ratio * cur.length, c.length, cfg.min_length_ratio * cur.length,
+                             f"mean length {c.length:.1f} < {cfg.min_length_ratio:g} x current {cur.length:.1f}"),
+    }
+    if cfg.max_length_ratio:
+        checks["length_up"] = Check(c.length <= cfg.max_length_ratio * cur.length, c.length,
+                                    cfg.max_length_ratio * cur.length,
+                                    f"mean length {c.length:.1f} > {cfg.max_length_ratio:g} x current {cur.length:.1f}")
+    if cfg.min_distinct_ratio:
+        checks["distinct_2"] = Check(c.distinct_2 >= cfg.min_distinct_ratio * cur.distinct_2, c.distinct_2,
+                                     cfg.min_distinct_ratio * cur.distinct_2,
+                                     f"distinct-2 {c.distinct_2:.2f} < {cfg.min_distinct_ratio:g} x current "
+                                     f"{cur.distinct_2:.2f} (repetition)")
+    if c.guard_pass is not None and cur.guard_pass is not None:
+        bound = cur.guard_pass - cfg.guard_tolerance
+        checks["guard_set"] = Check(c.guard_pass >= bound, c.guard_pass, bound,
+                                    f"guard set pass rate {c.guard_pass:.2f} < current {cur.guard_pass:.2f} "
+                                    f"- {cfg.guard_tolerance:g}")
+    if judge is not None and cfg.min_rm_auroc:
+        lcb = judge.get("auroc_lcb")
+        checks["rm_auroc"] = Check(lcb is not None and lcb >= cfg.min_rm_auroc, lcb, cfg.min_rm_auroc,
+                                   "reward model cannot yet predict held-out votes: AUROC "
+                                   f"{judge.get('auroc', math.nan):.2f} (95% lower bound "
+                                   f"{math.nan if lcb is None else lcb:.2f}) < {cfg.min_rm_auroc:g}")
+    if judge is not None and cfg.max_rm_approval_gap and judge.get("approval_gap") is not None:
+        gap = judge["approval_gap"]
+        checks["rm_approval_gap"] = Check(gap <= cfg.max_rm_approval_gap, gap, cfg.max_rm_approval_gap,
+                                          f"reward model's predicted approval is {gap:.2f} from the users' "
+                                          f"(> {cfg.max_rm_approval_gap:g})")
+    failed = [ch.why for ch in checks.values() if not ch.passed]
+    if failed:
+        return Decision(False, "; ".join(failed), checks)
+    return Decision(True, f"reward {cur.reward:.3f} -> {c.reward:.3f}, KL {c.kl_to_ref:.2f} < {cfg.max_kl:g}, "
+                          f"length {c.length:.1f} vs {cur.length:.1f}", checks)
+
+
+# ---------------------------------------------------------------------------- the guard set
+
+
+def load_guard_set(spec: str | None) -> list[GuardPrompt]:
+    """GateConfig.guard_set: 'builtin' (trainer/guard_set.jsonl), a JSONL path, or None (no guard set)."""
+    if spec is None:
+        return []
+    path = BUILTIN_GUARD_SET if spec == "builtin" else Path(spec)
+    out = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            row = json.loads(line)
+            unknown = set(row["checks"]) - set(GUARD_CHECKS)
+            if unknown:
+                raise ValueError(f"{path}:{n}: unknown checks {sorted(unknown)}; known: {sorted(GUARD_CHECKS)}")
+            out.append(GuardPrompt(row["messages"], row["checks"]))
+    return out
+
+
+def _mentions(answer: str, words: list[str], prompt: str) -> bool:
+    return all(re.search(rf"\b{re.escape(w.lower())}", answer.lower()) for w in words)
+
+
+def _max_repeat(answer: str, n: int, prompt: str) -> bool:
+    """No word repeated more than n times in a row."""
+    words, run = answer.lower().split(), 1
+    for a, b in zip(words, words[1:]):
+        run = run + 1 if a == b else 1
+        if run > n:
+            return False
+    return True
+
+
+GUARD_CHECKS = {
+    "mentions": _mentions,  # every listed word (as a word start: 'cat' matches 'cats')
+    "min_words": lambda answer, n, prompt: len(answer.split()) >= n,
+    "max_words": lambda answer, n, prompt: len(answer.split()) <= n,
+    "not_contains": lambda answer, texts, prompt: not any(t.lower() in answer.lower() for t in texts),
+    "max_repeat": _max_repeat,
+    "taste": lambda answer, name, prompt: TASTES[name](prompt, answer),  # a taste of core/tastes.py
+}
+
+
+def passes(guard: GuardPrompt, answer: str) -> bool:
+    prompt = next((m["content"] for m in reversed(guard.messages) if m["role"] == "user"), "")
+    return all(GUARD_CHECKS[name](answer, arg, prompt) for name, arg in guard.checks.items())
+
+
+def distinct_2(responses: list[list[int]]) -> float:
+    """Distinct token bigrams / bigrams over all responses (1.0 when there are none)."""
+    bigrams = [(a, b) for r in responses for a, b in zip(r, r[1:])]
+    return len(set(bigrams)) / len(bigrams) if bigrams else 1.0
+
+
+def eval_prompt_plan(heldout: list[list[dict]], responses: int) -> list[list[dict]]:
+    """The held-out prompts repeated in order until there are `responses` of them."""
+    reps = math.ceil(responses / len(heldout))
+    return (heldout * reps)[:responses]

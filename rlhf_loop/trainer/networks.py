@@ -1,0 +1,418 @@
+"""The networks a round uses, laid out one of two ways (TrainConfig.adapter):
+
+             policy (LATEST, trained in place)   reference                  reward model backbone
+    full     its own weights                     its own weights (frozen)   its own weights
+    lora     adapter 'policy'                    the base, adapters off     adapter 'reward'
+             ... in lora mode all three sit on ONE frozen base, the reference version, in a peft PeftModel.
+
+The policy trains in place: a round takes a `snapshot()` of what will train (the policy's
+weights or its adapter, and the value head) before PPO, and `restore()`s it if the gate
+rejects the candidate, so no second copy of the policy is ever held on the device (the gate
+evaluates the current policy before it trains, trainer/round.py).
+
+A `Net` is a network called like the Hugging Face model (`net(input_ids=..., ...)`); it
+switches its own adapter on around the call, so the round never touches adapters. Sharing
+the base is sound because it never trains in lora mode: the reference is exactly the base,
+the reward model is the base with its own adapter and head, and the value head reads the
+policy's hidden states (in full mode it shares the policy's backbone the same way). In full
+mode the reward model has its own weights: training it would otherwise move the policy.
+
+What trains is an nn.Module each (`PolicyWithValue`, `RewardModel`), so that DDP or FSDP2
+(trainer/dist.py) can wrap it. A full-weight version is a `save_pretrained` checkpoint; a LoRA
+version is the adapter in peft's format (`adapter_model.safetensors` + `adapter_config.json`)
+whose manifest names its base (core/policy_store.py). Full mode can start from a LoRA LATEST
+(merged into full weights); lora mode needs LATEST to be the base or an adapter over it.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from rlhf_loop.core.contracts import Settings
+from rlhf_loop.core.models import load_causal_lm, resolve_device
+from rlhf_loop.core.policy_store import PolicyStore
+from rlhf_loop.trainer.config import TrainConfig
+from rlhf_loop.trainer.dist import Dist
+
+log = logging.getLogger(__name__)
+
+ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
+
+
+@dataclass(eq=False)
+class Net:
+    """`module` called with `adapter` switched on (lora), or as it is (full)."""
+
+    module: torch.nn.Module  # what a call runs: the causal LM, or the reward model's backbone body
+    peft: torch.nn.Module | None = None  # lora: the PeftModel holding every adapter
+    adapter: str | None = None  # lora: the adapter on during the call; None = all adapters off (the base)
+
+    def __call__(self, **kwargs):
+        with self.active():
+            return self.module(**kwargs)
+
+    @contextmanager
+    def active(self):
+        if self.peft is None:
+            yield
+        elif self.adapter is None:
+            with self.peft.disable_adapter():
+                yield
+        else:
+            if self.peft.active_adapter != self.adapter:
+                self.peft.set_adapter(self.adapter)  # also makes it the one that requires grad
+            yield
+
+    def named_trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """What training this network changes: every weight (full), or its adapter's (lora)."""
+        if self.peft is None:
+            return list(self.module.named_parameters())
+        tag = f".{self.adapter}."
+        return [(n, p) for n, p in self.peft.named_parameters() if tag in n]
+
+    def train(self, mode: bool = True) -> "Net":
+        self.module.train(mode)
+        return self
+
+    def eval(self) -> "Net":
+        return self.train(False)
+
+    @property
+    def training(self) -> bool:
+        return self.module.training
+
+    @property
+    def config(self):
+        return self.module.config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.module.parameters()).device
+
+
+class PolicyWithValue(torch.nn.Module):
+    """What an algorithm trains: the policy and (PPO) its value head, one module for DDP / FSDP2 to wrap."""
+
+    def __init__(self, policy: Net, value_head: torch.nn.Linear | None):
+        super().__init__()
+        self.lm, self.value_head = policy.module, value_head  # registered: the wrappers see their parameters
+        self.policy = policy  # not a module attribute of ours (a Net): switches the adapter around calls
+
+    def forward(self, query, query_mask, response, response_mask, *, temperature: float):
+        """(B, P) query and (B, R) response -> trainer.rollout.Forward (log-probs, entropy, values)."""
+        from rlhf_loop.trainer.rollout import forward
+
+        return forward(self.policy, query, query_mask, response, response_mask, temperature=temperature,
+                       value_head=self.value_head)
+
+    def trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
+        head = [] if self.value_head is None else self.value_head.named_parameters()
+        return [*self.policy.named_trainable(), *(("value_head." + n, p) for n, p in head)]
+
+
+class RewardModel(torch.nn.Module):
+    """A backbone (`Net` over the base model's body) + a scalar head on the last real token.
+
+    input_ids, attention_mask (B, T), any padding side -> scores (B,) fp32.
+    """
+
+    def __init__(self, body: Net, head: torch.nn.Linear):
+        super().__init__()
+        self.backbone, self.head = body.module, head  # registered for DDP / FSDP2
+        self.body = body
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        from rlhf_loop.trainer.rollout import position_ids
+
+        hidden = self.body(input_ids=input_ids, attention_mask=attention_mask.long(),
+                           position_ids=position_ids(attention_mask), use_cache=False).last_hidden_state  # (B, T, H)
+        T = input_ids.shape[1]
+        last = (attention_mask.long() * torch.arange(T, device=input_ids.device)).argmax(-1)  # (B,)
+        h = hidden[torch.arange(len(last), device=last.device), last]  # (B, H)
+        return self.head(h.to(self.head.weight.dtype)).squeeze(-1).float()
+
+    def trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
+        return [*self.body.named_trainable(), *(("head." + n, p) for n, p in self.head.named_parameters())]
+
+    @property
+    def device(self) -> torch.device:
+        return self.head.weight.device
+
+    def save(self, path: Path | None) -> None:
+        """safetensors (what trains: body or its adapter, and the head), written to a temp file and renamed.
+        With FSDP2 every rank calls this (the shards are gathered); the others pass None."""
+        save_atomic(full_tensors(self.trainable()), path)
+
+    def load(self, saved: dict[str, torch.Tensor]) -> bool:
+        """Last round's weights, if they fit this layout (False, and a log line, if not: e.g. full -> lora)."""
+        mine = dict(self.trainable())
+        if set(saved) != set(mine) or any(saved[k].shape != mine[k].shape for k in mine):  # (a DTensor: global shape)
+            log.warning("the saved reward model does not fit this layout (full vs lora?); it starts afresh")
+            return False
+        _load_into(mine, saved)
+        return True
+
+
+@dataclass
+class Networks:
+    layout: Literal["full", "lora"]
+    policy: Net  # the current policy (LATEST) at a round's start; the candidate while it trains
+    reference: Net
+    reward: RewardModel
+    base_version: int  # lora: the version the adapters apply to (the reference); full: the reference too
+    settings: Settings
+
+    # ------------------------------------------------------------------ building
+
+    @classmethod
+    def open(cls, settings: Settings, store: PolicyStore, train: TrainConfig, layout: Literal["full", "lora"],
+             current_version: int, reference_version: int, dist: Dist = Dist()) -> "Networks":
+        if store.manifest(reference_version).base_version is not None:
+            raise ValueError(f"the reference, version {reference_version}, is a LoRA adapter; it must be full weights")
+        torch.manual_seed(0)  # fresh heads and adapters start equal on every rank (no initial broadcast)
+        nets = (_open_lora if layout == "lora" else _open_full)(settings, store, train, reference_version, dist)
+        if current_version != reference_version:  # the policy starts as the reference (a copy, or a zero adapter)
+            nets.follow(store, current_version)
+        return nets
+
+    # ------------------------------------------------------------------ per round
+
+    def snapshot(self, *modules: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """What the round will train (the policy's weights or adapter, and `modules`), copied to CPU
+        (this rank's shards with FSDP2)."""
+        return {n: _local(p).detach().to("cpu", copy=True) for n, p in self._trained(modules)}
+
+    @torch.no_grad()
+    def restore(self, snapshot: dict[str, torch.Tensor], *modules: torch.nn.Module) -> None:
+        """Back to a snapshot: the gate rejected the candidate (or the round was aborted)."""
+        for n, p in self._trained(modules):
+            _local(p).copy_(snapshot[n])
+
+    @torch.no_grad()
+    def interpolate(self, start: dict[str, torch.Tensor], end: dict[str, torch.Tensor], alpha: float,
+                    *modules: torch.nn.Module) -> None:
+        """The trained weights at start + alpha (end - start): a candidate's update scaled back."""
+        for n, p in self._trained(modules):
+            _local(p).copy_(start[n] + alpha * (end[n] - start[n]))
+
+    def _trained(self, modules) -> list[tuple[str, torch.nn.Parameter]]:
+        return [*self.policy.named_trainable(),
+                *((f"{i}.{n}", p) for i, m in enumerate(modules) for n, p in m.named_parameters())]
+
+    def gather(self) -> dict[str, torch.Tensor]:
+        """The policy's weights (full) or adapter weights (lora, in peft's key format), whole, on CPU.
+        With FSDP2 every rank must call this: the shards are gathered (on rank 0)."""
+        if self.layout == "full":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            module = self.policy.module
+            state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            # tied weights (lm_head = embeddings) come back as two tensors after a gather; keep the one
+            # named_parameters names, as save_pretrained does for a tied model
+            keep = {n for n, _ in module.named_parameters()} | {n for n, _ in module.named_buffers()}
+            return {k: v for k, v in state.items() if k in keep}
+        tag = f".{self.policy.adapter}."  # peft saves '...q_proj.lora_A.weight' for our '...q_proj.lora_A.<adapter>.weight'
+        return {n.replace(tag, "."): t for n, t in full_tensors(self.policy.named_trainable()).items()}
+
+    def write(self, weights: dict[str, torch.Tensor], tokenizer, d: Path) -> None:
+        """A version's files from `gather()`'s weights: a checkpoint (full) or a peft adapter (lora)."""
+        if self.layout == "full":
+            self.policy.module.save_pretrained(d, state_dict=weights, safe_serialization=True)
+            tokenizer.save_pretrained(d)
+            return
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(d / ADAPTER_WEIGHTS))
+        peft = self.policy.peft
+        peft.peft_config[self.policy.adapter].save_pretrained(str(d))  # adapter_config.json
+        extra = d / self.policy.adapter  # (peft writes a non-default adapter's config into a subfolder)
+        if extra.is_dir():
+            (extra / ADAPTER_CONFIG).replace(d / ADAPTER_CONFIG)
+            extra.rmdir()
+
+    def follow(self, store: PolicyStore, version: int) -> None:
+        """Make `version` (verified by the caller) the policy: its weights into the policy's module or adapter."""
+        manifest = store.manifest(version)
+        if self.layout == "full":
+            weights = load_full(store, version, self.settings).state_dict()
+            _load_into(dict(self.policy.module.named_parameters()), weights)
+            return
+        if version == self.base_version:
+            _reset_adapter(self.policy.peft, self.policy.adapter)
+        elif manifest.base_version == self.base_version:
+            _load_adapter(self.policy.peft, self.policy.adapter, store.path(version))
+        else:
+            raise ValueError(
+                f"LATEST (version {version}) is {'full weights' if manifest.base_version is None else 'an adapter over version ' + str(manifest.base_version)}, "
+                f"not an adapter over the reference, version {self.base_version}: LoRA training needs its base to be "
+                f"the reference. Train full weights (train.adapter=full), or make it the reference "
+                f"(ppo.reference_version={version}) if it is full weights.")
+
+
+# ---------------------------------------------------------------------------- layouts
+
+
+def load_full(store: PolicyStore, version: int, settings: Settings) -> torch.nn.Module:
+    """A version as a plain causal LM (dropout off): a checkpoint as it is, an adapter merged into its base."""
+    base_version = store.manifest(version).base_version
+    if base_version is None:
+        return without_dropout(load_causal_lm(store.path(version), settings)[0])
+    from peft import PeftModel
+
+    base = load_causal_lm(store.path(base_version), settings)[0]
+    return without_dropout(PeftModel.from_pretrained(base, str(store.path(version))).merge_and_unload())
+
+
+def without_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """Every dropout off (GPT-2 has 0.1 in three places). PPO's ratio pi/pi_old must be exactly 1 before
+    the first step and the gate compares policies on the same noise; TRL's PPO and reward trainers
+    disable dropout for the same reasons."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    return model
+
+
+def _open_full(settings: Settings, store: PolicyStore, train: TrainConfig, reference_version: int,
+               dist: Dist) -> Networks:
+    from transformers import AutoModel
+
+    reference = load_full(store, reference_version, settings).requires_grad_(False)
+    policy = copy.deepcopy(reference).float().requires_grad_(True)  # fp32 master weights; autocast does bf16
+    body = without_dropout(AutoModel.from_pretrained(store.path(reference_version), dtype=torch.float32,
+                                                     use_safetensors=True)).to(resolve_device(settings))
+    if train.gradient_checkpointing:
+        for model in (policy, body):
+            _checkpoint_activations(model)
+    for model in (reference, policy, body):
+        dist.shard_model(model)
+    return Networks("full", policy=Net(policy), reference=Net(reference),
+                    reward=_reward_model(Net(body), body.config, dist), base_version=reference_version, settings=settings)
+
+
+def _open_lora(settings: Settings, store: PolicyStore, train: TrainConfig, reference_version: int,
+               dist: Dist) -> Networks:
+    from peft import get_peft_model
+
+    base = load_full(store, reference_version, settings)  # bf16 on CUDA: frozen; the adapters stay fp32
+    base.requires_grad_(False)
+    if train.gradient_checkpointing:
+        _checkpoint_activations(base)  # the policy's and the reward model's passes both run through it
+    cfg = _lora_config(train, base)
+    peft = get_peft_model(base, cfg, adapter_name="policy")
+    peft.add_adapter("reward", copy.deepcopy(cfg))
+    dist.shard_model(peft)
+    body = peft.get_base_model().base_model  # the decoder body (LlamaModel, GPT2Model, ...) with adapters injected
+    return Networks("lora", policy=Net(peft, peft, "policy"), reference=Net(peft, peft, None),
+                    reward=_reward_model(Net(body, peft, "reward"), base.config, dist),
+                    base_version=reference_version, settings=settings)
+
+
+def _checkpoint_activations(model) -> None:
+    """train.gradient_checkpointing: transformers recomputes each decoder layer in the backward pass
+    (only while the model is in training mode, so sampling keeps its KV cache). Non-reentrant, so a
+    frozen base with trainable adapters needs no inputs that require grad."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        log.warning("%s does not support gradient checkpointing; training keeps every layer's activations",
+                    type(model).__name__)
+        return
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers' newer name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def _lora_config(train: TrainConfig, base: torch.nn.Module):
+    from peft import LoraConfig
+    from transformers.pytorch_utils import Conv1D
+
+    targets = train.lora_target_modules
+    # GPT-2's projections are transformers' Conv1D, whose weight is (in, out): peft must be told, or it
+    # corrects the setting itself with a warning on every start
+    transposed = any(isinstance(m, Conv1D) for m in base.modules())
+    return LoraConfig(r=train.lora_rank, lora_alpha=train.lora_alpha, lora_dropout=train.lora_dropout,
+                      target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")],
+                      fan_in_fan_out=transposed, bias="none", task_type="CAUSAL_LM")
+
+
+def _reward_model(body: Net, config, dist: Dist) -> RewardModel:
+    head = torch.nn.Linear(config.hidden_size, 1, device=body.device)
+    torch.nn.init.zeros_(head.weight)  # the first round starts from score 0 for everything
+    torch.nn.init.zeros_(head.bias)
+    dist.shard_model(head)
+    return RewardModel(body, head)
+
+
+# ---------------------------------------------------------------------------- tensors (FSDP2 shards or plain)
+
+
+def save_atomic(tensors: dict[str, torch.Tensor], path: Path | None) -> None:
+    """safetensors to a temp file, renamed over `path` (None: nothing to write on this rank)."""
+    if path is None:
+        return
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    tmp.replace(path)
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a parameter: the local shard of an FSDP2 DTensor, or the tensor itself."""
+    return p.to_local() if hasattr(p, "to_local") else p
+
+
+def full_tensors(named) -> dict[str, torch.Tensor]:
+    """name -> the whole tensor on CPU: FSDP2's DTensor shards are gathered (a collective: every rank calls)."""
+    out = {}
+    for n, p in named:
+        t = p.detach()
+        out[n] = (t.full_tensor() if hasattr(t, "full_tensor") else t).to("cpu", copy=True)
+    return out
+
+
+@torch.no_grad()
+def _load_into(params: dict[str, torch.nn.Parameter], weights: dict[str, torch.Tensor]) -> None:
+    """Whole tensors into parameters (a DTensor takes its own shard of each)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    for name, p in params.items():
+        src = weights[name].to(p.dtype)
+        if isinstance(p, DTensor):
+            src = distribute_tensor(src.to(p.device_mesh.device_type), p.device_mesh, p.placements)
+            p.to_local().copy_(src.to_local())
+        else:
+            p.copy_(src.to(p.device))
+
+
+@torch.no_grad()
+def _reset_adapter(peft, adapter: str) -> None:
+    """The adapter as the identity: LoRA's B matrices zero (peft's own initialisation)."""
+    for name, p in peft.named_parameters():
+        if f".{adapter}." in name and ".lora_B." in name:
+            p.zero_()
+
+
+def _load_adapter(peft, adapter: str, version_dir: Path) -> None:
+    """A stored adapter's weights into `adapter`; its shape (rank, target modules) must match the trainer's."""
+    from peft import LoraConfig
+    from peft.utils import set_peft_model_state_dict  # noqa: F401  (the format we read is peft's)
+
+    stored = LoraConfig.from_pretrained(str(version_dir))
+    mine = peft.peft_config[adapter]
+    if (stored.r, set(stored.target_modules or [])) != (mine.r, set(mine.target_modules or [])):
+        raise ValueError(f"{version_dir} is a rank-{stored.r} adapter on {sorted(stored.target_modules)}; the trainer "
+                         f"is configured for rank {mine.r} on {sorted(mine.target_modules)} (train.lora_*)")
+    weights = load_file(version_dir / ADAPTER_WEIGHTS)
+    # peft's saved keys leave the adapter name out: '...q_proj.lora_A.weight' is our '...q_proj.lora_A.<adapter>.weight'
+    params = {n: p for n, p in peft.named_parameters() if f".{adapter}." in n}
+    by_saved = {n.replace(f".{adapter}.", "."): n for n in params}
+    if set(by_saved) != set(weights):
+        raise ValueError(f"{version_dir}: adapter weights do not fit (missing {sorted(set(by_saved) - set(weights))[:3]}, "
+                         f"unexpected {sorted(set(weights) - set(by_saved))[:3]})")
+    _load_into(params, {by_saved[k]: v for k, v in weights.items()})

@@ -1,0 +1,243 @@
+"""Training and using the reward model: the base model's backbone + a scalar head (trainer/networks.py
+builds it: its own weights in full mode, a LoRA adapter on the shared base in lora mode).
+
+Input is the chat-templated prompt plus the response as an assistant turn; the score is
+the head applied to the last real token's hidden state. Trained each round, warm-started
+from the previous round's weights (<trainer_dir>/reward_model.safetensors), on:
+
+* pointwise thumbs: BCE(sigmoid(score), share of up-votes), weighted by the vote count
+  (RewardConfig.pointwise_loss="logistic"), or MSE to the mean rating ("mse", for numeric
+  ratings);
+* pairwise Bradley-Terry: -log sigmoid(s_liked - s_disliked) for responses to the same
+  prompt, one liked and one disliked (weight RewardConfig.pairwise_weight).
+
+A rule from core.tastes can stand in for the learned model as the reward source
+(`rule_reward`): both are `RewardFn`s, (prompts, completions) -> (N,) scores.
+Held-out responses (by hash of response_id, so the split is stable as data accumulates)
+give accuracy (sign of the score against the sign of the rating) and AUROC every round.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from rlhf_loop.core.tastes import TASTES
+from rlhf_loop.trainer.config import RewardConfig
+from rlhf_loop.trainer.dist import Dist
+from rlhf_loop.trainer.networks import RewardModel
+from rlhf_loop.trainer.rollout import autocast, left_pad
+from rlhf_loop.trainer.store import Example
+
+RewardFn = Callable[[list[list[dict]], list[str]], torch.Tensor]
+
+
+def encode(tokenizer, messages: list[dict], completion: str, max_length: int) -> list[int]:
+    """Chat template of prompt + the response as an assistant turn; keeps the last max_length ids."""
+    conv = [*messages, {"role": "assistant", "content": completion}]
+    return list(tokenizer.apply_chat_template(conv, tokenize=True, return_dict=False))[-max_length:]
+
+
+@torch.no_grad()
+def score(rm: RewardModel, tokenizer, prompts: list[list[dict]], completions: list[str], *,
+          max_length: int, batch_size: int = 64, autocast_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(N,) fp32 scores on the RM's device."""
+    device = rm.device
+    ids = [encode(tokenizer, p, c, max_length) for p, c in zip(prompts, completions)]
+    out = []
+    was_training = rm.training
+    rm.eval()
+    for i in range(0, len(ids), batch_size):
+        x, m = left_pad(ids[i:i + batch_size], tokenizer.pad_token_id, device)
+        with autocast(device, autocast_dtype):
+            out.append(rm(x, m))
+    rm.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0, device=device)
+
+
+def rule_reward(name: str) -> RewardFn:
+    """+1 where the rule likes the (last user message, response), else -1."""
+    taste = TASTES[name]
+
+    def reward(prompts: list[list[dict]], completions: list[str]) -> torch.Tensor:
+        return torch.tensor([1.0 if taste(_last_user(p), c) else -1.0 for p, c in zip(prompts, completions)])
+
+    return reward
+
+
+def _last_user(messages: list[dict]) -> str:
+    return next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+
+
+# ---------------------------------------------------------------------------- training
+
+
+def is_heldout(response_id: str, fraction: float) -> bool:
+    """Stable split: the same response is held out in every round."""
+    bucket = int.from_bytes(hashlib.sha256(response_id.encode()).digest()[:8], "big") / 2**64
+    return bucket < fraction
+
+
+def make_pairs(examples: list[Example], max_pairs_per_prompt: int, rng: random.Random) -> list[tuple[int, int]]:
+    """(liked, disliked) index pairs of responses to the same prompt (rating > 0 vs < 0)."""
+    by_prompt: dict[str, tuple[list[int], list[int]]] = defaultdict(lambda: ([], []))
+    for i, ex in enumerate(examples):
+        if ex.rating != 0:
+            by_prompt[ex.prompt_key][0 if ex.rating > 0 else 1].append(i)
+    pairs = []
+    for liked, disliked in by_prompt.values():
+        candidates = [(a, b) for a in liked for b in disliked]
+        pairs.extend(rng.sample(candidates, min(max_pairs_per_prompt, len(candidates))))
+    return pairs
+
+
+def reward_loss(
+    scores: torch.Tensor, ratings: torch.Tensor, weights: torch.Tensor, pointwise: str,
+    liked: torch.Tensor, disliked: torch.Tensor, pairwise_weight: float,
+    weight_total: float | None = None, pair_total: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(total, pointwise, pairwise) losses.
+
+    scores, ratings (mean rating in [-1, 1]), weights (vote counts): (N,);
+    liked, disliked: (M,) scores of paired responses (M may be 0). weight_total / pair_total
+    replace the local sum of weights / number of pairs as denominators when the batch is split
+    across ranks (each rank's share then adds up to the whole batch's loss).
+    """
+    if pointwise == "logistic":
+        target = (ratings + 1.0) / 2.0  # share of up-votes
+        per = torch.nn.functional.binary_cross_entropy_with_logits(scores, target, reduction="none")
+    else:
+        per = (scores - ratings).square()
+    point = (per * weights).sum() / (weights.sum() if weight_total is None else weight_total)
+    pairs = len(liked) if pair_total is None else pair_total
+    pair = -torch.nn.functional.logsigmoid(liked - disliked).sum() / pairs if pairs else scores.new_zeros(())
+    return point + pairwise_weight * pair, point, pair
+
+
+@dataclass
+class RewardMetrics:
+    train_examples: int
+    heldout_examples: int
+    pairs: int
+    steps: int
+    loss: float
+    accuracy: float  # held-out, sign(score) vs sign(rating); nan without held-out labels
+    auroc: float  # held-out; nan unless both classes are present
+    auroc_lcb: float | None = None  # its lower 95 % confidence bound for this many held-out up / down labels
+    heldout_up: int = 0
+    heldout_down: int = 0
+    approval_gap: float | None = None  # |predicted - live approval| on held-out answers of the serving version (>= 20)
+
+
+def train_reward_model(
+    rm: RewardModel, tokenizer, examples: list[Example], cfg: RewardConfig, *, seed: int,
+    autocast_dtype: torch.dtype = torch.float32, progress=None, dist: Dist = Dist(), serving_version: int = 0,
+) -> RewardMetrics:
+    """A few hundred steps at most on the training split, then held-out accuracy / AUROC.
+
+    Every rank draws the same batches; each trains on its share of each (DDP / FSDP2 average
+    the gradients), with the loss normalised by the whole batch's votes and pairs.
+    """
+    device = rm.device
+    rng = random.Random(seed)
+    train = [e for e in examples if not is_heldout(e.response_id, cfg.heldout_fraction)]
+    heldout = [e for e in examples if is_heldout(e.response_id, cfg.heldout_fraction)]
+    pairs = make_pairs(train, cfg.max_pairs_per_prompt, rng) if cfg.pairwise_weight > 0 else []
+    ids = [encode(tokenizer, e.messages, e.completion, cfg.max_length) for e in train]
+    ratings = torch.tensor([e.rating for e in train], dtype=torch.float32, device=device)
+    weights = torch.tensor([e.n_votes for e in train], dtype=torch.float32, device=device)
+    steps = min(cfg.max_steps, math.ceil(cfg.epochs * len(train) / cfg.batch_size)) if train else 0
+    if progress is not None:
+        progress.reset(total=steps)
+    params = [p for _, p in rm.trainable()]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    rm.train()
+    with rm.body.active():  # DDP takes the parameters that require grad now: the reward adapter's (lora)
+        trainable = dist.data_parallel(rm)
+    order: list[int] = []
+    pair_order: list[int] = []
+    losses = []
+    for _ in range(steps):
+        if len(order) < cfg.batch_size:
+            order += rng.sample(range(len(train)), len(train))
+        batch, order = order[:cfg.batch_size], order[cfg.batch_size:]
+        if pairs and len(pair_order) < cfg.batch_size:
+            pair_order += rng.sample(range(len(pairs)), len(pairs))
+        pair_batch, pair_order = [pairs[i] for i in pair_order[:cfg.batch_size]], pair_order[cfg.batch_size:]
+        weight_total = weights[torch.tensor(batch, device=device)].sum().item()
+        pair_total = len(pair_batch)
+        mine, real = dist.shard(len(batch))
+        batch = [batch[i] for i in mine[:real]]
+        mine, real = dist.shard(len(pair_batch))
+        pair_batch = [pair_batch[i] for i in mine[:real]]
+        rows = batch + [a for a, _ in pair_batch] + [b for _, b in pair_batch]  # one forward for all
+        x, m = left_pad([ids[i] for i in rows], tokenizer.pad_token_id, device)
+        with autocast(device, autocast_dtype):
+            s = trainable(x, m)
+        n, k = len(batch), len(pair_batch)
+        idx = torch.tensor(batch, device=device, dtype=torch.long)
+        loss, _, _ = reward_loss(s[:n], ratings[idx], weights[idx], cfg.pointwise_loss, s[n:n + k], s[n + k:],
+                                 cfg.pairwise_weight, weight_total=weight_total, pair_total=pair_total)
+        opt.zero_grad(set_to_none=True)
+        (loss * dist.world).backward()  # DDP / FSDP2 average the ranks' gradients: their sum is the batch's
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        opt.step()
+        losses.append(dist.sum(loss.item()))
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(loss=f"{losses[-1]:.3f}")
+    rm.eval()
+    metrics = RewardMetrics(len(train), len(heldout), len(pairs), steps,
+                            sum(losses[-10:]) / max(1, len(losses[-10:])) if losses else float("nan"),
+                            float("nan"), float("nan"))
+    labelled = [e for e in heldout if e.rating != 0]
+    if labelled:
+        mine, real = dist.shard(len(labelled))
+        local = score(rm, tokenizer, [labelled[i].messages for i in mine], [labelled[i].completion for i in mine],
+                      max_length=cfg.max_length, autocast_dtype=autocast_dtype).cpu()[:real]
+        s = torch.cat(dist.gather(local))
+        y = torch.tensor([e.rating > 0 for e in labelled])
+        metrics.accuracy = ((s > 0) == y).float().mean().item()
+        metrics.auroc = binary_auroc(s, y)
+        metrics.heldout_up, metrics.heldout_down = int(y.sum()), int((~y).sum())
+        metrics.auroc_lcb = auroc_lower_bound(metrics.auroc, metrics.heldout_up, metrics.heldout_down)
+        serving = [i for i, e in enumerate(labelled) if e.policy_version == serving_version]
+        if len(serving) >= 20:
+            idx = torch.tensor(serving)
+            weights = torch.tensor([labelled[i].n_votes for i in serving])
+            live = (torch.tensor([(labelled[i].rating + 1) / 2 for i in serving]) * weights).sum() / weights.sum()
+            predicted = (_approval(s[idx], cfg.pointwise_loss) * weights).sum() / weights.sum()
+            metrics.approval_gap = abs(predicted - live).item()
+    return metrics
+
+
+def _approval(scores: torch.Tensor, pointwise: str) -> torch.Tensor:
+    """The reward model's predicted share of up-votes for each score (how its pointwise loss reads it)."""
+    return torch.sigmoid(scores) if pointwise == "logistic" else ((scores + 1) / 2).clamp(0, 1)
+
+
+def auroc_lower_bound(auroc: float, n_pos: int, n_neg: int, z: float = 1.645) -> float | None:
+    """One-sided 95 % lower confidence bound of an AUROC from n_pos positives and n_neg negatives,
+    with Hanley & McNeil's (1982) standard error. None without both classes."""
+    if n_pos == 0 or n_neg == 0 or not math.isfinite(auroc):
+        return None
+    a = auroc
+    q1, q2 = a / (2 - a), 2 * a * a / (1 + a)
+    var = (a * (1 - a) + (n_pos - 1) * (q1 - a * a) + (n_neg - 1) * (q2 - a * a)) / (n_pos * n_neg)
+    return a - z * math.sqrt(max(var, 0.0))
+
+
+def binary_auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """P(score of a random positive > score of a random negative), ties count half. (N,), (N,) bool."""
+    pos, neg = scores[labels], scores[~labels]
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    diff = pos[:, None] - neg[None, :]
+    return ((diff > 0).float() + 0.5 * (diff == 0).float()).mean().item()
+

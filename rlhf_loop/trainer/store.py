@@ -1,0 +1,337 @@
+"""The trainer's durable example store: SQLite (WAL, synchronous=FULL) in <trainer_dir>/labels.sqlite.
+
+Votes and responses are joined here, not in memory: a vote that arrives before its response
+waits in `votes` until the interaction lands (or `late_vote_window_s` passes), and a label is
+simply a row of the join. Everything one Kafka poll brings is applied in ONE transaction,
+together with the consumer's own record of the next offset per partition; the consumer
+commits offsets to Kafka only after that transaction committed (docs/trainer.md, "join and
+commit protocol"). Redelivered messages are recognised by `event_id` and do nothing.
+
+Aggregation: a response's label is every user's latest non-deleted vote on it (one vote per
+`feedback_id`, which by default is one per user and choice). The example's `rating` is the
+mean rating and `n_votes` its count, so the pointwise logistic loss on the up-vote fraction
+weighted by `n_votes` equals the sum of one loss per vote.
+
+Influence cap: no voter (the user, else the API key's hash, else the client address: the
+event's `voter`) may carry more than `max_voter_share` of the labels a round trains on. A
+voter over the cap has each vote down-weighted to `cap / their votes` (`voter_weights`), so
+`rating` is then the weighted mean and `n_votes` the weighted count.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from rlhf_loop.core.contracts import Feedback, Interaction
+from rlhf_loop.trainer.killpoints import killpoint
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS interactions (
+    response_id TEXT NOT NULL, choice_index INTEGER NOT NULL,
+    event_id TEXT NOT NULL, prompt_key TEXT NOT NULL, completion TEXT NOT NULL,
+    completion_tokens INTEGER NOT NULL, policy_version INTEGER NOT NULL, finish_reason TEXT NOT NULL,
+    received REAL NOT NULL,
+    PRIMARY KEY (response_id, choice_index)
+);
+CREATE TABLE IF NOT EXISTS votes (               -- latest event per feedback_id; tombstones kept as deleted=1
+    feedback_id TEXT PRIMARY KEY, response_id TEXT NOT NULL, choice_index INTEGER NOT NULL,
+    user TEXT, rating REAL, deleted INTEGER NOT NULL, ts REAL NOT NULL, event_id TEXT NOT NULL,
+    received REAL NOT NULL, seq INTEGER NOT NULL,  -- seq: when this vote last changed or got joined
+    voter TEXT                                     -- the identity the influence cap counts (Feedback.voter or user)
+);
+CREATE INDEX IF NOT EXISTS votes_by_response ON votes (response_id, choice_index);
+CREATE INDEX IF NOT EXISTS votes_by_seq ON votes (seq);
+CREATE TABLE IF NOT EXISTS prompts (prompt_key TEXT PRIMARY KEY, messages TEXT NOT NULL, last_seen REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS seen_events (event_id TEXT PRIMARY KEY, received REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    topic TEXT NOT NULL, partition INTEGER NOT NULL, "offset" INTEGER NOT NULL, value_sha256 TEXT NOT NULL,
+    reason TEXT NOT NULL, received REAL NOT NULL,
+    PRIMARY KEY (topic, partition, "offset", value_sha256)
+);
+CREATE TABLE IF NOT EXISTS consumed_offsets (     -- the consumer's own record: offset after the last stored batch
+    topic TEXT NOT NULL, partition INTEGER NOT NULL, next_offset INTEGER NOT NULL, updated REAL NOT NULL,
+    PRIMARY KEY (topic, partition)
+);
+CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+@dataclass(frozen=True)
+class Example:
+    """One labelled response: the prompt, what the policy answered, and what users thought."""
+
+    response_id: str
+    choice_index: int
+    prompt_key: str
+    messages: list[dict]  # the prompt, [{"role", "content"}, ...]
+    completion: str
+    rating: float  # (weighted) mean of the votes' ratings (+1 / -1 for thumbs)
+    n_votes: float  # (weighted) number of votes: below their count when a voter was over the cap
+    policy_version: int = 0  # the version that answered
+
+
+@dataclass(frozen=True)
+class DeadLetterKey:
+    topic: str
+    partition: int
+    offset: int
+    value_sha256: str
+    reason: str
+
+
+@dataclass
+class BatchResult:
+    interactions: int = 0
+    votes: int = 0
+    duplicates: int = 0
+    stale: int = 0  # older than the stored vote for the same feedback_id
+    dead_letters: int = 0
+
+
+def voter_weights(voters: list[str], cap: float) -> dict[str, float]:
+    """voter -> the weight of each of their votes, so that no voter's share of the total weight exceeds `cap`.
+
+    Water-filling: every voter's total is min(their votes, T), with T the largest level at which
+    T <= cap x (everyone's total); a voter below T keeps weight 1. With fewer than 1 / cap voters
+    no level satisfies that; then every voter counts equally (T = the smallest count), as close
+    to the cap as their number allows.
+    """
+    counts: dict[str, int] = {}
+    for v in voters:
+        counts[v] = counts.get(v, 0) + 1
+    if not counts or cap >= 1.0:
+        return {v: 1.0 for v in counts}
+    level = cap * sum(counts.values())
+    for _ in range(100):  # T = cap * sum(min(c, T)) decreases to its fixed point
+        total = sum(min(c, level) for c in counts.values())
+        if level <= cap * total + 1e-9:
+            break
+        level = cap * total
+    else:
+        level = min(counts.values())
+    if level < min(counts.values()) and len(counts) < 1 / cap:
+        level = min(counts.values())
+    return {v: min(1.0, level / c) for v, c in counts.items()}
+
+
+def prompt_key(messages: list[dict]) -> str:
+    canonical = json.dumps([[m["role"], m["content"]] for m in messages], ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+
+class LabelStore:
+    def __init__(self, path: Path, *, late_vote_window_s: float, dedupe_window_s: float, prompt_pool_size: int):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.late_vote_window_s = late_vote_window_s
+        self.dedupe_window_s = dedupe_window_s
+        self.prompt_pool_size = prompt_pool_size
+        self.db = sqlite3.connect(path, isolation_level=None, timeout=30.0)  # explicit BEGIN/COMMIT below
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")  # a committed batch survives power loss, not just a crash
+        self.db.executescript(SCHEMA)
+        if "voter" not in {r[1] for r in self.db.execute("PRAGMA table_info(votes)")}:  # a store from before the cap
+            self.db.execute("ALTER TABLE votes ADD COLUMN voter TEXT")
+
+    def close(self) -> None:
+        self.db.close()
+
+    # ------------------------------------------------------------------ writes
+
+    def apply_batch(
+        self,
+        events: list[Interaction | Feedback],
+        next_offsets: dict[tuple[str, int], int],
+        dead_letters: list[DeadLetterKey] = (),
+        now: float | None = None,
+    ) -> BatchResult:
+        """Apply one poll's events, record its dead letters and next offsets: all or nothing."""
+        now = time.time() if now is None else now
+        result = BatchResult()
+        cur = self.db.cursor()
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            for event in events:
+                if cur.execute("INSERT OR IGNORE INTO seen_events VALUES (?, ?)", (str(event.event_id), now)).rowcount == 0:
+                    result.duplicates += 1
+                elif isinstance(event, Interaction):
+                    result.interactions += self._apply_interaction(cur, event, now)
+                else:
+                    applied = self._apply_feedback(cur, event, now)
+                    result.votes += applied
+                    result.stale += 1 - applied
+            killpoint("consume:applied")  # inside the transaction: a kill here must store nothing
+            for d in dead_letters:
+                result.dead_letters += cur.execute(
+                    "INSERT OR IGNORE INTO dead_letters VALUES (?, ?, ?, ?, ?, ?)",
+                    (d.topic, d.partition, d.offset, d.value_sha256, d.reason, now),
+                ).rowcount
+            cur.executemany(
+                "INSERT OR REPLACE INTO consumed_offsets VALUES (?, ?, ?, ?)",
+                [(t, p, o, now) for (t, p), o in next_offsets.items()],
+            )
+            cur.execute("COMMIT")
+        except BaseException:
+            cur.execute("ROLLBACK")
+            raise
+        return result
+
+    def _next_seq(self, cur: sqlite3.Cursor) -> int:
+        return cur.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM votes").fetchone()[0]
+
+    def _apply_interaction(self, cur: sqlite3.Cursor, ev: Interaction, now: float) -> int:
+        messages = [m.model_dump() for m in ev.messages]
+        key = prompt_key(messages)
+        inserted = cur.execute(
+            "INSERT OR IGNORE INTO interactions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (ev.response_id, ev.choice_index, str(ev.event_id), key, ev.completion,
+             len(ev.completion_token_ids), ev.policy_version, ev.finish_reason, now),
+        ).rowcount
+        cur.execute(
+            "INSERT INTO prompts VALUES (?, ?, ?) ON CONFLICT (prompt_key) DO UPDATE SET last_seen = excluded.last_seen",
+            (key, json.dumps(messages, ensure_ascii=False), now),
+        )
+        if inserted:  # votes that waited for this response become labels now: they are new to the trigger
+            cur.execute("UPDATE votes SET seq = ? WHERE response_id = ? AND choice_index = ?",
+                        (self._next_seq(cur), ev.response_id, ev.choice_index))
+        return inserted
+
+    def _apply_feedback(self, cur: sqlite3.Cursor, ev: Feedback, now: float) -> int:
+        """Upsert the vote (or its tombstone) unless a newer event for this feedback_id is stored."""
+        ts = ev.ts.timestamp()
+        row = cur.execute("SELECT ts FROM votes WHERE feedback_id = ?", (ev.feedback_id,)).fetchone()
+        if row is not None and row[0] > ts:
+            return 0
+        cur.execute(
+            "INSERT OR REPLACE INTO votes (feedback_id, response_id, choice_index, user, rating, deleted, ts, event_id, "
+            "received, seq, voter) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (ev.feedback_id, ev.response_id, ev.choice_index, ev.user,
+             None if ev.deleted else float(ev.rating), int(ev.deleted), ts, str(ev.event_id), now, self._next_seq(cur),
+             ev.voter or ev.user),
+        )
+        return 1
+
+    def prune(self, now: float | None = None) -> dict[str, int]:
+        """Bound the state: expire votes that waited too long for their response, responses
+        nobody voted on within the window, old tombstones and dedupe records, surplus prompts."""
+        now = time.time() if now is None else now
+        late, dedupe = now - self.late_vote_window_s, now - self.dedupe_window_s
+        cur = self.db.cursor()
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            out = {
+                "expired_votes": cur.execute(
+                    "DELETE FROM votes WHERE received < ? AND NOT EXISTS (SELECT 1 FROM interactions i WHERE "
+                    "i.response_id = votes.response_id AND i.choice_index = votes.choice_index)", (late,)).rowcount,
+                "unvoted_interactions": cur.execute(
+                    "DELETE FROM interactions WHERE received < ? AND NOT EXISTS (SELECT 1 FROM votes v WHERE "
+                    "v.response_id = interactions.response_id AND v.choice_index = interactions.choice_index)",
+                    (late,)).rowcount,
+                "tombstones": cur.execute("DELETE FROM votes WHERE deleted = 1 AND received < ?", (dedupe,)).rowcount,
+                "seen_events": cur.execute("DELETE FROM seen_events WHERE received < ?", (dedupe,)).rowcount,
+                "dead_letters": cur.execute("DELETE FROM dead_letters WHERE received < ?", (dedupe,)).rowcount,
+                "prompts": cur.execute(
+                    "DELETE FROM prompts WHERE prompt_key NOT IN (SELECT prompt_key FROM prompts "
+                    "ORDER BY last_seen DESC LIMIT ?) AND prompt_key NOT IN (SELECT prompt_key FROM interactions)",
+                    (self.prompt_pool_size,)).rowcount,
+            }
+            cur.execute("COMMIT")
+        except BaseException:
+            cur.execute("ROLLBACK")
+            raise
+        return out
+
+    def set(self, key: str, value) -> None:
+        self.db.execute("INSERT OR REPLACE INTO kv VALUES (?, ?)", (key, json.dumps(value)))
+
+    # ------------------------------------------------------------------ reads
+
+    def get(self, key: str, default=None):
+        row = self.db.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
+        return default if row is None else json.loads(row[0])
+
+    def known_dead_letter(self, d: DeadLetterKey) -> bool:
+        return self.db.execute(
+            'SELECT 1 FROM dead_letters WHERE topic = ? AND partition = ? AND "offset" = ? AND value_sha256 = ?',
+            (d.topic, d.partition, d.offset, d.value_sha256),
+        ).fetchone() is not None
+
+    def examples(self, max_voter_share: float = 1.0) -> list[Example]:
+        """Every labelled response (joined, with at least one non-deleted vote), by response id
+        (a fixed order for a given set of labels, whatever the arrival timing), its votes weighted
+        so that no voter carries more than `max_voter_share` of them (voter_weights)."""
+        rows = self.db.execute(
+            "SELECT i.response_id, i.choice_index, i.prompt_key, p.messages, i.completion, i.policy_version, "
+            "v.rating, COALESCE(v.voter, v.feedback_id) "
+            "FROM interactions i JOIN votes v ON v.response_id = i.response_id AND v.choice_index = i.choice_index "
+            "JOIN prompts p ON p.prompt_key = i.prompt_key WHERE v.deleted = 0 "
+            "ORDER BY i.response_id, i.choice_index"
+        ).fetchall()
+        weight = voter_weights([r[7] for r in rows], max_voter_share)
+        out: list[Example] = []
+        for (rid, choice, key, messages, completion, version, rating, voter) in rows:
+            w = weight[voter]
+            if out and (out[-1].response_id, out[-1].choice_index) == (rid, choice):
+                prev = out[-1]
+                n = prev.n_votes + w
+                out[-1] = Example(rid, choice, key, prev.messages, completion, (prev.rating * prev.n_votes + rating * w) / n,
+                                  n, version)
+            else:
+                out.append(Example(rid, choice, key, json.loads(messages), completion, rating, w, version))
+        return out
+
+    def approval_by_version(self) -> dict[int, tuple[int, int]]:
+        """policy version -> (up-votes, down-votes): every live vote on a response that version gave."""
+        return {v: (up, down) for v, up, down in self.db.execute(
+            "SELECT i.policy_version, SUM(v.rating > 0), SUM(v.rating < 0) FROM votes v JOIN interactions i ON "
+            "v.response_id = i.response_id AND v.choice_index = i.choice_index WHERE v.deleted = 0 "
+            "GROUP BY i.policy_version")}
+
+    def voter_counts(self) -> dict[str, int]:
+        """Live joined votes per voter (votes without a voter count as their own voter each)."""
+        return dict(self.db.execute(
+            "SELECT COALESCE(v.voter, v.feedback_id), COUNT(*) FROM votes v JOIN interactions i ON "
+            "v.response_id = i.response_id AND v.choice_index = i.choice_index WHERE v.deleted = 0 "
+            "GROUP BY 1").fetchall())
+
+    def label_count(self, since_seq: int = 0) -> int:
+        """Joined votes (tombstones included: a withdrawal changes the labels) changed after `since_seq`."""
+        return self.db.execute(
+            "SELECT COUNT(*) FROM votes v JOIN interactions i ON v.response_id = i.response_id "
+            "AND v.choice_index = i.choice_index WHERE v.seq > ?", (since_seq,)).fetchone()[0]
+
+    def label_seq(self) -> int:
+        return self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM votes").fetchone()[0]
+
+    def votes(self) -> dict[str, float]:
+        """feedback_id -> rating of every live (non-deleted) vote that joined a response."""
+        return dict(self.db.execute(
+            "SELECT v.feedback_id, v.rating FROM votes v JOIN interactions i ON v.response_id = i.response_id "
+            "AND v.choice_index = i.choice_index WHERE v.deleted = 0").fetchall())
+
+    def label_stats(self) -> tuple[int, float | None]:
+        """(labels: live votes joined to their response, event time of the newest vote stored or None)."""
+        labels = self.db.execute(
+            "SELECT COUNT(*) FROM votes v JOIN interactions i ON v.response_id = i.response_id "
+            "AND v.choice_index = i.choice_index WHERE v.deleted = 0").fetchone()[0]
+        return labels, self.db.execute("SELECT MAX(ts) FROM votes WHERE deleted = 0").fetchone()[0]
+
+    def pending_votes(self) -> int:
+        return self.db.execute(
+            "SELECT COUNT(*) FROM votes v WHERE v.deleted = 0 AND NOT EXISTS (SELECT 1 FROM interactions i "
+            "WHERE i.response_id = v.response_id AND i.choice_index = v.choice_index)").fetchone()[0]
+
+    def prompts(self) -> list[tuple[str, list[dict]]]:
+        """(prompt_key, messages) of the prompt pool, ordered by key (a stable pseudo-random order)."""
+        return [(k, json.loads(m)) for k, m in self.db.execute("SELECT prompt_key, messages FROM prompts ORDER BY prompt_key")]
+
+    def consumed_offsets(self) -> dict[tuple[str, int], int]:
+        """(topic, partition) -> the offset after the last batch stored from it. For inspection: the
+        consumer's position comes from Kafka's committed offsets, so after a broker that lost its
+        data (tansu restarts empty) reading starts over and the event_id dedupe keeps labels exact."""
+        return {(t, p): o for t, p, o in self.db.execute("SELECT topic, partition, next_offset FROM consumed_offsets")}
