@@ -2,42 +2,48 @@
 # rlhf-loop: one image, two entrypoints (docs/deploy.md).
 #
 #   docker build -t rlhf-loop:0.1.0 .                                        # CPU torch (default)
-#   docker build -t rlhf-loop:0.1.0-cu128 --build-arg TORCH_VARIANT=cu128 .  # CUDA torch for the GPU trainer
+#   docker build -t rlhf-loop:0.1.0-cuda --build-arg TORCH_VARIANT=cuda .    # CUDA torch for the GPU trainer
 #   docker run --rm -p 3000:3000 rlhf-loop:0.1.0                             # rlhf serve
 #   docker run --rm rlhf-loop:0.1.0 train                                    # rlhf train (needs Kafka + policy store)
 #
 # tests/deploy/test_dockerfile.py lints this file with hadolint and replays the builder
-# stage's install steps in a fresh venv, then starts `rlhf serve` from it.
+# stage's install steps in a fresh venv, then starts `rlhf serve` from it. Every Python
+# package comes from requirements/image-<variant>.lock (exact versions, sha256-checked).
 
 # Pinned to a patch release; pin the digest as well in your registry mirror.
 ARG PYTHON_IMAGE=python:3.11.13-slim-bookworm
 
 # ---------------------------------------------------------------------------- builder
-# A venv in /opt/venv holding torch and the project; the runtime stage copies it whole.
+# A venv in /opt/venv holding exactly the lock's packages and the project; the runtime stage copies it whole.
 FROM ${PYTHON_IMAGE} AS builder
-# Keep TORCH_VERSION equal to the torch pin in pyproject.toml (a test checks it).
-ARG TORCH_VERSION=2.13.0
-# cpu, or a CUDA build PyTorch publishes for TORCH_VERSION (cu126, cu128, ...). CUDA wheels
-# carry their own CUDA runtime as pip packages; the node supplies only the driver.
+# cpu, or cuda: which lock the venv is made from (requirements/image-<variant>.lock), hence which
+# torch build. The cuda lock has PyPI's own torch build (CUDA 13.0): its CUDA runtime comes as
+# pip packages, the node supplies only the driver.
 ARG TORCH_VARIANT=cpu
-# The tests pass pip's own index here, which finds the CPU wheel the way `make install` does.
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/${TORCH_VARIANT}
-# pip byte-compiles what it installs: the runtime's root file system is read-only.
-ENV PIP_DISABLE_PIP_VERSION_CHECK=1
-RUN python -m venv /opt/venv
-ENV PATH=/opt/venv/bin:$PATH
-# torch alone first: the largest layer, rebuilt only when its version or variant changes.
-RUN --mount=type=cache,target=/root/.cache/pip \
-    pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
+# Where uv finds the CPU build of torch; the lock's sha256 is checked whatever the source. The
+# tests pass this machine's copy of it here.
+ARG TORCH_CPU_SOURCE="--extra-index-url https://download.pytorch.org/whl/cpu --index-strategy unsafe-best-match"
+# Bytecode compiled at install: the runtime's root file system is read-only.
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    UV_COMPILE_BYTECODE=1 \
+    UV_LINK_MODE=copy \
+    UV_PYTHON_DOWNLOADS=never
 WORKDIR /src
+COPY requirements/bootstrap.txt requirements/image-cpu.lock requirements/image-cuda.lock ./requirements/
+# uv from its hashed pin, in a venv of its own that the runtime stage leaves behind
+RUN python -m venv /opt/uv \
+    && /opt/uv/bin/pip install --no-cache-dir --require-hashes --no-deps -r requirements/bootstrap.txt \
+    && python -m venv /opt/venv
+# The locked dependencies first, torch among them: the largest layer, rebuilt only when a lock changes.
+RUN --mount=type=cache,target=/root/.cache/uv \
+    if [ "$TORCH_VARIANT" = cpu ]; then torch_source="$TORCH_CPU_SOURCE"; else torch_source=""; fi \
+    && /opt/uv/bin/uv pip sync --python /opt/venv/bin/python --require-hashes $torch_source \
+        "requirements/image-${TORCH_VARIANT}.lock"
+ENV PATH=/opt/venv/bin:$PATH
 COPY pyproject.toml README.md ./
-COPY rlhf ./rlhf
-COPY service ./service
-COPY trainer ./trainer
-COPY kernels ./kernels
-# A regular (not editable) install: the runtime stage needs nothing from /src.
-RUN --mount=type=cache,target=/root/.cache/pip \
-    pip install .
+COPY rlhf_loop ./rlhf_loop
+# A regular (not editable) install, nothing but the project: the runtime stage needs nothing from /src.
+RUN /opt/uv/bin/uv pip install --python /opt/venv/bin/python --no-deps /src
 
 # ---------------------------------------------------------------------------- model
 # The embedded default model, trained here once (~1 min) so that pods start in seconds.

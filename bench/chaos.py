@@ -223,13 +223,13 @@ def main() -> int:
             supervisor.watch(2.0)
         caught_up_s = time.monotonic() - t0 - users_s
 
-        policies = PolicyStore(settings.policy_dir)
+        policy_store = PolicyStore(settings.policy_dir)
         logged = {int(v) for v in re.findall(r"now serving policy-v(\d+)", (loop.logs / "service.log").read_text())}
         served = sorted(logged | streamer.versions | {v.version for v in sim.votes})
         unverified = {}
         for v in served:
             try:
-                policies.verify(v)
+                policy_store.verify(v)
             except (VerificationError, OSError, ValueError) as e:
                 unverified[v] = f"{type(e).__name__}: {e}"
         # how long each service kill left the streaming client without an answer
@@ -252,7 +252,7 @@ def main() -> int:
             "chat_attempted": attempts, "chat_answered": answered,
             "chat_availability": round(answered / attempts, 4) if attempts else None,
             "service_kill_to_next_answer_s": outages, "chat_error_samples": sim.chat_errors[:3],
-            "versions_published": len([v for v in policies.versions() if v > 0]), "latest": policies.latest(),
+            "versions_published": len([v for v in policy_store.versions() if v > 0]), "latest": policy_store.latest(),
             "versions_served": served, "half_written_version_served": bool(unverified), "unverified": unverified,
             "quarantined": metric(loop.url, "rlhf_events_quarantined_total"),
         }

@@ -256,7 +256,7 @@ def service(source: Path, model_dir: str, bootstrap: str, state: Path):
 # ---------------------------------------------------------------------------- in-process
 
 
-def engine_level(policy, prompt_ids: list[list[int]], concurrency: int, n_requests: int, max_tokens: int) -> dict:
+def engine_level(loaded, prompt_ids: list[list[int]], concurrency: int, n_requests: int, max_tokens: int) -> dict:
     from rlhf_loop.service.engine import Engine
     from rlhf_loop.service.request import SamplingParams
     from rlhf_loop.service.scheduler import Limits
@@ -268,7 +268,7 @@ def engine_level(policy, prompt_ids: list[list[int]], concurrency: int, n_reques
         params = SamplingParams(temperature=1.0, top_p=1.0, max_tokens=max_tokens, n=1, stop=(), seed=i)
         t0 = time.perf_counter()
         ttft, tokens = None, 0
-        async for d in engine.stream(policy, prompt_ids[i % len(prompt_ids)], params):
+        async for d in engine.stream(loaded, prompt_ids[i % len(prompt_ids)], params):
             ttft = ttft if ttft is not None or not d.text else time.perf_counter() - t0
             tokens += len(d.token_ids)
         return Done(ttft, time.perf_counter() - t0, tokens)
@@ -387,10 +387,10 @@ def run_model(name: str, args, settings: Settings, broker: EmbeddedBroker, work:
         threads = torch.get_num_threads()
         torch.set_num_threads(max(1, threads - 1))  # as service/service.py gives its engine
         model, tok = load_causal_lm(model_dir, Settings(device="cpu" if not torch.cuda.is_available() else "cuda"))
-        from rlhf_loop.service.engine import Policy
+        from rlhf_loop.service.loaded import LoadedVersion
 
-        policy = Policy.from_pretrained(0, model, tok)
-        prompt_ids = [policy.encode_chat([{"role": "user", "content": t}]) for t in prompts(max(n for _, n in levels))]
+        loaded = LoadedVersion.of(0, model, tok)
+        prompt_ids = [loaded.encode_chat([{"role": "user", "content": t}]) for t in prompts(max(n for _, n in levels))]
         for variant in in_process:
             load = os.getloadavg()
             print(f"[{name}] {variant}", flush=True)
@@ -398,7 +398,7 @@ def run_model(name: str, args, settings: Settings, broker: EmbeddedBroker, work:
 
             def level(c: int, n: int) -> dict:
                 if variant == "engine":
-                    return engine_level(policy, prompt_ids, c, n, args.max_tokens)
+                    return engine_level(loaded, prompt_ids, c, n, args.max_tokens)
                 if variant == "hf-cb":
                     return hf_cb_level(manager, prompt_ids, c, n, args.max_tokens)
                 return hf_generate_level(model, tok, prompt_ids, c, n, args.max_tokens)

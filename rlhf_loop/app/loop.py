@@ -81,7 +81,7 @@ class Loop:
         return open(self.logs / f"{name}.log", "ab")
 
     def start(self) -> None:
-        # each run starts from the base model: clear the last run's policies, labels and spool
+        # each run starts from the base model: clear the last run's policy_store, labels and spool
         # (the built model in models/ is kept, so a second run starts in seconds)
         marker = self.state / ".rlhf-loop-run"
         if self.state.exists():

@@ -29,8 +29,6 @@ from rlhf_loop.core.models import CHATML
 
 RECIPE = 1  # bump when a shape, the tokenizer or the template changes: cached copies are rebuilt
 
-from rlhf_loop.core.models import CHATML
-
 ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 
 # name -> (architecture, config fields). Shapes of released models where a name says so.

@@ -24,12 +24,12 @@ import uvicorn
 from fastapi import Depends, FastAPI, Request
 
 from rlhf_loop.core.contracts import Settings
-from rlhf_loop.service.api import APIError, bearer_token, new_app, parse, read_body
-from rlhf_loop.service.versions import PolicyManager, PolicyRefused, UnknownVersion
+from rlhf_loop.service.http import APIError, bearer_token, new_app, parse, read_body
+from rlhf_loop.service.versions import UnknownVersion, VersionManager, VersionRefused
 from rlhf_loop.service.schemas import PinRequest
 
 
-def make_admin_app(settings: Settings, policies: PolicyManager) -> FastAPI:
+def make_admin_app(settings: Settings, versions: VersionManager) -> FastAPI:
     app = new_app("rlhf-loop admin API")
     admin_key = settings.admin_key.get_secret_value()
 
@@ -43,25 +43,25 @@ def make_admin_app(settings: Settings, policies: PolicyManager) -> FastAPI:
             raise APIError(403, "This key may not use the admin API.", code="permission_denied")
 
     @app.get("/admin/versions", dependencies=[Depends(require_admin)])
-    async def versions():
-        return await anyio.to_thread.run_sync(policies.status)
+    async def list_versions():
+        return await anyio.to_thread.run_sync(versions.status)
 
     @app.post("/admin/pin", dependencies=[Depends(require_admin)])
     async def pin(request: Request):
         req = parse(PinRequest, await read_body(request, settings.max_body_bytes))
         try:
-            await anyio.to_thread.run_sync(policies.pin, req.version)  # loads and verifies first
+            await anyio.to_thread.run_sync(versions.pin, req.version)  # loads and verifies first
         except UnknownVersion:
             raise APIError(404, f"No policy version {req.version} in the store.", param="version",
                            code="version_not_found") from None
-        except PolicyRefused as e:
+        except VersionRefused as e:
             raise APIError(409, str(e), param="version", code="policy_refused") from None
-        return await anyio.to_thread.run_sync(policies.status)
+        return await anyio.to_thread.run_sync(versions.status)
 
     @app.post("/admin/unpin", dependencies=[Depends(require_admin)])
     async def unpin():
-        await anyio.to_thread.run_sync(policies.unpin)  # loads LATEST before answering
-        return await anyio.to_thread.run_sync(policies.status)
+        await anyio.to_thread.run_sync(versions.unpin)  # loads LATEST before answering
+        return await anyio.to_thread.run_sync(versions.status)
 
     return app
 

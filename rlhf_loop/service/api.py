@@ -7,11 +7,10 @@
     GET  /                       the chat playground (service/static/playground.html)
     GET  /openapi.json, /docs    the OpenAPI document (service/openapi.py) and its Swagger UI page
 
-The admin API listens on its own port (service/admin.py).
+The admin API listens on its own port (service/admin.py); both are built on service/http.py.
 Every handler checks everything before it writes anything: a rejected request (4xx, in
-OpenAI's error shape) writes no event. Bodies are read and parsed here, not by FastAPI,
-so that size limits hold for streamed bodies and validation errors become OpenAI's 400
-with the offending `param` named.
+OpenAI's error shape) writes no event. The parts a handler uses (engine, versions, event log,
+vote caps) are the running service's, reached through `current()`.
 """
 
 from __future__ import annotations
@@ -25,31 +24,30 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, Protocol
 
 import anyio
 import bentoml
-from fastapi import Depends, FastAPI, Request
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel, ValidationError
-from starlette.convertors import PathConvertor, register_url_convertor
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from fastapi import Depends, Request
+from fastapi.responses import FileResponse, HTMLResponse, StreamingResponse
 
 from rlhf_loop.core.contracts import (
     Feedback, Interaction, Message, Sampling, feedback_id_for, make_response_id, parse_response_id,
     split_feedback_id,
 )
+from rlhf_loop.core.contracts import Settings
 from rlhf_loop.service import metrics, openapi
-from rlhf_loop.service.engine import EngineFull, Generation, Policy
-from rlhf_loop.service.limits import vote_identities
+from rlhf_loop.service.engine import Engine, EngineFull, Generation
+from rlhf_loop.service.events import EventLog
+from rlhf_loop.service.http import APIError, bearer_token, new_app, parse, read_body
+from rlhf_loop.service.limits import VoteLimits, vote_identities
+from rlhf_loop.service.loaded import LoadedVersion
 from rlhf_loop.service.request import Delta, SamplingParams
 from rlhf_loop.service.schemas import (
     AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice, ChunkChoice, ChunkDelta,
     ErrorBody, ErrorResponse, FeedbackAccepted, FeedbackRequest, ModelCard, ModelList, Usage,
 )
-
-if TYPE_CHECKING:
-    from rlhf_loop.service.service import ChatService
+from rlhf_loop.service.versions import VersionManager
 
 log = logging.getLogger(__name__)
 
@@ -59,151 +57,27 @@ MAX_STOP_STRINGS = 4  # as OpenAI
 RETRY_AFTER_S = 1
 
 
-# ---------------------------------------------------------------------------- errors
+# ---------------------------------------------------------------------------- app, auth
 
 
-class APIError(Exception):
-    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
-
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error", headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.body = status, ErrorBody(message=message, type=type, param=param, code=code)
-        self.headers = {**({"WWW-Authenticate": "Bearer"} if status == 401 else {}), **(headers or {})}
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(ErrorResponse(error=self.body).model_dump(), status_code=self.status,
-                            headers=self.headers or None)
-
-
-_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
-
-
-def _param(loc: tuple) -> str | None:
-    """pydantic's ('messages', 0, 'role') -> OpenAI's 'messages[0].role'."""
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif not str(part).isidentifier() or part in _TYPE_TAGS:
-            continue  # the union-member labels pydantic adds to the path ('str', 'list[TextPart]', ...)
-        else:
-            out += f".{part}" if out else str(part)
-    return out or None
-
-
-Body = TypeVar("Body", bound=BaseModel)
-
-
-def parse(model: type[Body], raw: bytes) -> Body:
-    try:
-        return model.model_validate_json(raw)
-    except ValidationError as e:
-        err = e.errors(include_url=False)[0]
-        if err["type"] == "json_invalid":
-            raise APIError(400, "We could not parse the JSON body of your request. "
-                                f"({err['msg']})", code="invalid_json") from None
-        if err["type"] == "model_type" and not err["loc"]:
-            raise APIError(400, "The request body must be a JSON object.", code="invalid_json") from None
-        param = _param(err["loc"])
-        raise APIError(400, f"Invalid value for '{param}': {err['msg']}" if param else err["msg"],
-                       param=param, code="invalid_value") from None
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, or 413 when it is (declared or actually) over `limit` bytes."""
-    declared = request.headers.get("content-length", "")
-    too_big = declared.isdigit() and int(declared) > limit
-    stream = request.stream()
-    if not too_big:
-        buf = bytearray()
-        async for chunk in stream:
-            buf += chunk
-            if len(buf) > limit:
-                too_big = True
-                break
-        else:
-            return bytes(buf)
-    drained = 0  # read (a bounded amount of) the rest, so the client sees our 413 rather than a reset
-    async for chunk in stream:
-        drained += len(chunk)
-        if drained > 16 * limit:
-            break
-    raise APIError(413, f"Request body too large: the limit is {limit} bytes.", code="request_too_large")
-
-
-# ---------------------------------------------------------------------------- app, auth, metrics
-
-
-class CountRequests:
-    """ASGI middleware: rlhf_requests_total{endpoint, status}."""
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        status = 500
-
-        async def send_(message):
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_)
-        finally:
-            metrics.requests.labels(endpoint=_endpoint(scope["path"]), status=str(status)).inc()
-
-
-def _endpoint(path: str) -> str:
-    for prefix, name in (("/v1/chat/completions", "chat"), ("/v1/feedback", "feedback"),
-                         ("/v1/models", "models"), ("/admin/", "admin")):
-        if path.startswith(prefix):
-            return name
-    return "other"
-
-
-def new_app(title: str) -> FastAPI:
-    """A FastAPI app whose every error is OpenAI's JSON and whose requests are counted."""
-    app = FastAPI(title=title, docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(CountRequests)
-
-    @app.exception_handler(APIError)
-    async def _api_error(_: Request, e: APIError) -> JSONResponse:
-        return e.response()
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
-        code = {404: "unknown_url", 405: "method_not_allowed"}.get(e.status_code)
-        return APIError(e.status_code, str(e.detail), code=code).response()
-
-    return app
-
-
-class PathAcrossLines(PathConvertor):
-    """Starlette's `{x:path}` matches `.*`, so not a path holding a newline (`%0A`), and BentoML's
-    mount of this app (its path is `/{path:path}`) would pass such a request by: BentoML's
-    plain-text 404 would answer instead of OpenAI's error (found by fuzzing). Registered
-    before any route is made, ours and the mount alike (service/service.py imports this module
-    before BentoML builds its app), it makes every `path` parameter match across lines."""
-
-    regex = r"[\s\S]*"
-
-
-register_url_convertor("path", PathAcrossLines())
 app = new_app("rlhf-loop chat + feedback API")
 
 
-def current() -> "ChatService":
+class Parts(Protocol):
+    """What the handlers use of the running service (service/service.py's ChatService has them)."""
+
+    settings: Settings
+    started: int  # unix time the service started: the models' `created`
+    api_keys: frozenset[str]
+    id_secret: bytes
+    engine: Engine
+    versions: VersionManager
+    events: EventLog
+    vote_limits: VoteLimits
+
+
+def current() -> Parts:
     return bentoml.get_current_service()
-
-
-def bearer_token(request: Request) -> str | None:
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    return token.strip() or None if scheme.lower() == "bearer" else None
 
 
 def require_api_key(request: Request) -> None:
@@ -227,7 +101,7 @@ class Job:
     response_id: str
     created: int
     model: str
-    policy: Policy  # taken once: every token of this response comes from this object
+    loaded: LoadedVersion  # taken once: every token of this response comes from this object
     messages: list[Message]
     prompt_ids: list[int]
     params: SamplingParams
@@ -255,7 +129,7 @@ class Job:
         p = self.params
         sampling = Sampling(temperature=p.temperature, top_p=p.top_p, max_tokens=p.max_tokens, seed=p.seed)
         return [
-            Interaction(response_id=self.response_id, choice_index=i, policy_version=self.policy.version,
+            Interaction(response_id=self.response_id, choice_index=i, policy_version=self.loaded.version,
                         model=self.model, messages=self.messages, prompt_token_ids=self.prompt_ids,
                         completion="".join(self.texts[i]), completion_token_ids=self.token_ids[i],
                         finish_reason=self.finish[i], sampling=sampling, user=self.user, created=self.created)
@@ -263,8 +137,8 @@ class Job:
         ]
 
 
-async def admit(svc: "ChatService", req: ChatCompletionRequest) -> Job:
-    """Check a request against the limits and the serving policy; 4xx before anything happens."""
+async def admit(svc: Parts, req: ChatCompletionRequest) -> Job:
+    """Check a request against the limits and the serving version; 4xx before anything happens."""
     s = svc.settings
     if req.model != s.served_model_name:
         raise APIError(404, f"The model '{req.model}' does not exist; this server serves '{s.served_model_name}'.",
@@ -293,17 +167,17 @@ async def admit(svc: "ChatService", req: ChatCompletionRequest) -> Job:
     if len(stop) > MAX_STOP_STRINGS:
         raise APIError(400, f"At most {MAX_STOP_STRINGS} stop sequences.", param="stop", code="invalid_value")
 
-    policy = svc.policies.current
-    if policy is None:
+    loaded = svc.versions.current
+    if loaded is None:
         raise APIError(503, "The model is still loading; retry shortly.", type="server_error", code="model_not_ready")
     messages = [Message(role=m.contract_role(), content=m.text()) for m in req.messages]
-    prompt_ids = await anyio.to_thread.run_sync(policy.encode_chat, [m.model_dump() for m in messages])
+    prompt_ids = await anyio.to_thread.run_sync(loaded.encode_chat, [m.model_dump() for m in messages])
     if len(prompt_ids) > s.max_prompt_tokens:
         raise APIError(400, f"The prompt is {len(prompt_ids)} tokens; the limit is {s.max_prompt_tokens}.",
                        param="messages", code="context_length_exceeded")
-    if len(prompt_ids) + max_tokens > policy.max_context:
+    if len(prompt_ids) + max_tokens > loaded.max_context:
         raise APIError(400, f"The prompt ({len(prompt_ids)} tokens) plus '{name}' ({max_tokens}) exceeds the "
-                            f"model's context of {policy.max_context} tokens.", param="messages",
+                            f"model's context of {loaded.max_context} tokens.", param="messages",
                        code="context_length_exceeded")
     params = SamplingParams(
         temperature=1.0 if req.temperature is None else req.temperature,
@@ -311,16 +185,16 @@ async def admit(svc: "ChatService", req: ChatCompletionRequest) -> Job:
         max_tokens=max_tokens, n=n, stop=stop,
         seed=secrets.randbits(63) if req.seed is None else req.seed,
     )
-    return Job(response_id=make_response_id(svc.id_secret, policy.version, n), created=int(time.time()),
-               model=s.served_model_name, policy=policy, messages=messages, prompt_ids=prompt_ids,
+    return Job(response_id=make_response_id(svc.id_secret, loaded.version, n), created=int(time.time()),
+               model=s.served_model_name, loaded=loaded, messages=messages, prompt_ids=prompt_ids,
                params=params, user=req.user)
 
 
-async def finish(svc: "ChatService", job: Job, started: float) -> None:
+async def finish(svc: Parts, job: Job, started: float) -> None:
     """Log the answered completion: one Interaction per choice to the spool, and the metrics."""
     with anyio.CancelScope(shield=True):  # a client leaving now must not lose the event of a finished answer
         await anyio.to_thread.run_sync(svc.events.emit, job.interactions())
-    v = str(job.policy.version)
+    v = str(job.loaded.version)
     usage = job.usage()
     metrics.completions.labels(policy_version=v).inc()
     metrics.tokens.labels(kind="prompt", policy_version=v).inc(usage.prompt_tokens)
@@ -328,10 +202,10 @@ async def finish(svc: "ChatService", job: Job, started: float) -> None:
     metrics.generation_seconds.observe(time.monotonic() - started)
 
 
-def start(svc: "ChatService", job: Job) -> Generation:
+def start(svc: Parts, job: Job) -> Generation:
     """Queue the job in the engine, or answer 429 (nothing written) when its queue is full."""
     try:
-        return svc.engine.stream(job.policy, job.prompt_ids, job.params)
+        return svc.engine.stream(job.loaded, job.prompt_ids, job.params)
     except EngineFull:
         raise APIError(429, "The server is at capacity; retry after the time in the Retry-After header.",
                        type="requests", code="rate_limit_exceeded",
@@ -359,21 +233,21 @@ async def chat_completions(request: Request):
                        code="generation_failed") from None
     await finish(svc, job, started)
     return ChatCompletion(
-        id=job.response_id, created=job.created, model=job.model, system_fingerprint=job.policy.fingerprint,
+        id=job.response_id, created=job.created, model=job.model, system_fingerprint=job.loaded.fingerprint,
         choices=[Choice(index=i, message=AssistantMessage(content="".join(job.texts[i])), finish_reason=job.finish[i])
                  for i in range(job.params.n)],
         usage=job.usage(),
     ).model_dump(mode="json")
 
 
-async def _sse(svc: "ChatService", job: Job, deltas: Generation, started: float,
+async def _sse(svc: Parts, job: Job, deltas: Generation, started: float,
                include_usage: bool) -> AsyncIterator[str]:
     """OpenAI's stream: a role delta per choice, content deltas, a finish chunk per choice,
     a usage chunk if asked, then `data: [DONE]`."""
 
     def chunk(choices: list[ChunkChoice], usage: Usage | None = None) -> str:
         body = ChatCompletionChunk(id=job.response_id, created=job.created, model=job.model,
-                                   system_fingerprint=job.policy.fingerprint, choices=choices, usage=usage)
+                                   system_fingerprint=job.loaded.fingerprint, choices=choices, usage=usage)
         data = body.model_dump(mode="json", exclude_none=not include_usage)
         for c in data["choices"]:  # OpenAI omits unset delta fields but keeps finish_reason: null
             c["delta"] = {k: v for k, v in c["delta"].items() if v is not None}
@@ -427,7 +301,7 @@ async def retrieve_model(model: str):
 
 # ---------------------------------------------------------------------------- feedback
 
-def cap_votes(svc: "ChatService", request: Request, user: str | None, *, withdrawal: bool = False) -> str:
+def cap_votes(svc: Parts, request: Request, user: str | None, *, withdrawal: bool = False) -> str:
     """429 with Retry-After when a vote cap is reached (service/limits.py), before anything is written.
     Returns the voter: the identity the caps count, which the event carries for the trainer's
     influence cap on a round's labels (Feedback.voter)."""
@@ -444,7 +318,7 @@ def cap_votes(svc: "ChatService", request: Request, user: str | None, *, withdra
     return f"{identities[0].kind}:{identities[0].name}"
 
 
-async def record(svc: "ChatService", event: Feedback) -> None:
+async def record(svc: Parts, event: Feedback) -> None:
     """Spool a vote; if it cannot be (spool full, disk error) the client is told, so it can retry."""
     if not await anyio.to_thread.run_sync(svc.events.emit, [event]):
         raise APIError(503, "The vote could not be recorded right now; retry later.", type="server_error",

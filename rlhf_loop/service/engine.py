@@ -1,6 +1,6 @@
 """The generation engine: one thread owns the model's forward passes and batches every running request.
 
-    deltas = engine.stream(policy, prompt_ids, params)     # EngineFull when the queue is full (429)
+    deltas = engine.stream(loaded, prompt_ids, params)     # EngineFull when the queue is full (429)
     async with contextlib.aclosing(deltas):
         async for delta in deltas: ...                     # leaving early cancels the request
     engine.run_between_steps(fn)                           # fn() on the engine thread, between two steps
@@ -8,7 +8,7 @@
 Each step of the engine thread (continuous batching, as in vLLM's v1 engine and nano-vllm):
 1. drop the requests whose clients left (their rows leave the batch now);
 2. the scheduler (service/scheduler.py) admits waiting requests as a prefill group;
-3. the model runner (service/runner.py) runs one decode forward per Policy over all its
+3. the model runner (service/runner.py) runs one decode forward per LoadedVersion over all its
    running rows, and the sampler (service/sampler.py) draws each row's token with its own
    request's parameters and generator;
 4. the runner runs the next chunk of the prefill group; when its prompts are complete,
@@ -17,7 +17,7 @@ Each step of the engine thread (continuous batching, as in vLLM's v1 engine and 
    rows leave the batch, and the deltas go to the API's event loop, one hop for all
    requests (at most every STREAM_INTERVAL_S, below).
 
-A request holds one `Policy` from start to end. Rows of different Policy objects never
+A request holds one `LoadedVersion` from start to end. Rows of different LoadedVersion objects never
 share a forward, so during a hot swap the old and the new version run side by side, each
 in its own batch, until the old one's last row ends; then its batch and KV cache are
 dropped and its weights are freed with the last reference to the object.
@@ -26,21 +26,20 @@ dropped and its weights are freed with the last reference to the object.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
-from transformers import DynamicCache
 
 from rlhf_loop.service import metrics
+from rlhf_loop.service.loaded import LoadedVersion
 from rlhf_loop.service.request import Choice, Delta, Request, SamplingParams, Status
 from rlhf_loop.service.runner import ModelRunner, Prefill
 from rlhf_loop.service.sampler import sample
@@ -55,84 +54,6 @@ T = TypeVar("T")
 # middleware, a syscall) GIL time that the next step needs. Held deltas of a request leave together, in
 # one write. A first token, an end or an error goes at once.
 STREAM_INTERVAL_S = 0.01
-
-
-@dataclass(eq=False)
-class SharedBase:
-    """A full-weight version several policies share: itself, and the LoRA adapter versions over it.
-
-    `peft` is set (on the engine thread, by the policy manager) when the first adapter is loaded:
-    peft injects the adapter layers into `model`'s own modules, so from then on every forward
-    through them names its adapter, or turns them off for the base version itself (Policy.forward).
-    """
-
-    version: int
-    model: Any  # the causal LM, eval mode
-    tokenizer: Any
-    manifest_sha256: str  # of the base's manifest when it was verified and loaded: an adapter must name it
-    peft: Any = None  # the peft PeftModel around `model`, once an adapter is on it
-
-
-@dataclass(frozen=True)
-class Policy:
-    """One loaded policy version. Immutable: swapping versions means swapping Policy objects."""
-
-    version: int
-    model: Any  # a transformers causal LM in eval mode (for an adapter version: its base's)
-    tokenizer: Any
-    eos_token_ids: frozenset[int]
-    max_context: int  # positions the model can attend to (prompt + completion)
-    base: SharedBase | None = None  # the weights it runs on, shared with the adapter versions over them
-    adapter: str | None = None  # an adapter version's adapter name in base.peft; None: the base's own weights
-
-    @classmethod
-    def from_pretrained(cls, version: int, model, tokenizer, *, base: SharedBase | None = None,
-                        adapter: str | None = None) -> "Policy":
-        from rlhf_loop.core.models import eos_token_ids
-
-        return cls(version, model, tokenizer, eos_token_ids(model, tokenizer), model.config.max_position_embeddings,
-                   base, adapter)
-
-    @property
-    def fingerprint(self) -> str:
-        """What `system_fingerprint` says: the one version that produced a response."""
-        return f"policy-v{self.version}"
-
-    @property
-    def device(self) -> torch.device:
-        return self.model.device
-
-    def encode_chat(self, messages: Sequence[dict]) -> list[int]:
-        return list(self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True,
-                                                       tokenize=True, return_dict=False))
-
-    def new_cache(self) -> DynamicCache:
-        return DynamicCache(config=self.model.config)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor,
-                cache: DynamicCache) -> tuple[torch.Tensor, DynamicCache]:
-        """The one way the engine runs the model: (B, Q) ids, (B, T + Q) mask over the cache's T columns
-        and the new ones (None: no padding anywhere), (B, Q) positions -> (B, V) logits of the last
-        position, and the grown cache."""
-        with self._weights():
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             cache=cache, use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1, :], out.cache
-
-    @contextlib.contextmanager
-    def _weights(self):
-        """This version's weights on: its adapter (switched only when another one ran last), or, for the
-        base version of a model that carries adapters, none of them. The engine thread alone runs this."""
-        peft = self.base.peft if self.base is not None else None
-        if peft is None:
-            yield
-        elif self.adapter is None:
-            with peft.disable_adapter():
-                yield
-        else:
-            if peft.active_adapter != self.adapter:
-                peft.set_adapter(self.adapter, inference_mode=True)
-            yield
 
 
 class EngineFull(Exception):
@@ -199,9 +120,9 @@ class Engine:
 
     # -- the API's side (any thread)
 
-    def stream(self, policy: Policy, prompt_ids: list[int], params: SamplingParams) -> Generation:
+    def stream(self, loaded: LoadedVersion, prompt_ids: list[int], params: SamplingParams) -> Generation:
         """Queue a request now (EngineFull if the queue is full) and return its deltas."""
-        request = Request(policy, list(prompt_ids), params, asyncio.get_running_loop(), asyncio.Queue())
+        request = Request(loaded, list(prompt_ids), params, asyncio.get_running_loop(), asyncio.Queue())
         with self._wake:
             if self._closed:
                 raise RuntimeError("the engine is closed")
@@ -284,7 +205,7 @@ class Engine:
                 try:
                     runner.prefilling = Prefill.of(group)
                 except Exception as e:
-                    log.exception("cannot prefill %d request(s) on %s", len(group), group[0].policy.fingerprint)
+                    log.exception("cannot prefill %d request(s) on %s", len(group), group[0].loaded.fingerprint)
                     self._fail(group, e)
 
         now = time.monotonic()
@@ -295,7 +216,7 @@ class Engine:
             try:
                 logits = runner.decode(batch)  # (B, V)
             except Exception as e:
-                log.exception("decode step failed on %s", batch.policy.fingerprint)
+                log.exception("decode step failed on %s", batch.loaded.fingerprint)
                 self._fail(list(dict.fromkeys(c.request for c in batch.rows)), e)
                 continue
             keep = [i for i, choice in enumerate(self._advance(batch.rows, sample(logits, batch.rows), out))
@@ -307,7 +228,7 @@ class Engine:
             try:
                 logits = runner.prefill(prefill, self.scheduler.prefill_columns(len(prefill.requests), runner.rows))
             except Exception as e:
-                log.exception("prefill failed on %s", prefill.policy.fingerprint)
+                log.exception("prefill failed on %s", prefill.loaded.fingerprint)
                 self._fail(prefill.requests, e)
                 logits = None
             if logits is not None:  # (k, V): every prompt is in; each choice draws its first token

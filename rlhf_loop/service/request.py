@@ -21,7 +21,7 @@ import torch
 from rlhf_loop.service.detokenizer import Detokenizer
 
 if TYPE_CHECKING:
-    from rlhf_loop.service.engine import Policy
+    from rlhf_loop.service.loaded import LoadedVersion
 
 FinishReason = Literal["stop", "length"]
 
@@ -57,13 +57,13 @@ class Status(enum.Enum):
 class Request:
     """One chat completion: what to generate, with which policy, and where its deltas go.
 
-    `policy` is the object the API took at admission: every token comes from it, so a
+    `loaded` is the version the API took at admission: every token comes from it, so a
     response never mixes versions. `generator` is seeded by `params.seed` and used by
     this request's rows only. `outbox` is the API's queue on `loop`: the engine thread
     puts Deltas, then None (the end) or an exception, on it with `call_soon_threadsafe`.
     """
 
-    policy: "Policy"
+    loaded: "LoadedVersion"
     prompt_ids: list[int]
     params: SamplingParams
     loop: asyncio.AbstractEventLoop
@@ -75,8 +75,8 @@ class Request:
     arrived: float = field(default_factory=time.monotonic)  # for the time to first token
 
     def __post_init__(self) -> None:
-        self.generator = torch.Generator(device=self.policy.device).manual_seed(self.params.seed)
-        self.choices = [Choice(self, i, Detokenizer(self.policy.tokenizer, self.params.stop))
+        self.generator = torch.Generator(device=self.loaded.device).manual_seed(self.params.seed)
+        self.choices = [Choice(self, i, Detokenizer(self.loaded.tokenizer, self.params.stop))
                         for i in range(self.params.n)]
 
 
@@ -93,7 +93,7 @@ class Choice:
 
     def advance(self, token_id: int) -> Delta:
         """Take the token sampled for this choice and say what to stream (the finish reason on the last delta)."""
-        if token_id in self.request.policy.eos_token_ids:
+        if token_id in self.request.loaded.eos_token_ids:
             self.finish_reason = "stop"
             return Delta(self.index, self.detokenizer.flush(), (), "stop")
         self.token_ids.append(token_id)

@@ -1,8 +1,8 @@
 """The model runner: runs the forward passes the scheduler asked for, and keeps the KV caches.
 
-    runner.prefilling = Prefill.of(requests)       # prompts of one Policy, left-padded
+    runner.prefilling = Prefill.of(requests)       # prompts of one LoadedVersion, left-padded
     logits = runner.prefill(prefill, columns)      # (k, V) once the whole prompt is in, else None
-    runner.start(prefill, rows, origin)            # its rows (n per request) join their policy's batch
+    runner.start(prefill, rows, origin)            # its rows (n per request) join their version's batch
     logits = runner.decode(batch)                  # (B, V): one step for every row of the batch
     runner.keep(batch, rows)                       # the rows still going
 
@@ -18,7 +18,7 @@ generation with left padding; what it adds is that rows come and go between step
   on the left;
 - finished rows are dropped (`batch_select_indices`), then leading columns that are
   padding in every remaining row are cut off.
-Rows of different Policy objects never share a forward: one batch per Policy, and a
+Rows of different LoadedVersion objects never share a forward: one batch per LoadedVersion, and a
 batch whose last row finished is dropped, so the runner holds no reference to an old
 version once it has drained.
 """
@@ -34,15 +34,15 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 if TYPE_CHECKING:
-    from rlhf_loop.service.engine import Policy
+    from rlhf_loop.service.loaded import LoadedVersion
     from rlhf_loop.service.request import Choice, Request
 
 
 @dataclass(eq=False)
 class Prefill:
-    """Prompts of one Policy going through the model together, left-padded to one length."""
+    """Prompts of one LoadedVersion going through the model together, left-padded to one length."""
 
-    policy: "Policy"
+    loaded: "LoadedVersion"
     requests: list["Request"]
     ids: torch.Tensor  # (k, L) prompt ids, right-aligned, padding before them
     mask: torch.Tensor  # (k, L) 1 on prompt tokens
@@ -52,17 +52,17 @@ class Prefill:
 
     @classmethod
     def of(cls, requests: list["Request"]) -> "Prefill":
-        policy = requests[0].policy
+        loaded = requests[0].loaded
         width = max(len(r.prompt_ids) for r in requests)
         ids = torch.zeros(len(requests), width, dtype=torch.long)
         mask = torch.zeros(len(requests), width, dtype=torch.long)
         for i, r in enumerate(requests):
             ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
             mask[i, width - len(r.prompt_ids):] = 1
-        cache = policy.new_cache()
+        cache = loaded.new_cache()
         _layers(cache)  # refuse a model this layout cannot batch before any work is done
         padded = len({len(r.prompt_ids) for r in requests}) > 1
-        return cls(policy, list(requests), ids.to(policy.device), mask.to(policy.device), cache, padded)
+        return cls(loaded, list(requests), ids.to(loaded.device), mask.to(loaded.device), cache, padded)
 
     @property
     def width(self) -> int:
@@ -71,9 +71,9 @@ class Prefill:
 
 @dataclass(eq=False)
 class Batch:
-    """The running rows of one Policy and their right-aligned KV cache."""
+    """The running rows of one LoadedVersion and their right-aligned KV cache."""
 
-    policy: "Policy"
+    loaded: "LoadedVersion"
     rows: list["Choice"]  # row i of the cache and the mask
     cache: DynamicCache
     mask: torch.Tensor  # (B, T) 1 where column t holds a token of row i
@@ -82,7 +82,7 @@ class Batch:
 
 class ModelRunner:
     def __init__(self) -> None:
-        self.batches: list[Batch] = []  # one per Policy object with running rows
+        self.batches: list[Batch] = []  # one per LoadedVersion object with running rows
         self.prefilling: Prefill | None = None  # the prompts going in, one group at a time
 
     @property
@@ -94,7 +94,7 @@ class ModelRunner:
         start, end = prefill.done, min(prefill.done + columns, prefill.width)
         positions = (prefill.mask.cumsum(-1) - 1).clamp(min=0)[:, start:end]  # (k, C); padding gets 0, masked anyway
         mask = prefill.mask[:, :end] if prefill.padded else None
-        logits, prefill.cache = prefill.policy.forward(prefill.ids[:, start:end], mask, positions, prefill.cache)
+        logits, prefill.cache = prefill.loaded.forward(prefill.ids[:, start:end], mask, positions, prefill.cache)
         prefill.done = end
         return logits if end == prefill.width else None
 
@@ -102,22 +102,22 @@ class ModelRunner:
         """Make `rows` running: row j continues prompt `origin[j]` of `prefill` (its cache repeated per choice)."""
         index = torch.tensor(origin, device=prefill.ids.device)
         prefill.cache.batch_select_indices(index)
-        new = Batch(prefill.policy, rows, prefill.cache, prefill.mask[index], prefill.padded)
-        batch = self.batch_of(prefill.policy)
+        new = Batch(prefill.loaded, rows, prefill.cache, prefill.mask[index], prefill.padded)
+        batch = self.batch_of(prefill.loaded)
         if batch is None:
             self.batches.append(new)
         else:
             _concat(batch, new)
 
-    def batch_of(self, policy: "Policy") -> Batch | None:
-        return next((b for b in self.batches if b.policy is policy), None)
+    def batch_of(self, loaded: "LoadedVersion") -> Batch | None:
+        return next((b for b in self.batches if b.loaded is loaded), None)
 
     def decode(self, batch: Batch) -> torch.Tensor:
         """One step for every row of `batch`: feed each row's last sampled token; (B, V) logits."""
         ids = torch.tensor([[c.token_ids[-1]] for c in batch.rows], device=batch.mask.device)  # (B, 1)
         positions = batch.mask.sum(-1, keepdim=True)  # (B, 1): the tokens each row already has
         batch.mask = F.pad(batch.mask, (0, 1), value=1)
-        logits, batch.cache = batch.policy.forward(ids, batch.mask if batch.padded else None, positions, batch.cache)
+        logits, batch.cache = batch.loaded.forward(ids, batch.mask if batch.padded else None, positions, batch.cache)
         return logits
 
     def keep(self, batch: Batch, rows: list[int]) -> None:

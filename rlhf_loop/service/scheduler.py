@@ -1,11 +1,11 @@
 """The scheduler: which waiting requests start, and how much prompt goes through the model per step.
 
-    group = scheduler.admit(running_rows)           # requests to prefill next (one Policy), maybe none
+    group = scheduler.admit(running_rows)           # requests to prefill next (one LoadedVersion), maybe none
     columns = scheduler.prefill_columns(len(group), decode_rows)
 
 Every running row decodes at every step (continuous batching at the iteration level);
 what the scheduler decides is the rest of the step. Between steps it admits waiting
-requests, oldest first, as one prefill group of one Policy object (the oldest request's),
+requests, oldest first, as one prefill group of one LoadedVersion object (the oldest request's),
 as long as
 - rows: the running rows plus the group's rows (n per request) stay within
   `max_running_seqs`; when nothing runs the oldest request is admitted whatever its n,
@@ -42,12 +42,12 @@ class Scheduler:
         self.waiting: deque["Request"] = deque()
 
     def admit(self, running_rows: int) -> list["Request"]:
-        """The oldest waiting requests that can start now, all of the oldest one's Policy."""
+        """The oldest waiting requests that can start now, all of the oldest one's LoadedVersion."""
         budget = self.limits.max_batched_tokens - running_rows
         group: list["Request"] = []
         rows, width = running_rows, 0
         for request in self.waiting:
-            if group and request.policy is not group[0].policy:
+            if group and request.loaded is not group[0].loaded:
                 continue  # another version's turn comes when it is the oldest
             n, longest = request.params.n, max(width, len(request.prompt_ids))
             if rows + n > self.limits.max_running_seqs and rows > 0:

@@ -25,7 +25,10 @@ from rlhf_loop.core.contracts import Settings
 from rlhf_loop.core.policy_store import PolicyStore
 
 SERVICE = "rlhf_loop.service.service:ChatService"
-ROOT = Path(__file__).resolve().parents[1]
+# BentoML's working directory, which it puts on sys.path: the directory that holds rlhf_loop (the
+# checkout, or site-packages), never rlhf_loop itself, whose layers' names (kernels, service, ...)
+# would then shadow other distributions' top-level packages.
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def command(host: str, port: int) -> list[str]:

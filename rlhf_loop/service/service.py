@@ -24,7 +24,7 @@ from rlhf_loop.service.api import app
 from rlhf_loop.service.engine import Engine
 from rlhf_loop.service.events import EventLog
 from rlhf_loop.service.limits import VoteLimits
-from rlhf_loop.service.versions import PolicyManager
+from rlhf_loop.service.versions import VersionManager
 from rlhf_loop.service.scheduler import Limits
 
 log = logging.getLogger(__name__)
@@ -55,9 +55,9 @@ class ChatService:
         self.engine = Engine(Limits(self.settings.engine_max_running_seqs, self.settings.engine_max_batched_tokens,
                                     self.settings.engine_max_waiting_requests))
         self.vote_limits = VoteLimits(self.settings)
-        self.policies = PolicyManager(self.settings, self.engine)
-        self.policies.start()  # loads LATEST on a background thread; /readyz says when it is in
-        self.admin = AdminServer(make_admin_app(self.settings, self.policies), self.settings.host,
+        self.versions = VersionManager(self.settings, self.engine)
+        self.versions.start()  # loads LATEST on a background thread; /readyz says when it is in
+        self.admin = AdminServer(make_admin_app(self.settings, self.versions), self.settings.host,
                                  self.settings.admin_port).start()
         log.info("rlhf-chat starting: model %r, policy store %s, kafka %s, spool %s, admin API on %s, "
                  "engine %s with %d torch threads", self.settings.served_model_name, self.settings.policy_dir,
@@ -65,14 +65,14 @@ class ChatService:
                  self.engine.limits, torch.get_num_threads())
 
     def __is_ready__(self) -> bool:
-        return self.policies.current is not None
+        return self.versions.current is not None
 
     def __is_alive__(self) -> bool:
-        return self.policies.failed is None  # no version at all could be loaded: restart me
+        return self.versions.failed is None  # no version at all could be loaded: restart me
 
     @bentoml.on_shutdown
     def shutdown(self) -> None:
         self.admin.stop()
-        self.policies.close()
+        self.versions.close()
         self.engine.close()
         self.events.close(timeout=5)

@@ -1,6 +1,6 @@
 """Which policy version serves: load at start, follow announcements, verify, hot swap, pin.
 
-    policies = PolicyManager(settings, engine); policies.start(); policy = policies.current
+    versions = VersionManager(settings, engine); versions.start(); loaded = versions.current
 
 A replica loads LATEST from the policy store at start (version 0 is the base model), then
 follows the policy-updates topic (a consumer with no group, assigned every partition, so
@@ -34,46 +34,24 @@ import logging
 import threading
 import time
 import weakref
-from pathlib import Path
 
 from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 from pydantic import ValidationError
 
+from rlhf_loop.core import lora
 from rlhf_loop.core.broker import client_options, ensure_topics
 from rlhf_loop.core.contracts import PolicyUpdate, Settings
 from rlhf_loop.core.models import ensure_policy_store, load_causal_lm
 from rlhf_loop.core.policy_store import MANIFEST, PolicyStore, VerificationError
 from rlhf_loop.service import metrics
-from rlhf_loop.service.engine import Engine, Policy, SharedBase
+from rlhf_loop.service.engine import Engine
+from rlhf_loop.service.loaded import LoadedVersion, SharedBase
 
 log = logging.getLogger(__name__)
 
 
-def _read_adapter(version_dir: Path):
-    """(peft LoraConfig, weights) of an adapter version, read off the engine thread."""
-    from peft import LoraConfig
-    from safetensors.torch import load_file
-
-    config = LoraConfig.from_pretrained(str(version_dir))
-    config.inference_mode = True
-    return config, load_file(version_dir / "adapter_model.safetensors")
-
-
-def _put_adapter(base: SharedBase, name: str, config, weights: dict) -> None:
-    """(engine thread) the adapter into the base's peft model, which is made on the first adapter."""
-    from peft import get_peft_model, set_peft_model_state_dict
-
-    if base.peft is None:
-        base.peft = get_peft_model(base.model, config, adapter_name=name).eval()
-    else:
-        base.peft.add_adapter(name, config)
-    result = set_peft_model_state_dict(base.peft, weights, adapter_name=name)
-    if result.unexpected_keys:
-        raise ValueError(f"adapter weights do not fit the base: {result.unexpected_keys[:3]}")
-
-
-class PolicyRefused(Exception):
+class VersionRefused(Exception):
     """A version that will not be served; `reason` is the metric label."""
 
     def __init__(self, version: int, reason: str, detail: str):
@@ -85,16 +63,22 @@ class UnknownVersion(KeyError):
     pass
 
 
-class PolicyManager:
+def _put_adapter(base: SharedBase, name: str, config, weights: dict) -> None:
+    """(engine thread) the adapter onto the base's weights; its PeftModel is made with the first one."""
+    base.peft = lora.put_adapter(base.peft, base.model, name, config, weights)
+
+
+class VersionManager:
     def __init__(self, settings: Settings, engine: Engine):
         self.settings = settings
         self.engine = engine  # adapters go onto a base between the engine's steps
         self.store = PolicyStore(settings.policy_dir)
         self._base: SharedBase | None = None  # the full weights in memory; adapter versions load onto them
-        self._current: Policy | None = None
+        self._current: LoadedVersion | None = None
         self._pinned: int | None = None
         self._last_latest: int | None = None  # LATEST as last seen by the poller
         self.refused: dict[int, str] = {}  # version -> why
+        self._loads = 0  # adapter loads so far: each gets a name of its own
         self._lock = threading.Lock()  # current/pinned; never held while loading
         self._load_lock = threading.Lock()  # one load at a time, and the decision that goes with it
         self._stop = threading.Event()
@@ -102,7 +86,7 @@ class PolicyManager:
         self.failed: str | None = None  # set when no version at all could be loaded at start
 
     @property
-    def current(self) -> Policy | None:
+    def current(self) -> LoadedVersion | None:
         """The policy a new request should use (None until the first one is loaded)."""
         return self._current
 
@@ -121,21 +105,21 @@ class PolicyManager:
 
     # -- admin
 
-    def pin(self, version: int) -> Policy:
+    def pin(self, version: int) -> LoadedVersion:
         """Serve `version` (loading and verifying it first) and ignore announcements and LATEST until unpinned."""
         with self._load_lock:
             if version not in self.store.versions():
                 raise UnknownVersion(version)
             current = self._current
-            policy = current if current is not None and current.version == version else self._load_or_refuse(version)
+            loaded = current if current is not None and current.version == version else self._load_or_refuse(version)
             with self._lock:
                 self._pinned = version
-                self._swap(policy)
+                self._swap(loaded)
             metrics.policy_pinned.set(1)
             log.warning("pinned policy version %d (announcements and LATEST ignored until unpinned)", version)
-            return policy
+            return loaded
 
-    def unpin(self) -> Policy | None:
+    def unpin(self) -> LoadedVersion | None:
         """Go back to following LATEST (loaded now, on the caller's thread)."""
         with self._lock:
             self._pinned = None
@@ -166,54 +150,57 @@ class PolicyManager:
             if current is not None and (version == current.version or (source == "announcement" and version < current.version)):
                 return  # (a rollback comes as source "rollback": it moves back on purpose)
             try:
-                policy = self._load_or_refuse(version, files)
-            except PolicyRefused:
+                loaded = self._load_or_refuse(version, files)
+            except VersionRefused:
                 return
             with self._lock:
                 if self._pinned is None:
-                    self._swap(policy)
+                    self._swap(loaded)
 
-    def _load_or_refuse(self, version: int, files: dict[str, str] | None = None) -> Policy:
+    def _load_or_refuse(self, version: int, files: dict[str, str] | None = None) -> LoadedVersion:
         try:
             return self._load(version, files)
-        except PolicyRefused as e:
+        except VersionRefused as e:
             self.refused[version] = f"{e.reason}: {e.detail}"
             metrics.policy_load_failures.labels(reason=e.reason).inc()
             current = self._current
             log.error("%s; still serving %s", e, "nothing" if current is None else current.fingerprint)
             raise
 
-    def _load(self, version: int, files: dict[str, str] | None) -> Policy:
+    def _load(self, version: int, files: dict[str, str] | None) -> LoadedVersion:
         started = time.monotonic()
         if version not in self.store.versions():
-            raise PolicyRefused(version, "missing", f"not in {self.store.versions_dir}")
+            raise VersionRefused(version, "missing", f"not in {self.store.versions_dir}")
         try:
             manifest = self.store.verify_files(version)
         except VerificationError as e:
-            raise PolicyRefused(version, "verify", str(e)) from e
+            raise VersionRefused(version, "verify", str(e)) from e
         differ = sorted(n for n, h in (files or {}).items() if n != MANIFEST and manifest.files.get(n) != h)
         if differ:
-            raise PolicyRefused(version, "announcement_mismatch", f"announced sha256 of {differ} differ from the manifest")
+            raise VersionRefused(version, "announcement_mismatch", f"announced sha256 of {differ} differ from the manifest")
         if manifest.base_version is None:
             base = self._full(version)
-            policy = Policy.from_pretrained(version, base.model, base.tokenizer, base=base)
+            loaded = LoadedVersion.of(version, base.model, base.tokenizer, base=base)
         else:
             base = self._full(manifest.base_version)
             if manifest.base_sha256 != base.manifest_sha256:
-                raise PolicyRefused(version, "verify", f"its base, version {manifest.base_version}, is not the one "
+                raise VersionRefused(version, "verify", f"its base, version {manifest.base_version}, is not the one "
                                                        "it was trained on (manifest sha256 differs)")
-            name = f"v{version}"
+            # a name of its own for every load: a version loaded again (a rollback, a pin) while an earlier
+            # load of it still finishes its requests is another adapter, dropped with its own last request
+            self._loads += 1
+            name = f"v{version}_{self._loads}"
             try:
-                config, weights = _read_adapter(self.store.path(version))
+                config, weights = lora.read_adapter(self.store.path(version))
                 self.engine.run_between_steps(lambda: _put_adapter(base, name, config, weights)).result(timeout=120)
             except Exception as e:  # a bad adapter refuses this version only
-                raise PolicyRefused(version, "load", f"{type(e).__name__}: {e}") from e
-            policy = Policy.from_pretrained(version, base.model, base.tokenizer, base=base, adapter=name)
-            weakref.finalize(policy, self._drop_adapter, base, name)  # the last request of it ended: free it
+                raise VersionRefused(version, "load", f"{type(e).__name__}: {e}") from e
+            loaded = LoadedVersion.of(version, base.model, base.tokenizer, base=base, adapter=name)
+            weakref.finalize(loaded, self._drop_adapter, base, name)  # the last request of it ended: free it
         self._base = base
         log.info("loaded policy version %d (%s, %.2fs)", version, "full weights" if manifest.base_version is None
                  else f"adapter over v{manifest.base_version}", time.monotonic() - started)
-        return policy
+        return loaded
 
     def _full(self, version: int) -> SharedBase:
         """The full-weight version `version` in memory: the one already there, or verified and loaded."""
@@ -222,28 +209,25 @@ class PolicyManager:
         try:
             self.store.verify_files(version)
         except VerificationError as e:
-            raise PolicyRefused(version, "verify", str(e)) from e
+            raise VersionRefused(version, "verify", str(e)) from e
         try:
             model, tokenizer = load_causal_lm(self.store.path(version), self.settings)
         except Exception as e:  # any loader failure (bad config, unsupported arch, OOM) refuses this version only
-            raise PolicyRefused(version, "load", f"{type(e).__name__}: {e}") from e
+            raise VersionRefused(version, "load", f"{type(e).__name__}: {e}") from e
         return SharedBase(version, model, tokenizer, self.store.manifest_sha256(version))
 
     def _drop_adapter(self, base: SharedBase, name: str) -> None:
-        """(weakref.finalize, any thread) delete an adapter no policy uses any more, between engine steps."""
-        def drop() -> None:
-            if base.peft is not None and name in base.peft.peft_config and len(base.peft.peft_config) > 1:
-                base.peft.delete_adapter(name)  # (peft keeps at least one; a last one stays, switched off)
-        self.engine.run_between_steps(drop)
+        """(weakref.finalize, any thread) delete an adapter no loaded version uses any more, between engine steps."""
+        self.engine.run_between_steps(lambda: lora.drop_adapter(base.peft, name))
 
-    def _swap(self, policy: Policy) -> None:
+    def _swap(self, loaded: LoadedVersion) -> None:
         old = self._current
-        if old is policy:
+        if old is loaded:
             return
-        self._current = policy
-        metrics.policy_version.set(policy.version)
+        self._current = loaded
+        metrics.policy_version.set(loaded.version)
         metrics.policy_swaps.inc()
-        log.info("now serving %s (was %s)", policy.fingerprint, "nothing" if old is None else old.fingerprint)
+        log.info("now serving %s (was %s)", loaded.fingerprint, "nothing" if old is None else old.fingerprint)
 
     # -- background threads
 
@@ -258,12 +242,12 @@ class PolicyManager:
         latest = self._last_latest = store.latest()
         for v in [latest, *sorted((v for v in store.versions() if v < latest), reverse=True)]:
             try:
-                policy = self._load_or_refuse(v)
-            except PolicyRefused:
+                loaded = self._load_or_refuse(v)
+            except VersionRefused:
                 continue  # LATEST does not verify: fall back to the newest one that does
             with self._lock:
                 if self._current is None:
-                    self._swap(policy)
+                    self._swap(loaded)
             break
         else:
             self.failed = f"no policy version in {store.root} verifies and loads: {self.refused}"

@@ -153,7 +153,7 @@ def resolve_config(args: argparse.Namespace, settings: Settings) -> config.Train
     adapter = config.explicit(args, None, "train", "adapter") or "auto"
     cfg = config.from_args(args, defaults=config.model_defaults(base, params, resolve_device(settings).type, adapter))
     log.info("base model %s: %.1fM parameters -> %s weights, ppo.lr %g, reward.lr %g", settings.model, params / 1e6,
-             cfg.train.resolved_adapter(params), cfg.ppo.lr, cfg.reward.lr)
+             cfg.train.adapter, cfg.ppo.lr, cfg.reward.lr)
     return cfg
 
 
@@ -182,7 +182,7 @@ def budget_spent(state: TrainerState) -> bool:
     """Rank 0: whether the last round found the KL budget spent for what LATEST is now, under the bound
     this trainer runs with (a restart with a larger gate.max_kl, or LATEST moved, reopens it)."""
     spent = state.store.get("budget_spent")
-    now = bool(spent) and spent["version"] == state.policies.latest() and spent["bound"] >= state.cfg.gate.max_kl
+    now = bool(spent) and spent["version"] == state.policy_store.latest() and spent["bound"] >= state.cfg.gate.max_kl
     metrics.budget_spent.set(int(now))
     return now
 

@@ -463,12 +463,15 @@ def model_defaults(model_dir: str | Path, params: int, device_type: str, adapter
     OpenRLHF's RM 9e-6 full-weight; "LoRA Without Regret": LoRA's best lr is ~10x full
     fine-tuning's) and, on CPU, a round sized to finish in minutes (bench/train_round.py:
     a 135M model's PPO step takes seconds per sequence on 2 cores). `adapter` is the
-    train.adapter a flag or variable already chose ('auto' = decided by size).
+    train.adapter a flag or variable already chose; 'auto' is decided here, by size, and the
+    profile names the layout, so everything after (the trainer's networks, the learning rates,
+    the log line) follows one decision.
     """
-    out: dict[str, dict] = {}
+    layout = TrainConfig(adapter=adapter).resolved_adapter(params)  # the one place 'auto' is decided
+    out: dict[str, dict] = {"train": {"adapter": layout}}
     if params >= REAL_MODEL_PARAMS:
-        lora = TrainConfig(adapter=adapter).resolved_adapter(params) == "lora"
-        out["train"] = {"gradient_checkpointing": True}
+        lora = layout == "lora"
+        out["train"]["gradient_checkpointing"] = True
         out["ppo"] = {"lr": 3e-5 if lora else 3e-6}
         out["reward"] = {"lr": 9e-5 if lora else 9e-6}
         out["direct"] = {"lr": 1e-5 if lora else 1e-6}  # TRL's KTOConfig / DPOConfig 1e-6; x10 for LoRA

@@ -19,8 +19,8 @@ mode the reward model has its own weights: training it would otherwise move the 
 
 What trains is an nn.Module each (`PolicyWithValue`, `RewardModel`), so that DDP or FSDP2
 (trainer/dist.py) can wrap it. A full-weight version is a `save_pretrained` checkpoint; a LoRA
-version is the adapter in peft's format (`adapter_model.safetensors` + `adapter_config.json`)
-whose manifest names its base (core/policy_store.py). Full mode can start from a LoRA LATEST
+version is the adapter in peft's format (core/lora.py) whose manifest names its base
+(core/policy_store.py). Full mode can start from a LoRA LATEST
 (merged into full weights); lora mode needs LATEST to be the base or an adapter over it.
 """
 
@@ -28,14 +28,14 @@ from __future__ import annotations
 
 import copy
 import logging
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from rlhf_loop.core import lora
 from rlhf_loop.core.contracts import Settings
 from rlhf_loop.core.models import load_causal_lm, resolve_device
 from rlhf_loop.core.policy_store import PolicyStore
@@ -43,8 +43,6 @@ from rlhf_loop.trainer.config import TrainConfig
 from rlhf_loop.trainer.dist import Dist
 
 log = logging.getLogger(__name__)
-
-ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 
 
 @dataclass(eq=False)
@@ -59,17 +57,8 @@ class Net:
         with self.active():
             return self.module(**kwargs)
 
-    @contextmanager
     def active(self):
-        if self.peft is None:
-            yield
-        elif self.adapter is None:
-            with self.peft.disable_adapter():
-                yield
-        else:
-            if self.peft.active_adapter != self.adapter:
-                self.peft.set_adapter(self.adapter)  # also makes it the one that requires grad
-            yield
+        return lora.running(self.peft, self.adapter, trainable=True)
 
     def named_trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
         """What training this network changes: every weight (full), or its adapter's (lora)."""
@@ -219,8 +208,7 @@ class Networks:
             # named_parameters names, as save_pretrained does for a tied model
             keep = {n for n, _ in module.named_parameters()} | {n for n, _ in module.named_buffers()}
             return {k: v for k, v in state.items() if k in keep}
-        tag = f".{self.policy.adapter}."  # peft saves '...q_proj.lora_A.weight' for our '...q_proj.lora_A.<adapter>.weight'
-        return {n.replace(tag, "."): t for n, t in full_tensors(self.policy.named_trainable()).items()}
+        return lora.saved_names(full_tensors(self.policy.named_trainable()), self.policy.adapter)
 
     def write(self, weights: dict[str, torch.Tensor], tokenizer, d: Path) -> None:
         """A version's files from `gather()`'s weights: a checkpoint (full) or a peft adapter (lora)."""
@@ -228,13 +216,7 @@ class Networks:
             self.policy.module.save_pretrained(d, state_dict=weights, safe_serialization=True)
             tokenizer.save_pretrained(d)
             return
-        save_file({k: v.contiguous() for k, v in weights.items()}, str(d / ADAPTER_WEIGHTS))
-        peft = self.policy.peft
-        peft.peft_config[self.policy.adapter].save_pretrained(str(d))  # adapter_config.json
-        extra = d / self.policy.adapter  # (peft writes a non-default adapter's config into a subfolder)
-        if extra.is_dir():
-            (extra / ADAPTER_CONFIG).replace(d / ADAPTER_CONFIG)
-            extra.rmdir()
+        lora.write_adapter(d, self.policy.peft.peft_config[self.policy.adapter], weights)
 
     def follow(self, store: PolicyStore, version: int) -> None:
         """Make `version` (verified by the caller) the policy: its weights into the policy's module or adapter."""
@@ -400,19 +382,13 @@ def _reset_adapter(peft, adapter: str) -> None:
 
 def _load_adapter(peft, adapter: str, version_dir: Path) -> None:
     """A stored adapter's weights into `adapter`; its shape (rank, target modules) must match the trainer's."""
-    from peft import LoraConfig
-    from peft.utils import set_peft_model_state_dict  # noqa: F401  (the format we read is peft's)
-
-    stored = LoraConfig.from_pretrained(str(version_dir))
+    stored, weights = lora.read_adapter(version_dir)
     mine = peft.peft_config[adapter]
     if (stored.r, set(stored.target_modules or [])) != (mine.r, set(mine.target_modules or [])):
         raise ValueError(f"{version_dir} is a rank-{stored.r} adapter on {sorted(stored.target_modules)}; the trainer "
                          f"is configured for rank {mine.r} on {sorted(mine.target_modules)} (train.lora_*)")
-    weights = load_file(version_dir / ADAPTER_WEIGHTS)
-    # peft's saved keys leave the adapter name out: '...q_proj.lora_A.weight' is our '...q_proj.lora_A.<adapter>.weight'
-    params = {n: p for n, p in peft.named_parameters() if f".{adapter}." in n}
-    by_saved = {n.replace(f".{adapter}.", "."): n for n in params}
-    if set(by_saved) != set(weights):
-        raise ValueError(f"{version_dir}: adapter weights do not fit (missing {sorted(set(by_saved) - set(weights))[:3]}, "
-                         f"unexpected {sorted(set(weights) - set(by_saved))[:3]})")
-    _load_into(params, {by_saved[k]: v for k, v in weights.items()})
+    params = lora.saved_names(dict(peft.named_parameters()), adapter)  # saved name -> parameter
+    if set(params) != set(weights):
+        raise ValueError(f"{version_dir}: adapter weights do not fit (missing {sorted(set(params) - set(weights))[:3]}, "
+                         f"unexpected {sorted(set(weights) - set(params))[:3]})")
+    _load_into(params, weights)

@@ -30,10 +30,10 @@ STALE_TMP_S = 3600.0  # staging dirs older than this belong to dead writers
 
 
 class Publisher:
-    def __init__(self, settings: Settings, policies: PolicyStore, store: LabelStore, producer: KafkaProducer, *,
+    def __init__(self, settings: Settings, policy_store: PolicyStore, store: LabelStore, producer: KafkaProducer, *,
                  name: str):
         self.settings = settings
-        self.policies = policies
+        self.policy_store = policy_store
         self.store = store
         self.producer = producer
         self.intent_key = f"{name}:publish_intent"  # `rlhf train` and `rlhf sft` each finish their own
@@ -49,10 +49,10 @@ class Publisher:
             killpoint("publish:staged")
 
         for _ in range(3):  # another writer (rlhf sft) may take the number first
-            version = max(self.policies.versions(), default=0) + 1
+            version = max(self.policy_store.versions(), default=0) + 1
             self.store.set(self.intent_key, version)
             try:
-                self.policies.write(version, stage, parent_version=parent_version, metrics=metrics,
+                self.policy_store.write(version, stage, parent_version=parent_version, metrics=metrics,
                                     base_version=base_version)
                 break
             except FileExistsError:
@@ -66,26 +66,26 @@ class Publisher:
 
     def announce(self, version: int, rollback_of: int | None = None) -> PolicyUpdate:
         """A PolicyUpdate for `version` (or for the move back to it from `rollback_of`), acked by Kafka."""
-        manifest = self.policies.manifest(version)
+        manifest = self.policy_store.manifest(version)
         update = PolicyUpdate(version=version, parent_version=manifest.parent_version,
                               base_version=manifest.base_version, rollback_of=rollback_of,
-                              uri=str(self.policies.path(version)), files=manifest.files, metrics=manifest.metrics)
+                              uri=str(self.policy_store.path(version)), files=manifest.files, metrics=manifest.metrics)
         # one key: every update lands in one partition, so replicas see versions in order
         self.producer.send(self.settings.topic_policy_updates, key=b"policy", value=update.to_bytes()).get(timeout=30)
         return update
 
     def recover(self) -> PolicyUpdate | None:
         """Finish a publish that a crash interrupted (see the module docstring); clean stale tmp/."""
-        self.policies.clean_tmp(older_than_s=STALE_TMP_S)
+        self.policy_store.clean_tmp(older_than_s=STALE_TMP_S)
         version = self.store.get(self.intent_key)
         if version is None:
             return None
-        if not self.policies.path(version).is_dir():  # died before the rename: nothing was published
+        if not self.policy_store.path(version).is_dir():  # died before the rename: nothing was published
             self.store.set(self.intent_key, None)
             return None
-        self.policies.verify(version)
-        if (self.policies.latest() or 0) < version:
-            self.policies.set_latest(version)
+        self.policy_store.verify(version)
+        if (self.policy_store.latest() or 0) < version:
+            self.policy_store.set_latest(version)
         log.info("re-announcing policy version %d after an interrupted publish", version)
         update = self.announce(version)
         self.store.set(self.intent_key, None)

@@ -444,7 +444,7 @@ def _consume(state: TrainerState, progress: bool, drain_s: float | None) -> Roun
     voters = {"voters": len(counts), "max_share": max(counts.values()) / sum(counts.values()) if counts else 0.0,
               "capped": sum(w < 1.0 for w in weights.values()), "cap": cap}
     return RoundInputs(round=n, examples=state.store.examples(cap), pool=state.store.prompts(),
-                       label_seq=state.store.label_seq(), version=state.policies.latest(),
+                       label_seq=state.store.label_seq(), version=state.policy_store.latest(),
                        new_labels=state.new_labels(), consumed=consumed, voters=voters)
 
 

@@ -147,12 +147,12 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config.from_args(args, root=config.SFTRun).sft
     settings = Settings()
     chats = read_demonstrations(args.data)
-    policies = ensure_policy_store(settings)
-    parent = policies.latest()
-    policies.verify(parent)
-    model = load_full(policies, parent, settings).float()  # fp32 master weights; autocast does bf16 on CUDA
-    base = policies.manifest(parent).base_version
-    tokenizer = load_tokenizer(policies.path(parent if base is None else base), settings)
+    policy_store = ensure_policy_store(settings)
+    parent = policy_store.latest()
+    policy_store.verify(parent)
+    model = load_full(policy_store, parent, settings).float()  # fp32 master weights; autocast does bf16 on CUDA
+    base = policy_store.manifest(parent).base_version
+    tokenizer = load_tokenizer(policy_store.path(parent if base is None else base), settings)
     device = resolve_device(settings)
     losses = train(model, tokenizer, chats, cfg, device=device, dtype=resolve_dtype(settings, device),
                    progress=not args.no_progress)
@@ -162,13 +162,13 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer.save_pretrained(args.out)
         print(f"sft: saved to {args.out}", flush=True)
         return 0
-    update = _publish(settings, policies, model, tokenizer, parent, losses, len(chats))
+    update = _publish(settings, policy_store, model, tokenizer, parent, losses, len(chats))
     print(f"sft: published v{update.version} (parent v{parent}); "
           f"to make it PPO's reference: rlhf train --ppo.reference_version {update.version}", flush=True)
     return 0
 
 
-def _publish(settings, policies, model, tokenizer, parent: int, losses: list[float], n: int):
+def _publish(settings, policy_store, model, tokenizer, parent: int, losses: list[float], n: int):
     from kafka import KafkaProducer
 
     from rlhf_loop.core.broker import client_options, ensure_topics
@@ -182,7 +182,7 @@ def _publish(settings, policies, model, tokenizer, parent: int, losses: list[flo
                        dedupe_window_s=trainer_cfg.dedupe_window_s, prompt_pool_size=trainer_cfg.prompt_pool_size)
     producer = KafkaProducer(**client_options(settings), acks="all", client_id="rlhf-sft")
     try:
-        publisher = Publisher(settings, policies, store, producer, name="sft")
+        publisher = Publisher(settings, policy_store, store, producer, name="sft")
         publisher.recover()
         def save(d: Path) -> None:
             model.save_pretrained(d, safe_serialization=True)

@@ -49,7 +49,7 @@ class TrainerState:
     settings: Settings
     cfg: TrainerConfig
     dist: Dist
-    policies: PolicyStore
+    policy_store: PolicyStore
     tokenizer: object
     eos_ids: frozenset[int]
     nets: Networks
@@ -80,8 +80,8 @@ class TrainerState:
             ensure_policy_store(settings)
             producer = KafkaProducer(**client_options(settings), client_id="rlhf-trainer",
                                      acks="all", retries=5, max_block_ms=30_000)
-            policies = PolicyStore(settings.policy_dir)
-            publisher = Publisher(settings, policies, store, producer, name="trainer")
+            policy_store = PolicyStore(settings.policy_dir)
+            publisher = Publisher(settings, policy_store, store, producer, name="trainer")
             publisher.recover()
             consumer = VoteConsumer(settings, store, cfg.consumer, producer)
         # what only rank 0 can read (its state dir, LATEST as it stands now), for every rank
@@ -92,15 +92,15 @@ class TrainerState:
             "reward_model": _read(cls.reward_model_path(settings)),
             "value_head": _read(cls.value_head_path(settings)),
         } if dist.is_main else None)
-        policies = PolicyStore(settings.policy_dir)
+        policy_store = PolicyStore(settings.policy_dir)
         version, ref_version = start["version"], cfg.ppo.reference_version
-        policies.verify(version)
-        policies.verify(ref_version)
-        layout = cfg.train.resolved_adapter(count_parameters(policies.path(ref_version)))
-        nets = Networks.open(settings, policies, cfg.train, layout, version, ref_version, dist)
+        policy_store.verify(version)
+        policy_store.verify(ref_version)
+        layout = cfg.train.resolved_adapter(count_parameters(policy_store.path(ref_version)))
+        nets = Networks.open(settings, policy_store, cfg.train, layout, version, ref_version, dist)
         if start["reward_model"] is not None:
             nets.reward.load(start["reward_model"])
-        tokenizer = load_tokenizer(policies.path(ref_version), settings)
+        tokenizer = load_tokenizer(policy_store.path(ref_version), settings)
         value_head = new_value_head(nets.policy)
         if start["value_head"] is not None:
             value_head.load_state_dict(start["value_head"])
@@ -109,7 +109,7 @@ class TrainerState:
         if dist.is_main:
             log.info("trainer ready: policy v%d, reference v%d, %s weights, %d rank(s) (%s), %d labels stored, "
                      "device %s", version, ref_version, layout, dist.world, cfg.train.strategy, len(store.votes()), device)
-        return cls(settings, cfg, dist, policies, tokenizer, eos_token_ids(nets.reference.module, tokenizer), nets,
+        return cls(settings, cfg, dist, policy_store, tokenizer, eos_token_ids(nets.reference.module, tokenizer), nets,
                    version, value_head, kl_ctl, start["lr_scale"], device, resolve_dtype(settings, device), store, consumer, producer,
                    publisher, load_guard_set(cfg.gate.guard_set))
 
@@ -148,8 +148,8 @@ class TrainerState:
     def follow(self, latest: int) -> None:
         """Make `latest` (LATEST as rank 0 read it) the current policy if it moved since ours (sft, rollback)."""
         if latest != self.version:
-            self.policies.verify(latest)
-            self.nets.follow(self.policies, latest)
+            self.policy_store.verify(latest)
+            self.nets.follow(self.policy_store, latest)
             if self.dist.is_main:
                 log.info("policy store LATEST moved v%d -> v%d; training from v%d", self.version, latest, latest)
             self.version = latest

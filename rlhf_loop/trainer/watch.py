@@ -67,8 +67,8 @@ def expected_votes(p0: float, p: float, cfg: WatchConfig) -> float:
 def check(state) -> Verdict | None:
     """Rank 0: judge LATEST against its parent; roll it back if the test says so. None: nothing to judge."""
     cfg = state.cfg.watch
-    latest = state.policies.latest()
-    parent = state.policies.manifest(latest).parent_version
+    latest = state.policy_store.latest()
+    parent = state.policy_store.manifest(latest).parent_version
     if not cfg.enabled or parent is None or state.store.get(f"watch:{latest}") is not None:
         return None
     counts = state.store.approval_by_version()
@@ -85,7 +85,7 @@ def check(state) -> Verdict | None:
         reason = (f"live approval {verdict.approval:.2f} over {verdict.votes} votes against parent v{parent}'s "
                   f"{verdict.parent_approval:.2f}: SPRT LLR {llr:.2f} >= {upper:.2f} (a drop of "
                   f"{cfg.max_drop:g}, false-alarm rate {cfg.false_alarm:g})")
-        state.policies.roll_back(latest, parent, reason)
+        state.policy_store.roll_back(latest, parent, reason)
         state.store.set(f"watch:{latest}", "rolled back")
         state.publisher.announce(parent, rollback_of=latest)
         log.warning("rolled back v%d to v%d: %s", latest, parent, reason)

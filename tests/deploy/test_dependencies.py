@@ -18,7 +18,7 @@ from importlib.metadata import packages_distributions
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-RUNTIME = ["rlhf", "service", "trainer", "kernels"]
+RUNTIME = ["rlhf_loop"]
 LOCAL = set(RUNTIME) | {"tests", "bench"}
 
 

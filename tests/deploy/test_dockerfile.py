@@ -23,7 +23,6 @@ import socket
 import subprocess
 import sys
 import time
-import tomllib
 import urllib.request
 from pathlib import Path
 
@@ -72,13 +71,34 @@ def test_stages_and_pins():
     v = sys.version_info
     assert re.fullmatch(rf"python:{v.major}\.{v.minor}\.\d+-slim-\w+", python_image), python_image
     builder_args = dict(i.args.split("=", 1) for i in df.stage("builder").instructions if i.cmd == "ARG")
-    pins = [d for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"] if d.startswith("torch")]
-    assert pins == [f"torch=={builder_args['TORCH_VERSION']}"], "the image's torch must be the project's pin"
     assert builder_args["TORCH_VARIANT"] == "cpu", "CPU by default, CUDA through --build-arg TORCH_VARIANT"
     for ins in df.stage("runtime").instructions:
         if ins.cmd == "RUN" and "apt-get install" in ins.args:
             for pkg in re.findall(r"--no-install-recommends ([^;&]+)", ins.args):
                 assert all("=" in p for p in pkg.split()), f"unpinned apt package in {pkg!r}"
+
+
+def locked(path: Path) -> dict[str, str]:
+    """name -> version of a lock file (uv pip compile's format)."""
+    return dict(re.findall(r"^([A-Za-z0-9_.\-]+)==(\S+)", path.read_text(), re.M))
+
+
+def test_the_image_installs_the_locked_versions_the_suite_runs_on():
+    """Each variant's lock is copied into the builder and synced with hashes; its versions are
+    requirements/cpu.lock's (what `make test` installs), torch's build aside."""
+    suite = locked(ROOT / "requirements" / "cpu.lock")
+    (copy,) = [i for i in dockerfile().stage("builder").instructions if i.cmd == "COPY" and "requirements/" in i.args]
+    for variant in ("cpu", "cuda"):
+        lock = f"requirements/image-{variant}.lock"
+        assert lock in copy.args.split()
+        image = locked(ROOT / lock)
+        assert image["torch"].startswith("2.13.0") and image["torch"].endswith("+cpu") == (variant == "cpu")
+        differ = {n: (v, suite[n]) for n, v in image.items() if n != "torch" and n in suite and suite[n] != v}
+        assert differ == {}, f"{lock} is not held to cpu.lock's versions (`make lock` writes all three): {differ}"
+        if variant == "cpu":
+            assert set(image) <= set(suite), set(image) - set(suite)
+    sync = [i.args for i in dockerfile().stage("builder").instructions if i.cmd == "RUN" and "pip sync" in i.args]
+    assert len(sync) == 1 and "--require-hashes" in sync[0] and "requirements/image-${TORCH_VARIANT}.lock" in sync[0]
 
 
 def runtime(cmd: str) -> list[Instruction]:
@@ -177,9 +197,9 @@ def build_context(dest: Path) -> Path:
 
 def test_dockerignore_sends_only_what_the_image_installs():
     patterns = dockerignore_patterns()
-    assert in_context("core/contracts.py", patterns) and in_context("pyproject.toml", patterns)
+    assert in_context("rlhf_loop/core/contracts.py", patterns) and in_context("pyproject.toml", patterns)
     for rel in (".venv/bin/python", ".git/HEAD", "tests/conftest.py", "k8s/base/service.yaml", ".rlhf/x",
-                "rlhf/__pycache__/cli.cpython-311.pyc", "Dockerfile", "docs/deploy.md"):
+                "rlhf_loop/__pycache__/cli.cpython-311.pyc", "Dockerfile", "docs/deploy.md", "requirements/cpu.lock"):
         assert not in_context(rel, patterns), rel
     # every COPY source of the builder stage is in the context
     for ins in dockerfile().stage("builder").instructions:
@@ -206,13 +226,11 @@ class ImageRoot:
         return self.IMAGE_PATHS.sub(lambda m: f"{self.root}{m[1]}", text)
 
 
-def pip_index_url() -> str:
-    """The index this machine's pip uses (where `make install` gets CPU torch)."""
-    if os.environ.get("PIP_INDEX_URL"):
-        return os.environ["PIP_INDEX_URL"]
-    out = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True).stdout
-    urls = [line.split("=", 1)[1].strip("'") for line in out.splitlines() if re.match(r"[\w:]*\.index-url=", line)]
-    return urls[0] if urls else "https://pypi.org/simple"
+def torch_cpu_source() -> dict[str, str]:
+    """Build args pointing uv at this machine's copy of the CPU torch wheel, as `make install` does
+    (Makefile, TORCH_SOURCE); none elsewhere (the Dockerfile's default, PyTorch's CPU index)."""
+    wheels = Path("/opt/wheels")
+    return {"TORCH_CPU_SOURCE": f"--find-links {wheels}"} if list(wheels.glob("torch-*+cpu-*.whl")) else {}
 
 
 def replay(stage: str, image: ImageRoot, context: Path, state: dict, log: Path) -> None:
@@ -238,7 +256,7 @@ def replay(stage: str, image: ImageRoot, context: Path, state: dict, log: Path) 
                     shutil.copytree(context / src, target, dirs_exist_ok=True)
                 else:
                     target.mkdir(parents=True, exist_ok=True) if dest.endswith("/") else target.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copy2(context / src, target / src if dest.endswith("/") else target)
+                    shutil.copy2(context / src, target / Path(src).name if dest.endswith("/") else target)
         elif ins.cmd == "RUN":
             command = image.map(re.sub(r"^(--mount=\S+\s+)+", "", ins.args))  # cache mounts: pip's own cache here
             env = {**state["host_env"], **state["args"], **state["env"]}
@@ -281,7 +299,7 @@ def test_install_steps_build_a_venv_that_serves(tmp_path, base_model_dir, broker
                 if not k.startswith(("RLHF_", "VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME", "BENTOML_"))}
     host_env["PATH"] = f"{shim}:{BASE_IMAGE_PATH}"
     state = {"args": {}, "env": {"PATH": host_env["PATH"]}, "cwd": image.root, "host_env": host_env,
-             "build_args": {"TORCH_INDEX_URL": pip_index_url()}}
+             "build_args": torch_cpu_source()}
     image.root.mkdir()
     log = tmp_path / "build.log"
 

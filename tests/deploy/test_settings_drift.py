@@ -29,7 +29,7 @@ from deploy_support import OVERLAYS, ROOT, container_env, image_env, render, rlh
 
 from rlhf_loop.core.contracts import Settings
 
-CODE_DIRS = ("rlhf", "service", "trainer", "kernels")
+CODE_DIRS = ("rlhf_loop",)
 
 # Settings deliberately left at the code's default in every overlay, and why.
 DEFAULTED = {

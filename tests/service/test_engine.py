@@ -18,7 +18,8 @@ from prometheus_client import REGISTRY
 from rlhf_loop.core.contracts import Settings
 from rlhf_loop.core.models import load_causal_lm
 from rlhf_loop.service.detokenizer import Detokenizer
-from rlhf_loop.service.engine import Engine, EngineFull, Policy
+from rlhf_loop.service.engine import Engine, EngineFull
+from rlhf_loop.service.loaded import LoadedVersion
 from rlhf_loop.service.request import SamplingParams
 from rlhf_loop.service.sampler import nucleus, sample
 from rlhf_loop.service.scheduler import Limits
@@ -27,13 +28,13 @@ PROMPT = [{"role": "user", "content": "Tell me about trains."}]
 TOPICS = ["cats", "the old harbour and its boats", "rain", "coffee, tea and the morning", "dogs", "a long walk home"]
 
 
-def load(path: str, version: int = 0) -> Policy:
+def load(path: str, version: int = 0) -> LoadedVersion:
     model, tok = load_causal_lm(path, Settings(device="cpu"))
-    return Policy.from_pretrained(version, model, tok)
+    return LoadedVersion.of(version, model, tok)
 
 
 @pytest.fixture(scope="module")
-def policy(base_model_dir) -> Policy:
+def loaded(base_model_dir) -> LoadedVersion:
     return load(base_model_dir)
 
 
@@ -46,11 +47,11 @@ def engine(**limits) -> Engine:
     return Engine(Limits(**{"max_running_seqs": 64, "max_batched_tokens": 512, "max_waiting_requests": 64, **limits}))
 
 
-async def answer(eng: Engine, policy: Policy, prompt_ids: list[int],
+async def answer(eng: Engine, loaded: LoadedVersion, prompt_ids: list[int],
                  p: SamplingParams) -> list[tuple[str, list[int], str]]:
     """(text, token ids, finish reason) per choice."""
     texts, ids, finish = [""] * p.n, [[] for _ in range(p.n)], [None] * p.n
-    async for d in eng.stream(policy, prompt_ids, p):
+    async for d in eng.stream(loaded, prompt_ids, p):
         assert finish[d.index] is None, "a choice went on after it finished"
         texts[d.index] += d.text
         ids[d.index] += d.token_ids
@@ -58,27 +59,27 @@ async def answer(eng: Engine, policy: Policy, prompt_ids: list[int],
     return list(zip(texts, ids, finish))
 
 
-def run(policy: Policy, p: SamplingParams, prompt=PROMPT, **limits):
+def run(loaded: LoadedVersion, p: SamplingParams, prompt=PROMPT, **limits):
     """One request alone on a fresh engine."""
     eng = engine(**limits)
     try:
-        return asyncio.run(answer(eng, policy, policy.encode_chat(prompt), p))
+        return asyncio.run(answer(eng, loaded, loaded.encode_chat(prompt), p))
     finally:
         eng.close()
 
 
-def hf_greedy(policy: Policy, prompt_ids: list[int], max_tokens: int) -> list[int]:
-    out = policy.model.generate(torch.tensor([prompt_ids]), do_sample=False, max_new_tokens=max_tokens,
-                                pad_token_id=policy.tokenizer.pad_token_id)[0, len(prompt_ids):].tolist()
-    stop = next((i for i, t in enumerate(out) if t in policy.eos_token_ids), len(out))
+def hf_greedy(loaded: LoadedVersion, prompt_ids: list[int], max_tokens: int) -> list[int]:
+    out = loaded.model.generate(torch.tensor([prompt_ids]), do_sample=False, max_new_tokens=max_tokens,
+                                pad_token_id=loaded.tokenizer.pad_token_id)[0, len(prompt_ids):].tolist()
+    stop = next((i for i, t in enumerate(out) if t in loaded.eos_token_ids), len(out))
     return out[:stop]
 
 
-def test_greedy_decoding_with_the_kv_cache_matches_hf_generate(policy):
-    prompt_ids = policy.encode_chat(PROMPT)
-    ((text, ids, finish),) = run(policy, params(temperature=0.0, max_tokens=40))
-    assert ids == hf_greedy(policy, prompt_ids, 40)
-    assert text == policy.tokenizer.decode(ids, skip_special_tokens=True)
+def test_greedy_decoding_with_the_kv_cache_matches_hf_generate(loaded):
+    prompt_ids = loaded.encode_chat(PROMPT)
+    ((text, ids, finish),) = run(loaded, params(temperature=0.0, max_tokens=40))
+    assert ids == hf_greedy(loaded, prompt_ids, 40)
+    assert text == loaded.tokenizer.decode(ids, skip_special_tokens=True)
     assert finish == ("stop" if len(ids) < 40 else "length")
 
 
@@ -113,31 +114,31 @@ def test_requests_batched_together_answer_as_each_would_alone(shape, max_batched
             eng.close()
 
 
-def test_max_tokens_ends_an_answer_with_length(policy):
-    ((text, ids, finish),) = run(policy, params(temperature=0.0, max_tokens=3))
+def test_max_tokens_ends_an_answer_with_length(loaded):
+    ((text, ids, finish),) = run(loaded, params(temperature=0.0, max_tokens=3))
     assert (len(ids), finish) == (3, "length")
-    assert text == policy.tokenizer.decode(ids, skip_special_tokens=True)
+    assert text == loaded.tokenizer.decode(ids, skip_special_tokens=True)
 
 
-def test_a_seeded_request_alone_is_reproducible_and_n_choices_differ(policy):
+def test_a_seeded_request_alone_is_reproducible_and_n_choices_differ(loaded):
     p = params(seed=7, n=3, max_tokens=30, top_p=0.9)
-    first = run(policy, p)
-    assert run(policy, p) == first
+    first = run(loaded, p)
+    assert run(loaded, p) == first
     assert len({text for text, _, _ in first}) > 1, "the n choices should be sampled independently"
-    assert run(policy, dataclasses.replace(p, seed=8)) != first
+    assert run(loaded, dataclasses.replace(p, seed=8)) != first
 
 
-def test_stop_strings_end_each_choice_and_are_cut_out(policy):
-    ((full, _, _),) = run(policy, params(temperature=0.0, max_tokens=40))
+def test_stop_strings_end_each_choice_and_are_cut_out(loaded):
+    ((full, _, _),) = run(loaded, params(temperature=0.0, max_tokens=40))
     words = full.split()
     assert len(words) >= 4, full
     stop = " ".join(words[2:4])  # two words from the middle, spanning several tokens
-    choices = run(policy, params(temperature=0.0, max_tokens=40, n=2, stop=("zzz-never", stop)))
+    choices = run(loaded, params(temperature=0.0, max_tokens=40, n=2, stop=("zzz-never", stop)))
     assert [(text, finish) for text, _, finish in choices] == [(full[: full.index(stop)], "stop")] * 2
 
 
-def test_detokenizer_holds_back_a_possible_stop_string(policy):
-    tok = policy.tokenizer
+def test_detokenizer_holds_back_a_possible_stop_string(loaded):
+    tok = loaded.tokenizer
     text = "Cats sleep for most of the day. Cats purr."
     detok = Detokenizer(tok, ("most of the",))
     shown, stopped = [], False
@@ -200,21 +201,21 @@ def test_sampling_respects_temperature_zero_and_each_rows_nucleus():
 
 
 def test_a_client_that_leaves_frees_its_rows_and_the_rest_go_on(random_model):
-    policy = load(random_model("llama-tiny"))  # random weights: an answer runs to max_tokens, it never ends early
+    loaded = load(random_model("llama-tiny"))  # random weights: an answer runs to max_tokens, it never ends early
     eng = engine(max_running_seqs=2)
-    prompt = policy.encode_chat(PROMPT)
+    prompt = loaded.encode_chat(PROMPT)
     cancelled = REGISTRY.get_sample_value("rlhf_engine_cancelled_total") or 0.0
 
     async def first_delta_then_leave() -> None:
-        async with contextlib.aclosing(eng.stream(policy, prompt, params(max_tokens=200, n=2))) as deltas:
+        async with contextlib.aclosing(eng.stream(loaded, prompt, params(max_tokens=200, n=2))) as deltas:
             async for _ in deltas:
                 break
 
     async def main():
         await first_delta_then_leave()
         # with room for two rows, these run only once the abandoned request's two rows are gone
-        return await asyncio.wait_for(asyncio.gather(answer(eng, policy, prompt, params(seed=1)),
-                                                     answer(eng, policy, prompt, params(seed=2))), timeout=120)
+        return await asyncio.wait_for(asyncio.gather(answer(eng, loaded, prompt, params(seed=1)),
+                                                     answer(eng, loaded, prompt, params(seed=2))), timeout=120)
 
     try:
         a, b = asyncio.run(main())
@@ -222,19 +223,19 @@ def test_a_client_that_leaves_frees_its_rows_and_the_rest_go_on(random_model):
     finally:
         eng.close()
     assert REGISTRY.get_sample_value("rlhf_engine_cancelled_total") == cancelled + 1
-    assert (a, b) == (run(policy, params(seed=1)), run(policy, params(seed=2)))
+    assert (a, b) == (run(loaded, params(seed=1)), run(loaded, params(seed=2)))
 
 
-def test_a_full_queue_refuses_at_once_and_calls_run_between_steps(policy):
+def test_a_full_queue_refuses_at_once_and_calls_run_between_steps(loaded):
     eng = engine(max_waiting_requests=1)
-    prompt = policy.encode_chat(PROMPT)
+    prompt = loaded.encode_chat(PROMPT)
     gate = threading.Event()
     held = eng.run_between_steps(gate.wait)  # the engine thread waits here: nothing leaves the queue
 
     async def main():
-        first = eng.stream(policy, prompt, params(seed=1))
+        first = eng.stream(loaded, prompt, params(seed=1))
         with pytest.raises(EngineFull):
-            eng.stream(policy, prompt, params(seed=2))
+            eng.stream(loaded, prompt, params(seed=2))
         gate.set()
         return [d async for d in first]
 
@@ -276,25 +277,25 @@ def test_two_versions_run_side_by_side_and_the_old_one_is_freed(random_model):
         eng.close()
 
 
-def test_a_failing_model_fails_its_requests_only(policy):
+def test_a_failing_model_fails_its_requests_only(loaded):
     class Broken(torch.nn.Module):
-        device, config = policy.device, policy.model.config
+        device, config = loaded.device, loaded.model.config
 
         def forward(self, **_):
             raise RuntimeError("out of memory (simulated)")
 
-    broken = dataclasses.replace(policy, version=9, model=Broken())
+    broken = dataclasses.replace(loaded, version=9, model=Broken())
     eng = engine()
-    prompt = policy.encode_chat(PROMPT)
+    prompt = loaded.encode_chat(PROMPT)
 
     async def main():
         bad = asyncio.create_task(answer(eng, broken, prompt, params()))
-        good = asyncio.create_task(answer(eng, policy, prompt, params(seed=3)))
+        good = asyncio.create_task(answer(eng, loaded, prompt, params(seed=3)))
         with pytest.raises(RuntimeError, match="simulated"):
             await bad
         return await good
 
     try:
-        assert asyncio.run(main()) == run(policy, params(seed=3))
+        assert asyncio.run(main()) == run(loaded, params(seed=3))
     finally:
         eng.close()

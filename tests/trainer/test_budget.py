@@ -72,7 +72,7 @@ def test_a_taste_beyond_the_bound_spends_the_budget_without_a_run_of_kl_rejectio
     assert spent_now, trail(reports)
     assert longest_run(kl_rejected) <= 2, trail(reports)  # no more than one consecutive KL rejection after the first
     spent = reports[-1].budget["spent"]
-    assert spent["version"] == state.policies.latest() and spent["serving_kl"] >= cfg.budget.spent * BOUND, spent
+    assert spent["version"] == state.policy_store.latest() and spent["serving_kl"] >= cfg.budget.spent * BOUND, spent
     assert "raise gate.max_kl" in spent["why"]
     assert "KL budget spent" in reports[-1].summary()
     # a rejection for KL made the next round more conservative, and the report says so

@@ -86,9 +86,9 @@ def test_a_dead_rank_aborts_the_round_and_the_restart_completes(settings, base_m
         assert store.votes() == {v.feedback_id: float(v.rating) for v in votes}
     finally:
         store.close()
-    policies = PolicyStore(state / "policies")
-    assert policies.versions() == [0, 1]  # the killed attempt published nothing; the restart published once
-    policies.verify(1)
+    policy_store = PolicyStore(state / "policies")
+    assert policy_store.versions() == [0, 1]  # the killed attempt published nothing; the restart published once
+    policy_store.verify(1)
     rounds = (state / "trainer" / "rounds.jsonl").read_text().splitlines()
     assert len(rounds) == 1 and json.loads(rounds[0])["world_size"] == 2
 

@@ -30,7 +30,7 @@ def test_a_reward_model_at_chance_promotes_nothing(settings, base_model_dir):
         state.close()
     assert [r.labels for r in reports] == [64, 128, 192]  # the labels are stored all the same
     assert not any(r.promoted for r in reports), [r.reason for r in reports]
-    assert state.policies.versions() == [0]
+    assert state.policy_store.versions() == [0]
     for r in reports:
         judge = r.checks["rm_auroc"]
         assert not judge["passed"] and judge["value"] < 0.6, judge

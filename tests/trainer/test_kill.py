@@ -98,15 +98,15 @@ def test_sigkill_anywhere_loses_nothing_and_counts_nothing_twice(settings, base_
     assert store.pending_votes() == 0
     store.close()
 
-    policies = PolicyStore(settings.policy_dir)
-    assert policies.versions() == [0, 1, 2] and policies.latest() == 2, final
-    for v in policies.versions():
-        policies.verify(v)
-    assert policies.manifest(2).parent_version == 1
-    leftovers = list(policies.tmp_dir.iterdir())
+    policy_store = PolicyStore(settings.policy_dir)
+    assert policy_store.versions() == [0, 1, 2] and policy_store.latest() == 2, final
+    for v in policy_store.versions():
+        policy_store.verify(v)
+    assert policy_store.manifest(2).parent_version == 1
+    leftovers = list(policy_store.tmp_dir.iterdir())
     assert leftovers, "the publish:staged kill should have left a staging dir behind"
     assert all(not p.name[1:].isdigit() for p in leftovers)  # staging names never look like versions
     updates = [PolicyUpdate.model_validate_json(v) for v in
                consume_all(settings, settings.topic_policy_updates, "test-updates", expect=2)]
     assert [u.version for u in updates] == [1, 2]
-    assert all(u.files == policies.manifest(u.version).files for u in updates)
+    assert all(u.files == policy_store.manifest(u.version).files for u in updates)

@@ -50,7 +50,7 @@ def test_rounds_learn_the_taste_behind_the_votes(settings, base_model_dir):
 
     promoted = [r for r in reports if r.promoted]
     assert promoted, [r.reason for r in reports]
-    store = state.policies
+    store = state.policy_store
     latest = store.latest()
     assert latest == promoted[-1].version == max(store.versions())
     manifest = store.verify(latest)

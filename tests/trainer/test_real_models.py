@@ -51,7 +51,7 @@ def test_a_round_publishes_exactly_the_candidate(settings, random_model, adapter
     try:
         report = run_round(state, progress=False)
         assert report.promoted and report.version == 1, report.reason
-        store = state.policies
+        store = state.policy_store
         manifest = store.verify(1)
         probe = torch.tensor([[3, 17, 42, 99, 5]])
         with torch.no_grad():

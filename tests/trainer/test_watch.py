@@ -43,13 +43,13 @@ def test_a_version_the_users_like_less_is_rolled_back_within_the_stated_votes(se
         produce(settings, records(settings, brigade, votes_for(brigade, taste="cheerful", noise=1.0, seed=1,
                                                                user="brigade")))
         report = run_round(state, progress=False)
-        assert report.promoted and state.policies.latest() == 1, report.reason
+        assert report.promoted and state.policy_store.latest() == 1, report.reason
 
         # 2. the real users vote on what v0 said (the parent's approval), then on what v1 says
         v0 = sample_interactions(base_model_dir, 80, seed=12)
         produce(settings, records(settings, v0, votes_for(v0, taste="cheerful", noise=0.1, seed=2, user="users")))
         v1 = [it.model_copy(update={"policy_version": 1}) for it in
-              sample_interactions(str(state.policies.path(1)), 200, seed=13)]
+              sample_interactions(str(state.policy_store.path(1)), 200, seed=13)]
         v1_votes = votes_for(v1, taste="cheerful", noise=0.1, seed=3, user="users")
         parent = sum(v.rating > 0 for v in votes_for(v0, taste="cheerful", noise=0.1, seed=2)) / len(v0)
         child = sum(v.rating > 0 for v in v1_votes) / len(v1)
@@ -68,15 +68,15 @@ def test_a_version_the_users_like_less_is_rolled_back_within_the_stated_votes(se
         assert cast <= bound, (cast, bound)
 
         # 3. LATEST is back on v0, the store says why, the replicas were told, and training goes on from v0
-        assert state.policies.latest() == 0
-        rolled = state.policies.rollbacks()[1]
+        assert state.policy_store.latest() == 0
+        rolled = state.policy_store.rollbacks()[1]
         assert rolled["to"] == 0 and "SPRT" in rolled["reason"]
         updates = [PolicyUpdate.model_validate_json(v) for v in
                    consume_all(settings, settings.topic_policy_updates, "test-watch", expect=2)]
         assert [(u.version, u.rollback_of) for u in updates] == [(1, None), (0, 1)]
         assert watch.check(state) is None  # decided: the rolled-back version is not judged again
         report = run_round(state, progress=False)
-        assert report.version_before == 0 and state.version in (0, 2) and state.policies.latest() != 1
+        assert report.version_before == 0 and state.version in (0, 2) and state.policy_store.latest() != 1
     finally:
         state.close()
     rounds = [json.loads(x) for x in (settings.trainer_dir / "rounds.jsonl").read_text().splitlines()]
