@@ -1,7 +1,8 @@
 # The two commands (README): `make demo` and `make test`. Everything installs from here,
 # from the lock (requirements/*.lock): exact versions, every file checked against its sha256.
 #
-#   make install        .venv from requirements/cpu.lock (CPU torch), the project editable
+#   make install        .venv from requirements/cpu.lock (CPU torch, dev tools), the project editable;
+#                       on a GPU machine `make install VARIANT=cuda`: requirements/image-cuda.lock (CUDA torch)
 #   make lock           refresh the locks from pyproject.toml's ranges (on purpose: then run make test)
 #   make test-latest    the suite on the newest releases pyproject.toml allows (.venv-latest), to see
 #                       upstream breakage before a lock refresh brings it to users
@@ -11,9 +12,12 @@ UV := $(VENV)/bin/uv
 export BENTOML_DO_NOT_TRACK := true
 export HF_HUB_OFFLINE := 1
 export UV_PYTHON_DOWNLOADS := never
+VARIANT ?= cpu
+LOCK := $(if $(filter cuda,$(VARIANT)),requirements/image-cuda.lock,requirements/cpu.lock)
 # Where the CPU build of torch comes from: this machine class keeps it in /opt/wheels; elsewhere
 # PyTorch's CPU index (the lock's sha256 is checked either way).
-TORCH_SOURCE ?= $(if $(wildcard /opt/wheels/torch-*+cpu-*.whl),--find-links /opt/wheels,--extra-index-url https://download.pytorch.org/whl/cpu --index-strategy unsafe-best-match)
+CPU_TORCH_SOURCE := $(if $(wildcard /opt/wheels/torch-*+cpu-*.whl),--find-links /opt/wheels,--extra-index-url https://download.pytorch.org/whl/cpu --index-strategy unsafe-best-match)
+TORCH_SOURCE ?= $(if $(filter cuda,$(VARIANT)),,$(CPU_TORCH_SOURCE))
 # The locks are for CPython 3.11 on Linux x86_64 (CI, the image); `make lock` on another platform
 # writes locks for that platform.
 LOCK_TARGET := --python-version 3.11 --python-platform x86_64-manylinux_2_28
@@ -30,12 +34,13 @@ $(UV): requirements/bootstrap.txt
 	$(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --disable-pip-version-check --require-hashes --no-deps -r requirements/bootstrap.txt
 
-$(VENV)/.installed: $(UV) requirements/cpu.lock pyproject.toml
-	$(UV) pip sync -q --python $(VENV)/bin/python --require-hashes $(TORCH_SOURCE) requirements/cpu.lock requirements/bootstrap.txt
+$(VENV)/.installed-$(VARIANT): $(UV) $(LOCK) pyproject.toml
+	rm -f $(VENV)/.installed-*
+	$(UV) pip sync -q --python $(VENV)/bin/python --require-hashes $(TORCH_SOURCE) $(LOCK) requirements/bootstrap.txt
 	$(UV) pip install -q --python $(VENV)/bin/python --no-deps -e .
 	touch $@
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed-$(VARIANT)
 
 demo: install
 	$(VENV)/bin/rlhf up
@@ -51,10 +56,10 @@ test: install $(CHROMEDRIVER)
 # installs (Dockerfile, TORCH_VARIANT), held to cpu.lock's versions so that the image runs what
 # the suite ran. requirements/torch-*.txt say which torch build each one takes.
 lock: $(UV)
-	$(UV) pip compile -q pyproject.toml --extra dev --override requirements/torch-cpu.txt $(TORCH_SOURCE) \
+	$(UV) pip compile -q pyproject.toml --extra dev --override requirements/torch-cpu.txt $(CPU_TORCH_SOURCE) \
 		--generate-hashes $(LOCK_TARGET) -o requirements/cpu.lock
 	sed -n 's/^\([A-Za-z0-9_.-]*==[^ ]*\).*/\1/p' requirements/cpu.lock | grep -v '^torch==' > $(VENV)/pins.txt
-	$(UV) pip compile -q pyproject.toml --override requirements/torch-cpu.txt $(TORCH_SOURCE) -c $(VENV)/pins.txt \
+	$(UV) pip compile -q pyproject.toml --override requirements/torch-cpu.txt $(CPU_TORCH_SOURCE) -c $(VENV)/pins.txt \
 		--generate-hashes $(LOCK_TARGET) -o requirements/image-cpu.lock
 	$(UV) pip compile -q pyproject.toml --override requirements/torch-cuda.txt -c $(VENV)/pins.txt \
 		--generate-hashes $(LOCK_TARGET) -o requirements/image-cuda.lock
@@ -65,7 +70,7 @@ test-latest: $(CHROMEDRIVER)
 	rm -rf .venv-latest
 	$(PY) -m venv .venv-latest
 	$(UV) pip install -q --python .venv-latest/bin/python --upgrade --override requirements/torch-cpu.txt \
-		$(TORCH_SOURCE) -e '.[dev]'
+		$(CPU_TORCH_SOURCE) -e '.[dev]'
 	.venv-latest/bin/python -m pytest -q --durations=25
 
 clean:

@@ -598,7 +598,7 @@ def _non_negative(obj, *names: str) -> None:
 
 
 def markdown() -> str:
-    """The configuration tables of docs/trainer.md: `python -m trainer.config` prints them."""
+    """The configuration tables of docs/trainer.md: `python -m rlhf_loop.trainer.config` prints them."""
     docs, lines = _field_docs(), []
     for root in (TrainerConfig, SFTRun):
         for section, cls in _section_classes(root).items():

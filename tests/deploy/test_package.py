@@ -130,3 +130,9 @@ def test_transformers_loads_its_own_kernels_inside_the_checkout():
     code = "from transformers import AutoConfig; print(AutoConfig.for_model('llama').model_type)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "llama", out.stderr
+
+
+def test_pip_check_is_clean():
+    """Every installed distribution's requirements are met by what the lock installed."""
+    out = subprocess.run([sys.executable, "-m", "pip", "check"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr

@@ -152,7 +152,7 @@ def trainer_env() -> set[str]:
 
 
 # Reads whose name is computed, and the function that lists the names they can read.
-COMPUTED_READS = {"trainer/config.py": trainer_env}
+COMPUTED_READS = {"rlhf_loop/trainer/config.py": trainer_env}
 
 
 def code_env() -> dict[str, str]:
@@ -165,7 +165,7 @@ def code_env() -> dict[str, str]:
         path = read.where.rpartition(":")[0]
         if path not in COMPUTED_READS:
             pytest.fail(f"{read.where} reads an environment variable whose name is computed: read it through "
-                        "core.contracts.Settings, or teach tests/deploy/test_settings_drift.py (COMPUTED_READS) "
+                        "rlhf_loop.core.contracts.Settings, or teach tests/deploy/test_settings_drift.py (COMPUTED_READS) "
                         "which names it can read")
         for name in COMPUTED_READS[path]():
             names.setdefault(name, read.where)
@@ -258,11 +258,11 @@ def test_image_sets_what_the_cli_would_default():
 
 
 def test_scan_sees_reads_of_every_form(tmp_path):
-    (tmp_path / "rlhf").mkdir()
-    (tmp_path / "rlhf" / "m.py").write_text(
+    (tmp_path / "rlhf_loop").mkdir()
+    (tmp_path / "rlhf_loop" / "m.py").write_text(
         "import os\nfrom os import environ\nNAME = 'C'\n"
         "os.getenv('A')\nos.environ['B']\nos.environ.get(NAME)\nenviron.setdefault('D', '1')\n"
         "os.environ['E'] = '1'\nos.environ.get(f'X_{NAME}')\n"
     )
     assert [(r.where, r.name) for r in env_reads(tmp_path)] == [
-        ("rlhf/m.py:4", "A"), ("rlhf/m.py:5", "B"), ("rlhf/m.py:6", "C"), ("rlhf/m.py:7", "D"), ("rlhf/m.py:9", None)]
+        ("rlhf_loop/m.py:4", "A"), ("rlhf_loop/m.py:5", "B"), ("rlhf_loop/m.py:6", "C"), ("rlhf_loop/m.py:7", "D"), ("rlhf_loop/m.py:9", None)]

@@ -7,7 +7,7 @@ a cluster: both objects against the openAPIV3Schema of Kubeflow Trainer's CRDs i
 ../shared/kubeflow-trainer-crds (skipped, saying so, where that directory is absent), and
 the CRDs' CEL rules that matter by hand; the pods Kubeflow Trainer will make, as a
 Kubernetes Job, against the Kubernetes API; that torchrun, given the PET_* variables
-Kubeflow Trainer's torch policy sets, starts `rlhf.cli train` on the right rendezvous; and
+Kubeflow Trainer's torch policy sets, starts `rlhf_loop train` on the right rendezvous; and
 that those pods are the single-pod trainer's, with rank 0's state on a claim every node
 mounts. Not checked: Kubeflow Trainer's and JobSet's controllers themselves (their
 defaulting, webhooks and the JobSet they build), NCCL across real nodes.
@@ -178,11 +178,11 @@ def test_kubeflow_trainer_sets_torchruns_rendezvous_and_our_command_reads_it(tra
         assert config.rdzv_configs["rank"] == pod
         # a dead rank ends the pod, and the JobSet restarts every node (test_a_dead_rank_restarts_every_node)
         assert config.max_restarts == 0
-        assert cmd_args == ["-u", "-m", "rlhf.cli", "train"], "the same `rlhf train` as the single-pod trainer"
+        assert cmd_args == ["-u", "-m", "rlhf_loop", "train"], "the same `rlhf train` as the single-pod trainer"
 
 
 def test_the_command_exists_in_the_image():
-    """torchrun comes with torch into the image's venv (on PATH); tini is the image's own PID 1; rlhf.cli runs as a module."""
+    """torchrun comes with torch into the image's venv (on PATH); tini is the image's own PID 1; rlhf_loop runs as a module."""
     assert shutil.which("torchrun", path=str(Path(sys.executable).parent)), "torch installs the torchrun script"
     assert "/opt/venv/bin" in image_env()["PATH"].split(":")
     (entrypoint,) = [i for i in dockerfile().stage("runtime").instructions if i.cmd == "ENTRYPOINT"]

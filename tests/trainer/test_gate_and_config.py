@@ -123,8 +123,8 @@ def test_replace_overrides_fields_in_sections():
 
 
 def test_docs_list_every_config_field():
-    """docs/trainer.md ends with the tables `python -m trainer.config` prints: every field, default and doc."""
+    """docs/trainer.md ends with the tables `python -m rlhf_loop.trainer.config` prints: every field, default and doc."""
     from pathlib import Path
 
     text = (Path(__file__).resolve().parents[2] / "docs" / "trainer.md").read_text()
-    assert text.endswith(config.markdown()), "regenerate the tables: python -m trainer.config"
+    assert text.endswith(config.markdown()), "regenerate the tables: python -m rlhf_loop.trainer.config"
