@@ -23,14 +23,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 
-from rlhf_loop.core.broker import EmbeddedBroker, ensure_topics, free_port
+from rlhf_loop.core.broker import EmbeddedBroker, ensure_topics, free_port, port_in_use
 from rlhf_loop.core.contracts import Settings
+from rlhf_loop.core.processes import die_with_parent
 from rlhf_loop.core.models import ensure_policy_store
 from rlhf_loop.core.policy_store import PolicyStore
 from rlhf_loop.app.simulate import SimConfig, SimLog, run as run_users
 from rlhf_loop.service import serve  # the same spawn / wait / stop helpers the tests and bench/serve.py use
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # each stops a run the way Ctrl-C does (app/up.py)
 FINAL_WINDOW = 300  # votes over which the end-of-run approval is measured
 USERS_STOP_S = 30.0  # a conversation in flight gets this long to finish (one takes well under a second)
 
@@ -81,6 +83,9 @@ class Loop:
         return open(self.logs / f"{name}.log", "ab")
 
     def start(self) -> None:
+        if port_in_use("127.0.0.1", self.port):
+            raise RuntimeError(f"port {self.port} is already in use (another `rlhf up` or `rlhf serve`?): "
+                               "stop what holds it, or pass --port N")
         # each run starts from the base model: clear the last run's policy_store, labels and spool
         # (the built model in models/ is kept, so a second run starts in seconds)
         marker = self.state / ".rlhf-loop-run"
@@ -103,7 +108,8 @@ class Loop:
             raise RuntimeError(f"{e}; see {self.logs / 'service.log'}") from None
         self.procs["trainer"] = subprocess.Popen(
             [sys.executable, "-m", "rlhf_loop", "train", *self.cfg.trainer_args], env=self.env(),
-            stdout=self._log("trainer"), stderr=subprocess.STDOUT, start_new_session=True)
+            stdout=self._log("trainer"), stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=die_with_parent)
 
     def run_users(self, on_status=None) -> SimLog:
         cfg = self.cfg.sim.__class__(**{**asdict(self.cfg.sim), "url": self.url})
@@ -298,13 +304,15 @@ def plot_curve(summary: dict, vote_log: SimLog, path: Path) -> None:
 
 
 @contextmanager
-def _ignoring_ctrl_c() -> Iterator[None]:
-    """A second Ctrl-C while the parts stop would leave them running (and print a traceback)."""
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+def _ignoring_stop_signals() -> Iterator[None]:
+    """A second Ctrl-C (or SIGTERM, SIGHUP) while the parts stop would leave them running (and print a
+    traceback)."""
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in STOP_SIGNALS}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def run(cfg: LoopConfig, on_status=None, on_stopped: Callable[[str], None] = lambda part: None) -> tuple[dict, Path, Path]:
@@ -327,5 +335,5 @@ def run(cfg: LoopConfig, on_status=None, on_stopped: Callable[[str], None] = lam
                 time.sleep(1)
         return summary, out_png, out_json
     finally:
-        with _ignoring_ctrl_c():
+        with _ignoring_stop_signals():
             loop.close(on_stopped)

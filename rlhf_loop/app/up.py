@@ -7,16 +7,20 @@
 Prints a working curl and `openai` example as soon as the service answers, then one live
 status line (policy version served, approval of that version, votes, KL, rounds), and at
 the end the learning curve (PNG) and summary (JSON) paths. Ctrl-C stops everything, one
-line per part (the simulated users, the trainer, the service, the broker), exit code 130.
+line per part (the simulated users, the trainer, the service, the broker), exit code 130;
+SIGTERM and SIGHUP (`timeout`, a closed terminal, a process manager) do the same, with
+128 + the signal's number. Should `rlhf up` die without stopping them (SIGKILL), its parts
+get SIGTERM from the kernel (core/processes.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
-from rlhf_loop.app.loop import LoopConfig, run
+from rlhf_loop.app.loop import STOP_SIGNALS, LoopConfig, run
 from rlhf_loop.app.simulate import SimConfig
 
 EXAMPLES = """
@@ -75,11 +79,13 @@ def main(argv: list[str]) -> int:
                 f"(+{s['promoted']} promoted, {s['rejected']} rejected{rolled})  chat errors {s['chat_errors']}")
         print("\r" + line if sys.stdout.isatty() else line, end="" if sys.stdout.isatty() else "\n", flush=True)
 
+    stop_on_signals()
     try:
         summary, png, js = run(cfg, on_status if sys.stdout.isatty() else _every(on_status, 15), on_stopped=_stopped)
-    except KeyboardInterrupt:
-        print("Ctrl-C: everything shut down.")
-        return 130
+    except KeyboardInterrupt as e:
+        signum = e.signum if isinstance(e, Stopped) else signal.SIGINT
+        print(f"{'Ctrl-C' if signum == signal.SIGINT else signal.Signals(signum).name}: everything shut down.")
+        return 128 + signum
     except (RuntimeError, TimeoutError) as e:  # a part failed to start or died: say which, and where its log is
         print(f"\nerror: {e}", file=sys.stderr)
         return 1
@@ -92,6 +98,27 @@ def main(argv: list[str]) -> int:
               f"{summary['chat_errors']} failed chat requests")
     print(f"learning curve: {png}\nsummary:        {js}")
     return 0
+
+
+class Stopped(KeyboardInterrupt):
+    """A signal that ends `rlhf up` other than Ctrl-C, raised in the main thread where the run is, so
+    that it unwinds through the same stop as Ctrl-C."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def stop_on_signals() -> None:
+    """SIGTERM and SIGHUP stop the run as Ctrl-C does (SIGINT raises KeyboardInterrupt already, unless
+    it was ignored when we started, e.g. in a shell's background job: then it stays ignored)."""
+
+    def stop(signum, _frame) -> None:
+        raise Stopped(signum)
+
+    for s in STOP_SIGNALS:
+        if s != signal.SIGINT:
+            signal.signal(s, stop)
 
 
 def _stopped(part: str) -> None:

@@ -25,6 +25,7 @@ from kafka.admin import NewTopic
 from kafka.errors import TopicAlreadyExistsError
 
 from rlhf_loop.core.contracts import Settings
+from rlhf_loop.core.processes import die_with_parent
 
 
 class KafkaConfigError(ValueError):
@@ -73,6 +74,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def port_in_use(host: str, port: int) -> bool:
+    """Whether another socket already holds `host`:`port` (a bind there would fail)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: TIME_WAIT is not "in use"
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
 def wait_for_port(port: int, timeout: float = 30.0, host: str = "127.0.0.1") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -111,6 +123,7 @@ class EmbeddedBroker:
              *(["--authentication"] if self.authentication else [])],
             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")},
             start_new_session=True,  # a terminal's Ctrl-C reaches its owner, who stops it last (rlhf up)
+            preexec_fn=die_with_parent,  # and should its owner die first, it goes too (core/processes.py)
         )
         wait_for_port(self.port, timeout)
         return self

@@ -44,6 +44,7 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: bf16 on CUDA, fp32 on CPU")
 
+    new_lineage: bool = Field(False, description="the store was made from another model than RLHF_MODEL: move its versions aside (<store>/lineages/<n>) and start again from RLHF_MODEL's version 0; without it such a store is refused")
     # -- kafka
     kafka_bootstrap_servers: str = "127.0.0.1:9092"
     kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
@@ -107,6 +108,13 @@ class Settings(BaseSettings):
     @property
     def trainer_dir(self) -> Path:
         return self.state_dir / "trainer"
+    @property
+    def model_source(self) -> str:
+        """The base model as a policy store records it (Manifest.source): a directory by its absolute
+        path, the embedded model or a hub id by name."""
+        path = Path(self.model).expanduser()
+        return str(path.resolve()) if path.is_dir() else self.model
+
 
     @property
     def model_cache_dir(self) -> Path:
@@ -324,3 +332,4 @@ class Manifest(BaseModel):
     created: int
     base_version: int | None = None  # a LoRA adapter: the full version it applies to ...
     base_sha256: str | None = None  # ... and the sha256 of that version's manifest.json
+    source: str | None = None  # version 0: the model it was copied from (Settings.model_source); None in older stores

@@ -132,8 +132,10 @@ def load_tokenizer(path: str | Path, settings: Settings):
 
 
 def ensure_policy_store(settings: Settings) -> PolicyStore:
-    """The policy store, with version 0 (a copy of the base model) written if the store is empty."""
+    """The policy store, with version 0 (a copy of the base model) written if the store is empty.
+    A store made from another model is refused (LineageMismatch), or with RLHF_NEW_LINEAGE set aside."""
     store = PolicyStore(settings.policy_dir)
+    store.check_source(settings.model_source, new_lineage=settings.new_lineage)
     if store.latest() is None and not store.versions():
         src = base_model_dir(settings)
         if not Path(src).is_dir():  # a hub id: materialise it as safetensors
@@ -151,7 +153,7 @@ def ensure_policy_store(settings: Settings) -> PolicyStore:
                         shutil.copy2(p, d / p.name)
                 tokenizer.save_pretrained(d)  # with the chat template it was given, so every reader sees the same
         try:
-            store.write(0, save, parent_version=None, metrics={})
+            store.write(0, save, parent_version=None, metrics={}, source=settings.model_source)
         except FileExistsError:
             pass  # a concurrent starter (service replica or trainer) wrote it first
     if store.latest() is None:

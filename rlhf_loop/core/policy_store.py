@@ -32,6 +32,10 @@ class VerificationError(RuntimeError):
     """A version's files do not match its manifest (or it has none)."""
 
 
+class LineageMismatch(RuntimeError):
+    """The store was made from another base model than the one configured (check_source)."""
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -76,10 +80,12 @@ class PolicyStore:
         metrics: dict[str, float] | None = None,
         set_latest: bool = True,
         base_version: int | None = None,
+        source: str | None = None,
     ) -> Manifest:
         """Stage with `save(dir)`, hash, rename into place, then (optionally) move LATEST.
 
         `base_version`: the version is an adapter over that full version (which must exist).
+        `source`: (version 0) the model it was copied from, which `check_source` holds later starts to.
         """
         final = self.path(version)
         if final.exists():
@@ -102,6 +108,7 @@ class PolicyStore:
             manifest = Manifest(
                 version=version, parent_version=parent_version, files=files,
                 metrics=metrics or {}, created=int(time.time()), base_version=base_version, base_sha256=base_sha256,
+                source=source,
             )
             (stage / MANIFEST).write_text(manifest.model_dump_json(indent=2))
             _fsync_dir_files(stage)
@@ -117,6 +124,30 @@ class PolicyStore:
         if set_latest:
             self.set_latest(version)
         return manifest
+
+    def source(self) -> str | None:
+        """The model version 0 was made from (None: an empty store, or one older than the record)."""
+        return self.manifest(0).source if (self.path(0) / MANIFEST).is_file() else None
+
+    def check_source(self, source: str, *, new_lineage: bool) -> None:
+        """Refuse to serve or train `source` from a store made from another model: its versions are that
+        model's (a service would serve them under the new name, a trainer would train on the wrong base).
+        With `new_lineage`, the store's versions move aside to lineages/<n>/ and the store starts empty."""
+        recorded = self.source()
+        if recorded is None or recorded == source:
+            return
+        if not new_lineage:
+            raise LineageMismatch(
+                f"the policy store {self.root} holds versions of {recorded}, not of {source} (RLHF_MODEL): "
+                f"use another state dir (RLHF_STATE_DIR) or store (RLHF_POLICY_STORE), or set RLHF_NEW_LINEAGE=true "
+                f"to move its versions aside and start {source}'s here")
+        lineages = self.root / "lineages"
+        lineages.mkdir(exist_ok=True)
+        aside = lineages / str(len(list(lineages.iterdir())))
+        aside.mkdir()
+        for name in ("versions", "LATEST", ROLLBACKS):
+            if (self.root / name).exists():
+                os.rename(self.root / name, aside / name)
 
     def set_latest(self, version: int) -> None:
         if not self.path(version).is_dir():

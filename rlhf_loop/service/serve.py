@@ -22,7 +22,9 @@ from typing import IO
 import httpx
 
 from rlhf_loop.core.contracts import Settings
-from rlhf_loop.core.policy_store import PolicyStore
+from rlhf_loop.core.broker import port_in_use
+from rlhf_loop.core.policy_store import LineageMismatch, PolicyStore
+from rlhf_loop.core.processes import die_with_parent
 
 SERVICE = "rlhf_loop.service.service:ChatService"
 # BentoML's working directory, which it puts on sys.path: the directory that holds rlhf_loop (the
@@ -52,7 +54,8 @@ def spawn(host: str, port: int, env: dict[str, str], log: IO[bytes] | int = subp
     """Start `rlhf serve` as a child in its own process group (stop it with os.killpg) — for
     whatever brings the service up next to other things: `rlhf up`, the tests, bench/serve.py."""
     return subprocess.Popen([sys.executable, "-m", "rlhf_loop.service.serve", "--host", host, "--port", str(port)],
-                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            preexec_fn=die_with_parent)
 
 
 def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 120.0) -> None:
@@ -94,7 +97,17 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--admin-port", type=int, default=settings.admin_port)
     args = ap.parse_args(argv)
 
+    for port, flag in ((args.port, "--port (RLHF_PORT)"), (args.admin_port, "--admin-port (RLHF_ADMIN_PORT)")):
+        if port_in_use(args.host, port):
+            print(f"error: port {port} is already in use on {args.host}: stop what holds it, or pass {flag}",
+                  file=sys.stderr)
+            return 1
     store = PolicyStore(settings.policy_dir)
+    try:
+        store.check_source(settings.model_source, new_lineage=settings.new_lineage)
+    except LineageMismatch as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     if store.latest() is None:  # a fresh machine: build the embedded model (if it is the one), write v0
         from rlhf_loop.core.models import ensure_policy_store  # imports torch: only when needed, starts stay quick
 

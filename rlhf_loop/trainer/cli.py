@@ -31,6 +31,7 @@ from kafka.errors import KafkaError
 from rlhf_loop.core.broker import ensure_topics
 from rlhf_loop.core.contracts import Settings
 from rlhf_loop.core.models import count_parameters, ensure_policy_store, resolve_device
+from rlhf_loop.core.policy_store import LineageMismatch
 from rlhf_loop.trainer import config, dist, metrics, watch
 from rlhf_loop.trainer.round import run_round
 from rlhf_loop.trainer.state import RoundAborted, TrainerState
@@ -97,7 +98,11 @@ def main(argv: list[str]) -> int:
     settings = Settings()
     train = config.from_args(args).train  # flags/env only: the process group comes before the model's defaults
     d = dist.init(train.strategy, train.collective_timeout_s)
-    cfg = d.main_only(lambda: resolve_config(args, settings))  # rank 0 writes policy version 0 if the store is new
+    try:
+        cfg = d.main_only(lambda: resolve_config(args, settings))  # rank 0 writes policy version 0 if the store is new
+    except LineageMismatch as e:
+        log.error("%s", e)
+        return 1
     d = dataclasses.replace(d, strategy=cfg.train.strategy)
     if settings.create_topics and d.is_main:
         ensure_topics(settings)

@@ -1,7 +1,9 @@
-"""`rlhf up` and Ctrl-C: a real run (broker, `bentoml serve`, `rlhf train`, simulated users) interrupted
-the way a terminal does it, SIGINT to the foreground process group, once the users are voting.
+"""`rlhf up` stopped: a real run (broker, `bentoml serve`, `rlhf train`, simulated users) interrupted the
+way a terminal does it (Ctrl-C: SIGINT to the foreground process group) once the users are voting, or
+the way `timeout` and process managers do (SIGTERM to `rlhf up` alone), or killed outright (SIGKILL):
+every time, nothing it started is left running.
 
-    .venv/bin/python -m pytest -q tests/rlhf/test_up.py
+    .venv/bin/python -m pytest -q tests/app/test_up.py
 """
 
 from __future__ import annotations
@@ -15,24 +17,32 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
+import pytest
+
 from rlhf_loop.core.broker import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_ctrl_c_stops_every_part_with_a_line_each_and_no_traceback(tmp_path, base_model_dir):
+def start_up(tmp_path, base_model_dir, port: int) -> subprocess.Popen:
     state = tmp_path / "demo"
     (state / "models").mkdir(parents=True)  # the session's built model: the run finds it in its cache
     shutil.copytree(base_model_dir, state / "models" / os.path.basename(base_model_dir))
-    port = free_port()
     env = {**os.environ, "BENTOML_DO_NOT_TRACK": "true", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
+    return subprocess.Popen(
         [sys.executable, "-m", "rlhf_loop", "up", "--state-dir", str(state), "--port", str(port), "--votes", "5000",
          "--round-labels", "8", "--rate", "4"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
         # as a terminal starts it: Ctrl-C not ignored (a shell's background job, like `make test &`, would
         # hand SIG_IGN down, and Python then installs no KeyboardInterrupt handler)
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def test_ctrl_c_stops_every_part_with_a_line_each_and_no_traceback(tmp_path, base_model_dir):
+    port = free_port()
+    proc = start_up(tmp_path, base_model_dir, port)
+    state = tmp_path / "demo"
     lines = []
     try:
         for line in proc.stdout:  # until the users have started
@@ -57,3 +67,47 @@ def test_ctrl_c_stops_every_part_with_a_line_each_and_no_traceback(tmp_path, bas
     with socket.socket() as s:
         assert s.connect_ex(("127.0.0.1", port)) != 0, "the service still listens"
     assert "path=/v1/feedback" in (state / "logs" / "service.log").read_text(), "the users were voting by then"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_a_signal_to_rlhf_up_alone_leaves_nothing_running(tmp_path, base_model_dir, signum):
+    """`timeout 100 rlhf up` sends SIGTERM to rlhf up only (its parts are in sessions of their own): it stops
+    them as Ctrl-C does. SIGKILL cannot be handled: the kernel then sends each part SIGTERM itself."""
+    port = free_port()
+    proc = start_up(tmp_path, base_model_dir, port)
+    try:
+        out = []
+        for line in proc.stdout:  # until the users have started
+            out.append(line)
+            if line.startswith("simulated users ("):
+                break
+        parts = psutil.Process(proc.pid).children(recursive=True)
+        assert len(parts) >= 3, out  # the broker, the service (and its workers), the trainer
+        os.kill(proc.pid, signum)
+        rest, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = "".join(out) + rest
+    if signum == signal.SIGTERM:
+        assert proc.returncode == 128 + signum, text
+        assert "Traceback" not in text, text
+        stopped = [line for line in text.splitlines() if line.startswith("stopped ")]
+        assert stopped == ["stopped simulated users", "stopped trainer", "stopped service", "stopped broker"], text
+        assert text.rstrip().endswith("SIGTERM: everything shut down."), text
+    _, alive = psutil.wait_procs(parts, timeout=60)
+    assert not alive, [p.cmdline()[:4] for p in alive]
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", port)) != 0, "the service still listens"
+
+
+def test_a_taken_port_is_named_in_one_line_with_the_flag_that_changes_it(tmp_path):
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        out = subprocess.run([sys.executable, "-m", "rlhf_loop", "up", "--state-dir", str(tmp_path / "demo"),
+                              "--port", str(port)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1
+    (line,) = [l for l in out.stderr.splitlines() if l.strip()]
+    assert f"port {port} is already in use" in line and "--port" in line

@@ -122,3 +122,30 @@ def test_an_adapter_refuses_a_rewritten_base(tmp_path):
     store.write(0, _save(b"another base"), parent_version=None)
     with pytest.raises(VerificationError, match="not the one it was trained on"):
         store.verify(1)
+
+
+def test_a_store_made_from_another_model_is_refused_naming_both_and_a_new_lineage_sets_it_aside(tmp_path):
+    from rlhf_loop.core.policy_store import LineageMismatch
+
+    store = PolicyStore(tmp_path)
+    store.write(0, _save(b"tiny"), parent_version=None, source="tiny-chat")
+    store.write(1, _save(b"tuned"), parent_version=0)
+    store.check_source("tiny-chat", new_lineage=False)  # the same model: nothing to say
+    with pytest.raises(LineageMismatch) as e:
+        store.check_source("/models/smollm2", new_lineage=False)
+    message = str(e.value)
+    assert "tiny-chat" in message and "/models/smollm2" in message and "\n" not in message
+    assert "RLHF_STATE_DIR" in message and "RLHF_NEW_LINEAGE" in message  # the ways out
+    assert store.latest() == 1 and store.versions() == [0, 1]  # refused: nothing moved
+
+    store.check_source("/models/smollm2", new_lineage=True)
+    assert store.latest() is None and store.versions() == []  # the store starts again, empty
+    aside = PolicyStore(tmp_path / "lineages" / "0")
+    assert aside.versions() == [0, 1] and aside.latest() == 1 and aside.source() == "tiny-chat"
+
+
+def test_a_store_older_than_the_record_is_accepted(tmp_path):
+    store = PolicyStore(tmp_path)
+    store.write(0, _save(b"w0"), parent_version=None)  # no source: written before stores recorded it
+    store.check_source("anything", new_lineage=False)
+    assert store.latest() == 0

@@ -33,6 +33,7 @@ CODE_DIRS = ("rlhf_loop",)
 
 # Settings deliberately left at the code's default in every overlay, and why.
 DEFAULTED = {
+    "RLHF_NEW_LINEAGE": "an operator's one-off action on a store made from another model; never on by default",
     "RLHF_CHAT_TEMPLATE": "only for a base model without a template; the embedded model and instruct models carry theirs",
     "RLHF_DTYPE": "auto is bf16 on the CUDA trainer and fp32 on CPU replicas: right for both",
     "RLHF_HOST": "0.0.0.0 listens on the pod IP, which is what a Service needs",

@@ -1,0 +1,27 @@
+"""Defaults by the model's size: the full/LoRA layout is decided once, by `model_defaults`, and
+everything after it (learning rates, the trainer's networks) follows that one decision."""
+
+from __future__ import annotations
+
+import json
+
+from rlhf_loop.trainer import config
+from rlhf_loop.trainer.config import LORA_AUTO_MIN_PARAMS, REAL_MODEL_PARAMS, TrainerConfig
+
+
+def test_auto_is_decided_once_by_size_and_the_learning_rates_follow_it(tmp_path):
+    toy = config.model_defaults(tmp_path, 740_000, "cpu")
+    assert toy == {"train": {"adapter": "full"}}  # the embedded model keeps its tuned dataclass defaults
+    mid = config.model_defaults(tmp_path, REAL_MODEL_PARAMS, "cpu")
+    assert mid["train"]["adapter"] == "full" and mid["ppo"]["lr"] == 3e-6
+    big = config.model_defaults(tmp_path, LORA_AUTO_MIN_PARAMS, "cpu")
+    assert big["train"]["adapter"] == "lora" and big["ppo"]["lr"] == 3e-5 and big["reward"]["lr"] == 9e-5
+    forced = config.model_defaults(tmp_path, LORA_AUTO_MIN_PARAMS, "cpu", adapter="full")
+    assert forced["train"]["adapter"] == "full" and forced["ppo"]["lr"] == 3e-6
+    cfg = TrainerConfig().replace(**big)
+    assert cfg.train.adapter == "lora" and cfg.train.resolved_adapter(1) == "lora", "resolved: size no longer matters"
+
+
+def test_a_model_directory_carries_its_own_trainer_config(tmp_path):
+    (tmp_path / config.MODEL_CONFIG_FILE).write_text(json.dumps({"ppo": {"lr": 1e-5}}))
+    assert config.model_defaults(tmp_path, LORA_AUTO_MIN_PARAMS, "cuda")["ppo"]["lr"] == 1e-5
