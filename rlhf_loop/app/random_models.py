@@ -7,9 +7,11 @@
 No model hub is reachable where this project is developed and tested, yet every feature
 must work with real models, not only the embedded toy. These are what the tests and the
 benchmarks use instead: the architectures people serve (Llama, Qwen2, Mistral, Gemma,
-GPT-2) at the shapes they ship (`llama-135m` is SmolLM-135M's: hidden 576, 30 layers, 9
-heads, 3 KV heads, vocab 49152, tied embeddings), with random weights, saved with
-`save_pretrained` (safetensors) and loaded through the ordinary `from_pretrained` path.
+Gemma 3, GPT-2) at the shapes they ship (`llama-135m` is SmolLM-135M's: hidden 576, 30
+layers, 9 heads, 3 KV heads, vocab 49152, tied embeddings), and with sliding-window
+attention (`gemma3-tiny`, `mistral-swa-tiny`: a window of 16 tokens, so answers run past
+it), with random weights, saved with `save_pretrained` (safetensors) and loaded through the
+ordinary `from_pretrained` path.
 
 The tokenizer is a byte-level BPE whose merges are made up (every pair of byte symbols,
 pairs of the most common symbols first) so its vocabulary has exactly the model's size: any id a
@@ -52,6 +54,21 @@ SHAPES: dict[str, tuple[str, dict]] = {
     "gemma-tiny": ("gemma", dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                  num_attention_heads=4, num_key_value_heads=1, head_dim=16,
                                  max_position_embeddings=512)),
+    # sliding-window attention, the window (16) far shorter than a chat so that answers run past it:
+    # Gemma 3's text model (local layers with their own RoPE base, then a global one; the 270M-27B models
+    # repeat 5 local : 1 global), and Mistral 7B v0.1's layout (every layer a window)
+    "gemma3-tiny": ("gemma3_text", dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                        num_attention_heads=4, num_key_value_heads=1, head_dim=16,
+                                        max_position_embeddings=512, sliding_window=16,
+                                        layer_types=["sliding_attention", "sliding_attention", "full_attention"])),
+    "mistral-swa-tiny": ("mistral", dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                         sliding_window=16, tie_word_embeddings=False)),
+    # a hybrid the engine cannot batch (its cache holds convolution state): LFM2's layout, short convolutions
+    # with attention layers between them
+    "lfm2-tiny": ("lfm2", dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                               layer_types=["conv", "full_attention"])),
     "gpt2-tiny": ("gpt2", dict(vocab_size=1024, n_embd=64, n_layer=2, n_head=4, n_positions=512)),
     # GPT-2 small (124M)
     "gpt2-124m": ("gpt2", dict(vocab_size=50257, n_embd=768, n_layer=12, n_head=12, n_positions=1024)),

@@ -18,6 +18,16 @@ generation with left padding; what it adds is that rows come and go between step
   on the left;
 - finished rows are dropped (`batch_select_indices`), then leading columns that are
   padding in every remaining row are cut off.
+Sliding-window layers (Gemma 2/3's local layers, Mistral's and Qwen2's window) are
+transformers' own `DynamicSlidingWindowLayer`, in the same layout: since every row's newest
+token is in the last column, no row's window reaches further back than the last
+`window - 1` columns, which is all such a layer keeps; its `cumulative_length` is the
+batch's column count T, from which the model's own mask code places the window
+(`get_mask_sizes`) over the batch mask's columns. So the forward is transformers' own,
+exactly as in `generate`; concatenating and cutting columns (`_fit`) keeps both true.
+What else a cache can hold (linear-attention or convolution state, chunked attention, layers
+sharing another's keys) has no columns to align: such a model is refused when a version is
+loaded (`cannot_batch`), before it serves anything.
 Rows of different LoadedVersion objects never share a forward: one batch per LoadedVersion, and a
 batch whose last row finished is dropped, so the runner holds no reference to an old
 version once it has drained.
@@ -31,7 +41,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer, get_layer_types_and_kwargs
 
 if TYPE_CHECKING:
     from rlhf_loop.service.loaded import LoadedVersion
@@ -60,7 +70,6 @@ class Prefill:
             ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
             mask[i, width - len(r.prompt_ids):] = 1
         cache = loaded.new_cache()
-        _layers(cache)  # refuse a model this layout cannot batch before any work is done
         padded = len({len(r.prompt_ids) for r in requests}) > 1
         return cls(loaded, list(requests), ids.to(loaded.device), mask.to(loaded.device), cache, padded)
 
@@ -134,8 +143,8 @@ class ModelRunner:
         unused = int(batch.mask.any(0).int().argmax())  # leading columns that no remaining row uses
         if unused:
             batch.mask = batch.mask[:, unused:]
-            for layer in _layers(batch.cache):
-                layer.keys, layer.values = layer.keys[:, :, unused:], layer.values[:, :, unused:]
+            for layer in batch.cache.layers:
+                _fit(layer, batch.mask.shape[1])
         batch.padded = bool((batch.mask == 0).any())
 
 
@@ -144,21 +153,44 @@ def _concat(batch: Batch, new: Batch) -> None:
     width = max(batch.mask.shape[1], new.mask.shape[1])
     batch.padded = batch.padded or new.padded or batch.mask.shape[1] != new.mask.shape[1]
 
-    def pad(x: torch.Tensor, dim_from_end: int, to: int) -> torch.Tensor:
-        missing = to - x.shape[-dim_from_end]
-        return x if missing == 0 else F.pad(x, (0, 0) * (dim_from_end - 1) + (missing, 0))
-
-    for a, b in zip(_layers(batch.cache), _layers(new.cache)):
-        a.keys = torch.cat([pad(a.keys, 2, width), pad(b.keys, 2, width)])
-        a.values = torch.cat([pad(a.values, 2, width), pad(b.values, 2, width)])
-    batch.mask = torch.cat([pad(batch.mask, 1, width), pad(new.mask, 1, width)])
+    for a, b in zip(batch.cache.layers, new.cache.layers):
+        _fit(a, width)
+        _fit(b, width)
+        a.keys, a.values = torch.cat([a.keys, b.keys]), torch.cat([a.values, b.values])
+    batch.mask = torch.cat([_left(batch.mask, width, dim=1), _left(new.mask, width, dim=1)])
     batch.rows = batch.rows + new.rows
 
 
-def _layers(cache: DynamicCache) -> list[DynamicLayer]:
-    """The cache's layers, which must be plain full-attention ones: their columns are the batch layout."""
-    for layer in cache.layers:
-        if type(layer) is not DynamicLayer:
-            raise TypeError(f"continuous batching needs full-attention cache layers, not {type(layer).__name__} "
-                            "(sliding-window and linear-attention models are not supported)")
-    return cache.layers
+# the layer types (transformers' `layer_types` names) whose cache layers this layout runs: DynamicLayer and
+# DynamicSlidingWindowLayer ("chunked_attention" makes the latter too, but its mask is not a window)
+BATCHED_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def cannot_batch(config) -> str | None:
+    """Why a model of `config` cannot run in this layout (one line), or None when it can: every layer of
+    its cache must be full attention or a sliding window (module docstring)."""
+    layer_types, _ = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+    others = sorted({t for t in layer_types if t not in BATCHED_LAYER_TYPES})
+    if not others:
+        return None
+    where = {t: [i for i, lt in enumerate(layer_types) if lt == t] for t in others}
+    return ("its cache has layers the engine cannot batch: " + ", ".join(f"{t!r} (layers {where[t]})" for t in others)
+            + "; continuous batching runs full-attention and sliding-window attention layers only")
+
+
+def _fit(layer: DynamicLayer, columns: int) -> None:
+    """Make `layer` hold the batch's last `columns` columns: cut or left-pad its keys and values (B, H, t, D).
+    A sliding-window layer holds at most its last `window - 1` of them and counts them all."""
+    keep = columns
+    if isinstance(layer, DynamicSlidingWindowLayer):
+        layer.cumulative_length = columns  # where the model's mask code puts the window (get_mask_sizes)
+        keep = min(columns, layer.sliding_window - 1)
+    layer.keys, layer.values = _left(layer.keys, keep, dim=2), _left(layer.values, keep, dim=2)
+
+
+def _left(x: torch.Tensor, columns: int, dim: int) -> torch.Tensor:
+    """`x` with `columns` entries along `dim`: its last ones, or zeros before it."""
+    missing = columns - x.shape[dim]
+    if missing <= 0:
+        return x.narrow(dim, -missing, columns)
+    return F.pad(x, (0, 0) * (x.dim() - 1 - dim) + (missing, 0))

@@ -19,7 +19,10 @@ from the base when the last request of its version ends. A request
 reads `current` once at its start and uses only that object, so requests in flight finish
 on the version they started with, and a response names exactly one version. A version
 that fails to verify or load is refused: the old one keeps serving, a metric and a log
-line say why, and it is not retried (versions are immutable) unless an admin pins it.
+line say why, and it is not retried (versions are immutable) unless an admin pins it. A model
+the engine cannot batch (service/runner.py, `cannot_batch`: a cache with linear-attention or
+other layers that are not full or sliding-window attention) is refused the same way, at load:
+a replica with nothing else to serve is then never ready, and not alive.
 
 Rules for moving: an announcement moves to its version only if that is newer than the one
 serving (so a replayed old announcement is harmless), or if it is a rollback away from the
@@ -47,6 +50,7 @@ from rlhf_loop.core.policy_store import MANIFEST, PolicyStore, VerificationError
 from rlhf_loop.service import metrics
 from rlhf_loop.service.engine import Engine
 from rlhf_loop.service.loaded import LoadedVersion, SharedBase
+from rlhf_loop.service.runner import cannot_batch
 
 log = logging.getLogger(__name__)
 
@@ -214,6 +218,9 @@ class VersionManager:
             model, tokenizer = load_causal_lm(self.store.path(version), self.settings)
         except Exception as e:  # any loader failure (bad config, unsupported arch, OOM) refuses this version only
             raise VersionRefused(version, "load", f"{type(e).__name__}: {e}") from e
+        unsupported = cannot_batch(model.config)
+        if unsupported is not None:  # refused here, before it serves, not by a 500 on every request
+            raise VersionRefused(version, "unsupported", unsupported)
         return SharedBase(version, model, tokenizer, self.store.manifest_sha256(version))
 
     def _drop_adapter(self, base: SharedBase, name: str) -> None:

@@ -10,7 +10,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from rlhf_loop.app import random_models
 
 
-@pytest.mark.parametrize("shape", ["llama-tiny", "qwen2-tiny", "gpt2-tiny"])
+@pytest.mark.parametrize("shape", ["llama-tiny", "qwen2-tiny", "gpt2-tiny", "gemma3-tiny", "mistral-swa-tiny",
+                                   "lfm2-tiny"])
 def test_random_model_loads_and_every_id_decodes(shape, random_model):
     path = Path(random_model(shape))
     assert (path / "model.safetensors").exists() and not list(path.glob("*.bin"))
@@ -41,3 +42,19 @@ def test_135m_shape_is_smollm_shape():
     params = v * h + n * (2 * h * h + 2 * h * kv + 3 * h * i + 2 * h) + h
     assert 134e6 < params < 135e6
     assert json.loads(json.dumps(fields))  # plain values, as saved in config.json
+
+
+@pytest.mark.parametrize("shape, layer_types", [
+    ("gemma3-tiny", ["sliding_attention", "sliding_attention", "full_attention"]),
+    ("mistral-swa-tiny", ["sliding_attention", "sliding_attention"]),
+    ("lfm2-tiny", ["conv", "full_attention"]),
+])
+def test_sliding_window_and_hybrid_shapes_have_the_layers_they_are_for(shape, layer_types, random_model):
+    """What the service's engine tests rely on: a window of 16 (shorter than a chat), and which cache layers."""
+    from transformers import AutoConfig
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    config = AutoConfig.from_pretrained(random_model(shape))
+    assert get_layer_types_and_kwargs(config)[0] == layer_types
+    if "sliding_attention" in layer_types:
+        assert config.sliding_window == 16

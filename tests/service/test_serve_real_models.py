@@ -2,7 +2,8 @@
 full-weight round), and every published version served afterwards, answering exactly as that version does.
 
 Random-weight Llama, Qwen2 and GPT-2 models with tokenizers built in the test: with and without a
-chat template (RLHF_CHAT_TEMPLATE=chatml for the one without) and pad token, several EOS ids. The
+chat template (RLHF_CHAT_TEMPLATE=chatml for the one without) and pad token, several EOS ids; and
+Gemma 3 and Mistral with a sliding window (16 tokens) shorter than prompt and answer together. The
 trainer runs in this process on the service's own policy store and broker; the service follows
 its announcements. Version 1 is an adapter (the service loads it onto the base it already holds);
 then the live-approval watch's rollback to v0 is announced, and the service moves back to the base
@@ -95,6 +96,8 @@ def votes(settings: Settings, rng: random.Random, n: int) -> None:
     ("llama-tiny", True, True),
     ("qwen2-tiny", True, False),
     ("gpt2-tiny", False, False),
+    ("gemma3-tiny", True, True),  # sliding-window layers (window 16) beside a global one: answers run past the window
+    ("mistral-swa-tiny", True, True),  # a window on every layer
 ])
 def test_served_trained_in_lora_then_full_weights_and_every_version_served(
         start_service, module_broker, random_model, shape, template, pad):
