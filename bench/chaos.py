@@ -42,7 +42,7 @@ import psutil  # noqa: E402
 from openai import OpenAI  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-from rlhf_loop.core.contracts import Settings, feedback_id_for  # noqa: E402
+from rlhf_loop.core.contracts import Settings  # noqa: E402
 from rlhf_loop.app.loop import Loop, LoopConfig  # noqa: E402
 from rlhf_loop.core.policy_store import PolicyStore, VerificationError  # noqa: E402
 from rlhf_loop.app.simulate import SimConfig, SimLog, run as run_users, version_of  # noqa: E402
@@ -66,7 +66,7 @@ class Streamer:
     """One client streaming answers back to back; says when a stream is in flight, counts outcomes."""
 
     def __init__(self, url: str):
-        self.client = OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=30)
+        self.client = OpenAI(base_url=f"{url}/v1", api_key=SimConfig.api_key, max_retries=0, timeout=30)  # the loop's key
         self.in_flight = threading.Event()
         self.attempts = self.answered = self.cut = 0
         self.answered_at: list[float] = []  # monotonic time of each completed stream
@@ -212,7 +212,7 @@ def main() -> int:
         print(f"[{users_s:5.0f}s] users done; waiting for the spool to drain and the trainer to catch up", flush=True)
 
         # votes the users got 202 for: the latest rating per feedback id
-        expected = {feedback_id_for(v.response_id, 0, None, v.user): 1.0 if v.up else -1.0 for v in sim.votes}
+        expected = {v.feedback_id: 1.0 if v.up else -1.0 for v in sim.votes}
         serve.wait_ready(loop.url, loop.procs["service"], timeout=120)
         deadline = time.monotonic() + 180
         while metric(loop.url, "rlhf_spool_depth") != 0 and time.monotonic() < deadline:

@@ -240,7 +240,8 @@ def service(source: Path, model_dir: str, bootstrap: str, state: Path):
            "RLHF_STATE_DIR": str(state), "RLHF_MODEL": model_dir, "RLHF_API_KEYS": API_KEY,
            "RLHF_ADMIN_PORT": str(free_port()), "RLHF_KAFKA_BOOTSTRAP_SERVERS": bootstrap,
            "BENTOML_DO_NOT_TRACK": "true", "HF_HUB_OFFLINE": "1",
-           "RLHF_VOTE_RATE_LIMIT": "0"}  # the vote path's capacity, not what one client may cast
+           # the vote path's capacity, not what one client may cast
+           "RLHF_VOTE_RATE_LIMIT": "0", "RLHF_VOTE_KEY_RATE_LIMIT": "0"}
     state.mkdir(parents=True, exist_ok=True)
     with open(state / "service.log", "ab") as log:
         t0 = time.perf_counter()

@@ -35,6 +35,9 @@ from rlhf_loop.service import serve  # the same spawn / wait / stop helpers the 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # each stops a run the way Ctrl-C does (app/up.py)
 FINAL_WINDOW = 300  # votes over which the end-of-run approval is measured
 USERS_STOP_S = 30.0  # a conversation in flight gets this long to finish (one takes well under a second)
+# votes + withdrawals per window for the simulated users' API key: far above any rate they run at, so only
+# the per-user cap paces them, as it would a real app's users (docs/service.md, "Vote caps")
+DEMO_KEY_QUOTA = 100_000
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,8 @@ class Loop:
         return {
             **os.environ, "RLHF_STATE_DIR": str(self.state), "RLHF_KAFKA_BOOTSTRAP_SERVERS": self.broker.bootstrap,
             "RLHF_PORT": str(self.port), "RLHF_ADMIN_PORT": str(free_port()),
+            # the simulated users are one app with one key, which vouches for their `user` ids
+            "RLHF_API_KEYS": f"{self.cfg.sim.api_key}={DEMO_KEY_QUOTA}",
             "RLHF_TRAIN_MIN_LABELS": str(self.cfg.train_min_labels),
             "RLHF_TRAIN_MAX_WAIT_S": str(self.cfg.train_max_wait_s),
             "BENTOML_DO_NOT_TRACK": "true", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",

@@ -8,6 +8,12 @@ Each user asks questions from the embedded model's little domain with the offici
 nothing of the trainer: it sees only what any client sees (answers, their ids and the
 `system_fingerprint` naming the policy version). Every vote is recorded, so approval per
 policy version is computed from the public side.
+
+The users are one app's users: they send its API key (`--api-key`) and each vote its `user`,
+which the service trusts under a key. A server without keys trusts no `user`: all of them
+would be one voter (the client address) and meet its vote cap within a minute. So give the
+server the simulator's key, with a quota above its rate (`rlhf up` does: app/loop.py):
+RLHF_API_KEYS=rlhf-demo=100000.
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ class SimConfig:
     max_seconds: float = 900.0  # ... or this long
     max_tokens: int = 48
     temperature: float = 1.0
-    api_key: str = "none"
+    api_key: str = "rlhf-demo"  # the app's key; rlhf up's service trusts it (app/loop.py)
     model: str = "rlhf-policy"
     seed: int = 0
 
@@ -66,6 +72,7 @@ class Vote:
     answer: str
     liked: bool  # what the taste says
     up: bool  # what was voted (liked, flipped with probability noise)
+    feedback_id: str  # the vote's id, as the service answered it (an app keeps it to withdraw the vote)
 
 
 @dataclass
@@ -159,7 +166,8 @@ def run(cfg: SimConfig, log: SimLog | None = None, stop: threading.Event | None 
             if r.status_code != 202:
                 log.vote_errors.append(f"{r.status_code}: {r.text[:200]}")
                 return
-            log.votes.append(Vote(time.monotonic() - t0, user, resp.id, version, question, answer, liked, up))
+            log.votes.append(Vote(time.monotonic() - t0, user, resp.id, version, question, answer, liked, up,
+                                  r.json()["id"]))
 
     threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(cfg.concurrency)]
     for t in threads:

@@ -26,16 +26,16 @@ from rlhf_loop.app.simulate import SimConfig
 EXAMPLES = """
 service ready on {url}  (logs in {logs})
 
-  chat and vote in a browser: {url}/   (the playground; the API reference is {url}/docs)
+  chat and vote in a browser: {url}/   (the playground, API key {key}; the API reference is {url}/docs)
 
-  curl -s {url}/v1/chat/completions -H 'Content-Type: application/json' \\
+  curl -s {url}/v1/chat/completions -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' \\
        -d '{{"model": "rlhf-policy", "messages": [{{"role": "user", "content": "Tell me about cats."}}]}}'
 
-  python -c 'from openai import OpenAI; c = OpenAI(base_url="{url}/v1", api_key="none"); \\
+  python -c 'from openai import OpenAI; c = OpenAI(base_url="{url}/v1", api_key="{key}"); \\
 r = c.chat.completions.create(model="rlhf-policy", messages=[{{"role": "user", "content": "Do you like rain?"}}]); \\
 print(r.choices[0].message.content, r.system_fingerprint)'
 
-  curl -s {url}/v1/feedback -H 'Content-Type: application/json' -d '{{"response_id": "<id>", "rating": "up"}}'
+  curl -s {url}/v1/feedback -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' -d '{{"response_id": "<id>", "rating": "up"}}'
 
 simulated users ({taste}, noise {noise}) are voting now; the trainer learns from their votes.
 """
@@ -66,7 +66,8 @@ def main(argv: list[str]) -> int:
 
     def on_status(s: dict) -> None:
         if "ready" in s:
-            print(EXAMPLES.format(url=s["ready"], logs=cfg.state_dir / "logs", taste=args.taste, noise=args.noise), flush=True)
+            print(EXAMPLES.format(url=s["ready"], logs=cfg.state_dir / "logs", taste=args.taste, noise=args.noise,
+                                  key=cfg.sim.api_key), flush=True)
             return
         ap_cur = "-" if s["approval_current"] is None else f"{s['approval_current']:.2f}"
         ap_win = "-" if s["approval_last100"] is None else f"{s['approval_last100']:.2f}"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 import re
 import secrets
 import time
@@ -20,6 +21,9 @@ from typing import Annotated, Literal, NamedTuple
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# An event may gain an optional field (with a default) without a new version: new readers read old
+# events. Events forbid unknown fields, so readers (the trainer) are deployed before writers (the
+# service). A field whose meaning changes, or that is removed, is a new version.
 SCHEMA_VERSION = 1
 EMBEDDED_MODEL = "tiny-chat"  # the model setting's value that means "the project's own default model"
 
@@ -40,11 +44,11 @@ class Settings(BaseSettings):
     served_model_name: str = Field("rlhf-policy", description="the `model` name clients use")
     state_dir: Path = Field(Path(".rlhf"), description="root for models, spool, trainer state, policies")
     policy_store: Path | None = Field(None, description="policy store dir; default <state_dir>/policies")
+    new_lineage: bool = Field(False, description="the store was made from another model than RLHF_MODEL: move its versions aside (<store>/lineages/<n>) and start again from RLHF_MODEL's version 0; without it such a store is refused")
     chat_template: str = Field("", description="chat template for a base model that has none: 'chatml', a .jinja file, or the Jinja text itself")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: bf16 on CUDA, fp32 on CPU")
 
-    new_lineage: bool = Field(False, description="the store was made from another model than RLHF_MODEL: move its versions aside (<store>/lineages/<n>) and start again from RLHF_MODEL's version 0; without it such a store is refused")
     # -- kafka
     kafka_bootstrap_servers: str = "127.0.0.1:9092"
     kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
@@ -65,7 +69,8 @@ class Settings(BaseSettings):
     host: str = "0.0.0.0"
     port: int = 3000
     admin_port: int = Field(3001, description="admin API port, separate so a NetworkPolicy can keep it private")
-    api_keys: SecretStr = Field(SecretStr(""), description="comma-separated bearer keys; empty = no auth")
+    api_keys: SecretStr = Field(SecretStr(""), description="comma-separated bearer keys, each `key` or `key=quota` "
+                                                           "(its own vote_key_rate_limit); empty = no auth")
     admin_key: SecretStr = Field(SecretStr(""), description="bearer key for /admin; empty = admin API disabled")
     response_id_secret: SecretStr = Field(SecretStr(""), description="HMAC key for response ids; empty = per-state-dir file")
     max_body_bytes: int = Field(256 * 1024, ge=1024)
@@ -79,11 +84,13 @@ class Settings(BaseSettings):
     engine_max_batched_tokens: int = Field(512, ge=1, description="tokens per engine step: decode rows plus prompt tokens; longer prompts are prefilled in chunks")
     engine_max_waiting_requests: int = Field(128, ge=1, description="requests queued before they start; beyond it chat answers 429 with Retry-After")
     policy_poll_s: float = Field(5.0, gt=0, description="how often a replica re-reads LATEST (fallback for missed announcements)")
-    vote_rate_limit: int = Field(60, ge=0, description="votes per window per identity (a user; a vote without one: its "
-                                                       "API key, or client address when keys are off), per replica; 0 = no cap")
+    vote_rate_limit: int = Field(60, ge=0, description="votes per window per voter (a key's user, or the key for a vote "
+                                                       "without one; without keys, the client address: its votes and "
+                                                       "withdrawals together), per replica; 0 = no cap")
     vote_rate_window_s: float = Field(60.0, gt=0, description="the window of both vote caps, seconds")
-    vote_key_rate_limit: int = Field(0, ge=0, description="votes + withdrawals per window per API key (or client "
-                                                          "address), all its users together, per replica; 0 = no cap")
+    vote_key_rate_limit: int = Field(3000, ge=0, description="votes + withdrawals per window per API key, all its users "
+                                                             "together, per replica, unless RLHF_API_KEYS gives that key "
+                                                             "its own (`key=quota`); 0 = no cap")
 
     # -- trainer
     trainer_group: str = "rlhf-trainer"
@@ -102,26 +109,35 @@ class Settings(BaseSettings):
         return (self.policy_store or self.state_dir / "policies").expanduser().resolve()
 
     @property
-    def spool_dir(self) -> Path:
-        return self.state_dir / "spool"
-
-    @property
-    def trainer_dir(self) -> Path:
-        return self.state_dir / "trainer"
-    @property
     def model_source(self) -> str:
         """The base model as a policy store records it (Manifest.source): a directory by its absolute
         path, the embedded model or a hub id by name."""
         path = Path(self.model).expanduser()
         return str(path.resolve()) if path.is_dir() else self.model
 
+    @property
+    def spool_dir(self) -> Path:
+        return self.state_dir / "spool"
+
+    @property
+    def trainer_dir(self) -> Path:
+        return self.state_dir / "trainer"
 
     @property
     def model_cache_dir(self) -> Path:
         return self.state_dir / "models"
 
     def api_key_set(self) -> frozenset[str]:
-        return frozenset(k.strip() for k in self.api_keys.get_secret_value().split(",") if k.strip())
+        return frozenset(self.api_key_quotas())
+
+    def api_key_quotas(self) -> dict[str, int]:
+        """API key -> its vote quota: `key=N` gives N, a bare `key` vote_key_rate_limit. Only a decimal
+        number after the last `=` is a quota, so a key may itself end in `=` (base64 padding)."""
+        out = {}
+        for entry in filter(None, (e.strip() for e in self.api_keys.get_secret_value().split(","))):
+            m = re.fullmatch(r"(.+)=([0-9]+)", entry)
+            out[m[1] if m else entry] = int(m[2]) if m else self.vote_key_rate_limit
+        return out
 
     def id_secret(self) -> bytes:
         """The response-id HMAC key: from the environment, else one kept in the state dir (single-host dev)."""
@@ -131,8 +147,9 @@ class Settings(BaseSettings):
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".tmp{uuid.uuid4().hex}")
-            tmp.write_text(secrets.token_hex(32))
-            tmp.chmod(0o600)
+            # created with its mode: a file made first and chmod-ed after is readable by others in between
+            with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+                f.write(secrets.token_hex(32))
             try:
                 path.hardlink_to(tmp)  # first writer wins; others read its key
             except FileExistsError:
@@ -177,31 +194,53 @@ def verify_response_id(secret: bytes, response_id: str) -> bool:
     if not response_id.startswith(_ID_PREFIX) or len(response_id) > 80:
         return False
     nonce, _, tag = response_id[len(_ID_PREFIX):].partition("-")
-    return bool(nonce) and hmac.compare_digest(tag, _tag(secret, nonce))
+    return bool(nonce) and hmac.compare_digest(tag.encode(), _tag(secret, nonce).encode())  # bytes: any text is input
 
 
 def _tag(secret: bytes, nonce: str) -> str:
     return hmac.new(secret, nonce.encode(), hashlib.sha256).hexdigest()[:24]
 
 
-FEEDBACK_KEY = re.compile(r"[A-Za-z0-9_.\-]{1,64}")  # a client's idempotency key (the part after ':')
+FEEDBACK_KEY = re.compile(r"[A-Za-z0-9_.\-]{1,64}")  # a client's idempotency key
+_BOUND_KEY = re.compile(rf"{FEEDBACK_KEY.pattern}\.[0-9a-f]{{16}}")  # the part of a feedback id after ':'
 
 
-def feedback_id_for(response_id: str, choice_index: int, key: str | None, user: str | None) -> str:
-    """Canonical feedback id `<response_id>:<key>`; the key defaults to one per (user, choice).
+def feedback_id_for(response_id: str, choice_index: int, key: str | None, voter: str | None) -> str:
+    """`<response_id>:<key>`, one vote's id among its identity's votes; the key is the client's, else
+    one per (voter, choice), so that a voter's second vote on an answer replaces the first.
 
-    Carrying the response id lets DELETE /v1/feedback/{id} key its tombstone to the
-    vote's partition without shared state.
+    The service binds it to the identity that cast it (bind_feedback_id) before using it. Carrying
+    the response id lets DELETE /v1/feedback/{id} key its tombstone to the vote's partition
+    without shared state.
     """
     if key is None:
-        key = "u" + hashlib.sha256(f"{user or ''}\x00{choice_index}".encode()).hexdigest()[:16]
+        key = "u" + hashlib.sha256(f"{voter or ''}\x00{choice_index}".encode()).hexdigest()[:16]
     return f"{response_id}:{key}"
 
 
+def bind_feedback_id(secret: bytes, identity: str, feedback_id: str) -> str:
+    """The canonical feedback id `<response_id>:<key>.<tag>`, tag = HMAC(secret, identity, feedback_id).
+
+    Another identity's vote with the same key gets another id (a second vote, never a replacement),
+    and any replica can tell from the id alone whether a caller cast it (cast_by).
+    """
+    return f"{feedback_id}.{_bind_tag(secret, identity, feedback_id)}"
+
+
+def cast_by(secret: bytes, identity: str, feedback_id: str) -> bool:
+    """Whether `feedback_id` is one that `identity` cast (bind_feedback_id made it for that identity)."""
+    unbound, _, tag = feedback_id.rpartition(".")
+    return hmac.compare_digest(tag.encode(), _bind_tag(secret, identity, unbound).encode())
+
+
+def _bind_tag(secret: bytes, identity: str, feedback_id: str) -> str:
+    return hmac.new(secret, f"vote\x00{identity}\x00{feedback_id}".encode(), hashlib.sha256).hexdigest()[:16]
+
+
 def split_feedback_id(feedback_id: str) -> tuple[str, str] | None:
-    """`<response_id>:<key>` -> (response_id, key); None when it is not of that form."""
+    """`<response_id>:<key>.<tag>` -> (response_id, key with its tag); None when it is not of that form."""
     response_id, sep, key = feedback_id.partition(":")
-    return (response_id, key) if sep and FEEDBACK_KEY.fullmatch(key) else None
+    return (response_id, key) if sep and _BOUND_KEY.fullmatch(key) else None
 
 
 # ---------------------------------------------------------------------------- events
@@ -259,7 +298,8 @@ class Interaction(Event):
 class Feedback(Event):
     """A vote (rating +1/-1) or its withdrawal (`deleted`, rating None). Keyed by `response_id`.
 
-    The latest event per `feedback_id` wins; the same `event_id` twice counts once.
+    The latest event per `feedback_id` wins; the same `event_id` twice counts once. A feedback id is
+    bound to the identity that cast it (bind_feedback_id), so only that identity replaces or withdraws it.
     """
 
     kind: Literal["feedback"] = "feedback"
@@ -268,8 +308,13 @@ class Feedback(Event):
     choice_index: int = Field(0, ge=0)
     rating: Literal[1, -1] | None
     comment: str | None = None
-    user: str | None = None
-    voter: str | None = None  # who the influence caps count: the user, else a hash of the API key, else the client
+    user: str | None = None  # the client's own user id: data, trusted only as part of `voter` under an API key
+    # Who cast it, as the service authenticated it: `key:<hash of the API key>`, else `address:<hash of the
+    # client address>` (HMACs with the response-id secret); None in events from before identities.
+    identity: str | None = None
+    # Whom the influence caps count: `<identity>/<user>` under a key (its app vouches for its users), else the
+    # identity; in events from before identities, whatever the service then counted (or None: the user).
+    voter: str | None = None
     deleted: bool = False
 
 

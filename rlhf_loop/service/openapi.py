@@ -28,11 +28,13 @@ ERRORS = {  # status -> when; every error body is OpenAI's shape (ErrorResponse)
     400: "Invalid request: `invalid_json`, `invalid_value` (with the offending `param`), `unsupported_parameter`, "
          "`context_length_exceeded`.",
     401: "`invalid_api_key`: missing or wrong `Authorization: Bearer` key (only when the server has API keys).",
+    403: "`permission_denied`: the vote was cast by another identity (another API key, or on a server without keys "
+         "another client address); only that one may withdraw it. Nothing was recorded.",
     404: "`model_not_found`, `response_not_found` or `feedback_not_found`: the id or model is not one this "
          "service issued or serves.",
     413: "`request_too_large`: the body is over the server's byte limit.",
     429: "`rate_limit_exceeded`: a chat while the engine's queue is full, or a vote over a vote cap of this server "
-         "(per user, or per API key / client address); nothing was generated or recorded. The `Retry-After` header "
+         "(per voter, or an API key's quota; per client address without keys); nothing was generated or recorded. The `Retry-After` header "
          "says in how many seconds to try again.",
     500: "`generation_failed` (type `server_error`).",
     503: "`model_not_ready` (no policy loaded yet) or `events_unavailable` (a vote could not be spooled; retry).",
@@ -101,7 +103,7 @@ RETRIEVE_MODEL = dict(operation_id="retrieveModel", summary="One model",
                       responses=answers(200, ModelCard, "The served model.", 401, 404))
 FEEDBACK = dict(
     operation_id="createFeedback",
-    summary="Vote on an answer; the same user voting again replaces the vote",
+    summary="Vote on an answer; the same voter voting again replaces the vote",
     openapi_extra=json_body(FeedbackRequest),
     responses=answers(
         202, FeedbackAccepted, "Accepted: one Feedback event spooled for Kafka.", 400, 401, 404, 413, 429, 503,
@@ -111,7 +113,7 @@ FEEDBACK = dict(
 )
 WITHDRAW = dict(operation_id="deleteFeedback", summary="Withdraw a vote (a tombstone event)",
                 responses=answers(202, FeedbackAccepted, "Accepted: one tombstone event spooled for Kafka.",
-                                  401, 404, 429, 503))
+                                  401, 403, 404, 429, 503))
 
 _TEXT = {"text/plain": {"schema": {"type": "string"}}}
 PROBES = {  # BentoML's routes on the same port (docs/service.md, "Probes and metrics")

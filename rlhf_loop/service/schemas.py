@@ -145,7 +145,8 @@ FeedbackKey = Annotated[str, StringConstraints(pattern=f"^{FEEDBACK_KEY.pattern}
 
 
 class FeedbackRequest(BaseModel):
-    """POST /v1/feedback. `feedback_id` is the client's idempotency key (default: one per user and choice)."""
+    """POST /v1/feedback. `feedback_id` is the client's idempotency key (default: one per voter and choice);
+    `user` names the voter only under an API key (without keys the client address is the voter)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 

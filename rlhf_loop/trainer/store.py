@@ -12,10 +12,13 @@ Aggregation: a response's label is every user's latest non-deleted vote on it (o
 mean rating and `n_votes` its count, so the pointwise logistic loss on the up-vote fraction
 weighted by `n_votes` equals the sum of one loss per vote.
 
-Influence cap: no voter (the user, else the API key's hash, else the client address: the
-event's `voter`) may carry more than `max_voter_share` of the labels a round trains on. A
-voter over the cap has each vote down-weighted to `cap / their votes` (`voter_weights`), so
-`rating` is then the weighted mean and `n_votes` the weighted count.
+Influence cap, on two levels that follow the service's trust model (docs/service.md, "Vote
+caps"): no identity (an API key, or a client address without keys: the event's `identity`)
+carries more than `max_voter_share` of the labels a round trains on, and inside an identity no
+voter (a key's user: the event's `voter`) carries more than that share of the identity's. So a
+key inventing users gets no more than its share, and no voter more than the share of the
+round. Votes over a cap are down-weighted (`voter_weights`), so `rating` is then the weighted
+mean and `n_votes` the weighted count.
 """
 
 from __future__ import annotations
@@ -42,7 +45,8 @@ CREATE TABLE IF NOT EXISTS votes (               -- latest event per feedback_id
     feedback_id TEXT PRIMARY KEY, response_id TEXT NOT NULL, choice_index INTEGER NOT NULL,
     user TEXT, rating REAL, deleted INTEGER NOT NULL, ts REAL NOT NULL, event_id TEXT NOT NULL,
     received REAL NOT NULL, seq INTEGER NOT NULL,  -- seq: when this vote last changed or got joined
-    voter TEXT                                     -- the identity the influence cap counts (Feedback.voter or user)
+    voter TEXT,                                    -- the voter the influence cap counts (Feedback.voter or user)
+    identity TEXT                                  -- who cast it (Feedback.identity); NULL before identities
 );
 CREATE INDEX IF NOT EXISTS votes_by_response ON votes (response_id, choice_index);
 CREATE INDEX IF NOT EXISTS votes_by_seq ON votes (seq);
@@ -93,30 +97,57 @@ class BatchResult:
     dead_letters: int = 0
 
 
-def voter_weights(voters: list[str], cap: float) -> dict[str, float]:
-    """voter -> the weight of each of their votes, so that no voter's share of the total weight exceeds `cap`.
+VOTER = "COALESCE(v.voter, v.feedback_id)"  # a vote without a voter is its own voter
+IDENTITY = f"COALESCE(v.identity, {VOTER})"  # a vote from before identities is its voter's own identity
 
-    Water-filling: every voter's total is min(their votes, T), with T the largest level at which
-    T <= cap x (everyone's total); a voter below T keeps weight 1. With fewer than 1 / cap voters
-    no level satisfies that; then every voter counts equally (T = the smallest count), as close
-    to the cap as their number allows.
+
+def capped_level(totals: list[float], cap: float) -> float:
+    """The largest level T such that cutting every total above T down to T leaves none above `cap`
+    of the sum: T = cap x sum(min(t, T)) (water-filling). inf when no total is above the cap. With
+    fewer than 1 / cap totals no such T exists; then every total is cut to the smallest (all count
+    equally, as close to the cap as their number allows).
+
+    With the totals sorted, t_1 <= ... <= t_n, and the k smallest below T, T = cap x (t_1 + ... + t_k)
+    / (1 - cap x (n - k)): the first k for which that T is at most t_(k+1) is the answer.
     """
-    counts: dict[str, int] = {}
-    for v in voters:
+    totals = sorted(totals)
+    n = len(totals)
+    if totals[-1] <= cap * sum(totals):
+        return float("inf")
+    if n * cap < 1:
+        return totals[0]
+    below = 0.0  # t_1 + ... + t_k
+    for k, t in enumerate(totals[:-1]):
+        if cap * (n - k) < 1 and cap * below / (1 - cap * (n - k)) <= t:
+            return cap * below / (1 - cap * (n - k))
+        below += t
+    return cap * below / (1 - cap)  # only the largest is cut (at most t_n, since t_n > cap x the sum)
+
+
+def voter_weights(votes: list[tuple[str, str]], cap: float) -> dict[tuple[str, str], float]:
+    """(identity, voter) of every vote -> the weight of each of that voter's votes, so that no identity
+    carries more than `cap` of the total weight and, inside an identity, no voter more than `cap` of
+    the identity's (capped_level at each level: inside each identity over its voters' counts, then
+    over the identities' capped totals). A voter then carries at most `cap` of the total whenever
+    its identity does, or its identity has at least 1 / cap voters. Fewer than 1 / cap identities
+    (or voters inside one) cannot meet the cap: they count equally instead.
+    """
+    counts: dict[tuple[str, str], int] = {}
+    for v in votes:
         counts[v] = counts.get(v, 0) + 1
-    if not counts or cap >= 1.0:
+    if cap >= 1.0:
         return {v: 1.0 for v in counts}
-    level = cap * sum(counts.values())
-    for _ in range(100):  # T = cap * sum(min(c, T)) decreases to its fixed point
-        total = sum(min(c, level) for c in counts.values())
-        if level <= cap * total + 1e-9:
-            break
-        level = cap * total
-    else:
-        level = min(counts.values())
-    if level < min(counts.values()) and len(counts) < 1 / cap:
-        level = min(counts.values())
-    return {v: min(1.0, level / c) for v, c in counts.items()}
+    by_identity: dict[str, dict[str, int]] = {}
+    for (identity, voter), c in counts.items():
+        by_identity.setdefault(identity, {})[voter] = c
+    inner: dict[tuple[str, str], float] = {}
+    totals: dict[str, float] = {}
+    for identity, voters in by_identity.items():
+        level = capped_level(list(voters.values()), cap)
+        inner.update({(identity, voter): min(1.0, level / c) for voter, c in voters.items()})
+        totals[identity] = sum(min(c, level) for c in voters.values())
+    level = capped_level(list(totals.values()), cap) if totals else float("inf")
+    return {(i, v): w * min(1.0, level / totals[i]) for (i, v), w in inner.items()}
 
 
 def prompt_key(messages: list[dict]) -> str:
@@ -135,8 +166,10 @@ class LabelStore:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")  # a committed batch survives power loss, not just a crash
         self.db.executescript(SCHEMA)
-        if "voter" not in {r[1] for r in self.db.execute("PRAGMA table_info(votes)")}:  # a store from before the cap
-            self.db.execute("ALTER TABLE votes ADD COLUMN voter TEXT")
+        columns = {r[1] for r in self.db.execute("PRAGMA table_info(votes)")}
+        for column in ("voter", "identity"):  # a store from before the cap, or before identities
+            if column not in columns:
+                self.db.execute(f"ALTER TABLE votes ADD COLUMN {column} TEXT")
 
     def close(self) -> None:
         self.db.close()
@@ -209,10 +242,10 @@ class LabelStore:
             return 0
         cur.execute(
             "INSERT OR REPLACE INTO votes (feedback_id, response_id, choice_index, user, rating, deleted, ts, event_id, "
-            "received, seq, voter) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "received, seq, voter, identity) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (ev.feedback_id, ev.response_id, ev.choice_index, ev.user,
              None if ev.deleted else float(ev.rating), int(ev.deleted), ts, str(ev.event_id), now, self._next_seq(cur),
-             ev.voter or ev.user),
+             ev.voter or ev.user, ev.identity),
         )
         return 1
 
@@ -267,15 +300,15 @@ class LabelStore:
         so that no voter carries more than `max_voter_share` of them (voter_weights)."""
         rows = self.db.execute(
             "SELECT i.response_id, i.choice_index, i.prompt_key, p.messages, i.completion, i.policy_version, "
-            "v.rating, COALESCE(v.voter, v.feedback_id) "
+            f"v.rating, {IDENTITY}, {VOTER} "
             "FROM interactions i JOIN votes v ON v.response_id = i.response_id AND v.choice_index = i.choice_index "
             "JOIN prompts p ON p.prompt_key = i.prompt_key WHERE v.deleted = 0 "
             "ORDER BY i.response_id, i.choice_index"
         ).fetchall()
-        weight = voter_weights([r[7] for r in rows], max_voter_share)
+        weight = voter_weights([(r[7], r[8]) for r in rows], max_voter_share)
         out: list[Example] = []
-        for (rid, choice, key, messages, completion, version, rating, voter) in rows:
-            w = weight[voter]
+        for (rid, choice, key, messages, completion, version, rating, identity, voter) in rows:
+            w = weight[(identity, voter)]
             if out and (out[-1].response_id, out[-1].choice_index) == (rid, choice):
                 prev = out[-1]
                 n = prev.n_votes + w
@@ -292,12 +325,12 @@ class LabelStore:
             "v.response_id = i.response_id AND v.choice_index = i.choice_index WHERE v.deleted = 0 "
             "GROUP BY i.policy_version")}
 
-    def voter_counts(self) -> dict[str, int]:
-        """Live joined votes per voter (votes without a voter count as their own voter each)."""
-        return dict(self.db.execute(
-            "SELECT COALESCE(v.voter, v.feedback_id), COUNT(*) FROM votes v JOIN interactions i ON "
+    def voter_counts(self) -> dict[tuple[str, str], int]:
+        """(identity, voter) -> live joined votes (votes without a voter count as their own voter each)."""
+        return {(identity, voter): n for identity, voter, n in self.db.execute(
+            f"SELECT {IDENTITY}, {VOTER}, COUNT(*) FROM votes v JOIN interactions i ON "
             "v.response_id = i.response_id AND v.choice_index = i.choice_index WHERE v.deleted = 0 "
-            "GROUP BY 1").fetchall())
+            "GROUP BY 1, 2")}
 
     def label_count(self, since_seq: int = 0) -> int:
         """Joined votes (tombstones included: a withdrawal changes the labels) changed after `since_seq`."""

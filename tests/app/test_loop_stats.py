@@ -7,7 +7,8 @@ EPOCH = 1_000.0  # wall clock when the users started
 
 
 def vote(t: float, version: int, up: bool) -> Vote:
-    return Vote(t=t, user="u", response_id="r", version=version, prompt="p", answer="a", liked=up, up=up)
+    return Vote(t=t, user="u", response_id="r", version=version, prompt="p", answer="a", liked=up, up=up,
+                feedback_id="r:k")
 
 
 def rnd(trigger: float, seconds: float, *, promoted: bool, reason: str = "", version: int | None = None,

@@ -1,12 +1,14 @@
 import json
+import os
+import sys
 import uuid
 
 import pytest
 from pydantic import ValidationError
 
 from rlhf_loop.core.contracts import (
-    Feedback, Interaction, PolicyUpdate, Sampling, Settings, feedback_id_for, make_response_id,
-    split_feedback_id, verify_response_id,
+    Feedback, Interaction, PolicyUpdate, Sampling, Settings, bind_feedback_id, cast_by, feedback_id_for,
+    make_response_id, split_feedback_id, verify_response_id,
 )
 
 
@@ -18,18 +20,30 @@ def test_response_ids_verify_only_with_the_issuing_secret():
     assert not verify_response_id(b"secret-a", forged)
     assert not verify_response_id(b"secret-a", "chatcmpl-abc")
     assert not verify_response_id(b"secret-a", "")
+    assert not verify_response_id(b"secret-a", "chatcmpl-abc-é")  # not a TypeError (a 500 at the API)
 
 
-def test_feedback_ids_are_stable_per_user_and_carry_the_response_id():
+def test_feedback_ids_are_stable_per_voter_and_carry_the_response_id():
     rid = make_response_id(b"k")
-    a1 = feedback_id_for(rid, 0, None, "alice")
-    assert a1 == feedback_id_for(rid, 0, None, "alice")  # second vote replaces the first
-    assert a1 != feedback_id_for(rid, 0, None, "bob")
-    assert a1 != feedback_id_for(rid, 1, None, "alice")
-    assert feedback_id_for(rid, 0, "client-key", "alice") == f"{rid}:client-key"
-    assert split_feedback_id(a1) == (rid, a1.partition(":")[2])
-    assert split_feedback_id(f"{rid}:client-key") == (rid, "client-key")
-    assert split_feedback_id(rid) is None and split_feedback_id(f"{rid}:bad key!") is None
+    a1 = feedback_id_for(rid, 0, None, "key:k1/alice")
+    assert a1 == feedback_id_for(rid, 0, None, "key:k1/alice")  # second vote replaces the first
+    assert a1 != feedback_id_for(rid, 0, None, "key:k1/bob")
+    assert a1 != feedback_id_for(rid, 1, None, "key:k1/alice")
+    assert feedback_id_for(rid, 0, "client-key", "key:k1/alice") == f"{rid}:client-key"
+
+
+def test_a_bound_feedback_id_names_the_identity_that_cast_it_and_no_other():
+    secret, rid = b"s", make_response_id(b"s")
+    mine = bind_feedback_id(secret, "key:aaaa", f"{rid}:client-key")
+    theirs = bind_feedback_id(secret, "key:bbbb", f"{rid}:client-key")
+    assert mine != theirs and mine == bind_feedback_id(secret, "key:aaaa", f"{rid}:client-key")  # idempotent
+    assert mine.startswith(f"{rid}:client-key.") and split_feedback_id(mine) == (rid, mine.partition(":")[2])
+    assert cast_by(secret, "key:aaaa", mine) and not cast_by(secret, "key:bbbb", mine)
+    assert not cast_by(b"other secret", "key:aaaa", mine)
+    assert not cast_by(secret, "key:aaaa", mine.replace(":client-key.", ":client-kez."))  # the key is covered too
+    assert not cast_by(secret, "key:aaaa", f"{rid}:client-key")  # an unbound id is no one's
+    for bad in (rid, f"{rid}:client-key", f"{rid}:bad key!.{'0' * 16}", f"{rid}:k.{'0' * 15}"):
+        assert split_feedback_id(bad) is None, bad
 
 
 def _interaction(**kw):
@@ -66,6 +80,16 @@ def test_interaction_schema_rejects_bad_events(bad):
         _interaction(**bad)
 
 
+def test_feedback_from_before_identities_still_parses():
+    old = {"kind": "feedback", "feedback_id": "r:u1", "response_id": "r", "rating": 1, "user": "alice",
+           "voter": "user:ab/alice", "schema_version": 1}
+    ev = Feedback.model_validate_json(json.dumps(old))
+    assert ev.identity is None and ev.voter == "user:ab/alice"
+    new = Feedback(feedback_id="r:u1.0123456789abcdef", response_id="r", rating=-1, user="alice",
+                   identity="key:0123456789abcdef", voter="key:0123456789abcdef/alice")
+    assert Feedback.model_validate_json(new.to_bytes()) == new
+
+
 def test_feedback_rating_is_plus_or_minus_one():
     with pytest.raises(ValidationError):
         Feedback(feedback_id="f", response_id="r", rating=2)
@@ -73,11 +97,12 @@ def test_feedback_rating_is_plus_or_minus_one():
 
 def test_settings_come_from_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("RLHF_STATE_DIR", str(tmp_path))
-    monkeypatch.setenv("RLHF_API_KEYS", "k1, k2,")
+    monkeypatch.setenv("RLHF_API_KEYS", "k1, k2=500,")
     monkeypatch.setenv("RLHF_TOPIC_FEEDBACK", "fb")
     s = Settings()
     assert s.state_dir == tmp_path and s.policy_dir == tmp_path / "policies"
     assert s.api_key_set() == {"k1", "k2"}
+    assert s.api_key_quotas() == {"k1": s.vote_key_rate_limit, "k2": 500}
     assert s.topic_feedback == "fb"
     assert "k1" not in repr(s)  # secrets stay out of logs
     monkeypatch.setenv("RLHF_PORT", "not-a-port")
@@ -89,3 +114,36 @@ def test_id_secret_is_shared_through_the_state_dir_when_not_configured(tmp_path)
     a = Settings(state_dir=tmp_path).id_secret()
     assert a == Settings(state_dir=tmp_path).id_secret() and len(a) == 64
     assert Settings(state_dir=tmp_path, response_id_secret="s3cret").id_secret() == b"s3cret"
+
+
+def test_api_keys_carry_a_quota_each_and_the_default_quota_is_on():
+    s = Settings(api_keys="plain, own=20, padded==, b64pad=, x=y=7, zero=0")
+    default = Settings().vote_key_rate_limit
+    assert default > 0  # a key minting users is bounded without any setting
+    assert s.api_key_quotas() == {"plain": default, "own": 20, "padded==": default, "b64pad=": default, "x=y": 7,
+                                  "zero": 0}
+    assert Settings(api_keys="k", vote_key_rate_limit=9).api_key_quotas() == {"k": 9}
+
+
+def test_the_id_secret_file_is_created_with_its_mode(tmp_path):
+    """At no line of id_secret() is a file in the state dir readable by others: with a umask of 022, a file
+    written first and chmod-ed after would be (the trace checks the directory before every line)."""
+    seen: list[tuple[str, int]] = []
+
+    def look(frame, event, arg):
+        seen.extend((p.name, p.stat().st_mode & 0o777) for p in tmp_path.iterdir())
+        return look
+
+    def calls(frame, event, arg):
+        return look if frame.f_code is Settings.id_secret.__code__ else None
+
+    umask, tracer = os.umask(0o022), sys.gettrace()
+    sys.settrace(calls)
+    try:
+        secret = Settings(state_dir=tmp_path).id_secret()
+    finally:
+        sys.settrace(tracer)
+        os.umask(umask)
+    assert any(".tmp" in name for name, _ in seen), "the trace saw the file being made"
+    assert {mode for _, mode in seen} == {0o600}, seen
+    assert (tmp_path / "response_id_secret").stat().st_mode & 0o777 == 0o600 and len(secret) == 64

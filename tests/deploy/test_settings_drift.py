@@ -48,9 +48,10 @@ DEFAULTED = {
     "RLHF_TRAIN_MIN_LABELS": "training cadence, tuned with the trainer",
     "RLHF_TRAIN_MAX_WAIT_S": "training cadence, tuned with the trainer",
     "RLHF_LATE_VOTE_WINDOW_S": "join window, tuned with the trainer (topic retention is far longer)",
-    "RLHF_VOTE_RATE_LIMIT": "vote cap per user (API contract; 60 a minute is far above a person's pace), tested with the service",
+    "RLHF_VOTE_RATE_LIMIT": "vote cap per voter (API contract; 60 a minute is far above a person's pace), tested with the service",
     "RLHF_VOTE_RATE_WINDOW_S": "the vote caps' window (API contract)",
-    "RLHF_VOTE_KEY_RATE_LIMIT": "off by default: an app's one key carries all its users; set per deployment",
+    "RLHF_VOTE_KEY_RATE_LIMIT": "a key's default vote quota (3000 a minute: fifty users at the per-voter cap); an app "
+                                "with more users gets its own in RLHF_API_KEYS (key=quota), a Secret",
 }
 # Settings one overlay leaves at the code's default while another sets them, and why.
 DEFAULTED_IN = {

@@ -18,9 +18,12 @@ def interaction(rid: str, question: str = "Tell me about cats.", completion: str
                        finish_reason="stop", sampling=Sampling(temperature=1.0, top_p=1.0, max_tokens=8))
 
 
-def vote(rid: str, rating: int | None, user: str = "u1", seconds: float = 0.0, deleted: bool = False) -> Feedback:
-    return Feedback(feedback_id=feedback_id_for(rid, 0, None, user), response_id=rid, rating=rating, user=user,
-                    deleted=deleted, ts=T0 + timedelta(seconds=seconds))
+def vote(rid: str, rating: int | None, user: str = "u1", seconds: float = 0.0, deleted: bool = False,
+         identity: str | None = None) -> Feedback:
+    """A vote by `user`; with `identity` as the service writes it: under that identity, its voter identity/user."""
+    return Feedback(feedback_id=feedback_id_for(rid, 0, None, f"{identity}/{user}" if identity else user),
+                    response_id=rid, rating=rating, user=user, deleted=deleted, ts=T0 + timedelta(seconds=seconds),
+                    identity=identity, voter=f"{identity}/{user}" if identity else None)
 
 
 @pytest.fixture
@@ -136,6 +139,93 @@ def test_no_voter_carries_more_than_the_cap(store):
     flooder = sum(e.n_votes for e in capped if e.rating > 0)
     assert flooder / sum(e.n_votes for e in capped) == pytest.approx(0.25, abs=1e-6)
     assert all(e.n_votes == 1.0 for e in capped if e.rating < 0)
-    assert store.voter_counts() == {"flooder": 8, **{f"user{i}": 1 for i in range(8, 12)}}
+    # events from before identities: each voter is its own identity
+    assert store.voter_counts() == {("flooder", "flooder"): 8, **{(f"user{i}", f"user{i}"): 1 for i in range(8, 12)}}
     # too few voters for the cap: everyone counts equally instead
-    assert voter_weights(["a", "a", "a", "b"], 0.2) == {"a": 1 / 3, "b": 1.0}
+    assert voter_weights([("a", "a")] * 3 + [("b", "b")], 0.2) == {("a", "a"): 1 / 3, ("b", "b"): 1.0}
+
+
+def test_capped_level_by_hand():
+    from rlhf_loop.trainer.store import capped_level
+
+    assert capped_level([1, 1, 1, 1, 8], 0.25) == pytest.approx(4 / 3)  # 4/3 of 16/3: a quarter
+    assert capped_level([10] * 5 + [1000], 0.2) == pytest.approx(12.5)  # 12.5 of 62.5: a fifth
+    assert capped_level([80, 10, 10, 10, 10, 1000], 0.2) == pytest.approx(40 / 3)  # two cut: 40/3 of 200/3
+    assert capped_level([3, 1], 0.2) == 1  # fewer than 1 / cap: all count as the smallest
+    assert capped_level([5, 5, 5, 5, 5], 0.2) == float("inf")  # nobody above a fifth: nothing cut
+    assert capped_level([7], 0.2) == 7
+
+
+def test_capped_level_is_water_filling():
+    """Against the definition on random totals: the cut totals keep to the cap, and a higher level would not."""
+    import random
+
+    from rlhf_loop.trainer.store import capped_level
+
+    rng = random.Random(0)
+    for _ in range(500):
+        cap = rng.choice([0.1, 0.2, 0.25, 0.3, 0.5])
+        totals = [rng.choice([1, 2, 3, 10, 50, 400]) * rng.random() + 0.01 for _ in range(rng.randint(1 + int(1 / cap), 30))]
+        level = capped_level(totals, cap)
+        cut = [min(t, level) for t in totals]
+        assert max(cut) <= cap * sum(cut) + 1e-9
+        if level != float("inf"):
+            higher = [min(t, level * 1.001) for t in totals]
+            assert max(higher) > cap * sum(higher)
+
+
+def test_a_key_inventing_users_carries_no_more_than_its_share():
+    """One API key votes as 1,000 invented users, five client addresses 10 times each: the key, as a whole,
+    carries a fifth of the weight; within it, its users keep equal weights; the addresses keep weight 1."""
+    from rlhf_loop.trainer.store import voter_weights
+
+    key = [("key:k", f"key:k/user{i}") for i in range(1000)]
+    addresses = [(f"address:a{j}", f"address:a{j}") for j in range(5) for _ in range(10)]
+    w = voter_weights(key + addresses, 0.2)
+    assert all(w[v] == pytest.approx(12.5 / 1000) for v in key)  # the level: 12.5 of 62.5
+    assert all(w[v] == 1.0 for v in addresses)
+    assert sum(w[v] for v in key) / sum(w[v] for v in key + addresses) == pytest.approx(0.2)
+
+
+def test_inside_an_identity_no_voter_carries_more_than_the_share_of_it():
+    """A key's one loud user among its quiet ones is capped within the key; the key alone is not cut (it is
+    the only identity); an address beside it is an identity of its own."""
+    from rlhf_loop.trainer.store import voter_weights
+
+    votes = [("key:k", "key:k/loud")] * 8 + [("key:k", f"key:k/u{i}") for i in range(4)]
+    w = voter_weights(votes, 0.25)
+    assert w[("key:k", "key:k/loud")] == pytest.approx((4 / 3) / 8) and w[("key:k", "key:k/u0")] == 1.0
+    # with four quiet addresses beside it (five identities), the key as a whole is cut to a quarter as well
+    w = voter_weights(votes + [(f"address:{j}", f"address:{j}") for j in range(4)], 0.25)
+    key_total = 4 + 4 / 3  # the loud user cut to 4/3 inside the key, then the key cut to 4/3
+    assert w[("key:k", "key:k/u0")] == pytest.approx((4 / 3) / key_total)
+    assert w[("key:k", "key:k/loud")] == pytest.approx((4 / 3) / 8 * (4 / 3) / key_total)
+    assert w[("address:0", "address:0")] == 1.0
+
+
+def test_the_store_caps_a_key_voting_as_a_thousand_users(store):
+    events = [interaction(f"r{i}") for i in range(1050)]
+    events += [vote(f"r{i}", 1, f"invented{i}", identity="key:k") for i in range(1000)]  # all up
+    events += [vote(f"r{1000 + i}", -1, "someone", identity=f"address:a{i // 10}") for i in range(50)]
+    store.apply_batch(events, {})
+    examples = store.examples(max_voter_share=0.2)
+    key = sum(e.n_votes for e in examples if e.rating > 0)
+    assert key / sum(e.n_votes for e in examples) == pytest.approx(0.2)
+    assert len(store.voter_counts()) == 1005 and store.voter_counts()[("address:a0", "address:a0/someone")] == 10
+
+
+def test_votes_of_two_identities_on_one_answer_stay_two_and_each_withdraws_its_own(store):
+    """The service binds ids to identities: one identity's replacement and tombstone hit its own vote only."""
+    from rlhf_loop.core.contracts import bind_feedback_id
+
+    def bound(identity: str, rating: int | None, seconds: float, deleted: bool = False) -> Feedback:
+        fid = bind_feedback_id(b"s", identity, feedback_id_for("r1", 0, "same-client-key", None))
+        return Feedback(feedback_id=fid, response_id="r1", rating=rating, identity=identity, voter=identity,
+                        deleted=deleted, ts=T0 + timedelta(seconds=seconds))
+
+    store.apply_batch([interaction("r1"), bound("key:a", 1, 0), bound("key:b", 1, 1)], {})
+    assert store.examples()[0].n_votes == 2
+    store.apply_batch([bound("key:a", -1, 2)], {})  # a replaces its own
+    assert (store.examples()[0].n_votes, store.examples()[0].rating) == (2, 0.0)
+    store.apply_batch([bound("key:a", None, 3, deleted=True)], {})  # ... and withdraws it; b's stays
+    assert (store.examples()[0].n_votes, store.examples()[0].rating) == (1, 1.0)
