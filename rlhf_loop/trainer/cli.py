@@ -206,8 +206,7 @@ def _poll_and_decide(state: TrainerState, settings: Settings, clock: dict[str, f
         clock["prune"] = now
     new = state.new_labels()
     metrics.observe_state(state.version, *state.store.label_stats(), state.consumer.lag())
-    verdict = watch.check(state)  # the live-approval watch: may roll LATEST back to its parent
-    if verdict is not None:
+    for verdict in watch.check(state):  # the live-approval watch: may roll LATEST back
         metrics.observe_watch(verdict)
     if budget_spent(state):
         if not clock.get("told"):

@@ -153,9 +153,10 @@ class RewardConfig:
     max_length: int = 256
     """Tokens of prompt + response the RM reads (longer inputs keep their end)."""
     max_voter_share: float = 0.2
-    """Influence cap: no voter (user, else API key, else client address) carries more than this
-    share of the labels a round trains on; a voter above it has their votes down-weighted
-    (trainer/store.py). 0.2 = at least five voters share the weight; 1 turns it off."""
+    """Influence cap: no identity (an API key, or a client address without keys) carries more than
+    this share of the labels a round trains on, and no voter (a key's user) more than this share
+    of its identity's; votes above it are down-weighted (trainer/store.py). 0.2 = at least five
+    identities share the weight; 1 turns it off."""
     rule: str | None = None
     """Reward PPO and the gate with a rule from core.tastes (e.g. 'cheerful': +1 if liked,
     -1 if not) instead of the learned RM; the RM is still trained and reported."""
@@ -344,6 +345,18 @@ class GateConfig:
     guard_tolerance: float = 0.1
     """The candidate's guard pass rate (greedy answers) may fall at most this much below the current
     policy's (0.1: one prompt of the built-in twelve)."""
+    ref_min_length_ratio: float = 0.3
+    """The floors against the reference (ppo.reference_version), which do not move: the per-round
+    checks above allow each candidate a little drift, and a chain of promotions would add it up
+    (0.6 per round is 0.2 after three). Length, down: at least this share of the reference's mean
+    length (the embedded model answers in ~22 tokens: a floor of ~7)."""
+    ref_max_length_ratio: float = 3.0
+    """Length, up: at most this multiple of the reference's mean length. 0 turns it off."""
+    ref_min_distinct_ratio: float = 0.6
+    """Repetition: distinct-2 at least this share of the reference's. 0 turns it off."""
+    ref_guard_tolerance: float = 0.2
+    """The guard set's pass rate at most this below the reference's (0.2: two prompts of the
+    built-in twelve; the per-round tolerance allows one, every round)."""
     guard_stall_rounds: int = 3
     """After this many rounds in a row whose candidate failed the guard set, every further one warns
     (the log, `guard_streak` in rounds.jsonl, rlhf_trainer_guard_rejections_in_a_row): the votes pull
@@ -355,38 +368,51 @@ class GateConfig:
     candidate it scored is promoted (chance is 0.5). Rule rewards are exempt. 0 turns it off."""
     max_rm_approval_gap: float = 0.25
     """The judge against the users: |the reward model's predicted approval - the live approval|
-    on held-out answers of the serving version (checked once there are 20) must be at most this
-    (a judge whose approval disagrees with the users' is optimised in the wrong direction). 0 turns it off."""
+    on held-out answers of the serving version must be at most this (a judge whose approval
+    disagrees with the users' is optimised in the wrong direction). It needs 20 of them, pooled
+    with the parents' (rm_gap_versions) when the serving version has fewer; with fewer still the
+    round reports it "not checked" and why. 0 turns it off."""
+    rm_gap_versions: int = 3
+    """How many versions of the serving version's line (it, its parent, its grandparent) the
+    approval gap may pool held-out labels from: each is one promoted round away from the next."""
 
     def __post_init__(self) -> None:
         _positive(self, "eval_responses", "max_kl")
+        _positive(self, "rm_gap_versions")
         _non_negative(self, "max_length_ratio", "min_distinct_ratio", "guard_tolerance", "min_rm_auroc",
-                      "max_rm_approval_gap", "guard_stall_rounds")
-        if not 0.0 <= self.min_length_ratio <= 1.0:
-            raise ValueError(f"gate.min_length_ratio must be in [0, 1], got {self.min_length_ratio}")
-        if self.max_length_ratio and self.max_length_ratio < 1.0:
-            raise ValueError(f"gate.max_length_ratio must be >= 1 (or 0: off), got {self.max_length_ratio}")
+                      "max_rm_approval_gap", "guard_stall_rounds", "ref_max_length_ratio", "ref_min_distinct_ratio",
+                      "ref_guard_tolerance")
+        for name in ("min_length_ratio", "ref_min_length_ratio"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"gate.{name} must be in [0, 1], got {getattr(self, name)}")
+        for name in ("max_length_ratio", "ref_max_length_ratio"):
+            if getattr(self, name) and getattr(self, name) < 1.0:
+                raise ValueError(f"gate.{name} must be >= 1 (or 0: off), got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)
 class WatchConfig:
-    """After a promotion: the new version's live approval against its parent's (trainer/watch.py)."""
+    """After a promotion: every promoted version's live approval against its parent's (trainer/watch.py)."""
 
     enabled: bool = True
     """Roll a promoted version back, with no operator, when its users' approval drops significantly."""
-    max_drop: float = 0.1
-    """The drop the test is built to catch: H1 is approval = parent's - max_drop (H0: = parent's)."""
     false_alarm: float = 0.05
-    """alpha: the chance of rolling back a version as good as its parent (Wald's SPRT error rate)."""
-    miss: float = 0.1
-    """beta: the chance of keeping a version that is max_drop worse."""
-    min_parent_votes: int = 50
-    """The parent's approval is only trusted (and the test only run) once it has this many votes."""
+    """alpha: the chance of rolling back a version as good as its parent, over all its looks
+    together (spent across the looks; bench/rollback_sim.py measures it)."""
+    first_look: int = 50
+    """The version's votes at its first look; each further look at twice as many (50, 100, 200,
+    400). Fewer votes than ~50 cannot show a drop against a parent's ~100 anyway."""
+    looks: int = 4
+    """Looks in all. A version with no significant drop by its last look is kept and no longer
+    watched; the later looks see little more, as the parent's votes bound what any test sees."""
+    min_parent_votes: int = 20
+    """A look waits until the parent has this many votes (the floor of the normal approximation;
+    the test accounts for the parent's uncertainty however many it has)."""
 
     def __post_init__(self) -> None:
-        _positive(self, "max_drop", "false_alarm", "miss", "min_parent_votes")
-        if self.false_alarm + self.miss >= 1.0 or self.max_drop >= 1.0:
-            raise ValueError("watch: false_alarm + miss must be < 1 and max_drop < 1")
+        _positive(self, "first_look", "looks", "min_parent_votes")
+        if not 0.0 < self.false_alarm < 0.5:
+            raise ValueError(f"watch.false_alarm must be in (0, 0.5), got {self.false_alarm}")
 
 
 @dataclass(frozen=True)

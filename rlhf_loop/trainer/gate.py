@@ -13,9 +13,13 @@ independent samples), and are measured the same way:
 * guard_pass:  share of the guard set's greedy answers (fixed prompts, rule checks) that pass.
 
 `decide` runs every check of GateConfig (each can be turned off) and promotes only if all
-pass; the checks and their values go to rounds.jsonl. The judge's own checks use the reward
-model's held-out metrics: AUROC at its lower confidence bound (rule rewards are exempt) and
-the gap between its predicted approval and the users' on the serving version's answers.
+pass; the checks and their values go to rounds.jsonl. Length, distinct-2 and the guard set are
+held both against the current policy (per-round tolerances) and against the reference (floors
+that do not move: a chain of candidates each a little worse than the last passes every per-round
+check, and is stopped there). The judge's own checks use the reward model's held-out metrics:
+AUROC at its lower confidence bound (rule rewards are exempt) and the gap between its predicted
+approval and the users' on the serving version's answers (pooled with its parent's, ..., when
+there are too few; "not checked" with the reason when there are still too few).
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from rlhf_loop.core.tastes import TASTES
 from rlhf_loop.trainer.config import GateConfig
 from rlhf_loop.trainer.dist import Dist
 from rlhf_loop.trainer.rollout import autocast, decode, encode_prompts, left_pad, row_seeds, sample, score_against_reference
-from rlhf_loop.trainer.reward_model import RewardFn
+from rlhf_loop.trainer.reward_model import MIN_GAP_LABELS, RewardFn
 
 
 BUILTIN_GUARD_SET = Path(__file__).with_name("guard_set.jsonl")
@@ -61,7 +65,8 @@ class Check:
     passed: bool
     value: float | None
     bound: float | None
-    why: str = ""  # for a failed check: what the summary line says
+    why: str = ""  # for a failed check: what the summary line says ("" when it passed)
+    skipped: str = ""  # for a check that could not be made (it passes): why not, also on the summary line
 
 
 @dataclass(frozen=True)
@@ -132,49 +137,80 @@ def _sample_texts(policy, tokenizer, prompts, seed, measure, *, eos_ids, max_new
     return [part for rank in dist.gather(out) for part in rank]
 
 
-def decide(candidate: PolicyEval, current: PolicyEval, cfg: GateConfig, judge: dict | None = None) -> Decision:
+def decide(candidate: PolicyEval, current: PolicyEval, cfg: GateConfig, judge: dict | None = None,
+           reference: PolicyEval | None = None) -> Decision:
     """Every check of the gate; promote only if all pass. `judge`: the reward model's held-out
-    metrics (RewardMetrics as a dict; None when a rule is the reward)."""
+    metrics (RewardMetrics as a dict; None when a rule is the reward). `reference`: the reference
+    policy's figures (None: no floors), of which the reward is not used (the reward function
+    changes every round)."""
     c, cur = candidate, current
     checks = {
-        "reward": Check(c.reward > cur.reward + cfg.min_reward_gain, c.reward, cur.reward + cfg.min_reward_gain,
-                        f"reward {c.reward:.3f} does not beat current {cur.reward:.3f}"
-                        + (f" + {cfg.min_reward_gain:g}" if cfg.min_reward_gain else "")),
-        "kl": Check(c.kl_to_ref < cfg.max_kl, c.kl_to_ref, cfg.max_kl,  # (< also fails on nan)
-                    f"KL to reference {c.kl_to_ref:.2f} >= bound {cfg.max_kl:g}"),
-        "length_down": Check(c.length >= cfg.min_length_ratio * cur.length, c.length, cfg.min_length_ratio * cur.length,
-                             f"mean length {c.length:.1f} < {cfg.min_length_ratio:g} x current {cur.length:.1f}"),
+        "reward": _check(c.reward > cur.reward + cfg.min_reward_gain, c.reward, cur.reward + cfg.min_reward_gain,
+                         f"reward {c.reward:.3f} does not beat current {cur.reward:.3f}"
+                         + (f" + {cfg.min_reward_gain:g}" if cfg.min_reward_gain else "")),
+        "kl": _check(c.kl_to_ref < cfg.max_kl, c.kl_to_ref, cfg.max_kl,  # (< also fails on nan)
+                     f"KL to reference {c.kl_to_ref:.2f} >= bound {cfg.max_kl:g}"),
+        **_drift(c, cur, "current", cfg.min_length_ratio, cfg.max_length_ratio, cfg.min_distinct_ratio,
+                 cfg.guard_tolerance),
     }
-    if cfg.max_length_ratio:
-        checks["length_up"] = Check(c.length <= cfg.max_length_ratio * cur.length, c.length,
-                                    cfg.max_length_ratio * cur.length,
-                                    f"mean length {c.length:.1f} > {cfg.max_length_ratio:g} x current {cur.length:.1f}")
-    if cfg.min_distinct_ratio:
-        checks["distinct_2"] = Check(c.distinct_2 >= cfg.min_distinct_ratio * cur.distinct_2, c.distinct_2,
-                                     cfg.min_distinct_ratio * cur.distinct_2,
-                                     f"distinct-2 {c.distinct_2:.2f} < {cfg.min_distinct_ratio:g} x current "
-                                     f"{cur.distinct_2:.2f} (repetition)")
-    if c.guard_pass is not None and cur.guard_pass is not None:
-        bound = cur.guard_pass - cfg.guard_tolerance
-        checks["guard_set"] = Check(c.guard_pass >= bound, c.guard_pass, bound,
-                                    f"guard set pass rate {c.guard_pass:.2f} < current {cur.guard_pass:.2f} "
-                                    f"- {cfg.guard_tolerance:g}")
+    if reference is not None:
+        floors = _drift(c, reference, "the reference's", cfg.ref_min_length_ratio, cfg.ref_max_length_ratio,
+                        cfg.ref_min_distinct_ratio, cfg.ref_guard_tolerance)
+        checks.update({f"ref_{name}": ch for name, ch in floors.items()})
     if judge is not None and cfg.min_rm_auroc:
         lcb = judge.get("auroc_lcb")
-        checks["rm_auroc"] = Check(lcb is not None and lcb >= cfg.min_rm_auroc, lcb, cfg.min_rm_auroc,
-                                   "reward model cannot yet predict held-out votes: AUROC "
-                                   f"{judge.get('auroc', math.nan):.2f} (95% lower bound "
-                                   f"{math.nan if lcb is None else lcb:.2f}) < {cfg.min_rm_auroc:g}")
-    if judge is not None and cfg.max_rm_approval_gap and judge.get("approval_gap") is not None:
-        gap = judge["approval_gap"]
-        checks["rm_approval_gap"] = Check(gap <= cfg.max_rm_approval_gap, gap, cfg.max_rm_approval_gap,
-                                          f"reward model's predicted approval is {gap:.2f} from the users' "
-                                          f"(> {cfg.max_rm_approval_gap:g})")
+        checks["rm_auroc"] = _check(lcb is not None and lcb >= cfg.min_rm_auroc, lcb, cfg.min_rm_auroc,
+                                    "reward model cannot yet predict held-out votes: AUROC "
+                                    f"{judge.get('auroc', math.nan):.2f} (95% lower bound "
+                                    f"{math.nan if lcb is None else lcb:.2f}) < {cfg.min_rm_auroc:g}")
+    if judge is not None and cfg.max_rm_approval_gap:
+        checks["rm_approval_gap"] = _approval_gap(judge, cfg.max_rm_approval_gap)
     failed = [ch.why for ch in checks.values() if not ch.passed]
     if failed:
         return Decision(False, "; ".join(failed), checks)
     return Decision(True, f"reward {cur.reward:.3f} -> {c.reward:.3f}, KL {c.kl_to_ref:.2f} < {cfg.max_kl:g}, "
                           f"length {c.length:.1f} vs {cur.length:.1f}", checks)
+
+
+def _check(passed: bool, value: float | None, bound: float | None, why: str) -> Check:
+    """A check whose `why` is kept only if it failed (a passed check's report must not read as a failure)."""
+    return Check(passed, value, bound, "" if passed else why)
+
+
+def _drift(c: PolicyEval, base: PolicyEval, against: str, min_length: float, max_length: float,
+           min_distinct: float, guard_tolerance: float) -> dict[str, Check]:
+    """The reward-hacking checks of `c` against `base` (the current policy, or the reference): length
+    both ways, distinct-2 (repetition), the guard set. A ratio of 0 turns its check off (not min_length)."""
+    out = {"length_down": _check(c.length >= min_length * base.length, c.length, min_length * base.length,
+                                 f"mean length {c.length:.1f} < {min_length:g} x {against} {base.length:.1f}")}
+    if max_length:
+        out["length_up"] = _check(c.length <= max_length * base.length, c.length, max_length * base.length,
+                                  f"mean length {c.length:.1f} > {max_length:g} x {against} {base.length:.1f}")
+    if min_distinct:
+        out["distinct_2"] = _check(c.distinct_2 >= min_distinct * base.distinct_2, c.distinct_2,
+                                   min_distinct * base.distinct_2,
+                                   f"distinct-2 {c.distinct_2:.2f} < {min_distinct:g} x {against} "
+                                   f"{base.distinct_2:.2f} (repetition)")
+    if c.guard_pass is not None and base.guard_pass is not None:
+        bound = base.guard_pass - guard_tolerance
+        out["guard_set"] = _check(c.guard_pass >= bound, c.guard_pass, bound,
+                                  f"guard set pass rate {c.guard_pass:.2f} < {against} {base.guard_pass:.2f} "
+                                  f"- {guard_tolerance:g}")
+    return out
+
+
+def _approval_gap(judge: dict, max_gap: float) -> Check:
+    """The judge against the users: passes, unchecked, when the serving version and the parents pooled
+    with it have too few held-out labels (RewardMetrics.approval_gap_versions and _labels say which and
+    how many; reward_model.approval_gap_pool, why pooling them is sound)."""
+    gap = judge["approval_gap"]
+    if gap is None:
+        versions = ", ".join(f"v{v}" for v in judge["approval_gap_versions"])
+        return Check(True, None, max_gap, skipped=(
+            f"judge's approval gap not checked: {judge['approval_gap_labels']} held-out labels on {versions}, "
+            f"fewer than {MIN_GAP_LABELS}"))
+    return _check(gap <= max_gap, gap, max_gap,
+                  f"reward model's predicted approval is {gap:.2f} from the users' (> {max_gap:g})")
 
 
 # ---------------------------------------------------------------------------- the guard set

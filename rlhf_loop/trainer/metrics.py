@@ -37,8 +37,8 @@ consumer_lag = Gauge("rlhf_trainer_consumer_lag", "Records the broker holds beyo
 
 
 rollbacks = Counter("rlhf_trainer_rollbacks", "Promoted versions rolled back by the live-approval watch")
-watch_llr = Gauge("rlhf_trainer_watch_llr", "The live-approval watch's log-likelihood ratio for LATEST against its "
-                  "parent (rolls back at the upper bound, keeps at the lower)")
+watch_z = Gauge("rlhf_trainer_watch_z", "The live-approval watch's last look: z of a version's approval against its "
+                "parent's (negative: lower; that look rolls back at or below minus its bound)")
 budget_spent = Gauge("rlhf_trainer_kl_budget_spent", "1 while the KL budget is spent: the serving version is near "
                      "gate.max_kl and rounds could not use the rest, so none run until LATEST moves")
 update_scale = Gauge("rlhf_trainer_update_scale", "How much of its update the last candidate kept (1; 1/2, 1/4, ... "
@@ -90,7 +90,7 @@ def observe_state(version: int, labels_stored: int, last_vote_ts: float | None,
 
 
 def observe_watch(verdict) -> None:
-    """The live-approval watch's last verdict (trainer/watch.py)."""
-    watch_llr.set(verdict.llr)
+    """A look the live-approval watch took (trainer/watch.py)."""
+    watch_z.set(verdict.z)
     if verdict.decision == "roll back":
         rollbacks.inc()

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -188,9 +189,22 @@ class Networks:
     @torch.no_grad()
     def interpolate(self, start: dict[str, torch.Tensor], end: dict[str, torch.Tensor], alpha: float,
                     *modules: torch.nn.Module) -> None:
-        """The trained weights at start + alpha (end - start): a candidate's update scaled back."""
-        for n, p in self._trained(modules):
-            _local(p).copy_(start[n] + alpha * (end[n] - start[n]))
+        """A candidate's update scaled back to `alpha` of itself, in the weights the model computes with:
+        W_start + alpha (W_end - W_start). Full weights (and the value head): exactly that, parameter
+        by parameter. LoRA: what a layer adds is s B A (s = lora_alpha / r), so the fraction is of the
+        adapter's delta B1 A1 - B0 A0 (the round started from the current adapter, B0 A0), which
+        scaling A and B each by alpha does not give: (B0 + a dB)(A0 + a dA) has a term in alpha^2.
+        `lora_fraction` says what is written instead, and when it is exact."""
+        params = dict(self._trained(modules))
+        pairs = {n: _lora_b_name(n) for n in params if _lora_b_name(n) != n}  # A's name -> B's, per adapted layer
+        paired = set(pairs) | set(pairs.values())
+        for n, p in params.items():
+            if n not in paired:
+                _local(p).copy_(start[n] + alpha * (end[n] - start[n]))
+        for a, b in pairs.items():
+            whole = {n: (_whole(start[n], params[n]), _whole(end[n], params[n])) for n in (a, b)}
+            B, A = lora_fraction(whole[b][0], whole[a][0], whole[b][1], whole[a][1], alpha)
+            _load_into({a: params[a], b: params[b]}, {a: A, b: B})
 
     def _trained(self, modules) -> list[tuple[str, torch.nn.Parameter]]:
         return [*self.policy.named_trainable(),
@@ -235,6 +249,39 @@ class Networks:
                 f"not an adapter over the reference, version {self.base_version}: LoRA training needs its base to be "
                 f"the reference. Train full weights (train.adapter=full), or make it the reference "
                 f"(ppo.reference_version={version}) if it is full weights.")
+
+
+def lora_fraction(B0: torch.Tensor, A0: torch.Tensor, B1: torch.Tensor, A1: torch.Tensor,
+                  alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """LoRA factors (B, A) whose product is B0 A0 + alpha (B1 A1 - B0 A0), or its nearest at rank r.
+
+    B0, B1: (out, r), A0, A1: (r, in) -> B (out, r), A (r, in), in B0's dtype. The target is
+    T = (1 - alpha) B0 A0 + alpha B1 A1 = U V with U = [sqrt(1 - alpha) B0, sqrt(alpha) B1] (out, 2r) and
+    V = [sqrt(1 - alpha) A0; sqrt(alpha) A1] (2r, in), so it has rank up to 2r, more than a rank-r
+    adapter holds. Through U = Qu Ru, V^T = Qv Rv (QR) and the SVD of the (2r, 2r) core Ru Rv^T, the
+    rank-r truncation of T is formed without T itself (float64): the best rank-r approximation of T
+    (Eckart-Young: Frobenius error sqrt(sum of its discarded singular values^2)), and T exactly when
+    its rank is at most r: a round that started from the zero adapter (B0 = 0: every round from the
+    base, or back on it after a rollback), or one that moved only B or only A. The factors come out
+    balanced (B = Q_u U_r S^1/2, A = S^1/2 V_r^T Q_v^T), not as B and A stood: the function is the
+    product, and the next round starts its own optimizer anyway.
+    """
+    r = A0.shape[0]
+    u, v = (1 - alpha) ** 0.5, alpha ** 0.5
+    U = torch.cat([u * B0.double(), v * B1.double()], dim=1)  # (out, 2r)
+    V = torch.cat([u * A0.double(), v * A1.double()], dim=0)  # (2r, in)
+    Qu, Ru = torch.linalg.qr(U)
+    Qv, Rv = torch.linalg.qr(V.T)
+    Um, S, Vh = torch.linalg.svd(Ru @ Rv.T)
+    root = S[:r].sqrt()
+    B = Qu @ (Um[:, :r] * root)
+    A = (root[:, None] * Vh[:r]) @ Qv.T
+    return B.to(B0.dtype), A.to(A0.dtype)
+
+
+def _lora_b_name(name: str) -> str:
+    """A LoRA A matrix's name -> its B's (peft: lora_A / lora_B, lora_embedding_A / _B); other names as they are."""
+    return re.sub(r"\.lora_(embedding_)?A\.", r".lora_\1B.", name)
 
 
 # ---------------------------------------------------------------------------- layouts
@@ -347,6 +394,18 @@ def save_atomic(tensors: dict[str, torch.Tensor], path: Path | None) -> None:
 def _local(p: torch.Tensor) -> torch.Tensor:
     """This rank's part of a parameter: the local shard of an FSDP2 DTensor, or the tensor itself."""
     return p.to_local() if hasattr(p, "to_local") else p
+
+
+def _whole(local: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of which `local` is this rank's part, shaped as parameter `p` (a collective for
+    an FSDP2 DTensor: every rank calls), on CPU."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(p, DTensor):
+        return local
+    part = DTensor.from_local(local.to(p.device_mesh.device_type), p.device_mesh, p.placements, shape=p.shape,
+                              stride=p.stride())
+    return part.full_tensor().cpu()
 
 
 def full_tensors(named) -> dict[str, torch.Tensor]:

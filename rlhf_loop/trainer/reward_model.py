@@ -24,7 +24,7 @@ import math
 import random
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -132,14 +132,22 @@ class RewardMetrics:
     auroc_lcb: float | None = None  # its lower 95 % confidence bound for this many held-out up / down labels
     heldout_up: int = 0
     heldout_down: int = 0
-    approval_gap: float | None = None  # |predicted - live approval| on held-out answers of the serving version (>= 20)
+    approval_gap: float | None = None  # |predicted - live approval| on held-out answers of approval_gap_versions
+    approval_gap_labels: int = 0  # ... how many (the gap is None below MIN_GAP_LABELS)
+    approval_gap_versions: list[int] = field(default_factory=list)  # the serving version, and parents pooled with it
+
+
+MIN_GAP_LABELS = 20  # held-out labels below which an approval rate is too noisy to judge the judge by (se ~0.1)
 
 
 def train_reward_model(
     rm: RewardModel, tokenizer, examples: list[Example], cfg: RewardConfig, *, seed: int,
-    autocast_dtype: torch.dtype = torch.float32, progress=None, dist: Dist = Dist(), serving_version: int = 0,
+    autocast_dtype: torch.dtype = torch.float32, progress=None, dist: Dist = Dist(),
+    gap_versions: tuple[int, ...] = (0,),
 ) -> RewardMetrics:
-    """A few hundred steps at most on the training split, then held-out accuracy / AUROC.
+    """A few hundred steps at most on the training split, then held-out accuracy / AUROC, and the
+    approval gap on the held-out answers of `gap_versions` (the serving version, then its parents
+    that may be pooled with it, newest first: `approval_gap_pool`).
 
     Every rank draws the same batches; each trains on its share of each (DDP / FSDP2 average
     the gradients), with the loss normalised by the whole batch's votes and pairs.
@@ -197,6 +205,8 @@ def train_reward_model(
                             sum(losses[-10:]) / max(1, len(losses[-10:])) if losses else float("nan"),
                             float("nan"), float("nan"))
     labelled = [e for e in heldout if e.rating != 0]
+    pool, metrics.approval_gap_versions = approval_gap_pool([e.policy_version for e in labelled], gap_versions)
+    metrics.approval_gap_labels = len(pool)
     if labelled:
         mine, real = dist.shard(len(labelled))
         local = score(rm, tokenizer, [labelled[i].messages for i in mine], [labelled[i].completion for i in mine],
@@ -207,14 +217,32 @@ def train_reward_model(
         metrics.auroc = binary_auroc(s, y)
         metrics.heldout_up, metrics.heldout_down = int(y.sum()), int((~y).sum())
         metrics.auroc_lcb = auroc_lower_bound(metrics.auroc, metrics.heldout_up, metrics.heldout_down)
-        serving = [i for i, e in enumerate(labelled) if e.policy_version == serving_version]
-        if len(serving) >= 20:
-            idx = torch.tensor(serving)
-            weights = torch.tensor([labelled[i].n_votes for i in serving])
-            live = (torch.tensor([(labelled[i].rating + 1) / 2 for i in serving]) * weights).sum() / weights.sum()
+        if len(pool) >= MIN_GAP_LABELS:
+            idx = torch.tensor(pool)
+            weights = torch.tensor([labelled[i].n_votes for i in pool])
+            live = (torch.tensor([(labelled[i].rating + 1) / 2 for i in pool]) * weights).sum() / weights.sum()
             predicted = (_approval(s[idx], cfg.pointwise_loss) * weights).sum() / weights.sum()
             metrics.approval_gap = abs(predicted - live).item()
     return metrics
+
+
+def approval_gap_pool(versions: list[int], candidates: tuple[int, ...]) -> tuple[list[int], list[int]]:
+    """The held-out labels the approval gap is measured on: (their indices into `versions`, the versions
+    pooled). The serving version's alone when it has MIN_GAP_LABELS; else its parent's are added, then
+    the grandparent's, ... through `candidates` (newest first) until there are enough or none is left.
+
+    Pooling is sound for this check because it asks whether the judge's predicted approval agrees
+    with the users' on answers like the ones the policy gives now, and each parent on the serving
+    line is one promoted round's update away (an update the KL budget keeps small, and a version
+    the watch has not rolled back); round.py passes gate.rm_gap_versions of them, no further."""
+    used: list[int] = []
+    pool: list[int] = []
+    for v in candidates:
+        used.append(v)
+        pool += [i for i, pv in enumerate(versions) if pv == v]
+        if len(pool) >= MIN_GAP_LABELS:
+            break
+    return pool, used
 
 
 def _approval(scores: torch.Tensor, pointwise: str) -> torch.Tensor:

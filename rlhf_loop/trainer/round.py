@@ -18,6 +18,7 @@ summary line.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -31,7 +32,7 @@ from functools import partial
 import torch
 from tqdm import tqdm
 
-from rlhf_loop.trainer import gate, metrics
+from rlhf_loop.trainer import gate, metrics, watch
 from rlhf_loop.trainer.dist import Dist
 from rlhf_loop.trainer.killpoints import killpoint
 from rlhf_loop.trainer.networks import PolicyWithValue, full_tensors, save_atomic
@@ -57,6 +58,7 @@ class RoundInputs:
     pool: list[tuple[str, list[dict]]]  # [(prompt_key, messages)]
     label_seq: int
     version: int  # LATEST: the current policy
+    line: tuple[int, ...]  # LATEST and its ancestors, newest first (watch.line)
     new_labels: int
     consumed: dict
     voters: dict  # the influence cap: voters, the largest voter's share of the votes, how many were down-weighted
@@ -79,8 +81,9 @@ class RoundReport:
     train: dict = field(default_factory=dict)  # the algorithm's statistics, averaged over its steps
     current: dict = field(default_factory=dict)  # gate's evaluation of the current policy
     candidate: dict = field(default_factory=dict)  # ... and of the candidate
-    checks: dict = field(default_factory=dict)  # every gate check: passed, value, bound
-    budget: dict = field(default_factory=dict)  # the KL budget: update scale, backoff, whether it is spent
+    reference: dict = field(default_factory=dict)  # ... and of the reference (once per reference version: its floors)
+    checks: dict = field(default_factory=dict)  # every gate check: passed, value, bound, why (failed), skipped (why not)
+    budget: dict = field(default_factory=dict)  # the KL budget: update scale, scale-backs, backoff, whether it is spent
     guard_streak: int = 0  # rounds in a row, this one included, whose candidate failed the guard set
     kl_coef: float = float("nan")
     version_before: int = 0
@@ -102,6 +105,7 @@ class RoundReport:
             verdict += " | KL budget spent"
         if self.guard_streak > 1:
             verdict += f" | guard set: {self.guard_streak} rejections in a row"
+        verdict += "".join(f" | {c['skipped']}" for c in self.checks.values() if c.get("skipped"))
         return (f"round {self.round}: {self.labels} labels (+{self.new_labels}) | "
                 f"RM acc {rm.get('accuracy', math.nan):.2f} AUROC {rm.get('auroc', math.nan):.2f} | "
                 f"reward {self.current['reward']:.3f} -> {self.candidate['reward']:.3f} | "
@@ -136,7 +140,7 @@ def run_round(state: TrainerState, *, progress: bool = True, drain_s: float | No
     with timer("reward_model"), _bar(progress, n, "reward model", "step") as bar:
         rm_metrics = train_reward_model(state.nets.reward, tok, inputs.examples, cfg.reward, seed=cfg.ppo.seed + n,
                                         autocast_dtype=state.dtype, progress=bar, dist=d,
-                                        serving_version=inputs.version)
+                                        gap_versions=inputs.line[:cfg.gate.rm_gap_versions])
         state.nets.reward.save(state.reward_model_path(state.settings) if d.is_main else None)
     report.reward_model = asdict(rm_metrics)
     reward_fn = rule_reward(cfg.reward.rule) if cfg.reward.rule else partial(
@@ -148,7 +152,8 @@ def run_round(state: TrainerState, *, progress: bool = True, drain_s: float | No
     train_prompts = [m for k, m in pool if not is_heldout(k, cfg.reward.heldout_fraction)] or [m for _, m in pool]
     state.check_stop()
 
-    # 3. the gate's view of the current policy: held-out prompts, fixed noise, before anything trains
+    # 3. the gate's view of the current policy: held-out prompts, fixed noise, before anything trains; and
+    #    of the reference, for the floors (once per reference version, then from the trainer store)
     plan = gate.eval_prompt_plan(heldout, cfg.gate.eval_responses)
     evaluate = partial(gate.evaluate, reference=state.nets.reference, tokenizer=tok, reward_fn=reward_fn, prompts=plan,
                        seed=cfg.gate.eval_seed, eos_ids=state.eos_ids, max_new_tokens=cfg.ppo.max_new_tokens,
@@ -157,6 +162,8 @@ def run_round(state: TrainerState, *, progress: bool = True, drain_s: float | No
                        guard=state.guard_set)
     with timer("gate"):
         current = evaluate(state.nets.policy)
+        reference = _reference_eval(state, evaluate, current)
+    report.reference = asdict(reference)
     state.check_stop()
 
     # the policy (and value head) train in place from here; this snapshot restores them if the gate says no
@@ -176,18 +183,17 @@ def run_round(state: TrainerState, *, progress: bool = True, drain_s: float | No
         #    spends the budget it has instead of overshooting it and being thrown away
         with timer("gate"), _bar(progress, n, "gate", "policy", 1) as bar:
             cand = evaluate(state.nets.policy)
-            trained, scale = None, 1.0
-            for _ in range(cfg.budget.scale_backs):
-                if not cand.kl_to_ref >= cfg.budget.target * cfg.gate.max_kl:
-                    break
+            trained, scale, scale_backs = None, 1.0, 0
+            while scale_backs < cfg.budget.scale_backs and cand.kl_to_ref >= cfg.budget.target * cfg.gate.max_kl:
                 trained = trained or state.nets.snapshot(state.value_head)
-                scale /= 2
+                scale, scale_backs = scale / 2, scale_backs + 1
                 state.nets.interpolate(snapshot, trained, scale, state.value_head)
                 cand = evaluate(state.nets.policy)
             bar.update(1)
-        report.budget["update_scale"] = scale
+        report.budget.update(update_scale=scale, scale_backs=scale_backs)
         report.current, report.candidate = asdict(current), asdict(cand)
-        decision = gate.decide(cand, current, cfg.gate, judge=None if cfg.reward.rule else report.reward_model)
+        decision = gate.decide(cand, current, cfg.gate, judge=None if cfg.reward.rule else report.reward_model,
+                               reference=reference)
         report.promoted, report.reason = decision.promoted, decision.reason
         report.checks = {name: asdict(c) for name, c in decision.checks.items()}
         state.check_stop()
@@ -443,9 +449,31 @@ def _consume(state: TrainerState, progress: bool, drain_s: float | None) -> Roun
     weights = voter_weights([v for v, c in counts.items() for _ in range(c)], cap)
     voters = {"voters": len(counts), "max_share": max(counts.values()) / sum(counts.values()) if counts else 0.0,
               "capped": sum(w < 1.0 for w in weights.values()), "cap": cap}
+    latest = state.policy_store.latest()
     return RoundInputs(round=n, examples=state.store.examples(cap), pool=state.store.prompts(),
-                       label_seq=state.store.label_seq(), version=state.policy_store.latest(),
-                       new_labels=state.new_labels(), consumed=consumed, voters=voters)
+                       label_seq=state.store.label_seq(), version=latest,
+                       line=tuple(watch.line(state.policy_store, latest)), new_labels=state.new_labels(),
+                       consumed=consumed, voters=voters)
+
+
+def _reference_eval(state: TrainerState, evaluate, current: gate.PolicyEval) -> gate.PolicyEval:
+    """The reference's figures for the gate's floors (every rank). Its answers do not change, so they are
+    evaluated once per reference version and what else decides them (the guard set, the sampling
+    settings), then read from the trainer store; the held-out prompts do grow with the pool, which
+    moves a mean length or distinct-2 by far less than the floors' margins. While the reference is
+    the policy serving, its figures are the current policy's. Their reward (this round's reward
+    model's) is not used."""
+    cfg = state.cfg
+    what = json.dumps([[asdict(g) for g in state.guard_set], cfg.gate.eval_seed,
+                       cfg.gate.eval_responses, cfg.ppo.max_new_tokens, cfg.ppo.temperature], sort_keys=True)
+    key = f"reference_eval:{cfg.ppo.reference_version}:{hashlib.sha256(what.encode()).hexdigest()[:16]}"
+    cached = state.dist.main_only(lambda: state.store.get(key))
+    if cached is not None:
+        return gate.PolicyEval(**cached)
+    figures = current if state.version == cfg.ppo.reference_version else evaluate(state.nets.reference)
+    if state.dist.is_main:
+        state.store.set(key, asdict(figures))
+    return figures
 
 
 def _gather_rollout(d: Dist, device: torch.device, **local: torch.Tensor) -> Rollout:
@@ -498,19 +526,24 @@ def _finish(state: TrainerState, report: RoundReport, label_seq: int) -> RoundRe
     return report
 
 
+_GUARD_SET_CHECKS = ("guard_set", "ref_guard_set")  # against the current policy, and the reference's floor
+
+
 def guard_streak(previous: int, report: RoundReport) -> int:
-    """Rounds in a row whose candidate failed the guard set: +1 for such a round; a candidate that
-    passed it resets the count; a round without a candidate (skipped) leaves it as it was."""
+    """Rounds in a row whose candidate failed the guard set (either check): +1 for such a round; a
+    candidate that passed it resets the count; a round without a candidate (skipped) leaves it as it was."""
     if not report.candidate:
         return previous
-    return previous + 1 if not report.checks.get("guard_set", {}).get("passed", True) else 0
+    failed = any(not report.checks.get(name, {}).get("passed", True) for name in _GUARD_SET_CHECKS)
+    return previous + 1 if failed else 0
 
 
 def guard_stall(report: RoundReport, cfg) -> str | None:
-    """The warning for a run of gate.guard_stall_rounds or more guard-set rejections, else None."""
-    if not cfg.guard_stall_rounds or report.guard_streak < cfg.guard_stall_rounds:
+    """The warning for a run of gate.guard_stall_rounds or more guard-set rejections, else None (also for a
+    round skipped before training, which leaves the run as it was)."""
+    if not cfg.guard_stall_rounds or report.guard_streak < cfg.guard_stall_rounds or not report.candidate:
         return None
-    check = report.checks["guard_set"]
+    check = next(report.checks[n] for n in _GUARD_SET_CHECKS if not report.checks.get(n, {}).get("passed", True))
     return (f"the guard set has rejected {report.guard_streak} candidates in a row (pass rate {check['value']:.2f}, "
             f"needed {check['bound']:.2f}): the votes pull the policy where the guard set ({cfg.guard_set}) forbids. "
             "Rounds go on; look at the guard set and at what the users reward.")
@@ -519,8 +552,11 @@ def guard_stall(report: RoundReport, cfg) -> str | None:
 def _spend_budget(state: TrainerState, report: RoundReport) -> None:
     """After a rejection for KL, be more conservative: lr x backoff_lr (down to 1/16), beta x backoff_beta;
     each promotion undoes one step. The budget is spent when the serving version's KL is already at
-    budget.spent of the bound and this round could not be promoted: cli.loop then runs no more rounds
-    until LATEST moves (or the trainer restarts with a larger bound or another reference)."""
+    budget.spent of the bound and this round's candidate was not promoted for want of KL: it failed the
+    KL check, or it needed every scale-back (the smallest step the bound leaves did not make a version).
+    A rejection on other grounds near the bound (a noisy reward verdict) does not spend it: the next
+    round tries again. Once spent, cli.loop runs no more rounds until LATEST moves (or the trainer
+    restarts with a larger bound or another reference)."""
     b, bound = state.cfg.budget, state.cfg.gate.max_kl
     kl_rejected = not report.checks.get("kl", {}).get("passed", True)
     if kl_rejected:
@@ -531,11 +567,14 @@ def _spend_budget(state: TrainerState, report: RoundReport) -> None:
     report.budget.update(lr_scale=state.lr_scale, kl_coef_after=state.kl_ctl.value, bound=bound,
                          backed_off=kl_rejected)
     serving_kl = report.current["kl_to_ref"]
-    if not report.promoted and serving_kl >= b.spent * bound:
+    scaled_out = b.scale_backs > 0 and report.budget["scale_backs"] == b.scale_backs
+    if not report.promoted and serving_kl >= b.spent * bound and (kl_rejected or scaled_out):
+        grounds = ("its KL was over the bound" if kl_rejected else
+                   f"it was scaled back {b.scale_backs} times (1/{2 ** b.scale_backs} of its update) and still failed")
         report.budget["spent"] = {
             "version": state.version, "bound": bound, "serving_kl": serving_kl,
             "why": (f"v{state.version} is at KL {serving_kl:.2f} of the bound {bound:g} and this round's candidate "
-                    f"was not promoted ({report.reason}); raise gate.max_kl or make a new reference "
+                    f"was not promoted: {grounds} ({report.reason}); raise gate.max_kl or make a new reference "
                     f"(rlhf sft, ppo.reference_version) to go further")}
 
 

@@ -15,12 +15,15 @@ this test is about the KL bound alone.
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
+import pytest
 from prometheus_client import REGISTRY
 
 from rlhf_loop.core.broker import ensure_topics
 from rlhf_loop.trainer.cli import budget_spent
 from rlhf_loop.trainer.config import TrainerConfig
+from rlhf_loop.trainer.round import RoundReport, _spend_budget
 from rlhf_loop.trainer.state import TrainerState
 from trainer_helpers import rounds_on, sample_interactions, votes_for
 
@@ -84,3 +87,28 @@ def test_a_taste_beyond_the_bound_spends_the_budget_without_a_run_of_kl_rejectio
     assert last["budget"]["spent"]["version"] == spent["version"]
     assert REGISTRY.get_sample_value("rlhf_trainer_kl_budget_spent") == 1.0
     print(f"\nwithout the budget: {trail(unaware)}\nwith it: {trail(reports)}")
+
+
+@pytest.mark.parametrize("failed, scale_backs, spent", [
+    ("reward", 0, False),  # a noisy reward verdict near the bound: the next round tries again (issue 22)
+    ("reward", 2, False),  # scaled back, not to the end: a smaller step is still left
+    ("reward", 3, True),  # every scale-back used: the smallest step the bound leaves did not make a version
+    ("kl", 3, True),  # over the bound
+    ("kl", 0, True),
+])
+def test_the_budget_is_spent_only_for_want_of_kl(failed, scale_backs, spent):
+    """The serving version at KL 7.2 of the bound 8 (past budget.spent 0.85), a candidate rejected."""
+    cfg = TrainerConfig()  # budget.scale_backs 3
+    state = SimpleNamespace(cfg=cfg, lr_scale=1.0, kl_ctl=SimpleNamespace(value=0.2), version=5)
+    checks = {"reward": {"passed": failed != "reward"}, "kl": {"passed": failed != "kl"}}
+    reason = ("reward 3.001 does not beat current 3.023" if failed == "reward" else "KL to reference 8.30 >= bound 8")
+    report = RoundReport(round=9, trigger_time=0.0, kl_bound=8.0, current={"kl_to_ref": 7.2, "reward": 3.023},
+                         candidate={"kl_to_ref": 8.3 if failed == "kl" else 7.06, "reward": 3.001}, checks=checks,
+                         reason=reason, budget={"update_scale": 0.5 ** scale_backs, "scale_backs": scale_backs},
+                         seconds={"total": 1.0})
+    _spend_budget(state, report)
+    assert bool(report.budget.get("spent")) is spent, report.budget
+    assert ("KL budget spent" in report.summary()) is spent
+    if spent:
+        grounds = "its KL was over the bound" if failed == "kl" else "scaled back 3 times (1/8 of its update)"
+        assert grounds in report.budget["spent"]["why"] and reason in report.budget["spent"]["why"]

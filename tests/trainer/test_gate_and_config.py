@@ -42,6 +42,53 @@ def test_gate_rejects_with_the_reason(candidate, judge, fragment):
     assert not d.promoted and fragment in d.reason, d.reason
 
 
+def test_a_passed_check_does_not_read_as_a_failure():
+    """KL 7.06 under the bound 8 passes, and nothing in its record says ">= bound" (issue 22: it did)."""
+    d = decide(PolicyEval(0.19, 7.06, 20.0, 48, 0.6, 0.9), CURRENT, GateConfig(), JUDGE)
+    assert d.checks["kl"].passed and d.checks["kl"].why == "" and not d.promoted
+    assert all(c.why == "" for c in d.checks.values() if c.passed)
+    assert d.reason == "reward 0.190 does not beat current 0.200"
+
+
+REFERENCE = PolicyEval(reward=0.0, kl_to_ref=0.0, length=22.0, responses=48, distinct_2=0.7, guard_pass=1.0)
+
+
+@pytest.mark.parametrize("candidate, current, fragment", [
+    # each within the per-round tolerance of the current policy, past the reference's floor
+    (PolicyEval(0.9, 3.0, 6.0, 48, 0.7, 0.9), PolicyEval(0.2, 3.0, 9.0, 48, 0.7, 0.9),
+     "mean length 6.0 < 0.3 x the reference's 22.0"),
+    (PolicyEval(0.9, 3.0, 70.0, 48, 0.7, 0.9), PolicyEval(0.2, 3.0, 50.0, 48, 0.7, 0.9),
+     "mean length 70.0 > 3 x the reference's 22.0"),
+    (PolicyEval(0.9, 3.0, 20.0, 48, 0.4, 0.9), PolicyEval(0.2, 3.0, 20.0, 48, 0.45, 0.9),
+     "distinct-2 0.40 < 0.6 x the reference's 0.70 (repetition)"),
+    (PolicyEval(0.9, 3.0, 20.0, 48, 0.7, 0.75), PolicyEval(0.2, 3.0, 20.0, 48, 0.7, 0.83),
+     "guard set pass rate 0.75 < the reference's 1.00 - 0.2"),
+])
+def test_the_reference_floors_stop_what_the_per_round_checks_let_through(candidate, current, fragment):
+    d = decide(candidate, current, GateConfig(), JUDGE, reference=REFERENCE)
+    assert not d.promoted and d.reason == fragment, d.reason
+    assert all(c.passed for name, c in d.checks.items() if not name.startswith("ref_"))
+    assert decide(candidate, current, GateConfig(), JUDGE).promoted  # without the floors it went through
+
+
+def test_too_few_heldout_labels_for_the_approval_gap_is_reported_not_checked():
+    judge = {**JUDGE, "approval_gap": None, "approval_gap_labels": 12, "approval_gap_versions": [3, 2, 1]}
+    d = decide(PolicyEval(0.5, 3.0, 18.0, 48, 0.6, 0.9), CURRENT, GateConfig(), judge)
+    gap = d.checks["rm_approval_gap"]
+    assert d.promoted and gap.passed and gap.value is None
+    assert gap.skipped == "judge's approval gap not checked: 12 held-out labels on v3, v2, v1, fewer than 20"
+
+
+def test_the_approval_gap_pools_the_parents_labels_only_as_far_as_needed():
+    from rlhf_loop.trainer.reward_model import approval_gap_pool
+
+    versions = [3] * 12 + [2] * 10 + [1] * 30 + [0] * 5  # the held-out labels' policy versions
+    assert approval_gap_pool(versions, (3, 2, 1)) == (list(range(22)), [3, 2])  # 12 + 10 >= 20: v1 not needed
+    assert approval_gap_pool([3] * 25 + [2] * 5, (3, 2, 1)) == (list(range(25)), [3])
+    pool, used = approval_gap_pool([3] * 5 + [0] * 40, (3, 2, 1))  # v0 is not on the line pooled
+    assert (len(pool), used) == (5, [3, 2, 1])
+
+
 def test_gate_min_gain_and_all_reasons_at_once():
     d = decide(PolicyEval(0.25, 9.0, 5.0, 48, 0.6, 0.9), CURRENT, GateConfig(min_reward_gain=0.1), JUDGE)
     assert not d.promoted and d.reason.count(";") == 2 and "+ 0.1" in d.reason
@@ -79,6 +126,9 @@ def test_eval_plan_repeats_heldout_prompts_to_the_response_count():
     lambda: PPOConfig(lr=0), lambda: PPOConfig(gamma=1.5), lambda: PPOConfig(kl_target=-1.0),
     lambda: PPOConfig(minibatch_size=128, rollout_prompts=64), lambda: RewardConfig(heldout_fraction=1.0),
     lambda: RewardConfig(rule="grumpy"), lambda: GateConfig(min_length_ratio=2.0),
+    lambda: GateConfig(ref_min_length_ratio=1.5), lambda: GateConfig(ref_max_length_ratio=0.5),
+    lambda: GateConfig(rm_gap_versions=0), lambda: config.WatchConfig(false_alarm=0.5),
+    lambda: config.WatchConfig(looks=0),
     lambda: config.ConsumerConfig(heartbeat_interval_ms=3000, session_timeout_ms=6000),
 ])
 def test_invalid_configs_are_refused_on_construction(make):

@@ -4,7 +4,9 @@ The users' taste here is the `cheerful` rule, which likes any answer with an exc
 A candidate that has learnt to answer "!!!!..." to everything scores far better on that rule
 than the base model, and is exactly what the guards are for: its answers no longer mention
 what was asked (the guard set), they are one token repeated (distinct-2), and they are empty
-of words. The gate must reject it, naming the guards, and promote an honest candidate.
+of words. The gate must reject it, naming the guards, and promote an honest candidate. And the guards must not
+drift: a chain of candidates, each a little worse than the last and within every per-round tolerance,
+is stopped by the floors held against the reference.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from rlhf_loop.core.models import eos_token_ids
 from rlhf_loop.trainer.config import GateConfig
 from rlhf_loop.trainer.gate import decide, evaluate, load_guard_set
 from rlhf_loop.trainer.reward_model import rule_reward
+from rlhf_loop.core.tinylm import QUESTIONS, SUBJECTS
 from trainer_helpers import prompts
 
 
@@ -113,3 +116,71 @@ def test_a_run_of_guard_rejections_is_reported_and_a_pass_ends_it(base):
     long_run.guard_streak = 9
     assert guard_stall(long_run, GateConfig()) is not None
     assert guard_stall(long_run, GateConfig(guard_stall_rounds=0)) is None  # 0: never
+
+
+class Forgetting(torch.nn.Module):
+    """The base model, except on prompts that name one of `subjects`: there `token`'s logit is raised by 30
+    (with "!" it shouts, with the end token it says nothing). A chain of these, one subject more each, is
+    a policy that drifts a little further every round. A prompt is seen by the call that reads it (more
+    than one token); the decoding calls after it (one token each, from the cache) keep that call's rows."""
+
+    def __init__(self, model, tok, subjects: list[str], token: int):
+        super().__init__()
+        self.model, self.token = model, token
+        self.ids = torch.tensor([tok(" " + s, add_special_tokens=False).input_ids[-1] for s in subjects] or [-1])
+        self.rows = None
+
+    def forward(self, input_ids, **kwargs):
+        if input_ids.shape[1] > 1:
+            self.rows = torch.isin(input_ids, self.ids).any(1)  # (B,) this batch's prompts that name one
+        out = self.model(input_ids=input_ids, **kwargs)
+        out.logits[self.rows, :, self.token] += 30.0
+        return out
+
+    @property
+    def device(self):
+        return self.model.device
+
+
+def walk_chain(model, tok, subjects, token, eval_prompts, guard) -> list:
+    """Candidate k forgets subjects[:k], its current policy subjects[:k-1] (as if each was promoted);
+    the first current policy is the reference (the base model). Every decision of the chain, in order."""
+    def view(k):
+        return evaluate(Forgetting(model, tok, subjects[:k], token), model, tok, rule_reward("cheerful"), eval_prompts,
+                        seed=7, eos_ids=eos_token_ids(model, tok), max_new_tokens=24, temperature=1.0,
+                        max_prompt_tokens=512, batch_size=24, guard=guard)
+
+    views = [view(k) for k in range(len(subjects) + 1)]
+    cfg = GateConfig(max_kl=1e9, min_reward_gain=-1e9)  # neither reward nor KL is what this chain is about
+    return [decide(views[k], views[k - 1], cfg, judge=None, reference=views[0]) for k in range(1, len(views))]
+
+
+def per_round_checks_pass(d) -> bool:
+    return all(c.passed for name, c in d.checks.items() if not name.startswith("ref_"))
+
+
+def test_a_chain_of_shorter_candidates_is_stopped_by_the_reference_floor(base):
+    """Each candidate answers 1 of 12 subjects more with nothing: its mean length is 3/4 to 11/12 of the
+    last one's (the per-round floor is 0.6), until it is under 0.3 x the reference's."""
+    model, tok = base
+    eval_prompts = [[{"role": "user", "content": q.replace("{s}", s)}] for s in SUBJECTS for q in QUESTIONS[:1]]
+    chain = walk_chain(model, tok, list(SUBJECTS)[:9], tok.eos_token_id, eval_prompts, guard=[])
+    assert all(per_round_checks_pass(d) for d in chain), [d.reason for d in chain]
+    assert [d.promoted for d in chain] == [True] * 8 + [False], [d.reason for d in chain]
+    stopped = chain[-1]
+    assert set(n for n, c in stopped.checks.items() if not c.passed) == {"ref_length_down"}, stopped.reason
+    assert "x the reference's" in stopped.reason
+
+
+def test_a_chain_of_candidates_forgetting_the_guard_set_is_stopped_by_the_reference_floor(base):
+    """Each candidate fails one guard prompt more (1/12 = 0.083, within the per-round 0.1); the third is
+    0.25 under the reference's pass rate, past its 0.2. The gate's prompts name none of those subjects,
+    so nothing else changes along the chain."""
+    model, tok = base
+    forgotten = list(SUBJECTS)[:3]
+    eval_prompts = [[{"role": "user", "content": q.replace("{s}", s)}] for s in list(SUBJECTS)[3:] for q in QUESTIONS[:2]]
+    chain = walk_chain(model, tok, forgotten, tok.convert_tokens_to_ids("!"), eval_prompts, load_guard_set("builtin"))
+    assert [round(d.checks["guard_set"].value, 3) for d in chain] == [0.917, 0.833, 0.75]
+    assert all(per_round_checks_pass(d) for d in chain), [d.reason for d in chain]
+    assert [d.promoted for d in chain] == [True, True, False], [d.reason for d in chain]
+    assert chain[-1].reason == "guard set pass rate 0.75 < the reference's 1.00 - 0.2"

@@ -3,7 +3,8 @@
 Votes that are noise (each a coin flip, whatever the answer) leave the reward model at chance on
 held-out labels. PPO still finds something to climb on it, and its candidates' "reward" beats the
 current policy's; the gate must see that the judge cannot be trusted and promote nothing, round
-after round, while the labels are stored and the reward model keeps training.
+after round, while the labels are stored and the reward model keeps training. The judge's approval
+gap, which needs 20 held-out labels on the serving version, is reported "not checked" until then.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import random
 
 from rlhf_loop.trainer.config import TrainerConfig
+from rlhf_loop.trainer.reward_model import is_heldout
 from rlhf_loop.trainer.state import TrainerState
 from trainer_helpers import rounds_on, sample_interactions
 
@@ -36,3 +38,17 @@ def test_a_reward_model_at_chance_promotes_nothing(settings, base_model_dir):
         assert not judge["passed"] and judge["value"] < 0.6, judge
         assert "reward model cannot yet predict held-out votes" in r.reason
     assert all(r.reward_model["steps"] > 0 for r in reports)  # it kept learning
+    # the judge's other check needs 20 held-out labels on the serving version (v0 here, with no parents to
+    # pool): the first round has fewer, and says so instead of leaving the check out
+    heldout = [sum(is_heldout(it.response_id, cfg.reward.heldout_fraction) for it in interactions[:64 * k])
+               for k in (1, 2, 3)]
+    for r, n in zip(reports, heldout):
+        gap = r.checks["rm_approval_gap"]
+        assert (r.reward_model["approval_gap_labels"], r.reward_model["approval_gap_versions"]) == (n, [0])
+        if n < 20:
+            assert gap["passed"] and gap["value"] is None, gap
+            assert gap["skipped"] == f"judge's approval gap not checked: {n} held-out labels on v0, fewer than 20"
+            assert gap["skipped"] in r.summary()
+        else:
+            assert gap["value"] is not None and not gap["skipped"], gap
+    assert heldout[0] < 20 <= heldout[-1], heldout
