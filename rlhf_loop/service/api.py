@@ -29,18 +29,18 @@ from typing import Any, Protocol
 import anyio
 import bentoml
 from fastapi import Depends, Request
-from fastapi.responses import FileResponse, HTMLResponse, StreamingResponse
+from fastapi.responses import FileResponse, HTMLResponse, Response, StreamingResponse
 
 from rlhf_loop.core.contracts import (
-    Feedback, Interaction, Message, Sampling, feedback_id_for, make_response_id, parse_response_id,
-    split_feedback_id,
+    Feedback, Interaction, Message, Sampling, bind_feedback_id, cast_by, feedback_id_for, make_response_id,
+    parse_response_id, split_feedback_id,
 )
 from rlhf_loop.core.contracts import Settings
 from rlhf_loop.service import metrics, openapi
 from rlhf_loop.service.engine import Engine, EngineFull, Generation
 from rlhf_loop.service.events import EventLog
 from rlhf_loop.service.http import APIError, bearer_token, new_app, parse, read_body
-from rlhf_loop.service.limits import VoteLimits, vote_identities
+from rlhf_loop.service.limits import Caller, VoteLimits
 from rlhf_loop.service.loaded import LoadedVersion
 from rlhf_loop.service.request import Delta, SamplingParams
 from rlhf_loop.service.schemas import (
@@ -224,13 +224,13 @@ async def chat_completions(request: Request):
         return StreamingResponse(_sse(svc, job, deltas, started, include_usage), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     try:
-        async with contextlib.aclosing(deltas):  # a client that leaves cancels its rows
-            async for delta in deltas:
-                job.add(delta)
-    except Exception:
+        answered = await _collect(request, job, deltas)
+    except Exception:  # the engine's error for this request (inside _collect's task group's ExceptionGroup)
         log.exception("generation failed for %s", job.response_id)
         raise APIError(500, "The server failed to generate a completion.", type="server_error",
                        code="generation_failed") from None
+    if not answered:
+        return Response(status_code=499)  # nginx's "client closed request": only the request metrics see it
     await finish(svc, job, started)
     return ChatCompletion(
         id=job.response_id, created=job.created, model=job.model, system_fingerprint=job.loaded.fingerprint,
@@ -238,6 +238,32 @@ async def chat_completions(request: Request):
                  for i in range(job.params.n)],
         usage=job.usage(),
     ).model_dump(mode="json")
+
+
+async def _collect(request: Request, job: Job, deltas: Generation) -> bool:
+    """Add the whole answer to `job`; False if the client went away first, which cancels the generation
+    (its rows leave the batch at the engine's next step) and leaves nothing to log.
+
+    The client's leaving is seen by waiting on the ASGI receive channel, as Starlette's StreamingResponse
+    does for a stream: the body is read, so the next message is `http.disconnect`, sent by uvicorn the
+    moment the connection closes (or once the response is complete). Polling `request.is_disconnected()`
+    instead would need a poll interval, trading the CPU of every waiting request against how long an
+    abandoned one keeps its rows."""
+    left = False
+
+    async def cancel_on_disconnect() -> None:
+        nonlocal left
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        left = True
+        tg.cancel_scope.cancel()
+
+    async with contextlib.aclosing(deltas), anyio.create_task_group() as tg:
+        tg.start_soon(cancel_on_disconnect)
+        async for delta in deltas:
+            job.add(delta)
+        tg.cancel_scope.cancel()  # the answer is complete: stop watching
+    return not left
 
 
 async def _sse(svc: Parts, job: Job, deltas: Generation, started: float,
@@ -301,21 +327,23 @@ async def retrieve_model(model: str):
 
 # ---------------------------------------------------------------------------- feedback
 
-def cap_votes(svc: Parts, request: Request, user: str | None, *, withdrawal: bool = False) -> str:
-    """429 with Retry-After when a vote cap is reached (service/limits.py), before anything is written.
-    Returns the voter: the identity the caps count, which the event carries for the trainer's
-    influence cap on a round's labels (Feedback.voter)."""
+def caller_of(svc: Parts, request: Request, user: str | None) -> Caller:
+    """Who sends this vote (service/limits.py): its API key when the server has keys (the dependency
+    checked it), else its client address; `user` counts only under a key."""
     key = bearer_token(request) if svc.api_keys else None
     address = request.client.host if request.client else "unknown"
-    identities = vote_identities(key, user, address)
-    refusal = svc.vote_limits.admit(identities, withdrawal=withdrawal)
+    return svc.vote_limits.caller(svc.id_secret, key, address, user)
+
+
+def cap_votes(svc: Parts, caller: Caller, *, withdrawal: bool = False) -> None:
+    """429 with Retry-After when a vote cap is reached (service/limits.py), before anything is written."""
+    refusal = svc.vote_limits.admit(caller, withdrawal=withdrawal)
     if refusal is not None:
         metrics.votes_rate_limited.labels(identity_kind=refusal.kind).inc()
         window = svc.settings.vote_rate_window_s
         raise APIError(429, f"Rate limit reached for votes ({refusal.kind}): at most {refusal.limit} per {window:g} s "
                             f"on this server. Retry after {refusal.retry_after_s} s.", type="rate_limit_exceeded",
                        code="rate_limit_exceeded", headers={"Retry-After": str(refusal.retry_after_s)})
-    return f"{identities[0].kind}:{identities[0].name}"
 
 
 async def record(svc: Parts, event: Feedback) -> None:
@@ -336,11 +364,14 @@ async def post_feedback(request: Request):
     if req.choice_index >= issued.n:
         raise APIError(400, f"'choice_index' must be below {issued.n}: the response has {issued.n} choice(s).",
                        param="choice_index", code="invalid_value")
-    voter = cap_votes(svc, request, req.user)
-    fid = feedback_id_for(req.response_id, req.choice_index, req.feedback_id, req.user)
+    caller = caller_of(svc, request, req.user)
+    cap_votes(svc, caller)
+    # the default id is one per (voter, choice); bound to the identity, so no other identity's vote replaces it
+    fid = bind_feedback_id(svc.id_secret, caller.identity,
+                           feedback_id_for(req.response_id, req.choice_index, req.feedback_id, caller.voter))
     rating = req.signed_rating()
     event = Feedback(feedback_id=fid, response_id=req.response_id, choice_index=req.choice_index, rating=rating,
-                     comment=req.comment, user=req.user, voter=voter)
+                     comment=req.comment, user=req.user, identity=caller.identity, voter=caller.voter)
     await record(svc, event)
     word = "up" if rating == 1 else "down"
     metrics.votes.labels(rating=word, policy_version=str(issued.policy_version)).inc()
@@ -356,8 +387,13 @@ async def delete_feedback(feedback_id: str, request: Request):
     if issued is None:
         raise APIError(404, f"No feedback with id '{feedback_id}' can exist: it names no response this service issued.",
                        param="feedback_id", code="feedback_not_found")
-    cap_votes(svc, request, None, withdrawal=True)
-    event = Feedback(feedback_id=feedback_id, response_id=rid, rating=None, deleted=True)
+    caller = caller_of(svc, request, None)
+    if not cast_by(svc.id_secret, caller.identity, feedback_id):
+        raise APIError(403, "Only whoever cast a vote may withdraw it: this one was cast with another API key "
+                            "(or, on a server without keys, from another client address).",
+                       param="feedback_id", code="permission_denied")
+    cap_votes(svc, caller, withdrawal=True)
+    event = Feedback(feedback_id=feedback_id, response_id=rid, rating=None, deleted=True, identity=caller.identity)
     await record(svc, event)
     metrics.votes_withdrawn.labels(policy_version=str(issued.policy_version)).inc()
     return FeedbackAccepted(id=feedback_id, object="feedback.deleted", response_id=rid, rating=None,

@@ -17,6 +17,15 @@ Each step of the engine thread (continuous batching, as in vLLM's v1 engine and 
    rows leave the batch, and the deltas go to the API's event loop, one hop for all
    requests (at most every STREAM_INTERVAL_S, below).
 
+One request's failure never touches another's, and every request gets an end:
+- a forward (or the batched sampling after it) that fails fails the requests of that
+  batch or prefill group, with the error;
+- what is done per request after it (its rows' tokens: a row whose logits are not finite,
+  `Choice.advance`, the stop check, the detokenizer) runs in `_advance_request`, wrapped
+  once: an error there ends that request alone, at once, and the rest of its batch goes on;
+- anything else that fails a step is a bug: every live request ends with the error (none
+  is left waiting for ever: the engine keeps every request it took in `_live` until it ends).
+
 A request holds one `LoadedVersion` from start to end. Rows of different LoadedVersion objects never
 share a forward, so during a hot swap the old and the new version run side by side, each
 in its own batch, until the old one's last row ends; then its batch and KV cache are
@@ -112,6 +121,7 @@ class Engine:
         self._calls: list[tuple[Callable[[], Any], Future]] = []
         self._waiting = 0  # len(scheduler.waiting) as of the end of the last step
         self._cancellations = False  # some request was cancelled since the engine last looked
+        self._live: dict[Request, None] = {}  # every request taken from the inbox and not ended (engine thread only)
         self._out = _Outbox()  # deltas not handed to the event loop yet (engine thread only)
         self._last_decode_at: float | None = None  # for the inter-token latency: the previous decode step
         self._closed = False
@@ -168,6 +178,7 @@ class Engine:
                     break
                 calls, self._calls = self._calls, []
                 self.scheduler.waiting.extend(self._inbox)
+                self._live.update(dict.fromkeys(self._inbox))
                 self._inbox.clear()
             for fn, future in calls:
                 if future.set_running_or_notify_cancel():
@@ -180,11 +191,12 @@ class Engine:
                     self._step()
             except Exception as e:  # a bug, not a model failure (those fail their batch only): fail everyone, go on
                 log.exception("engine step failed")
-                self._fail(self._live_requests(), e)
+                self._fail(list(self._live), e)
             self._out.send(force=not self._busy())
             with self._wake:
                 self._waiting = len(self.scheduler.waiting)
-        self._fail(self._live_requests() + self._inbox, RuntimeError("the engine is closed"))
+        self._live.update(dict.fromkeys(self._inbox))
+        self._fail(list(self._live), RuntimeError("the engine is closed"))
         for _, future in self._calls:
             future.set_exception(RuntimeError("the engine is closed"))
 
@@ -192,7 +204,6 @@ class Engine:
         return bool(self.scheduler.waiting or self.runner.batches or self.runner.prefilling)
 
     def _step(self) -> None:
-        out = self._out
         if self._cancellations:
             self._cancellations = False  # before looking, so that a cancel arriving meanwhile is seen next step
             self._drop_cancelled()
@@ -214,53 +225,75 @@ class Engine:
         self._last_decode_at = now if runner.batches else None
         for batch in list(runner.batches):
             try:
-                logits = runner.decode(batch)  # (B, V)
+                token_ids = sample(runner.decode(batch), batch.rows)  # (B, V) logits -> B tokens
             except Exception as e:
                 log.exception("decode step failed on %s", batch.loaded.fingerprint)
                 self._fail(list(dict.fromkeys(c.request for c in batch.rows)), e)
                 continue
-            keep = [i for i, choice in enumerate(self._advance(batch.rows, sample(logits, batch.rows), out))
-                    if choice.finish_reason is None]
-            runner.keep(batch, keep)
+            self._advance(batch.rows, token_ids)
+            runner.keep(batch, [i for i, choice in enumerate(batch.rows) if choice.running])
 
         prefill = runner.prefilling
         if prefill is not None:
+            started = [(i, r) for i, r in enumerate(prefill.requests) if r.status is Status.PREFILLING]
+            origin = [i for i, r in started for _ in r.choices]  # row j continues prompt origin[j]
+            rows = [c for _, r in started for c in r.choices]
             try:
                 logits = runner.prefill(prefill, self.scheduler.prefill_columns(len(prefill.requests), runner.rows))
+                # (k, V) once every prompt is in: each choice draws its first token
+                token_ids = None if logits is None else sample(logits[origin], rows)
             except Exception as e:
                 log.exception("prefill failed on %s", prefill.loaded.fingerprint)
                 self._fail(prefill.requests, e)
-                logits = None
-            if logits is not None:  # (k, V): every prompt is in; each choice draws its first token
+                token_ids = None
+            if token_ids is not None:
                 runner.prefilling = None
-                started = [(i, r) for i, r in enumerate(prefill.requests) if r.status is Status.PREFILLING]
-                origin = [i for i, r in started for _ in r.choices]
-                rows = [c for _, r in started for c in r.choices]
-                advanced = self._advance(rows, sample(logits[origin], rows), out)
-                going = [j for j, choice in enumerate(advanced) if choice.finish_reason is None]
+                self._advance(rows, token_ids)
+                going = [j for j, choice in enumerate(rows) if choice.running]
                 if going:
                     runner.start(prefill, [rows[j] for j in going], [origin[j] for j in going])
 
         metrics.engine_waiting.set(len(self.scheduler.waiting))
         metrics.engine_running.set(runner.rows)
 
-    def _advance(self, rows: list[Choice], token_ids: list[int], out: "_Outbox") -> list[Choice]:
-        """Give each row its sampled token; queue the deltas, and the end of each request that finished."""
+    def _advance(self, rows: list[Choice], token_ids: list[int | None]) -> None:
+        """Give each row its sampled token, request by request: one whose rows fail ends alone, with the error.
+        The caller drops the rows that are no longer `running` from the batch."""
+        drawn: dict[Request, list[tuple[Choice, int | None]]] = {}
         for choice, token_id in zip(rows, token_ids):
-            out.put(choice.request, choice.advance(token_id), urgent=choice.request.status is Status.PREFILLING)
-        for request in dict.fromkeys(c.request for c in rows):
-            if request.status is Status.PREFILLING:  # this was its first token
-                request.status = Status.RUNNING
-                metrics.time_to_first_token.observe(time.monotonic() - request.arrived)
-            if all(c.finish_reason is not None for c in request.choices):
-                request.status = Status.FINISHED
-                out.put(request, None)
-        return rows
+            drawn.setdefault(choice.request, []).append((choice, token_id))
+        for request, its_rows in drawn.items():
+            try:
+                self._advance_request(request, its_rows)
+            except Exception as e:
+                log.exception("request failed on %s; the rest of its batch goes on", request.loaded.fingerprint)
+                self._end(request, e)
+
+    def _advance_request(self, request: Request, rows: list[tuple[Choice, int | None]]) -> None:
+        """Queue the deltas of one request's rows (their sampled tokens), and its end once every choice finished."""
+        first = request.status is Status.PREFILLING
+        for choice, token_id in rows:
+            if token_id is None:
+                raise FloatingPointError(f"the model's logits for choice {choice.index} are not finite (NaN or inf)")
+            self._out.put(request, choice.advance(token_id), urgent=first)
+        if first:
+            request.status = Status.RUNNING
+            metrics.time_to_first_token.observe(time.monotonic() - request.arrived)
+        if all(c.finish_reason is not None for c in request.choices):
+            self._end(request, None)
+
+    def _end(self, request: Request, item: BaseException | None) -> None:
+        """The one way a request ends that its client waits for: None (done) or the error goes to it, and the
+        engine forgets it. Its rows, wherever they are, are no longer `running`: whoever holds them drops them."""
+        request.status = Status.FINISHED
+        del self._live[request]
+        self._out.put(request, item)
 
     def _drop_cancelled(self) -> None:
-        gone = [r for r in self._live_requests() if r.cancelled]
+        gone = [r for r in self._live if r.cancelled]
         for request in gone:
-            request.status = Status.FINISHED
+            request.status = Status.FINISHED  # nobody waits for its end
+            del self._live[request]
         if gone:
             metrics.engine_cancelled.inc(len(gone))
             self._sweep()
@@ -269,8 +302,7 @@ class Engine:
         """End `requests` with `error` (the API answers 500, or an error event mid-stream) and free their rows."""
         for request in requests:
             if request.status is not Status.FINISHED:
-                request.status = Status.FINISHED
-                self._out.put(request, error)
+                self._end(request, error)
         self._out.send(force=True)
         self._sweep()
 
@@ -282,13 +314,6 @@ class Engine:
         if prefill is not None and all(r.status is Status.FINISHED for r in prefill.requests):
             self.runner.prefilling = None  # nobody waits for it any more
         self.scheduler.waiting = deque(r for r in self.scheduler.waiting if r.status is not Status.FINISHED)
-
-    def _live_requests(self) -> list[Request]:
-        live = dict.fromkeys(c.request for b in self.runner.batches for c in b.rows)
-        if self.runner.prefilling is not None:
-            live.update(dict.fromkeys(self.runner.prefilling.requests))
-        live.update(dict.fromkeys(self.scheduler.waiting))
-        return list(live)
 
 
 class _Outbox:

@@ -91,6 +91,11 @@ class Choice:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
 
+    @property
+    def running(self) -> bool:
+        """Still a row of its batch: not finished, and its request has not ended (failed, cancelled) either."""
+        return self.finish_reason is None and self.request.status is not Status.FINISHED
+
     def advance(self, token_id: int) -> Delta:
         """Take the token sampled for this choice and say what to stream (the finish reason on the last delta)."""
         if token_id in self.request.loaded.eos_token_ids:

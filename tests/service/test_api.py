@@ -123,7 +123,8 @@ def test_votes_replace_dedupe_and_withdraw_and_all_reach_kafka(service, module_b
     bob = vote(rating="up", user="bob", choice_index=1)
     assert bob.json()["id"] not in (fid,)
     keyed = [vote(rating=1, feedback_id="client-key-1") for _ in range(2)]
-    assert keyed[0].json()["id"] == keyed[1].json()["id"] == f"{r.id}:client-key-1"
+    keyed_id = keyed[0].json()["id"]  # the client's key, bound to the API key that sent it
+    assert keyed_id == keyed[1].json()["id"] and keyed_id.startswith(f"{r.id}:client-key-1.")
     gone = http.delete(f"/v1/feedback/{fid}")
     assert gone.status_code == 202 and gone.json()["deleted"] is True
 
@@ -143,8 +144,10 @@ def test_votes_replace_dedupe_and_withdraw_and_all_reach_kafka(service, module_b
     votes = [e for e in mine if isinstance(e, Feedback)]
     alice = [(e.rating, e.deleted, e.comment) for e in votes if e.feedback_id == fid]
     assert alice == [(1, False, None), (-1, False, "changed my mind"), (None, True, None)]  # in order: latest wins
-    assert [e.rating for e in votes if e.feedback_id == f"{r.id}:client-key-1"] == [1, 1]
+    assert [e.rating for e in votes if e.feedback_id == keyed_id] == [1, 1]
     assert [(e.choice_index, e.user) for e in votes if e.feedback_id == bob.json()["id"]] == [(1, "bob")]
+    (identity,) = {e.identity for e in votes}  # one API key: one identity; its users are its voters
+    assert identity.startswith("key:") and {e.voter for e in votes if e.user} == {f"{identity}/alice", f"{identity}/bob"}
     assert len({e.event_id for e in mine}) == len(mine)
 
 
@@ -211,6 +214,8 @@ BAD = [
     ("feedback without key", "POST", "/v1/feedback", "nokey", 401, "invalid_api_key", None),
     ("withdraw forged id", "DELETE", "/v1/feedback/{forged}:u123", {}, 404, "feedback_not_found", "feedback_id"),
     ("withdraw nonsense", "DELETE", "/v1/feedback/nonsense", {}, 404, "feedback_not_found", "feedback_id"),
+    ("withdraw an id without its tag", "DELETE", "/v1/feedback/{issued}:u123", {}, 404, "feedback_not_found", "feedback_id"),
+    ("withdraw a vote no one cast", "DELETE", "/v1/feedback/{issued}:u123.0123456789abcdef", {}, 403, "permission_denied", "feedback_id"),
     ("admin not on the api port", "GET", "/admin/versions", {}, 404, "unknown_url", None),
     ("admin without token", "GET", "ADMIN/admin/versions", dict(headers={"Authorization": ""}), 401, "invalid_api_key", None),
     ("admin with an api key", "GET", "ADMIN/admin/versions", {}, 403, "admin_disabled", None),
@@ -247,7 +252,7 @@ def test_bad_input_gets_a_clear_4xx_in_openai_shape_and_writes_nothing(
     if isinstance(kwargs, str):
         kwargs = _feedback_request(kwargs, issued_id)
     forged = issued_id[:-1] + ("0" if issued_id[-1] != "0" else "1")
-    path = path.replace("{forged}", forged).replace("ADMIN/", f"{service.admin_url}/")
+    path = path.replace("{forged}", forged).replace("{issued}", issued_id).replace("ADMIN/", f"{service.admin_url}/")
     kwargs = {**kwargs, "headers": {**AUTH, **kwargs.get("headers", {})}}
     spooled = service.metric("rlhf_events_spooled_total")
     dropped = service.metric("rlhf_events_dropped_total")
