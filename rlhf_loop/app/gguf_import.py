@@ -133,11 +133,13 @@ def load_gguf(path: Path, dtype: str):
     try:
         # dequantize=True: plain tensors in ordinary layers, and no GGUF quantizer left on the model
         # (without it the newer loader keeps quantized blocks, and save_pretrained refuses)
+        # the file by its name inside its directory: transformers joins the two (a relative path given
+        # whole would be joined to its own directory a second time)
+        folder, name = str(path.resolve().parent), path.name
         model = AutoModelForCausalLM.from_pretrained(
-            str(path.parent), gguf_file=str(path), dtype=getattr(torch, dtype),
-            quantization_config=GgufConfig(dequantize=True),
+            folder, gguf_file=name, dtype=getattr(torch, dtype), quantization_config=GgufConfig(dequantize=True),
         )
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=str(path))
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     except (ValueError, NotImplementedError) as e:  # transformers' words for "this file, not that one"
         raise GGUFImportError(f"{path}: transformers could not load it: {' '.join(str(e).split())}") from e
     return model, tokenizer
