@@ -42,15 +42,19 @@ $(VENV)/.installed-$(VARIANT): $(UV) $(LOCK) pyproject.toml
 
 install: $(VENV)/.installed-$(VARIANT)
 
+# make demo MODEL=smollm2: the same loop on a real instruct model (rlhf up --model)
 demo: install
-	$(VENV)/bin/rlhf up
+	$(VENV)/bin/rlhf up $(if $(MODEL),--model $(MODEL))
 
 $(CHROMEDRIVER):
 	$(SUDO) apt-get update -qq
 	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver
 
+# Two workers, whole files each (a file's services and brokers are its own): on 2 cores the suite waits
+# on process starts, brokers and rounds as much as it computes (tests/conftest.py gives each worker one
+# torch thread, so the two do not fight over the cores)
 test: install $(CHROMEDRIVER)
-	$(VENV)/bin/python -m pytest -q --durations=25
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile --durations=25
 
 # cpu.lock: everything `make install` needs (dev tools included). image-*.lock: what the image
 # installs (Dockerfile, TORCH_VARIANT), held to cpu.lock's versions so that the image runs what
@@ -71,7 +75,7 @@ test-latest: $(CHROMEDRIVER)
 	$(PY) -m venv .venv-latest
 	$(UV) pip install -q --python .venv-latest/bin/python --upgrade --override requirements/torch-cpu.txt \
 		$(CPU_TORCH_SOURCE) -e '.[dev]'
-	.venv-latest/bin/python -m pytest -q --durations=25
+	.venv-latest/bin/python -m pytest -q -n 2 --dist loadfile --durations=25
 
 clean:
 	rm -rf $(VENV) .venv-latest .rlhf

@@ -5,6 +5,7 @@
     .venv/bin/python bench/loop.py --taste short   # users with another taste (core/tastes.py)
     .venv/bin/python bench/loop.py --algorithm kto # another algorithm on the same users
     .venv/bin/python bench/loop.py --seed 1        # other users' draws and trainer sampling (a repeat)
+    .venv/bin/python bench/loop.py --model smollm2 --votes 1500 --minutes 45   # a real instruct model
 
 Runs the whole loop on the embedded default on this machine (broker, `bentoml serve`,
 `rlhf train`, simulated users who like --taste answers, cheerful by default, with 10 % noise) and reports:
@@ -30,14 +31,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from rlhf_loop.app import known_models  # noqa: E402
 from rlhf_loop.app.loop import LoopConfig, run  # noqa: E402
 from rlhf_loop.app.simulate import SimConfig  # noqa: E402
+from rlhf_loop.app.up import RUN_DEFAULTS  # noqa: E402
+from rlhf_loop.core.contracts import EMBEDDED_MODEL  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=EMBEDDED_MODEL,
+                    help="the base model (rlhf up --model): the embedded one, smollm2, or a model directory")
+    ap.add_argument("--rate", type=float, default=None, help="conversations/s (default: rlhf up's for the model)")
     ap.add_argument("--votes", type=int, default=2000)
     ap.add_argument("--minutes", type=float, default=15.0)
     ap.add_argument("--round-labels", type=int, default=128)
@@ -52,11 +59,16 @@ def main() -> int:
     ap.add_argument("--out", default=None, help="results name (default loop-<device>, or loop-<taste>-<device>)")
     args = ap.parse_args()
     state = Path(tempfile.mkdtemp(prefix="bench-loop-state-"))
+    toy = args.model == EMBEDDED_MODEL
+    rate = args.rate if args.rate is not None else RUN_DEFAULTS["rate"][0 if toy else 1]
     cfg = LoopConfig(
-        state_dir=state, port=0, train_min_labels=args.round_labels,
+        # a known model is fetched and imported once into the benches' cache, not into each run's state dir
+        state_dir=state, port=0, model=known_models.resolve(args.model, Path(__file__).resolve().parents[1] / ".rlhf" / "bench" / "models"),
+        train_min_labels=args.round_labels,
         trainer_args=("--algorithm", args.algorithm, "--ppo.seed", str(args.seed)),
         stats_at_votes=tuple(args.at),
-        sim=SimConfig(taste=args.taste, noise=0.1, users=16, concurrency=4, seed=args.seed,
+        sim=SimConfig(taste=args.taste, prompts="toy" if toy else "assistant", noise=0.1, users=16, concurrency=4,
+                      rate=rate, seed=args.seed,
                       max_votes=args.votes, max_seconds=args.minutes * 60),
     )
     last = [0.0]
@@ -95,7 +107,7 @@ def main() -> int:
     }
     RESULTS.mkdir(exist_ok=True)
     slug = "cpu" if not out["device"] else out["device"].lower().replace(" ", "-")
-    name = args.out or "-".join(["loop", *([args.taste] if args.taste != "cheerful" else []),
+    name = args.out or "-".join(["loop", *([] if toy else [args.model]), *([args.taste] if args.taste != "cheerful" else []),
                                  *([args.algorithm] if args.algorithm != "ppo" else []), slug])
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(out, indent=2))

@@ -59,7 +59,7 @@ def child(model: str, layout: str, checkpointing: bool, steps: int) -> dict:
     profile = model_defaults(model, params, resolve_device(settings).type, layout)
     profile.setdefault("train", {}).update(adapter=layout, gradient_checkpointing=checkpointing)
     cfg = TrainerConfig().replace(**profile)
-    nets = Networks.open(settings, PolicyStore(settings.policy_dir), cfg.train, layout, 0, 0, Dist())
+    nets = Networks.open(settings, PolicyStore(settings.policy_dir), cfg.train, cfg.reward, layout, 0, 0, Dist())
     opened = vm_hwm_mb()
     from transformers import AutoTokenizer
 

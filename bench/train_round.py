@@ -3,12 +3,17 @@
     PYTHONPATH=. .venv/bin/python bench/train_round.py                                    # embedded model, 4 rounds
     PYTHONPATH=. .venv/bin/python bench/train_round.py --model llama-135m --adapter full lora --rounds 2
     PYTHONPATH=. .venv/bin/python bench/train_round.py --nproc 1 2                        # 1 rank vs 2 (torchrun)
+    PYTHONPATH=. .venv/bin/python bench/train_round.py --model smollm2 --rounds 3          # the real instruct model
+    PYTHONPATH=. .venv/bin/python bench/train_round.py --model smollm2 --set RLHF_REWARD_BACKBONE=tuned RLHF_DTYPE=float32
 
 What runs, for each combination of --adapter and --nproc: an embedded broker (tansu), a real
 service (`rlhf serve`) and the trainer exactly as deployed, `rlhf train [--nproc N]` (continuous,
 a round per --labels new labels), all on a fresh state dir. The model is `tiny-chat` (the embedded
 one), a shape of app/random_models.py (e.g. `llama-135m`: SmolLM-135M's shape, random weights,
-built into --model-cache), or any HF causal-LM directory; the trainer resolves its config as
+built into --model-cache), a known real model (`smollm2`, fetched and imported once into
+--model-cache; its prompts are the simulated users' assistant prompts), or any HF causal-LM
+directory; `--set` passes settings to the service and the trainer (e.g. RLHF_DTYPE,
+RLHF_REWARD_BACKBONE) for a comparison in the same run; the trainer resolves its config as
 `rlhf train` does (the model's scale profile; only train.adapter is set here, so every layout has
 the same rollout settings). Before each round the bench produces --labels interactions (the base
 model's answers to logged-style prompts) and one vote each ('cheerful' taste, 10 % noise), and the
@@ -45,7 +50,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import RESULTS_DIR, device_name, slug  # noqa: E402
 
-from rlhf_loop.app import random_models  # noqa: E402
+from rlhf_loop.app import known_models, random_models  # noqa: E402
+from rlhf_loop.app.simulate import ASSISTANT_PROMPTS  # noqa: E402
 from rlhf_loop.core import tinylm  # noqa: E402
 from rlhf_loop.core.broker import EmbeddedBroker, client_options, ensure_topics, free_port  # noqa: E402
 from rlhf_loop.core.contracts import Feedback, Interaction, Message, Sampling, Settings, feedback_id_for  # noqa: E402
@@ -62,21 +68,22 @@ def model_dir(name: str, cache: Path) -> str:
         return str(tinylm.ensure(cache))
     if name in random_models.SHAPES:
         return str(random_models.ensure(cache / "random", name))
-    return name
+    return known_models.resolve(name, cache)
 
 
 class Traffic:
     """Interactions answered by the base model, one vote each by the taste (what the service would log)."""
 
-    def __init__(self, path: str, seed: int, noise: float, max_new_tokens: int):
+    def __init__(self, path: str, seed: int, noise: float, max_new_tokens: int, assistant: bool):
         self.model, self.tok = load_causal_lm(path, Settings(device="cpu"))
+        self.assistant = assistant  # a real model is asked what real assistants are, the toy its own domain
         self.eos = eos_token_ids(self.model, self.tok)
         self.rng, self.noise, self.max_new_tokens = random.Random(seed), noise, max_new_tokens
 
     def batch(self, n: int) -> list[tuple[Interaction, Feedback]]:
         rng, tok = self.rng, self.tok
-        prompts = [[{"role": "user", "content": rng.choice(tinylm.QUESTIONS).replace("{s}", rng.choice(list(tinylm.SUBJECTS)))}]
-                   for _ in range(n)]
+        prompts = [[{"role": "user", "content": rng.choice(ASSISTANT_PROMPTS) if self.assistant else
+                     rng.choice(tinylm.QUESTIONS).replace("{s}", rng.choice(list(tinylm.SUBJECTS)))}] for _ in range(n)]
         out = []
         for i in range(0, n, 16):
             chunk = prompts[i:i + 16]
@@ -142,7 +149,8 @@ def run(args: argparse.Namespace, path: str, adapter: str, nproc: int, traffic: 
                "RLHF_TRAIN_ADAPTER": adapter, "RLHF_GATE_MIN_REWARD_GAIN": "-inf", "RLHF_GATE_MAX_KL": "1e9",
                "RLHF_GATE_MIN_RM_AUROC": "0", "RLHF_GATE_MAX_RM_APPROVAL_GAP": "0", "RLHF_GATE_GUARD_SET": "none",
                "RLHF_GATE_MIN_DISTINCT_RATIO": "0", "RLHF_GATE_MAX_LENGTH_RATIO": "0", "RLHF_GATE_MIN_LENGTH_RATIO": "0",
-               "RLHF_TRAIN_MIN_LABELS": str(args.labels), "RLHF_TRAIN_MAX_WAIT_S": "3600"}
+               "RLHF_TRAIN_MIN_LABELS": str(args.labels), "RLHF_TRAIN_MAX_WAIT_S": "3600",
+               **dict(kv.split("=", 1) for kv in args.set)}
         env.pop("BENTOML_HOME", None)
         service = serve.spawn("127.0.0.1", port, env, open(state / "service.log", "ab"))
         trainer = None
@@ -199,6 +207,8 @@ def main() -> int:
     ap.add_argument("--noise", type=float, default=0.1)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     ap.add_argument("--model-cache", type=Path, default=Path(".rlhf/models"))
+    ap.add_argument("--set", nargs="*", default=[], metavar="RLHF_X=VALUE", help="settings for the service and trainer")
+    ap.add_argument("--out", default=None, help="results name (default train_round-<model>-<device>)")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
@@ -207,17 +217,19 @@ def main() -> int:
     results = []
     for adapter in args.adapter:
         for nproc in args.nproc:
-            traffic = Traffic(path, seed=0, noise=args.noise, max_new_tokens=32)  # the same votes for every run
+            traffic = Traffic(path, seed=0, noise=args.noise, max_new_tokens=32,  # the same votes for every run
+                              assistant=args.model in known_models.KNOWN)
             print(f"{args.model}: train.adapter={adapter}, {nproc} rank(s)", flush=True)
             results.append(run(args, path, adapter, nproc, traffic))
 
     cpu = torch.device("cpu")
     payload = {"bench": "train_round", "device": device_name(cpu), "cpu_count": os.cpu_count(),
                "torch": torch.__version__, "threads_per_rank": args.threads, "model": args.model,
-               "labels_per_round": args.labels, "load_average_after": round(os.getloadavg()[0], 2), "runs": results,
+               "labels_per_round": args.labels, "settings": args.set,
+               "load_average_after": round(os.getloadavg()[0], 2), "runs": results,
                "note": "median over rounds 2.. (round 1 includes the consumer group join)"}
     RESULTS_DIR.mkdir(exist_ok=True)
-    out = RESULTS_DIR / f"train_round-{slug(args.model)}-{slug(device_name(cpu))}.json"
+    out = RESULTS_DIR / f"{args.out or 'train_round-' + slug(args.model) + '-' + slug(device_name(cpu))}.json"
     out.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"\n{'adapter':>8} {'ranks':>5} " + " ".join(f"{p:>12}" for p in PHASES)
           + f" {'peak RSS MB':>12} {'version MB':>11} {'swap s':>7}")

@@ -47,6 +47,12 @@ KNOWN = {m.name: m for m in [
 ]}
 
 
+def resolve(model: str, models_dir: Path, log=print) -> str:
+    """A `--model` value as RLHF_MODEL takes it: a known name fetched and imported under `models_dir`
+    (once), anything else (the embedded model's name, a directory, a hub id) as it is."""
+    return str(ensure(model, models_dir, log)) if model in KNOWN else model
+
+
 def default_models_dir() -> Path:
     return Settings().model_cache_dir
 

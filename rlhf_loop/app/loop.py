@@ -23,12 +23,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 
+from rlhf_loop.app import known_models
+from rlhf_loop.app.simulate import SimConfig, SimLog, run as run_users
 from rlhf_loop.core.broker import EmbeddedBroker, ensure_topics, free_port, port_in_use
-from rlhf_loop.core.contracts import Settings
+from rlhf_loop.core.contracts import EMBEDDED_MODEL, Settings
 from rlhf_loop.core.processes import die_with_parent
 from rlhf_loop.core.models import ensure_policy_store
 from rlhf_loop.core.policy_store import PolicyStore
-from rlhf_loop.app.simulate import SimConfig, SimLog, run as run_users
 from rlhf_loop.service import serve  # the same spawn / wait / stop helpers the tests and bench/serve.py use
 
 
@@ -45,6 +46,7 @@ class LoopConfig:
     """One run of the loop."""
 
     state_dir: Path = Path(".rlhf/demo")  # everything the run writes, outputs included
+    model: str = EMBEDDED_MODEL  # the base model: the embedded one, a known name (app/known_models.py) or a directory
     port: int = 3000  # the service's public port (0 = a free one)
     broker_port: int = 0  # 0 = a free loopback port
     sim: SimConfig = field(default_factory=SimConfig)
@@ -66,6 +68,7 @@ class Loop:
         self.broker: EmbeddedBroker | None = None
         self.users: threading.Thread | None = None
         self.port = cfg.port or free_port()
+        self.model = cfg.model  # resolved to a directory by start() when it is a known name
         self.url = f"http://127.0.0.1:{self.port}"
         self.sim_log = SimLog()
         self.stop = threading.Event()
@@ -76,6 +79,7 @@ class Loop:
         assert self.broker is not None
         return {
             **os.environ, "RLHF_STATE_DIR": str(self.state), "RLHF_KAFKA_BOOTSTRAP_SERVERS": self.broker.bootstrap,
+            "RLHF_MODEL": self.model,
             "RLHF_PORT": str(self.port), "RLHF_ADMIN_PORT": str(free_port()),
             # the simulated users are one app with one key, which vouches for their `user` ids
             "RLHF_API_KEYS": f"{self.cfg.sim.api_key}={DEMO_KEY_QUOTA}",
@@ -102,8 +106,9 @@ class Loop:
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
         self.logs.mkdir(parents=True, exist_ok=True)
         marker.touch()
+        self.model = known_models.resolve(self.cfg.model, self.state / "models")  # a fetch + import, first time only
         self.broker = EmbeddedBroker(self.cfg.broker_port or None, log_path=self.logs / "broker.log").start()
-        settings = Settings(state_dir=self.state, kafka_bootstrap_servers=self.broker.bootstrap)
+        settings = Settings(state_dir=self.state, model=self.model, kafka_bootstrap_servers=self.broker.bootstrap)
         ensure_topics(settings)
         ensure_policy_store(settings)  # builds the embedded model on a fresh machine (progress shown)
         self.procs["service"] = serve.spawn("127.0.0.1", self.port, self.env(), self._log("service"))

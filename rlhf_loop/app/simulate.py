@@ -25,12 +25,17 @@ import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import httpx
 from openai import OpenAI
 
 from rlhf_loop.core.tastes import TASTES
 from rlhf_loop.core.tinylm import QUESTIONS, SUBJECTS
+
+# What a real assistant gets asked (self-written for this project, CC0): the users' prompts for a real model
+ASSISTANT_PROMPTS = [line.strip() for line in (Path(__file__).with_name("assistant_prompts.txt")).read_text().splitlines()
+                     if line.strip() and not line.startswith("#")]
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,7 @@ class SimConfig:
 
     url: str = "http://127.0.0.1:3000"
     taste: str = "cheerful"  # a key of core.tastes.TASTES: what users secretly like
+    prompts: Literal["toy", "assistant"] = "toy"  # the embedded model's little domain, or ASSISTANT_PROMPTS
     noise: float = 0.1  # probability a vote is flipped (users are inconsistent)
     users: int = 8  # distinct user ids; they take turns
     concurrency: int = 4  # requests in flight at once
@@ -138,7 +144,8 @@ def run(cfg: SimConfig, log: SimLog | None = None, stop: threading.Event | None 
     def converse(rng: random.Random, n: int) -> None:
         """One user turn: ask, judge by the taste (with noise), vote."""
         user = f"sim-user-{n % cfg.users}"
-        question = rng.choice(QUESTIONS).replace("{s}", rng.choice(list(SUBJECTS)))
+        question = (rng.choice(QUESTIONS).replace("{s}", rng.choice(list(SUBJECTS))) if cfg.prompts == "toy"
+                    else rng.choice(ASSISTANT_PROMPTS))
         try:
             resp = client.chat.completions.create(
                 model=cfg.model, messages=[{"role": "user", "content": question}],

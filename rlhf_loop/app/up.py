@@ -1,6 +1,7 @@
 """The README's first command: the whole RLHF loop on one machine, on the embedded defaults.
 
     rlhf up                       # broker + service + trainer + simulated users, ~15 min
+    rlhf up --model smollm2       # the same on a real instruct model (fetched and imported once), ~45 min
     rlhf up --votes 300           # a shorter run
     rlhf up --keep-serving        # leave broker + service + trainer up afterwards (Ctrl-C stops)
 
@@ -20,8 +21,10 @@ import signal
 import sys
 from pathlib import Path
 
+from rlhf_loop.app import known_models
 from rlhf_loop.app.loop import STOP_SIGNALS, LoopConfig, run
 from rlhf_loop.app.simulate import SimConfig
+from rlhf_loop.core.contracts import EMBEDDED_MODEL, Settings
 
 EXAMPLES = """
 service ready on {url}  (logs in {logs})
@@ -41,27 +44,40 @@ simulated users ({taste}, noise {noise}) are voting now; the trainer learns from
 """
 
 
+# the run's length and pace on the embedded model, and on a real one (issue 21's budget: 1,500 votes in 45 minutes)
+RUN_DEFAULTS = {"votes": (2000, 1500), "minutes": (15.0, 45.0), "rate": (3.0, 1.0)}
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="rlhf up", description=__doc__.splitlines()[0])
     ap.add_argument("--state-dir", type=Path, default=Path(".rlhf/demo"))
     ap.add_argument("--port", type=int, default=3000)
-    ap.add_argument("--votes", type=int, default=2000, help="stop after this many votes")
-    ap.add_argument("--minutes", type=float, default=15.0, help="or after this long")
+    ap.add_argument("--model", default=Settings().model,
+                    help=f"the base model: {EMBEDDED_MODEL} (the embedded one, built on first use), "
+                         f"{' | '.join(sorted(known_models.KNOWN))} (a real model, fetched and imported once), or a "
+                         "Hugging Face model directory (default: RLHF_MODEL)")
+    ap.add_argument("--votes", type=int, default=None, help="stop after this many votes (default 2000; 1500 on a real model)")
+    ap.add_argument("--minutes", type=float, default=None, help="or after this long (default 15; 45 on a real model)")
     ap.add_argument("--taste", default="cheerful", help="what the simulated users secretly like")
     ap.add_argument("--algorithm", default="ppo", choices=["ppo", "grpo", "rloo", "kto", "dpo"],
                     help="how the trainer learns from the votes (rlhf train --algorithm)")
     ap.add_argument("--noise", type=float, default=0.1)
     ap.add_argument("--users", type=int, default=16)
     ap.add_argument("--concurrency", type=int, default=4)
-    ap.add_argument("--rate", type=float, default=3.0, help="conversations per second across all users")
+    ap.add_argument("--rate", type=float, default=None,
+                    help="conversations per second across all users (default 3; 1 on a real model, whose answers take longer)")
     ap.add_argument("--round-labels", type=int, default=128, help="new votes that trigger a training round")
     ap.add_argument("--keep-serving", action="store_true")
     args = ap.parse_args(argv)
+    toy = args.model == EMBEDDED_MODEL
+    for name, (embedded, real) in RUN_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, embedded if toy else real)
     cfg = LoopConfig(
-        state_dir=args.state_dir, port=args.port, train_min_labels=args.round_labels, keep_serving=args.keep_serving,
-        trainer_args=("--algorithm", args.algorithm),
-        sim=SimConfig(taste=args.taste, noise=args.noise, users=args.users, concurrency=args.concurrency, rate=args.rate,
-                      max_votes=args.votes, max_seconds=args.minutes * 60),
+        state_dir=args.state_dir, port=args.port, model=args.model, train_min_labels=args.round_labels,
+        keep_serving=args.keep_serving, trainer_args=("--algorithm", args.algorithm),
+        sim=SimConfig(taste=args.taste, prompts="toy" if toy else "assistant", noise=args.noise, users=args.users,
+                      concurrency=args.concurrency, rate=args.rate, max_votes=args.votes, max_seconds=args.minutes * 60),
     )
 
     def on_status(s: dict) -> None:

@@ -100,10 +100,31 @@ def resolve_device(settings: Settings) -> torch.device:
     return torch.device(settings.device)
 
 
-def resolve_dtype(settings: Settings, device: torch.device) -> torch.dtype:
-    if settings.dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, settings.dtype)
+# RLHF_DTYPE=auto on a CPU: bf16 from this many parameters up, when the CPU computes bf16 natively.
+# Below it (the embedded 0.74M model) matmuls are too small for bf16 to pay, and its loop is tuned in fp32
+# (docs/trainer.md, "bf16 on CPUs"; bench/dtype.py measures both precisions).
+BF16_CPU_MIN_PARAMS = 10_000_000
+
+
+def cpu_computes_bf16() -> bool:
+    """AVX512-BF16 or AMX: oneDNN's bf16 matmuls run natively (elsewhere they are emulated, and slower)."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def resolve_dtype(settings: Settings, device: torch.device, params: int | None = None) -> torch.dtype:
+    """RLHF_DTYPE, with auto = bf16 on CUDA, and on a CPU that computes bf16 for a model of `params` >=
+    BF16_CPU_MIN_PARAMS (None: unknown, fp32); else fp32."""
+    if settings.dtype != "auto":
+        return getattr(torch, settings.dtype)
+    if device.type == "cuda":
+        return torch.bfloat16
+    return torch.bfloat16 if params is not None and params >= BF16_CPU_MIN_PARAMS and cpu_computes_bf16() else torch.float32
+
+
+def model_dtype(path: str | Path, settings: Settings, device: torch.device) -> torch.dtype:
+    """The dtype `load_model` gives the checkpoint at `path` (its size decides auto on a CPU)."""
+    params = count_parameters(path) if Path(path).is_dir() else None
+    return resolve_dtype(settings, device, params)
 
 
 def load_causal_lm(path: str | Path, settings: Settings):
@@ -116,7 +137,7 @@ def load_model(path: str | Path, settings: Settings):
     from transformers import AutoModelForCausalLM
 
     device = resolve_device(settings)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(settings, device), use_safetensors=True)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=model_dtype(path, settings, device), use_safetensors=True)
     return model.to(device).eval()
 
 

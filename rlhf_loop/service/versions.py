@@ -202,8 +202,9 @@ class VersionManager:
             loaded = LoadedVersion.of(version, base.model, base.tokenizer, base=base, adapter=name)
             weakref.finalize(loaded, self._drop_adapter, base, name)  # the last request of it ended: free it
         self._base = base
-        log.info("loaded policy version %d (%s, %.2fs)", version, "full weights" if manifest.base_version is None
-                 else f"adapter over v{manifest.base_version}", time.monotonic() - started)
+        log.info("loaded policy version %d (%s, %s, %.2fs)", version, "full weights" if manifest.base_version is None
+                 else f"adapter over v{manifest.base_version}", str(base.model.dtype).removeprefix("torch."),
+                 time.monotonic() - started)
         return loaded
 
     def _full(self, version: int) -> SharedBase:

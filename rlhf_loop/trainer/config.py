@@ -122,7 +122,21 @@ class ConsumerConfig:
 
 @dataclass(frozen=True)
 class RewardConfig:
-    """The reward model: policy backbone + scalar head, trained on the labelled examples."""
+    """The reward model: the base model's backbone + a scalar head, trained on the labelled examples."""
+
+    backbone: Literal["tuned", "frozen"] = "tuned"
+    """tuned: the backbone trains with the head (its own weights in full mode, its own LoRA adapter
+    in lora mode), every round, through the whole body. frozen: only a linear head trains, on
+    features of the frozen base (reward.feature_layer's hidden states, mean- and max-pooled over
+    the answer), computed once per labelled answer and kept; a round costs a forward of its new
+    labels. The embedded model's loop is tuned with 'tuned'; real models on CPU default to
+    'frozen' (model_defaults; docs/trainer.md compares the two on the same votes)."""
+    feature_layer: int = 0
+    """backbone=frozen: the decoder layer whose hidden states are the features (0: the middle
+    layer, which read the simulated tastes best: bench/reward_model.py)."""
+    head_l2: float = 10.0
+    """backbone=frozen: L2 penalty on the head's weights (features standardised; the loss is a mean
+    over votes): a few hundred labels against 2 x hidden features need a strong one (bench/reward_model.py)."""
 
     lr: float = 3e-4
     """AdamW learning rate. OpenRLHF's RM default is 9e-6 for 7B models; the 0.7M embedded
@@ -163,7 +177,7 @@ class RewardConfig:
 
     def __post_init__(self) -> None:
         _positive(self, "lr", "batch_size", "epochs", "max_steps", "max_pairs_per_prompt", "max_grad_norm", "max_length")
-        _non_negative(self, "pairwise_weight", "weight_decay")
+        _non_negative(self, "pairwise_weight", "weight_decay", "feature_layer", "head_l2")
         if not 0.0 < self.heldout_fraction < 1.0:
             raise ValueError(f"reward.heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
         if not 0.0 < self.max_voter_share <= 1.0:
@@ -504,7 +518,10 @@ def model_defaults(model_dir: str | Path, params: int, device_type: str, adapter
         if device_type == "cpu":
             out["ppo"].update(rollout_prompts=16, rollout_batches=1, ppo_epochs=2, minibatch_size=8,
                               max_new_tokens=32, forward_batch_size=16)
-            out["reward"].update(batch_size=8, max_steps=8)
+            # the frozen-feature head: a round's reward model is a forward of its new labels, not steps through
+            # the whole body, and it predicted held-out votes better at the steps a CPU round affords
+            # (docs/trainer.md, "A real model on a CPU"; bench/reward_model.py)
+            out["reward"].update(batch_size=8, max_steps=8, backbone="frozen")
             out["gate"] = {"eval_responses": 16}
     path = Path(model_dir) / MODEL_CONFIG_FILE
     if path.exists():

@@ -40,7 +40,7 @@ from rlhf_loop.core import lora
 from rlhf_loop.core.contracts import Settings
 from rlhf_loop.core.models import load_causal_lm, resolve_device
 from rlhf_loop.core.policy_store import PolicyStore
-from rlhf_loop.trainer.config import TrainConfig
+from rlhf_loop.trainer.config import RewardConfig, TrainConfig
 from rlhf_loop.trainer.dist import Dist
 
 log = logging.getLogger(__name__)
@@ -119,7 +119,9 @@ class RewardModel(torch.nn.Module):
         self.backbone, self.head = body.module, head  # registered for DDP / FSDP2
         self.body = body
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                response_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(the response mask is FeatureRewardModel's: this model reads the last real token)"""
         from rlhf_loop.trainer.rollout import position_ids
 
         hidden = self.body(input_ids=input_ids, attention_mask=attention_mask.long(),
@@ -151,24 +153,90 @@ class RewardModel(torch.nn.Module):
         return True
 
 
+class FeatureRewardModel(torch.nn.Module):
+    """reward.backbone=frozen: a linear head over the frozen base's features of a conversation.
+
+    The features are the hidden states after decoder layer `layer` of the reference (the base with
+    adapters off, which never trains), mean- and max-pooled over the response's tokens: (B, 2H).
+    Since the body never changes, a labelled answer's features are computed once and kept
+    (trainer/reward_model.py, FeatureCache): a round runs the body over its new labels only and
+    trains the head, standardised by `shift` / `scale`, on all of them. Scoring a new answer (a
+    rollout, the gate) is one forward through the body.
+
+    input_ids, attention_mask, response_mask (B, T) -> scores (B,) fp32.
+    """
+
+    def __init__(self, body: Net, layer: int, hidden_size: int):
+        super().__init__()
+        self.body, self.layer = body, layer
+        self.head = torch.nn.Linear(2 * hidden_size, 1, device=body.device)
+        torch.nn.init.zeros_(self.head.weight)  # score 0 for everything until the first round
+        torch.nn.init.zeros_(self.head.bias)
+        self.register_buffer("shift", torch.zeros(2 * hidden_size, device=body.device))
+        self.register_buffer("scale", torch.ones(2 * hidden_size, device=body.device))
+
+    @torch.no_grad()
+    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 response_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T) left-padded conversations and their responses' tokens -> (B, 2H) fp32 features."""
+        from rlhf_loop.trainer.rollout import position_ids
+
+        out = self.body(input_ids=input_ids, attention_mask=attention_mask.long(),
+                        position_ids=position_ids(attention_mask), output_hidden_states=True, use_cache=False,
+                        logits_to_keep=1)
+        hidden = out.hidden_states[self.layer].float()  # (B, T, H)
+        m = response_mask.bool()[..., None]  # (B, T, 1)
+        mean = (hidden * m).sum(1) / m.sum(1).clamp(min=1)
+        peak = hidden.masked_fill(~m, float("-inf")).amax(1)
+        return torch.cat([mean, peak], -1)
+
+    def head_scores(self, features: torch.Tensor) -> torch.Tensor:
+        """(N, 2H) features -> (N,) scores."""
+        return self.head((features.to(self.shift.device) - self.shift) / self.scale).squeeze(-1).float()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                response_mask: torch.Tensor) -> torch.Tensor:
+        return self.head_scores(self.features(input_ids, attention_mask, response_mask))
+
+    def trainable(self) -> list[tuple[str, torch.Tensor]]:
+        """What a round sets: the head and its standardisation (saved and loaded like RewardModel's)."""
+        return [*(("head." + n, p) for n, p in self.head.named_parameters()), ("shift", self.shift), ("scale", self.scale)]
+
+    @property
+    def device(self) -> torch.device:
+        return self.head.weight.device
+
+    def save(self, path: Path | None) -> None:
+        save_atomic(full_tensors(self.trainable()), path)
+
+    def load(self, saved: dict[str, torch.Tensor]) -> bool:
+        mine = dict(self.trainable())
+        if set(saved) != set(mine) or any(saved[k].shape != mine[k].shape for k in mine):
+            log.warning("the saved reward model is not a frozen-feature head of this model; it starts afresh")
+            return False
+        _load_into(mine, saved)
+        return True
+
+
 @dataclass
 class Networks:
     layout: Literal["full", "lora"]
     policy: Net  # the current policy (LATEST) at a round's start; the candidate while it trains
     reference: Net
-    reward: RewardModel
+    reward: RewardModel | FeatureRewardModel  # reward.backbone: tuned | frozen
     base_version: int  # lora: the version the adapters apply to (the reference); full: the reference too
     settings: Settings
 
     # ------------------------------------------------------------------ building
 
     @classmethod
-    def open(cls, settings: Settings, store: PolicyStore, train: TrainConfig, layout: Literal["full", "lora"],
-             current_version: int, reference_version: int, dist: Dist = Dist()) -> "Networks":
+    def open(cls, settings: Settings, store: PolicyStore, train: TrainConfig, reward: RewardConfig,
+             layout: Literal["full", "lora"], current_version: int, reference_version: int,
+             dist: Dist = Dist()) -> "Networks":
         if store.manifest(reference_version).base_version is not None:
             raise ValueError(f"the reference, version {reference_version}, is a LoRA adapter; it must be full weights")
         torch.manual_seed(0)  # fresh heads and adapters start equal on every rank (no initial broadcast)
-        nets = (_open_lora if layout == "lora" else _open_full)(settings, store, train, reference_version, dist)
+        nets = (_open_lora if layout == "lora" else _open_full)(settings, store, train, reward, reference_version, dist)
         if current_version != reference_version:  # the policy starts as the reference (a copy, or a zero adapter)
             nets.follow(store, current_version)
         return nets
@@ -308,25 +376,30 @@ def without_dropout(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def _open_full(settings: Settings, store: PolicyStore, train: TrainConfig, reference_version: int,
-               dist: Dist) -> Networks:
+def _open_full(settings: Settings, store: PolicyStore, train: TrainConfig, reward: RewardConfig,
+               reference_version: int, dist: Dist) -> Networks:
     from transformers import AutoModel
 
     reference = load_full(store, reference_version, settings).requires_grad_(False)
     policy = copy.deepcopy(reference).float().requires_grad_(True)  # fp32 master weights; autocast does bf16
-    body = without_dropout(AutoModel.from_pretrained(store.path(reference_version), dtype=torch.float32,
-                                                     use_safetensors=True)).to(resolve_device(settings))
+    trained = [policy]
+    if reward.backbone == "tuned":  # its own body: training it would otherwise move the policy
+        body = without_dropout(AutoModel.from_pretrained(store.path(reference_version), dtype=torch.float32,
+                                                         use_safetensors=True)).to(resolve_device(settings))
+        trained.append(body)
     if train.gradient_checkpointing:
-        for model in (policy, body):
+        for model in trained:
             _checkpoint_activations(model)
-    for model in (reference, policy, body):
+    for model in (reference, *trained):
         dist.shard_model(model)
-    return Networks("full", policy=Net(policy), reference=Net(reference),
-                    reward=_reward_model(Net(body), body.config, dist), base_version=reference_version, settings=settings)
+    rm = (_reward_model(Net(body), body.config, dist) if reward.backbone == "tuned"
+          else _feature_reward_model(Net(reference), reference.config, reward, dist))
+    return Networks("full", policy=Net(policy), reference=Net(reference), reward=rm, base_version=reference_version,
+                    settings=settings)
 
 
-def _open_lora(settings: Settings, store: PolicyStore, train: TrainConfig, reference_version: int,
-               dist: Dist) -> Networks:
+def _open_lora(settings: Settings, store: PolicyStore, train: TrainConfig, reward: RewardConfig,
+               reference_version: int, dist: Dist) -> Networks:
     from peft import get_peft_model
 
     base = load_full(store, reference_version, settings)  # bf16 on CUDA: frozen; the adapters stay fp32
@@ -335,11 +408,15 @@ def _open_lora(settings: Settings, store: PolicyStore, train: TrainConfig, refer
         _checkpoint_activations(base)  # the policy's and the reward model's passes both run through it
     cfg = _lora_config(train, base)
     peft = get_peft_model(base, cfg, adapter_name="policy")
-    peft.add_adapter("reward", copy.deepcopy(cfg))
+    if reward.backbone == "tuned":
+        peft.add_adapter("reward", copy.deepcopy(cfg))
     dist.shard_model(peft)
-    body = peft.get_base_model().base_model  # the decoder body (LlamaModel, GPT2Model, ...) with adapters injected
-    return Networks("lora", policy=Net(peft, peft, "policy"), reference=Net(peft, peft, None),
-                    reward=_reward_model(Net(body, peft, "reward"), base.config, dist),
+    if reward.backbone == "tuned":
+        body = peft.get_base_model().base_model  # the decoder body (LlamaModel, GPT2Model, ...) with adapters injected
+        rm = _reward_model(Net(body, peft, "reward"), base.config, dist)
+    else:
+        rm = _feature_reward_model(Net(peft, peft, None), base.config, reward, dist)
+    return Networks("lora", policy=Net(peft, peft, "policy"), reference=Net(peft, peft, None), reward=rm,
                     base_version=reference_version, settings=settings)
 
 
@@ -377,6 +454,13 @@ def _reward_model(body: Net, config, dist: Dist) -> RewardModel:
     torch.nn.init.zeros_(head.bias)
     dist.shard_model(head)
     return RewardModel(body, head)
+
+
+def _feature_reward_model(reference: Net, config, reward: RewardConfig, dist: Dist) -> FeatureRewardModel:
+    """reward.backbone=frozen over the reference; the features' layer is reward.feature_layer (0: the middle one)."""
+    layers = config.get_text_config(decoder=True).num_hidden_layers
+    # the head is not sharded (FSDP2): it is tiny, and every rank fits the same one on the same features
+    return FeatureRewardModel(reference, reward.feature_layer or max(1, layers // 2), config.hidden_size)
 
 
 # ---------------------------------------------------------------------------- tensors (FSDP2 shards or plain)

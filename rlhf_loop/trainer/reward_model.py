@@ -31,32 +31,44 @@ import torch
 from rlhf_loop.core.tastes import TASTES
 from rlhf_loop.trainer.config import RewardConfig
 from rlhf_loop.trainer.dist import Dist
-from rlhf_loop.trainer.networks import RewardModel
+from rlhf_loop.trainer.networks import FeatureRewardModel, RewardModel
 from rlhf_loop.trainer.rollout import autocast, left_pad
 from rlhf_loop.trainer.store import Example
 
 RewardFn = Callable[[list[list[dict]], list[str]], torch.Tensor]
 
 
-def encode(tokenizer, messages: list[dict], completion: str, max_length: int) -> list[int]:
-    """Chat template of prompt + the response as an assistant turn; keeps the last max_length ids."""
+def encode(tokenizer, messages: list[dict], completion: str, max_length: int) -> tuple[list[int], int]:
+    """(ids, response start): the chat template of prompt + the response as an assistant turn, its last
+    max_length ids, and where the response's tokens begin among them (0 when the prompt was cut off)."""
     conv = [*messages, {"role": "assistant", "content": completion}]
-    return list(tokenizer.apply_chat_template(conv, tokenize=True, return_dict=False))[-max_length:]
+    ids = list(tokenizer.apply_chat_template(conv, tokenize=True, return_dict=False))
+    prompt = len(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+    kept = ids[-max_length:]
+    return kept, max(0, min(prompt, len(ids) - 1) - (len(ids) - len(kept)))
+
+
+def batch(encoded: list[tuple[list[int], int]], pad_id: int, device: torch.device):
+    """(B, T) left-padded ids, attention mask and response mask of `encode`d conversations."""
+    x, m = left_pad([ids for ids, _ in encoded], pad_id, device)
+    response = torch.zeros_like(m)
+    for i, (ids, start) in enumerate(encoded):
+        response[i, x.shape[1] - len(ids) + start:] = True
+    return x, m, response
 
 
 @torch.no_grad()
-def score(rm: RewardModel, tokenizer, prompts: list[list[dict]], completions: list[str], *,
+def score(rm: RewardModel | FeatureRewardModel, tokenizer, prompts: list[list[dict]], completions: list[str], *,
           max_length: int, batch_size: int = 64, autocast_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(N,) fp32 scores on the RM's device."""
     device = rm.device
-    ids = [encode(tokenizer, p, c, max_length) for p, c in zip(prompts, completions)]
+    encoded = [encode(tokenizer, p, c, max_length) for p, c in zip(prompts, completions)]
     out = []
     was_training = rm.training
     rm.eval()
-    for i in range(0, len(ids), batch_size):
-        x, m = left_pad(ids[i:i + batch_size], tokenizer.pad_token_id, device)
+    for i in range(0, len(encoded), batch_size):
         with autocast(device, autocast_dtype):
-            out.append(rm(x, m))
+            out.append(rm(*batch(encoded[i:i + batch_size], tokenizer.pad_token_id, device)))
     rm.train(was_training)
     return torch.cat(out) if out else torch.zeros(0, device=device)
 
@@ -157,7 +169,7 @@ def train_reward_model(
     train = [e for e in examples if not is_heldout(e.response_id, cfg.heldout_fraction)]
     heldout = [e for e in examples if is_heldout(e.response_id, cfg.heldout_fraction)]
     pairs = make_pairs(train, cfg.max_pairs_per_prompt, rng) if cfg.pairwise_weight > 0 else []
-    ids = [encode(tokenizer, e.messages, e.completion, cfg.max_length) for e in train]
+    ids = [encode(tokenizer, e.messages, e.completion, cfg.max_length)[0] for e in train]
     ratings = torch.tensor([e.rating for e in train], dtype=torch.float32, device=device)
     weights = torch.tensor([e.n_votes for e in train], dtype=torch.float32, device=device)
     steps = min(cfg.max_steps, math.ceil(cfg.epochs * len(train) / cfg.batch_size)) if train else 0
@@ -205,24 +217,128 @@ def train_reward_model(
                             sum(losses[-10:]) / max(1, len(losses[-10:])) if losses else float("nan"),
                             float("nan"), float("nan"))
     labelled = [e for e in heldout if e.rating != 0]
-    pool, metrics.approval_gap_versions = approval_gap_pool([e.policy_version for e in labelled], gap_versions)
-    metrics.approval_gap_labels = len(pool)
+    scores = torch.zeros(0)
     if labelled:
         mine, real = dist.shard(len(labelled))
         local = score(rm, tokenizer, [labelled[i].messages for i in mine], [labelled[i].completion for i in mine],
                       max_length=cfg.max_length, autocast_dtype=autocast_dtype).cpu()[:real]
-        s = torch.cat(dist.gather(local))
-        y = torch.tensor([e.rating > 0 for e in labelled])
-        metrics.accuracy = ((s > 0) == y).float().mean().item()
-        metrics.auroc = binary_auroc(s, y)
-        metrics.heldout_up, metrics.heldout_down = int(y.sum()), int((~y).sum())
-        metrics.auroc_lcb = auroc_lower_bound(metrics.auroc, metrics.heldout_up, metrics.heldout_down)
-        if len(pool) >= MIN_GAP_LABELS:
-            idx = torch.tensor(pool)
-            weights = torch.tensor([labelled[i].n_votes for i in pool])
-            live = (torch.tensor([(labelled[i].rating + 1) / 2 for i in pool]) * weights).sum() / weights.sum()
-            predicted = (_approval(s[idx], cfg.pointwise_loss) * weights).sum() / weights.sum()
-            metrics.approval_gap = abs(predicted - live).item()
+        scores = torch.cat(dist.gather(local))
+    return heldout_metrics(metrics, labelled, scores, cfg, gap_versions)
+
+
+class FeatureCache:
+    """reward.backbone=frozen: the features (FeatureRewardModel.features) of labelled answers, by response id
+    and choice, each computed once. They depend only on the conversation and on what the body is (the
+    reference version's weights, the layer, max_length: `key`); a cache saved under another key is
+    not used. Kept at <trainer_dir>/rm_features.safetensors between rounds and restarts."""
+
+    def __init__(self, key: str, features: dict[str, torch.Tensor] | None = None):
+        self.key = key
+        self.features = features or {}
+
+    @staticmethod
+    def name(e: Example) -> str:
+        return f"{e.response_id}/{e.choice_index}"
+
+    def missing(self, examples: list[Example]) -> list[Example]:
+        return [e for e in examples if self.name(e) not in self.features]
+
+    def get(self, examples: list[Example]) -> torch.Tensor:
+        """(N, F) features of `examples`, each of which is in the cache."""
+        return torch.stack([self.features[self.name(e)] for e in examples])
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """What save() writes and from_tensors() reads: the features, and the key as a 1-D byte tensor."""
+        return {**self.features, "__key__": torch.tensor(list(self.key.encode()), dtype=torch.uint8)}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor] | None, key: str) -> "FeatureCache":
+        if not tensors or bytes(tensors["__key__"].tolist()).decode() != key:
+            return cls(key)  # none yet, or computed under another body: start afresh
+        return cls(key, {k: v for k, v in tensors.items() if k != "__key__"})
+
+
+def train_reward_head(
+    rm: FeatureRewardModel, tokenizer, examples: list[Example], cfg: RewardConfig, cache: FeatureCache, *,
+    autocast_dtype: torch.dtype = torch.float32, progress=None, dist: Dist = Dist(),
+    gap_versions: tuple[int, ...] = (0,),
+) -> RewardMetrics:
+    """reward.backbone=frozen, one round: the body's features of the labels not in `cache` (split across
+    ranks, gathered), then the head fitted from scratch on every training label (full batch, L-BFGS:
+    the loss is convex in the head, so every round finds the same optimum from the same labels, on
+    every rank), then the held-out figures from the cached features."""
+    device = rm.device
+    new = cache.missing(examples)
+    if progress is not None:
+        progress.reset(total=math.ceil(len(new) / cfg.batch_size))
+    mine, real = dist.shard(len(new))
+    local = []
+    for i in range(0, len(mine), cfg.batch_size):
+        rows = [new[j] for j in mine[i:i + cfg.batch_size]]
+        encoded = [encode(tokenizer, e.messages, e.completion, cfg.max_length) for e in rows]
+        with autocast(device, autocast_dtype):
+            local.append(rm.features(*batch(encoded, tokenizer.pad_token_id, device)).cpu())
+        if progress is not None:
+            progress.update(1)
+    if new:  # (every rank ran as many forwards, padding rows included: FSDP2's are collectives)
+        names = [cache.name(new[j]) for j in mine[:real]]
+        feats = torch.cat(local)[:real] if local else torch.zeros(0)
+        for rank_names, rank_feats in dist.gather((names, feats)):
+            cache.features.update(zip(rank_names, rank_feats))
+
+    train = [e for e in examples if not is_heldout(e.response_id, cfg.heldout_fraction)]
+    heldout = [e for e in examples if is_heldout(e.response_id, cfg.heldout_fraction)]
+    pairs = make_pairs(train, cfg.max_pairs_per_prompt, random.Random(0)) if cfg.pairwise_weight > 0 else []
+    metrics = RewardMetrics(len(train), len(heldout), len(pairs), 0, float("nan"), float("nan"), float("nan"))
+    if train:
+        x = cache.get(train).to(device)  # (N, F)
+        with torch.no_grad():
+            rm.shift.copy_(x.mean(0))
+            rm.scale.copy_(x.std(0, unbiased=False) + 1e-4)
+            torch.nn.init.zeros_(rm.head.weight)
+            torch.nn.init.zeros_(rm.head.bias)
+        ratings = torch.tensor([e.rating for e in train], dtype=torch.float32, device=device)
+        weights = torch.tensor([e.n_votes for e in train], dtype=torch.float32, device=device)
+        liked = torch.tensor([a for a, _ in pairs], dtype=torch.long, device=device)
+        disliked = torch.tensor([b for _, b in pairs], dtype=torch.long, device=device)
+        params = list(rm.head.parameters())
+        opt = torch.optim.LBFGS(params, lr=1.0, max_iter=200, line_search_fn="strong_wolfe")
+
+        def loss_fn() -> torch.Tensor:
+            opt.zero_grad()
+            s = rm.head_scores(x)
+            loss, _, _ = reward_loss(s, ratings, weights, cfg.pointwise_loss, s[liked], s[disliked], cfg.pairwise_weight)
+            loss = loss + cfg.head_l2 * rm.head.weight.square().sum() / 2
+            loss.backward()
+            return loss
+
+        metrics.loss = opt.step(loss_fn).item()
+        metrics.steps = opt.state[params[0]]["n_iter"]
+    labelled = [e for e in heldout if e.rating != 0]
+    with torch.no_grad():
+        scores = rm.head_scores(cache.get(labelled)).cpu() if labelled else torch.zeros(0)
+    return heldout_metrics(metrics, labelled, scores, cfg, gap_versions)
+
+
+def heldout_metrics(metrics: RewardMetrics, labelled: list[Example], scores: torch.Tensor, cfg: RewardConfig,
+                    gap_versions: tuple[int, ...]) -> RewardMetrics:
+    """Fill in `metrics`' held-out figures from the scores (N,) of the `labelled` held-out examples:
+    accuracy, AUROC and its lower bound, and the approval gap on `gap_versions` (approval_gap_pool)."""
+    pool, metrics.approval_gap_versions = approval_gap_pool([e.policy_version for e in labelled], gap_versions)
+    metrics.approval_gap_labels = len(pool)
+    if not labelled:
+        return metrics
+    y = torch.tensor([e.rating > 0 for e in labelled])
+    metrics.accuracy = ((scores > 0) == y).float().mean().item()
+    metrics.auroc = binary_auroc(scores, y)
+    metrics.heldout_up, metrics.heldout_down = int(y.sum()), int((~y).sum())
+    metrics.auroc_lcb = auroc_lower_bound(metrics.auroc, metrics.heldout_up, metrics.heldout_down)
+    if len(pool) >= MIN_GAP_LABELS:
+        idx = torch.tensor(pool)
+        weights = torch.tensor([labelled[i].n_votes for i in pool])
+        live = (torch.tensor([(labelled[i].rating + 1) / 2 for i in pool]) * weights).sum() / weights.sum()
+        predicted = (_approval(scores[idx], cfg.pointwise_loss) * weights).sum() / weights.sum()
+        metrics.approval_gap = abs(predicted - live).item()
     return metrics
 
 

@@ -42,7 +42,9 @@ from rlhf_loop.trainer.rollout import (
     autocast, decode, encode_prompts, forward, left_pad, row_seeds, sample, score_against_reference,
 )
 from rlhf_loop.trainer.ppo import Rollout, gae, masked_mean, masked_whiten, policy_loss, token_rewards, value_loss
-from rlhf_loop.trainer.reward_model import is_heldout, make_pairs, rule_reward, score, train_reward_model
+from rlhf_loop.trainer.reward_model import (
+    is_heldout, make_pairs, rule_reward, score, train_reward_head, train_reward_model,
+)
 from rlhf_loop.trainer.state import TrainerState
 from rlhf_loop.trainer.store import Example, voter_weights
 
@@ -136,11 +138,18 @@ def run_round(state: TrainerState, *, progress: bool = True, drain_s: float | No
     rng = random.Random(cfg.ppo.seed + n)
     state.check_stop()
 
-    # 2. update the reward model (warm start from last round's), report held-out accuracy
+    # 2. update the reward model, report held-out accuracy: tuned, a few steps through its backbone (warm
+    #    start from last round's); frozen, the features of the new labels, then the head on all of them
     with timer("reward_model"), _bar(progress, n, "reward model", "step") as bar:
-        rm_metrics = train_reward_model(state.nets.reward, tok, inputs.examples, cfg.reward, seed=cfg.ppo.seed + n,
-                                        autocast_dtype=state.dtype, progress=bar, dist=d,
-                                        gap_versions=inputs.line[:cfg.gate.rm_gap_versions])
+        gap_versions = inputs.line[:cfg.gate.rm_gap_versions]
+        if cfg.reward.backbone == "frozen":
+            rm_metrics = train_reward_head(state.nets.reward, tok, inputs.examples, cfg.reward, state.rm_features,
+                                           autocast_dtype=state.dtype, progress=bar, dist=d, gap_versions=gap_versions)
+            if d.is_main:
+                save_atomic(state.rm_features.tensors(), state.rm_features_path(state.settings))
+        else:
+            rm_metrics = train_reward_model(state.nets.reward, tok, inputs.examples, cfg.reward, seed=cfg.ppo.seed + n,
+                                            autocast_dtype=state.dtype, progress=bar, dist=d, gap_versions=gap_versions)
         state.nets.reward.save(state.reward_model_path(state.settings) if d.is_main else None)
     report.reward_model = asdict(rm_metrics)
     reward_fn = rule_reward(cfg.reward.rule) if cfg.reward.rule else partial(

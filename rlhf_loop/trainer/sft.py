@@ -133,7 +133,7 @@ def _right_pad(batch: list[tuple[list[int], list[int]]], pad_id: int, device: to
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rlhf_loop.core.models import ensure_policy_store, load_tokenizer, resolve_device, resolve_dtype
+    from rlhf_loop.core.models import ensure_policy_store, load_tokenizer, model_dtype, resolve_device
     from rlhf_loop.trainer.networks import load_full
 
     ap = argparse.ArgumentParser(prog="rlhf sft", description=__doc__.splitlines()[0],
@@ -151,10 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     parent = policy_store.latest()
     policy_store.verify(parent)
     model = load_full(policy_store, parent, settings).float()  # fp32 master weights; autocast does bf16 on CUDA
-    base = policy_store.manifest(parent).base_version
-    tokenizer = load_tokenizer(policy_store.path(parent if base is None else base), settings)
+    base = policy_store.path(parent if policy_store.manifest(parent).base_version is None
+                             else policy_store.manifest(parent).base_version)
+    tokenizer = load_tokenizer(base, settings)
     device = resolve_device(settings)
-    losses = train(model, tokenizer, chats, cfg, device=device, dtype=resolve_dtype(settings, device),
+    losses = train(model, tokenizer, chats, cfg, device=device, dtype=model_dtype(base, settings, device),
                    progress=not args.no_progress)
     print(f"sft: {len(chats)} demonstrations, loss per epoch {' '.join(f'{x:.3f}' for x in losses)}", flush=True)
     if args.out is not None:

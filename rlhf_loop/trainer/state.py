@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 
 from rlhf_loop.core.broker import client_options
 from rlhf_loop.core.contracts import Settings
-from rlhf_loop.core.models import count_parameters, ensure_policy_store, eos_token_ids, load_tokenizer, resolve_device, resolve_dtype
+from rlhf_loop.core.models import count_parameters, ensure_policy_store, eos_token_ids, load_tokenizer, model_dtype, resolve_device
 from rlhf_loop.core.policy_store import PolicyStore
 from rlhf_loop.trainer.config import TrainerConfig
 from rlhf_loop.trainer.consumer import VoteConsumer
@@ -35,6 +35,7 @@ from rlhf_loop.trainer.networks import Networks
 from rlhf_loop.trainer.rollout import new_value_head
 from rlhf_loop.trainer.ppo import KLController
 from rlhf_loop.trainer.publish import Publisher
+from rlhf_loop.trainer.reward_model import FeatureCache
 from rlhf_loop.trainer.store import LabelStore
 
 log = logging.getLogger(__name__)
@@ -58,13 +59,14 @@ class TrainerState:
     kl_ctl: KLController
     lr_scale: float  # the KL budget's backoff on the learning rates (config.BudgetConfig), 1 = as configured
     device: torch.device
-    dtype: torch.dtype  # autocast dtype: bf16 on CUDA, fp32 on CPU
+    dtype: torch.dtype  # autocast's: bf16 on CUDA and, for real models, on CPUs that compute it (core/models.py)
     # rank 0 alone talks to Kafka and owns the label store and the publishing (None on the other ranks)
     store: LabelStore | None = None
     consumer: VoteConsumer | None = None
     producer: KafkaProducer | None = None
     publisher: Publisher | None = None
     guard_set: list = field(default_factory=list)  # gate.GuardPrompt: fixed prompts whose checks must not regress
+    rm_features: FeatureCache | None = None  # reward.backbone=frozen: labelled answers' features, kept between rounds
     stop: threading.Event = field(default_factory=threading.Event)
 
     @classmethod
@@ -90,6 +92,7 @@ class TrainerState:
             "kl_coef": store.get("kl_coef", cfg.ppo.init_kl_coef),
             "lr_scale": store.get("lr_scale", 1.0),
             "reward_model": _read(cls.reward_model_path(settings)),
+            "rm_features": _read(cls.rm_features_path(settings)) if cfg.reward.backbone == "frozen" else None,
             "value_head": _read(cls.value_head_path(settings)),
         } if dist.is_main else None)
         policy_store = PolicyStore(settings.policy_dir)
@@ -97,7 +100,7 @@ class TrainerState:
         policy_store.verify(version)
         policy_store.verify(ref_version)
         layout = cfg.train.resolved_adapter(count_parameters(policy_store.path(ref_version)))
-        nets = Networks.open(settings, policy_store, cfg.train, layout, version, ref_version, dist)
+        nets = Networks.open(settings, policy_store, cfg.train, cfg.reward, layout, version, ref_version, dist)
         if start["reward_model"] is not None:
             nets.reward.load(start["reward_model"])
         tokenizer = load_tokenizer(policy_store.path(ref_version), settings)
@@ -106,12 +109,19 @@ class TrainerState:
             value_head.load_state_dict(start["value_head"])
         dist.shard_model(value_head)
         kl_ctl = KLController(start["kl_coef"], cfg.ppo.kl_target, cfg.ppo.kl_horizon)
+        dtype = model_dtype(policy_store.path(ref_version), settings, device)  # autocast's: bf16 where it pays
+        rm_features = None
+        if cfg.reward.backbone == "frozen":  # features are the reference's, at this layer, length and precision
+            key = (f"v{ref_version}:{policy_store.manifest_sha256(ref_version)}:layer{nets.reward.layer}:"
+                   f"{cfg.reward.max_length}:{dtype}")
+            rm_features = FeatureCache.from_tensors(start["rm_features"], key)
         if dist.is_main:
             log.info("trainer ready: policy v%d, reference v%d, %s weights, %d rank(s) (%s), %d labels stored, "
-                     "device %s", version, ref_version, layout, dist.world, cfg.train.strategy, len(store.votes()), device)
+                     "device %s, %s", version, ref_version, layout, dist.world, cfg.train.strategy, len(store.votes()),
+                     device, str(dtype).removeprefix("torch."))
         return cls(settings, cfg, dist, policy_store, tokenizer, eos_token_ids(nets.reference.module, tokenizer), nets,
-                   version, value_head, kl_ctl, start["lr_scale"], device, resolve_dtype(settings, device), store, consumer, producer,
-                   publisher, load_guard_set(cfg.gate.guard_set))
+                   version, value_head, kl_ctl, start["lr_scale"], device, dtype, store, consumer, producer,
+                   publisher, load_guard_set(cfg.gate.guard_set), rm_features)
 
     def close(self) -> None:
         if self.dist.is_main:
@@ -124,6 +134,10 @@ class TrainerState:
     @staticmethod
     def reward_model_path(settings: Settings) -> Path:
         return settings.trainer_dir / "reward_model.safetensors"
+
+    @staticmethod
+    def rm_features_path(settings: Settings) -> Path:
+        return settings.trainer_dir / "rm_features.safetensors"
 
     @staticmethod
     def value_head_path(settings: Settings) -> Path:

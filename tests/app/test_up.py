@@ -69,10 +69,9 @@ def test_ctrl_c_stops_every_part_with_a_line_each_and_no_traceback(tmp_path, bas
     assert "path=/v1/feedback" in (state / "logs" / "service.log").read_text(), "the users were voting by then"
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
-def test_a_signal_to_rlhf_up_alone_leaves_nothing_running(tmp_path, base_model_dir, signum):
+def test_sigterm_to_rlhf_up_alone_stops_every_part_as_ctrl_c_does(tmp_path, base_model_dir):
     """`timeout 100 rlhf up` sends SIGTERM to rlhf up only (its parts are in sessions of their own): it stops
-    them as Ctrl-C does. SIGKILL cannot be handled: the kernel then sends each part SIGTERM itself."""
+    them as Ctrl-C does, one line each, exit 128 + 15. SIGHUP takes the same path (app/up.py)."""
     port = free_port()
     proc = start_up(tmp_path, base_model_dir, port)
     try:
@@ -83,22 +82,40 @@ def test_a_signal_to_rlhf_up_alone_leaves_nothing_running(tmp_path, base_model_d
                 break
         parts = psutil.Process(proc.pid).children(recursive=True)
         assert len(parts) >= 3, out  # the broker, the service (and its workers), the trainer
-        os.kill(proc.pid, signum)
+        os.kill(proc.pid, signal.SIGTERM)
         rest, _ = proc.communicate(timeout=180)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     text = "".join(out) + rest
-    if signum == signal.SIGTERM:
-        assert proc.returncode == 128 + signum, text
-        assert "Traceback" not in text, text
-        stopped = [line for line in text.splitlines() if line.startswith("stopped ")]
-        assert stopped == ["stopped simulated users", "stopped trainer", "stopped service", "stopped broker"], text
-        assert text.rstrip().endswith("SIGTERM: everything shut down."), text
+    assert proc.returncode == 128 + signal.SIGTERM, text
+    assert "Traceback" not in text, text
+    stopped = [line for line in text.splitlines() if line.startswith("stopped ")]
+    assert stopped == ["stopped simulated users", "stopped trainer", "stopped service", "stopped broker"], text
+    assert text.rstrip().endswith("SIGTERM: everything shut down."), text
     _, alive = psutil.wait_procs(parts, timeout=60)
     assert not alive, [p.cmdline()[:4] for p in alive]
     with socket.socket() as s:
         assert s.connect_ex(("127.0.0.1", port)) != 0, "the service still listens"
+
+
+def test_a_part_whose_parent_is_killed_outright_stops_too(tmp_path):
+    """SIGKILL cannot be handled: the kernel sends each part SIGTERM when the process that started it dies
+    (core/processes.py). Shown on `rlhf broker`, whose broker child is started as `rlhf up` starts its
+    broker, service and trainer (the same preexec_fn)."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "rlhf_loop", "broker", "--port", str(port)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        assert proc.stdout.readline().startswith("broker ready"), "the broker did not start"
+        (child,) = psutil.Process(proc.pid).children()
+        proc.kill()
+        proc.wait()
+        gone, _ = psutil.wait_procs([child], timeout=30)
+        assert gone, "the broker outlived the process that started it"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def test_a_taken_port_is_named_in_one_line_with_the_flag_that_changes_it(tmp_path):

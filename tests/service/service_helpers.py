@@ -63,7 +63,7 @@ class ServiceProcess:
             proc = serve.spawn("127.0.0.1", port, env, log)
         svc = cls(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}", state_dir, log_path, proc, env)
         try:
-            serve.wait_ready(svc.url, proc, timeout=120)
+            serve.wait_ready(svc.url, proc, timeout=300)  # a 135M model on a busy 2-core machine takes minutes
         except BaseException as e:
             svc.stop()
             raise RuntimeError(f"the service did not come up:\n{svc.log_tail()}") from e

@@ -35,7 +35,10 @@ def embedded_service(tmp_path_factory, base_model_dir, module_broker):
 
 @pytest.fixture(scope="module")
 def llama_service(tmp_path_factory, random_model, module_broker):
-    yield from _serve(tmp_path_factory, random_model("llama-135m"), module_broker.bootstrap)
+    # fp32: these tests compare batched answers with the same requests alone, token for token, and a random
+    # model's near-uniform logits turn bf16's batch-dependent rounding into other tokens (RLHF_DTYPE=auto would
+    # pick bf16 for 135M parameters on this CPU; tests/service/test_isolation.py serves it in bf16)
+    yield from _serve(tmp_path_factory, random_model("llama-135m"), module_broker.bootstrap, dtype="float32")
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,8 @@ TOPICS = ["cats", "the old harbour and its boats", "rain", "coffee, tea and the 
 
 
 def load(path: str, version: int = 0) -> LoadedVersion:
-    model, tok = load_causal_lm(path, Settings(device="cpu"))
+    """fp32: answers are compared token for token with HF generate and with the same request alone."""
+    model, tok = load_causal_lm(path, Settings(device="cpu", dtype="float32"))
     return LoadedVersion.of(version, model, tok)
 
 

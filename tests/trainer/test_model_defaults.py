@@ -16,6 +16,8 @@ def test_auto_is_decided_once_by_size_and_the_learning_rates_follow_it(tmp_path)
     assert mid["train"]["adapter"] == "full" and mid["ppo"]["lr"] == 3e-6
     big = config.model_defaults(tmp_path, LORA_AUTO_MIN_PARAMS, "cpu")
     assert big["train"]["adapter"] == "lora" and big["ppo"]["lr"] == 3e-5 and big["reward"]["lr"] == 9e-5
+    assert big["reward"]["backbone"] == "frozen"  # on a CPU: a round's reward model is its new labels' forwards
+    assert "backbone" not in config.model_defaults(tmp_path, LORA_AUTO_MIN_PARAMS, "cuda")["reward"]
     forced = config.model_defaults(tmp_path, LORA_AUTO_MIN_PARAMS, "cpu", adapter="full")
     assert forced["train"]["adapter"] == "full" and forced["ppo"]["lr"] == 3e-6
     cfg = TrainerConfig().replace(**big)

@@ -15,7 +15,7 @@ import torch
 
 from rlhf_loop.core.contracts import Settings
 from rlhf_loop.core.models import ensure_policy_store
-from rlhf_loop.trainer.config import TrainConfig
+from rlhf_loop.trainer.config import RewardConfig, TrainConfig
 from rlhf_loop.trainer.networks import Networks, lora_fraction
 
 
@@ -86,7 +86,7 @@ def test_scaling_back_a_lora_candidate_scales_its_weight_delta(tmp_path, random_
     """A real peft LoRA policy (llama, through from_pretrained) and a value head; the round's snapshots."""
     settings = Settings(state_dir=tmp_path / "state", model=random_model("llama-tiny"), device="cpu")
     store = ensure_policy_store(settings)
-    nets = Networks.open(settings, store, TrainConfig(adapter="lora"), "lora", 0, 0)
+    nets = Networks.open(settings, store, TrainConfig(adapter="lora"), RewardConfig(), "lora", 0, 0)
     head = torch.nn.Linear(64, 1)
 
     # round 1, from the zero adapter: the candidate at 1/4 adds exactly 1/4 of what the trained one adds

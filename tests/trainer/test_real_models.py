@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 
 from rlhf_loop.core.contracts import PolicyUpdate
 
-from rlhf_loop.trainer.config import TrainerConfig
+from rlhf_loop.trainer.config import RewardConfig, TrainerConfig
 from rlhf_loop.trainer.round import run_round
 from rlhf_loop.trainer.state import TrainerState
 from trainer_helpers import consume_all, interaction, produce, prompts, records, votes_for
@@ -122,7 +122,7 @@ def test_gradient_checkpointing_changes_memory_not_gradients(settings, random_mo
     ones = lambda t: torch.ones_like(t, dtype=torch.bool)  # noqa: E731
     grads = {}
     for checkpointing in (False, True):
-        nets = Networks.open(s, store, TrainConfig(adapter=adapter, gradient_checkpointing=checkpointing), adapter, 0, 0,
+        nets = Networks.open(s, store, TrainConfig(adapter=adapter, gradient_checkpointing=checkpointing), RewardConfig(), adapter, 0, 0,
                              Dist())
         torch.manual_seed(1)
         for p in (p for _, p in nets.reward.trainable()):  # the reward head starts at zero: give it a gradient path

@@ -13,7 +13,8 @@ from rlhf_loop.core.models import ensure_policy_store
 from rlhf_loop.trainer.config import RewardConfig, TrainConfig
 from rlhf_loop.trainer.networks import Networks
 from rlhf_loop.trainer.reward_model import (
-    binary_auroc, encode, is_heldout, make_pairs, reward_loss, rule_reward, score, train_reward_model,
+    FeatureCache, binary_auroc, encode, is_heldout, make_pairs, reward_loss, rule_reward, score, train_reward_head,
+    train_reward_model,
 )
 from rlhf_loop.trainer.store import Example
 
@@ -83,9 +84,24 @@ def test_rule_reward_scores_plus_minus_one():
     assert out.tolist() == [1.0, -1.0]
 
 
-def reward_model(base_model_dir: str, state_dir, layout: str):
+def reward_model(base_model_dir: str, state_dir, layout: str, backbone: str = "tuned"):
     settings = Settings(state_dir=state_dir, model=base_model_dir, device="cpu")
-    return Networks.open(settings, ensure_policy_store(settings), TrainConfig(), layout, 0, 0).reward
+    return Networks.open(settings, ensure_policy_store(settings), TrainConfig(), RewardConfig(backbone=backbone),
+                         layout, 0, 0).reward
+
+
+def tone_examples(n: int, seed: int = 0) -> list[Example]:
+    """The embedded model's own kind of answers, cheerful (+1) or gloomy (-1), about a few subjects."""
+    from rlhf_loop.core.tinylm import make_answer
+
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        tone = rng.choice(["cheerful", "gloomy"])
+        subject = rng.choice(["cats", "rain", "coffee", "trains"])
+        out.append(Example(f"r{i}", 0, subject, [{"role": "user", "content": f"Tell me about {subject}."}],
+                           make_answer(rng, subject, tone, False), 1.0 if tone == "cheerful" else -1.0, 1))
+    return out
 
 
 @pytest.mark.parametrize("layout, lr", [("full", 3e-4), ("lora", 3e-3)])
@@ -94,18 +110,10 @@ def test_reward_model_learns_a_rule_and_round_trips_through_safetensors(base_mod
     In lora mode only the reward adapter and the head train: the shared base stays as it was."""
     from transformers import AutoTokenizer
 
-    from rlhf_loop.core.tinylm import make_answer
-
     tok = AutoTokenizer.from_pretrained(base_model_dir)
     rm = reward_model(base_model_dir, tmp_path / "a", layout)
     base_before = {n: p.detach().clone() for n, p in rm.body.module.named_parameters() if "lora_" not in n}
-    rng = random.Random(0)
-    examples = []
-    for i in range(160):
-        tone = rng.choice(["cheerful", "gloomy"])
-        subject = rng.choice(["cats", "rain", "coffee", "trains"])
-        examples.append(Example(f"r{i}", 0, subject, [{"role": "user", "content": f"Tell me about {subject}."}],
-                                make_answer(rng, subject, tone, False), 1.0 if tone == "cheerful" else -1.0, 1))
+    examples = tone_examples(160)
     metrics = train_reward_model(rm, tok, examples, RewardConfig(max_steps=30, epochs=4.0, lr=lr), seed=0)
     assert metrics.heldout_examples > 15 and metrics.pairs > 0 and metrics.steps == 30
     assert metrics.accuracy >= 0.85 and metrics.auroc >= 0.9
@@ -126,4 +134,40 @@ def test_reward_model_learns_a_rule_and_round_trips_through_safetensors(base_mod
     # padding side does not change a score: one sequence alone equals it in a padded batch
     alone = score(rm, tok, prompts[:1], answers[:1], max_length=256)
     assert alone.item() == pytest.approx(score(rm, tok, prompts, answers, max_length=256)[0].item(), abs=1e-4)
-    assert len(encode(tok, prompts[0], answers[0], 5)) == 5
+    ids, start = encode(tok, prompts[0], answers[0], 5)
+    assert len(ids) == 5 and start == 0  # the prompt's tokens were cut off: the response starts at the first kept
+
+
+@pytest.mark.parametrize("layout", ["full", "lora"])
+def test_a_frozen_feature_head_learns_a_rule_computing_each_answers_features_once(base_model_dir, tmp_path, layout):
+    """reward.backbone=frozen: the body never trains and each labelled answer goes through it once; the head
+    fitted on the features separates held-out answers, and scores new answers the same way from text."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base_model_dir)
+    rm = reward_model(base_model_dir, tmp_path / "a", layout, backbone="frozen")
+    body_before = {n: p.detach().clone() for n, p in rm.body.module.named_parameters()}
+    examples = tone_examples(200)
+    cache = FeatureCache("test")
+    cfg = RewardConfig(backbone="frozen", batch_size=32)
+    first = train_reward_head(rm, tok, examples[:120], cfg, cache)
+    assert len(cache.features) == 120 and first.train_examples + first.heldout_examples == 120
+    seen = dict(cache.features)
+    metrics = train_reward_head(rm, tok, examples, cfg, cache)  # the next round: 80 new labels
+    assert len(cache.features) == 200 and all(cache.features[k] is v for k, v in seen.items())  # not recomputed
+    assert metrics.heldout_examples > 20 and metrics.accuracy >= 0.85 and metrics.auroc >= 0.9
+    assert all(torch.equal(p, dict(rm.body.module.named_parameters())[n]) for n, p in body_before.items())
+    # a score from text (a rollout, the gate) is the head on the same features
+    held = [e for e in examples if is_heldout(e.response_id, cfg.heldout_fraction)][:6]
+    from_text = score(rm, tok, [e.messages for e in held], [e.completion for e in held], max_length=cfg.max_length)
+    torch.testing.assert_close(from_text, rm.head_scores(cache.get(held)), atol=1e-4, rtol=1e-4)
+    # the head and its standardisation round-trip through safetensors, and the cache by its key
+    path = tmp_path / "rm.safetensors"
+    rm.save(path)
+    again = reward_model(base_model_dir, tmp_path / "b", layout, backbone="frozen")
+    from safetensors.torch import load_file
+
+    assert again.load(load_file(path))
+    torch.testing.assert_close(again.head_scores(cache.get(held)), rm.head_scores(cache.get(held)))
+    assert len(FeatureCache.from_tensors(cache.tensors(), "test").features) == 200
+    assert FeatureCache.from_tensors(cache.tensors(), "another body").features == {}
