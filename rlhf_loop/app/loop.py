@@ -209,7 +209,8 @@ class Loop:
         the service can flush to it while they stop."""
         self.stop.set()
         if self.users is not None:
-            self.users.join(USERS_STOP_S)
+            if self.users.is_alive():  # False too when a stop signal came between creating it and starting it
+                self.users.join(USERS_STOP_S)
             on_stopped("simulated users")
         for name in ("trainer", "service"):  # SIGTERM to each process group, SIGKILL after 20 s
             if name in self.procs:
