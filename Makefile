@@ -34,9 +34,12 @@ $(UV): requirements/bootstrap.txt
 	$(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --disable-pip-version-check --require-hashes --no-deps -r requirements/bootstrap.txt
 
-$(VENV)/.installed-$(VARIANT): $(UV) $(LOCK) pyproject.toml
+# --compile-bytecode: every process (each service start is three: rlhf serve, bentoml serve, its worker)
+# otherwise compiles torch's and transformers' sources afresh wherever bytecode is not written
+# (PYTHONDONTWRITEBYTECODE, a read-only install): seconds per process start
+$(VENV)/.installed-$(VARIANT): $(UV) $(LOCK) pyproject.toml Makefile
 	rm -f $(VENV)/.installed-*
-	$(UV) pip sync -q --python $(VENV)/bin/python --require-hashes $(TORCH_SOURCE) $(LOCK) requirements/bootstrap.txt
+	$(UV) pip sync -q --python $(VENV)/bin/python --require-hashes --compile-bytecode $(TORCH_SOURCE) $(LOCK) requirements/bootstrap.txt
 	$(UV) pip install -q --python $(VENV)/bin/python --no-deps -e .
 	touch $@
 

@@ -121,7 +121,8 @@ class Loop:
             stdout=self._log("trainer"), stderr=subprocess.STDOUT, start_new_session=True,
             preexec_fn=die_with_parent)
 
-    def run_users(self, on_status=None) -> SimLog:
+    def run_users(self, on_status=None, until: Callable[[dict], bool] | None = None) -> SimLog:
+        """The simulated users, to their vote or time cap, or until `until(status)` says so."""
         cfg = self.cfg.sim.__class__(**{**asdict(self.cfg.sim), "url": self.url})
         self.users = users = threading.Thread(target=run_users, args=(cfg, self.sim_log, self.stop), daemon=True)
         self.users_epoch = time.time()
@@ -129,8 +130,12 @@ class Loop:
         users.start()
         while users.is_alive():
             users.join(1.0)
-            if on_status:
-                on_status(self.status())
+            if on_status or until:
+                status = self.status()
+                if on_status:
+                    on_status(status)
+                if until and until(status):
+                    self.stop.set()
             for name, p in self.procs.items():
                 if p.poll() is not None:
                     self.stop.set()
@@ -161,6 +166,7 @@ class Loop:
         return {
             "elapsed_s": round(time.monotonic() - self.t0, 1), "votes": votes, "chat_errors": errors,
             "serving_version": current, "approval_current": by.get(current, {}).get("approval"),
+            "votes_by_version": {v: row["votes"] for v, row in by.items()},
             "approval_last100": window, "kl_to_ref": kl,
             "rounds": len(rounds), "promoted": sum(bool(r.get("promoted")) for r in rounds),
             "rejected": sum(not r.get("promoted") for r in rounds),
@@ -326,15 +332,17 @@ def _ignoring_stop_signals() -> Iterator[None]:
             signal.signal(s, handler)
 
 
-def run(cfg: LoopConfig, on_status=None, on_stopped: Callable[[str], None] = lambda part: None) -> tuple[dict, Path, Path]:
-    """Run the loop to its end; returns (summary, png path, json path). Stopping, it calls
-    `on_stopped(part)` for each part it stops (Loop.close)."""
+def run(cfg: LoopConfig, on_status=None, on_stopped: Callable[[str], None] = lambda part: None,
+        until: Callable[[dict], bool] | None = None) -> tuple[dict, Path, Path]:
+    """Run the loop to its end (the users' vote or time cap, or `until(status)` true: a condition the caps
+    cannot say, e.g. so many votes on trained versions); returns (summary, png path, json path).
+    Stopping, it calls `on_stopped(part)` for each part it stops (Loop.close)."""
     loop = Loop(cfg)
     try:
         loop.start()
         if on_status:
             on_status({"ready": loop.url})
-        loop.run_users(on_status)
+        loop.run_users(on_status, until)
         time.sleep(1.0)
         summary = loop.summary()
         out_png, out_json = loop.state / "learning_curve.png", loop.state / "summary.json"

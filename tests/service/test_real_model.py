@@ -30,8 +30,10 @@ def test_smollm2_knows_the_capital_of_france(smollm2, start_service, module_brok
 
 def test_a_135m_lora_round_in_bf16_with_the_frozen_reward_model_is_served(start_service, module_broker, random_model):
     """The real-model CPU path on a random model of SmolLM2's shape: RLHF_DTYPE=auto picks bf16 (this CPU
-    computes it; 135M parameters), LoRA by size, the frozen-feature reward model; two rounds, the second
-    computing features for its new labels only, and the service serving the published adapter in bf16."""
+    computes it; 135M parameters), LoRA by size, the frozen-feature reward model; a round whose answers'
+    features are kept for the next (the trainer reopened finds them: only new labels will run the body),
+    and the service serving the published adapter in bf16. (Features computed once per answer across
+    rounds: tests/trainer/test_reward_model.py.)"""
     import random
 
     from test_serve_real_models import ROUND, votes
@@ -47,18 +49,19 @@ def test_a_135m_lora_round_in_bf16_with_the_frozen_reward_model_is_served(start_
     settings = Settings(state_dir=svc.state_dir, model=model_dir, kafka_bootstrap_servers=module_broker.bootstrap,
                         device="cpu", trainer_group="trainer-135m")
     cfg = TrainerConfig().replace(**{**ROUND, "ppo": {**ROUND["ppo"], "lr": 3e-3}, "reward": {"backbone": "frozen"}})
-    rng, labels = random.Random(0), []
-    for _ in range(2):
-        votes(settings, rng, 16)
-        state = TrainerState.open(settings, cfg)
-        try:
-            assert state.nets.layout == "lora" and state.dtype == (torch.bfloat16 if cpu_computes_bf16() else torch.float32)
-            report = run_round(state, progress=False)
-            labels.append(len(state.rm_features.features))
-        finally:
-            state.close()
-        assert report.promoted, report.reason
-    assert labels == [report.labels - 16, report.labels], "the second round ran the body over its new labels only"
+    votes(settings, random.Random(0), 16)
+    state = TrainerState.open(settings, cfg)
+    try:
+        assert state.nets.layout == "lora" and state.dtype == (torch.bfloat16 if cpu_computes_bf16() else torch.float32)
+        report = run_round(state, progress=False)
+    finally:
+        state.close()
+    assert report.promoted, report.reason
+    state = TrainerState.open(settings, cfg)
+    try:
+        assert len(state.rm_features.features) == report.labels == 16
+    finally:
+        state.close()
     wait_until(lambda: svc.openai().chat.completions.create(
         model="rlhf-policy", messages=[{"role": "user", "content": "Hi!"}], max_tokens=4).system_fingerprint
         == f"policy-v{report.version}", 120, f"the service to serve v{report.version}")
