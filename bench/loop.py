@@ -88,8 +88,10 @@ def main() -> int:
     kl_bound = args.kl_bound
     if kl_bound is None:
         kl_bound = next((r.get("kl_bound") for r in summary["rounds"] if r.get("kl_bound") is not None), None)
+    target = 0.35 if toy else 0.25  # issue 5's target for the toy, issue 21's for a real model
     checks = {
-        "approval_gain_ge_0.35": (summary["approval_gain"] or 0) >= 0.35,
+        f"approval_gain_ge_{target}": (summary["approval_gain"] or 0) >= target,
+        **({} if toy else {"kl_rejection_runs_le_2": summary["max_consecutive_kl_rejections"] <= 2}),
         "promoted_ge_3": summary["promoted"] >= 3,
         "kl_under_bound": final_kl is not None and kl_bound is not None and final_kl < kl_bound,
         "zero_failed_chat": summary["chat_errors"] == 0,
@@ -102,7 +104,10 @@ def main() -> int:
                                    "requests", "chat_errors", "promoted", "final_window_versions", "freshness_s_median", "freshness_s",
                                    "approval_by_version", "elapsed_s", "votes_to_gain_0.3", "rounds_promoted",
                                    "rounds_rejected_kl", "rounds_rejected_reward", "max_consecutive_kl_rejections",
-                                   "seconds_per_round_median", "rm_auroc_end", "rm_auroc_0.75_at_votes", "taste")},
+                                   "seconds_per_round_median", "rm_auroc_end", "rm_auroc_0.75_at_votes", "taste",
+                                   "before_after")},
+        "rounds": [{k: r.get(k) for k in ("version", "promoted", "reason", "labels", "seconds")}
+                   for r in summary["rounds"]],
         "algorithm": args.algorithm, "seed": args.seed, **{f"at_{n}_votes": summary[f"at_{n}_votes"] for n in args.at},
     }
     RESULTS.mkdir(exist_ok=True)
@@ -121,6 +126,9 @@ def main() -> int:
                                           "rm_auroc_end", "rm_auroc_0.75_at_votes",
                                           "final_kl_to_ref", "kl_bound", "chat_errors", "freshness_s_median",
                                           "votes", "elapsed_s", "checks", *(f"at_{n}_votes" for n in args.at))}, indent=2))
+    for pair in out["before_after"]:
+        print(f"\n{pair['prompt']}\n  v0 ({'up' if pair['before_up'] else 'down'}): {pair['before']!r}"
+              f"\n  v{pair['after_version']} ({'up' if pair['after_up'] else 'down'}): {pair['after']!r}")
     print(f"saved {path} and {RESULTS / f'{name}.png'}")
     return 0 if all(checks.values()) else 1
 

@@ -203,6 +203,7 @@ class Loop:
             "approval_by_version": {str(k): v for k, v in by.items()},
             "versions": {str(k): v.get("metrics", {}) for k, v in versions.items()},
             "rounds": rounds, "promoted": sum(bool(r.get("promoted")) for r in rounds),
+            "before_after": before_after(log.votes, final_version),
             "freshness_s_median": statistics.median(freshness) if freshness else None,
             "freshness_s": freshness, "elapsed_s": round(time.monotonic() - self.t0, 1),
             "taste": self.cfg.sim.taste, "noise": self.cfg.sim.noise,
@@ -225,6 +226,23 @@ class Loop:
         if self.broker:
             self.broker.stop()
             on_stopped("broker")
+
+
+def before_after(votes: list, final_version: int | None, n: int = 5) -> list[dict]:
+    """Up to `n` prompts that v0 and the version serving at the end both answered: what the users saw
+    before and after, and what they voted (the last answer of each)."""
+    if not final_version:
+        return []
+    first: dict[str, object] = {}
+    last: dict[str, object] = {}
+    for v in votes:
+        if v.version == 0:
+            first.setdefault(v.prompt, v)
+        elif v.version == final_version:
+            last[v.prompt] = v
+    both = [p for p in first if p in last][:n]
+    return [{"prompt": p, "before": first[p].answer, "before_up": first[p].up, "after": last[p].answer,
+             "after_up": last[p].up, "after_version": final_version} for p in both]
 
 
 def round_stats(rounds: list[dict]) -> dict:

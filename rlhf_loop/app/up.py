@@ -113,8 +113,16 @@ def main(argv: list[str]) -> int:
         print(f"baseline {summary['baseline_approval']:.2f} -> final {summary['final_approval']:.2f} "
               f"(+{summary['approval_gain']:.2f}), {summary['promoted']} versions promoted, "
               f"{summary['chat_errors']} failed chat requests")
-    print(f"learning curve: {png}\nsummary:        {js}")
+    for pair in summary["before_after"][:3]:
+        print(f"\n  {pair['prompt']}\n    v0:  {_one_line(pair['before'])}"
+              f"\n    v{pair['after_version']}: {_one_line(pair['after'])}")
+    print(f"\nlearning curve: {png}\nsummary:        {js}")
     return 0
+
+
+def _one_line(text: str, width: int = 100) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[:width - 3] + "..."
 
 
 class Stopped(KeyboardInterrupt):

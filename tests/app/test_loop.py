@@ -30,6 +30,8 @@ def test_approval_rises_when_users_vote(tmp_path, base_model_dir, monkeypatch):
     by = summary["approval_by_version"]
     assert by["0"]["votes"] >= 50
     assert summary["final_version"] > 0, by
+    pairs = summary["before_after"]  # what the demo prints at its end: the same prompt, answered before and after
+    assert pairs and all(p["after_version"] == summary["final_version"] and p["before"] and p["after"] for p in pairs)
     # the versions the loop promoted, pooled, against v0: unlike the run's last-300-votes window
     # (bench/loop.py's figure), this does not depend on how many of the 400 votes v0 got before
     # the first round finished, i.e. on the machine's speed
