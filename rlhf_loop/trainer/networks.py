@@ -179,16 +179,38 @@ class FeatureRewardModel(torch.nn.Module):
     def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  response_mask: torch.Tensor) -> torch.Tensor:
         """(B, T) left-padded conversations and their responses' tokens -> (B, 2H) fp32 features."""
-        from rlhf_loop.trainer.rollout import position_ids
-
-        out = self.body(input_ids=input_ids, attention_mask=attention_mask.long(),
-                        position_ids=position_ids(attention_mask), output_hidden_states=True, use_cache=False,
-                        logits_to_keep=1)
-        hidden = out.hidden_states[self.layer].float()  # (B, T, H)
+        hidden = self.hidden(input_ids, attention_mask).float()  # (B, T, H)
         m = response_mask.bool()[..., None]  # (B, T, 1)
         mean = (hidden * m).sum(1) / m.sum(1).clamp(min=1)
         peak = hidden.masked_fill(~m, float("-inf")).amax(1)
         return torch.cat([mean, peak], -1)
+
+    @torch.no_grad()
+    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T) -> (B, T, H): the hidden states after decoder layer `layer`, as the model's
+        `output_hidden_states[layer]`. The layers above it are not run (the forward stops as that
+        layer returns): on SmolLM2's middle layer, half the body's cost, for every label and every
+        answer scored. The last layer (whose hidden states some models return normed) and FSDP2's
+        sharded bodies (whose forward is a collective with hooks around it) run the whole forward."""
+        from rlhf_loop.trainer.rollout import position_ids
+
+        kwargs = dict(input_ids=input_ids, attention_mask=attention_mask.long(),
+                      position_ids=position_ids(attention_mask), use_cache=False, logits_to_keep=1)
+        layers = _decoder_layers(self.body.module)
+        if layers is None or self.layer >= len(layers) or _sharded(self.body.module):
+            return self.body(**kwargs, output_hidden_states=True).hidden_states[self.layer]
+
+        def stop(module, args, output):
+            raise _Reached(output[0] if isinstance(output, tuple) else output)
+
+        handle = layers[self.layer - 1].register_forward_hook(stop)
+        try:
+            self.body(**kwargs)
+        except _Reached as reached:
+            return reached.hidden
+        finally:
+            handle.remove()
+        raise RuntimeError(f"decoder layer {self.layer} never ran")
 
     def head_scores(self, features: torch.Tensor) -> torch.Tensor:
         """(N, 2H) features -> (N,) scores."""
@@ -454,6 +476,28 @@ def _reward_model(body: Net, config, dist: Dist) -> RewardModel:
     torch.nn.init.zeros_(head.bias)
     dist.shard_model(head)
     return RewardModel(body, head)
+
+
+class _Reached(Exception):
+    """FeatureRewardModel.hidden: the layer it reads has run; carries its output."""
+
+    def __init__(self, hidden: torch.Tensor):
+        super().__init__()
+        self.hidden = hidden
+
+
+def _decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList | None:
+    """The model's decoder layers, in order (model.layers, transformer.h, ...: the ModuleList with one
+    entry per hidden layer), or None when no one list is that."""
+    n = model.config.get_text_config(decoder=True).num_hidden_layers
+    found = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n]
+    return found[0] if len(found) == 1 else None
+
+
+def _sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 def _feature_reward_model(reference: Net, config, reward: RewardConfig, dist: Dist) -> FeatureRewardModel:

@@ -171,3 +171,34 @@ def test_a_frozen_feature_head_learns_a_rule_computing_each_answers_features_onc
     torch.testing.assert_close(again.head_scores(cache.get(held)), rm.head_scores(cache.get(held)))
     assert len(FeatureCache.from_tensors(cache.tensors(), "test").features) == 200
     assert FeatureCache.from_tensors(cache.tensors(), "another body").features == {}
+
+
+@pytest.mark.parametrize("shape", ["gemma3-tiny", "gpt2-tiny", "lfm2-tiny", "llama-135m"])
+@pytest.mark.parametrize("layout", ["full", "lora"])
+def test_frozen_features_stop_at_their_layer_and_equal_the_whole_forwards(random_model, tmp_path, shape, layout):
+    """FeatureRewardModel.hidden runs the body up to reward.feature_layer only (the layers above never run)
+    and gives exactly what the whole forward's hidden_states[layer] holds: the cached features stay valid."""
+    from rlhf_loop.core.models import load_tokenizer
+    from rlhf_loop.trainer.networks import _decoder_layers
+    from rlhf_loop.trainer.reward_model import batch
+
+    model_dir = random_model(shape)
+    rm = reward_model(model_dir, tmp_path, layout, backbone="frozen")
+    tok = load_tokenizer(model_dir, Settings(device="cpu"))
+    layers = _decoder_layers(rm.body.module)
+    assert layers is not None and 1 <= rm.layer < len(layers)
+    encoded = [encode(tok, [{"role": "user", "content": q}], a, 64)
+               for q, a in [("Hi there!", "Hello, how nice to see you."), ("Rain?", "No.")]]
+    ids, mask, _ = batch(encoded, tok.pad_token_id, rm.device)
+    ran = []
+    handle = layers[-1].register_forward_hook(lambda *_: ran.append(True))
+    try:
+        early = rm.hidden(ids, mask)
+        assert not ran, "the layers above the feature layer ran"
+        from rlhf_loop.trainer.rollout import position_ids
+        whole = rm.body(input_ids=ids, attention_mask=mask.long(), position_ids=position_ids(mask), use_cache=False,
+                        output_hidden_states=True).hidden_states[rm.layer]
+        assert ran
+    finally:
+        handle.remove()
+    torch.testing.assert_close(early, whole, rtol=0, atol=0)
