@@ -69,7 +69,7 @@ def running(peft, adapter: str | None, *, trainable: bool = False):
 @contextlib.contextmanager
 def _adapters_off(peft):
     """peft's `disable_adapter()` without its cost: that one also sets requires_grad on every adapter
-    weight of every layer, going in and out (55 ms a switch on a 30-layer model, paid by every
+    weight of every layer, going in and out (38 ms a switch on SmolLM2, 3.5 ms this way, paid by every
     reference forward of a LoRA round); this flips the layers' own off switch, which is all their
     forward reads, and leaves requires_grad as it was (a forward with adapters off touches no adapter
     weight, so none can get a gradient)."""
