@@ -120,11 +120,14 @@ class Loop:
             [sys.executable, "-m", "rlhf_loop", "train", *self.cfg.trainer_args], env=self.env(),
             stdout=self._log("trainer"), stderr=subprocess.STDOUT, start_new_session=True,
             preexec_fn=die_with_parent)
+        # the users are a part from here on (announced with the service's address): a stop before
+        # run_users starts them still says they stopped, as for every other part
+        cfg = self.cfg.sim.__class__(**{**asdict(self.cfg.sim), "url": self.url})
+        self.users = threading.Thread(target=run_users, args=(cfg, self.sim_log, self.stop), daemon=True)
 
     def run_users(self, on_status=None, until: Callable[[dict], bool] | None = None) -> SimLog:
         """The simulated users, to their vote or time cap, or until `until(status)` says so."""
-        cfg = self.cfg.sim.__class__(**{**asdict(self.cfg.sim), "url": self.url})
-        self.users = users = threading.Thread(target=run_users, args=(cfg, self.sim_log, self.stop), daemon=True)
+        users = self.users
         self.users_epoch = time.time()
         self.t0 = time.monotonic()  # the loop's clock starts with the users (not the model build)
         users.start()
@@ -216,7 +219,7 @@ class Loop:
         the service can flush to it while they stop."""
         self.stop.set()
         if self.users is not None:
-            if self.users.is_alive():  # False too when a stop signal came between creating it and starting it
+            if self.users.is_alive():  # False too when a stop came before run_users started them
                 self.users.join(USERS_STOP_S)
             on_stopped("simulated users")
         for name in ("trainer", "service"):  # SIGTERM to each process group, SIGKILL after 20 s

@@ -39,3 +39,18 @@ def test_approval_rises_when_users_vote(tmp_path, base_model_dir, monkeypatch):
     votes = sum(row["votes"] for row in trained)
     assert votes >= 50, by
     assert sum(row["up"] for row in trained) / votes - by["0"]["approval"] > 0.1, by
+
+
+def test_a_stop_before_the_users_started_still_stops_them_in_order(tmp_path):
+    """A stop signal can land after the users were announced (their thread made, with the service's
+    address) and before run_users starts them: close() must not fail on the unstarted thread and
+    still says each part stopped, the users first (the race CI once caught in test_up)."""
+    import threading
+
+    from rlhf_loop.app.loop import Loop
+
+    loop = Loop(LoopConfig(state_dir=tmp_path, port=0))
+    loop.users = threading.Thread(target=lambda: None, daemon=True)  # as Loop.start leaves it
+    stopped = []
+    loop.close(stopped.append)
+    assert stopped == ["simulated users"]
