@@ -7,13 +7,17 @@ together with the consumer's own record of the next offset per partition; the co
 commits offsets to Kafka only after that transaction committed (docs/trainer.md, "join and
 commit protocol"). Redelivered messages are recognised by `event_id` and do nothing.
 
+Preferences (a voter's "this answer is better than that one", both to one prompt) wait in
+`preferences` the same way, for BOTH their answers' interactions; a preference is a label once
+both are stored (`preferences()`), with the same late window, dedupe and latest-per-id rule.
+
 Aggregation: a response's label is every user's latest non-deleted vote on it (one vote per
 `feedback_id`, which by default is one per user and choice). The example's `rating` is the
 mean rating and `n_votes` its count, so the pointwise logistic loss on the up-vote fraction
 weighted by `n_votes` equals the sum of one loss per vote.
 
 Influence cap, on two levels that follow the service's trust model (docs/service.md, "Vote
-caps"): no identity (an API key, or a client address without keys: the event's `identity`)
+caps"), over votes and preferences together (each one label): no identity (an API key, or a client address without keys: the event's `identity`)
 carries more than `max_voter_share` of the labels a round trains on, and inside an identity no
 voter (a key's user: the event's `voter`) carries more than that share of the identity's. So a
 key inventing users gets no more than its share, and no voter more than the share of the
@@ -30,7 +34,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from rlhf_loop.core.contracts import Feedback, Interaction
+from rlhf_loop.core.contracts import Feedback, Interaction, Preference
 from rlhf_loop.trainer.killpoints import killpoint
 
 SCHEMA = """
@@ -50,6 +54,17 @@ CREATE TABLE IF NOT EXISTS votes (               -- latest event per feedback_id
 );
 CREATE INDEX IF NOT EXISTS votes_by_response ON votes (response_id, choice_index);
 CREATE INDEX IF NOT EXISTS votes_by_seq ON votes (seq);
+CREATE TABLE IF NOT EXISTS preferences (         -- latest event per preference_id; tombstones kept as deleted=1
+    preference_id TEXT PRIMARY KEY,
+    chosen_response_id TEXT, chosen_choice INTEGER,       -- NULL in a tombstone
+    rejected_response_id TEXT, rejected_choice INTEGER,
+    tie INTEGER NOT NULL, user TEXT, voter TEXT, identity TEXT, deleted INTEGER NOT NULL,
+    ts REAL NOT NULL, event_id TEXT NOT NULL, received REAL NOT NULL,
+    seq INTEGER NOT NULL                                  -- in the votes' sequence: when it changed or got joined
+);
+CREATE INDEX IF NOT EXISTS preferences_by_chosen ON preferences (chosen_response_id, chosen_choice);
+CREATE INDEX IF NOT EXISTS preferences_by_rejected ON preferences (rejected_response_id, rejected_choice);
+CREATE INDEX IF NOT EXISTS preferences_by_seq ON preferences (seq);
 CREATE TABLE IF NOT EXISTS prompts (prompt_key TEXT PRIMARY KEY, messages TEXT NOT NULL, last_seen REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS seen_events (event_id TEXT PRIMARY KEY, received REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS dead_letters (
@@ -80,6 +95,36 @@ class Example:
 
 
 @dataclass(frozen=True)
+class Answer:
+    """One answer of a preference pair."""
+
+    response_id: str
+    choice_index: int
+    completion: str
+    policy_version: int
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    """One voter's live preference between two stored answers to one prompt: `chosen` is better than `rejected`,
+    or, with `tie`, neither is."""
+
+    preference_id: str
+    prompt_key: str
+    messages: list[dict]
+    chosen: Answer
+    rejected: Answer
+    tie: bool
+    weight: float  # the influence cap's weight: 1, less when its voter is over the cap (voter_weights)
+
+    def as_examples(self) -> tuple[Example, Example]:
+        """The chosen answer as a liked one and the rejected as a disliked one, each of the preference's
+        weight (KTO's use of pairwise data: unpaired desirable and undesirable answers)."""
+        return tuple(Example(a.response_id, a.choice_index, self.prompt_key, self.messages, a.completion, rating,
+                             self.weight, a.policy_version) for a, rating in ((self.chosen, 1.0), (self.rejected, -1.0)))
+
+
+@dataclass(frozen=True)
 class DeadLetterKey:
     topic: str
     partition: int
@@ -92,13 +137,21 @@ class DeadLetterKey:
 class BatchResult:
     interactions: int = 0
     votes: int = 0
+    preferences: int = 0
     duplicates: int = 0
-    stale: int = 0  # older than the stored vote for the same feedback_id
+    stale: int = 0  # older than the stored vote (preference) for the same feedback_id (preference_id)
     dead_letters: int = 0
 
 
 VOTER = "COALESCE(v.voter, v.feedback_id)"  # a vote without a voter is its own voter
 IDENTITY = f"COALESCE(v.identity, {VOTER})"  # a vote from before identities is its voter's own identity
+JOINED_VOTE = "JOIN interactions i ON v.response_id = i.response_id AND v.choice_index = i.choice_index"
+# a preference is joined when both its answers are stored, and they answer one prompt (the service checked it)
+JOINED_PREFERENCE = (
+    "JOIN interactions c ON c.response_id = p.chosen_response_id AND c.choice_index = p.chosen_choice "
+    "JOIN interactions r ON r.response_id = p.rejected_response_id AND r.choice_index = p.rejected_choice "
+    "AND r.prompt_key = c.prompt_key")
+SEQ = "(SELECT MAX(m) FROM (SELECT MAX(seq) AS m FROM votes UNION ALL SELECT MAX(seq) FROM preferences))"
 
 
 def capped_level(totals: list[float], cap: float) -> float:
@@ -178,7 +231,7 @@ class LabelStore:
 
     def apply_batch(
         self,
-        events: list[Interaction | Feedback],
+        events: list[Interaction | Feedback | Preference],
         next_offsets: dict[tuple[str, int], int],
         dead_letters: list[DeadLetterKey] = (),
         now: float | None = None,
@@ -194,6 +247,10 @@ class LabelStore:
                     result.duplicates += 1
                 elif isinstance(event, Interaction):
                     result.interactions += self._apply_interaction(cur, event, now)
+                elif isinstance(event, Preference):
+                    applied = self._apply_preference(cur, event, now)
+                    result.preferences += applied
+                    result.stale += 1 - applied
                 else:
                     applied = self._apply_feedback(cur, event, now)
                     result.votes += applied
@@ -215,7 +272,8 @@ class LabelStore:
         return result
 
     def _next_seq(self, cur: sqlite3.Cursor) -> int:
-        return cur.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM votes").fetchone()[0]
+        """One sequence for votes and preferences: the trigger counts both as labels (label_count)."""
+        return cur.execute(f"SELECT COALESCE({SEQ}, 0) + 1").fetchone()[0]
 
     def _apply_interaction(self, cur: sqlite3.Cursor, ev: Interaction, now: float) -> int:
         messages = [m.model_dump() for m in ev.messages]
@@ -229,9 +287,13 @@ class LabelStore:
             "INSERT INTO prompts VALUES (?, ?, ?) ON CONFLICT (prompt_key) DO UPDATE SET last_seen = excluded.last_seen",
             (key, json.dumps(messages, ensure_ascii=False), now),
         )
-        if inserted:  # votes that waited for this response become labels now: they are new to the trigger
+        if inserted:  # votes (preferences) that waited for this answer become labels now: new to the trigger
+            seq = self._next_seq(cur)
             cur.execute("UPDATE votes SET seq = ? WHERE response_id = ? AND choice_index = ?",
-                        (self._next_seq(cur), ev.response_id, ev.choice_index))
+                        (seq, ev.response_id, ev.choice_index))
+            cur.execute("UPDATE preferences SET seq = ? WHERE (chosen_response_id = ? AND chosen_choice = ?) "
+                        "OR (rejected_response_id = ? AND rejected_choice = ?)",
+                        (seq, ev.response_id, ev.choice_index, ev.response_id, ev.choice_index))
         return inserted
 
     def _apply_feedback(self, cur: sqlite3.Cursor, ev: Feedback, now: float) -> int:
@@ -249,9 +311,27 @@ class LabelStore:
         )
         return 1
 
+    def _apply_preference(self, cur: sqlite3.Cursor, ev: Preference, now: float) -> int:
+        """Upsert the preference (or its tombstone) unless a newer event for this preference_id is stored."""
+        ts = ev.ts.timestamp()
+        row = cur.execute("SELECT ts FROM preferences WHERE preference_id = ?", (ev.preference_id,)).fetchone()
+        if row is not None and row[0] > ts:
+            return 0
+        c, r = ev.chosen, ev.rejected
+        cur.execute(
+            "INSERT OR REPLACE INTO preferences (preference_id, chosen_response_id, chosen_choice, rejected_response_id, "
+            "rejected_choice, tie, user, voter, identity, deleted, ts, event_id, received, seq) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (ev.preference_id, c and c.response_id, c and c.choice_index, r and r.response_id, r and r.choice_index,
+             int(ev.tie), ev.user, ev.voter or ev.user, ev.identity, int(ev.deleted), ts, str(ev.event_id), now,
+             self._next_seq(cur)),
+        )
+        return 1
+
     def prune(self, now: float | None = None) -> dict[str, int]:
-        """Bound the state: expire votes that waited too long for their response, responses
-        nobody voted on within the window, old tombstones and dedupe records, surplus prompts."""
+        """Bound the state: expire votes (preferences) that waited too long for their response (either
+        answer), responses nobody voted on or compared within the window, old tombstones and dedupe
+        records, surplus prompts."""
         now = time.time() if now is None else now
         late, dedupe = now - self.late_vote_window_s, now - self.dedupe_window_s
         cur = self.db.cursor()
@@ -261,11 +341,18 @@ class LabelStore:
                 "expired_votes": cur.execute(
                     "DELETE FROM votes WHERE received < ? AND NOT EXISTS (SELECT 1 FROM interactions i WHERE "
                     "i.response_id = votes.response_id AND i.choice_index = votes.choice_index)", (late,)).rowcount,
+                "expired_preferences": cur.execute(
+                    "DELETE FROM preferences WHERE deleted = 0 AND received < ? AND preference_id NOT IN "
+                    f"(SELECT p.preference_id FROM preferences p {JOINED_PREFERENCE})", (late,)).rowcount,
                 "unvoted_interactions": cur.execute(
                     "DELETE FROM interactions WHERE received < ? AND NOT EXISTS (SELECT 1 FROM votes v WHERE "
-                    "v.response_id = interactions.response_id AND v.choice_index = interactions.choice_index)",
-                    (late,)).rowcount,
-                "tombstones": cur.execute("DELETE FROM votes WHERE deleted = 1 AND received < ?", (dedupe,)).rowcount,
+                    "v.response_id = interactions.response_id AND v.choice_index = interactions.choice_index) "
+                    "AND NOT EXISTS (SELECT 1 FROM preferences p WHERE (p.chosen_response_id = "
+                    "interactions.response_id AND p.chosen_choice = interactions.choice_index) OR "
+                    "(p.rejected_response_id = interactions.response_id AND p.rejected_choice = "
+                    "interactions.choice_index))", (late,)).rowcount,
+                "tombstones": cur.execute("DELETE FROM votes WHERE deleted = 1 AND received < ?", (dedupe,)).rowcount
+                + cur.execute("DELETE FROM preferences WHERE deleted = 1 AND received < ?", (dedupe,)).rowcount,
                 "seen_events": cur.execute("DELETE FROM seen_events WHERE received < ?", (dedupe,)).rowcount,
                 "dead_letters": cur.execute("DELETE FROM dead_letters WHERE received < ?", (dedupe,)).rowcount,
                 "prompts": cur.execute(
@@ -295,17 +382,33 @@ class LabelStore:
         ).fetchone() is not None
 
     def examples(self, max_voter_share: float = 1.0) -> list[Example]:
-        """Every labelled response (joined, with at least one non-deleted vote), by response id
-        (a fixed order for a given set of labels, whatever the arrival timing), its votes weighted
-        so that no voter carries more than `max_voter_share` of them (voter_weights)."""
+        """The thumbs of labels(): every labelled response."""
+        return self.labels(max_voter_share)[0]
+
+    def preferences(self, max_voter_share: float = 1.0) -> list[PreferencePair]:
+        """The preferences of labels()."""
+        return self.labels(max_voter_share)[1]
+
+    def labels(self, max_voter_share: float = 1.0) -> tuple[list[Example], list[PreferencePair]]:
+        """Every labelled response (joined, with at least one non-deleted vote), by response id (a fixed
+        order for a given set of labels, whatever the arrival timing), and every live preference whose two
+        answers are stored, by preference id; votes and preferences weighted together so that no voter
+        carries more than `max_voter_share` of them (voter_weights)."""
         rows = self.db.execute(
             "SELECT i.response_id, i.choice_index, i.prompt_key, p.messages, i.completion, i.policy_version, "
             f"v.rating, {IDENTITY}, {VOTER} "
-            "FROM interactions i JOIN votes v ON v.response_id = i.response_id AND v.choice_index = i.choice_index "
+            f"FROM votes v {JOINED_VOTE} "
             "JOIN prompts p ON p.prompt_key = i.prompt_key WHERE v.deleted = 0 "
             "ORDER BY i.response_id, i.choice_index"
         ).fetchall()
-        weight = voter_weights([(r[7], r[8]) for r in rows], max_voter_share)
+        pairs = self.db.execute(
+            "SELECT p.preference_id, c.prompt_key, m.messages, c.response_id, c.choice_index, c.completion, "
+            "c.policy_version, r.response_id, r.choice_index, r.completion, r.policy_version, p.tie, "
+            "COALESCE(p.identity, p.voter, p.preference_id), COALESCE(p.voter, p.preference_id) "
+            f"FROM preferences p {JOINED_PREFERENCE} JOIN prompts m ON m.prompt_key = c.prompt_key "
+            "WHERE p.deleted = 0 ORDER BY p.preference_id"
+        ).fetchall()
+        weight = voter_weights([(r[7], r[8]) for r in rows] + [(r[12], r[13]) for r in pairs], max_voter_share)
         out: list[Example] = []
         for (rid, choice, key, messages, completion, version, rating, identity, voter) in rows:
             w = weight[(identity, voter)]
@@ -316,7 +419,11 @@ class LabelStore:
                                   n, version)
             else:
                 out.append(Example(rid, choice, key, json.loads(messages), completion, rating, w, version))
-        return out
+        prefs = []
+        for pid, key, messages, *answers, tie, identity, voter in pairs:
+            prefs.append(PreferencePair(pid, key, json.loads(messages), Answer(*answers[:4]), Answer(*answers[4:]),
+                                        bool(tie), weight[(identity, voter)]))
+        return out, prefs
 
     def approval_by_version(self) -> dict[int, tuple[int, int]]:
         """policy version -> (up-votes, down-votes): every live vote on a response that version gave."""
@@ -326,20 +433,27 @@ class LabelStore:
             "GROUP BY i.policy_version")}
 
     def voter_counts(self) -> dict[tuple[str, str], int]:
-        """(identity, voter) -> live joined votes (votes without a voter count as their own voter each)."""
-        return {(identity, voter): n for identity, voter, n in self.db.execute(
-            f"SELECT {IDENTITY}, {VOTER}, COUNT(*) FROM votes v JOIN interactions i ON "
-            "v.response_id = i.response_id AND v.choice_index = i.choice_index WHERE v.deleted = 0 "
-            "GROUP BY 1, 2")}
+        """(identity, voter) -> live joined votes and preferences (votes without a voter count as their own voter
+        each)."""
+        counts: dict[tuple[str, str], int] = {}
+        for identity, voter, n in [
+            *self.db.execute(f"SELECT {IDENTITY}, {VOTER}, COUNT(*) FROM votes v {JOINED_VOTE} WHERE v.deleted = 0 "
+                             "GROUP BY 1, 2"),
+            *self.db.execute("SELECT COALESCE(p.identity, p.voter, p.preference_id), COALESCE(p.voter, "
+                             f"p.preference_id), COUNT(*) FROM preferences p {JOINED_PREFERENCE} WHERE p.deleted = 0 "
+                             "GROUP BY 1, 2")]:
+            counts[(identity, voter)] = counts.get((identity, voter), 0) + n
+        return counts
 
     def label_count(self, since_seq: int = 0) -> int:
-        """Joined votes (tombstones included: a withdrawal changes the labels) changed after `since_seq`."""
-        return self.db.execute(
-            "SELECT COUNT(*) FROM votes v JOIN interactions i ON v.response_id = i.response_id "
-            "AND v.choice_index = i.choice_index WHERE v.seq > ?", (since_seq,)).fetchone()[0]
+        """Joined votes and preferences (tombstones included: a withdrawal changes the labels) changed after
+        `since_seq`."""
+        return (self.db.execute(f"SELECT COUNT(*) FROM votes v {JOINED_VOTE} WHERE v.seq > ?", (since_seq,)).fetchone()[0]
+                + self.db.execute(f"SELECT COUNT(*) FROM preferences p {JOINED_PREFERENCE} WHERE p.seq > ?",
+                                  (since_seq,)).fetchone()[0])
 
     def label_seq(self) -> int:
-        return self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM votes").fetchone()[0]
+        return self.db.execute(f"SELECT COALESCE({SEQ}, 0)").fetchone()[0]
 
     def votes(self) -> dict[str, float]:
         """feedback_id -> rating of every live (non-deleted) vote that joined a response."""
@@ -348,11 +462,21 @@ class LabelStore:
             "AND v.choice_index = i.choice_index WHERE v.deleted = 0").fetchall())
 
     def label_stats(self) -> tuple[int, float | None]:
-        """(labels: live votes joined to their response, event time of the newest vote stored or None)."""
-        labels = self.db.execute(
-            "SELECT COUNT(*) FROM votes v JOIN interactions i ON v.response_id = i.response_id "
-            "AND v.choice_index = i.choice_index WHERE v.deleted = 0").fetchone()[0]
-        return labels, self.db.execute("SELECT MAX(ts) FROM votes WHERE deleted = 0").fetchone()[0]
+        """(labels: live votes joined to their response and live preferences joined to both answers, event time of
+        the newest vote or preference stored or None)."""
+        labels = (self.db.execute(f"SELECT COUNT(*) FROM votes v {JOINED_VOTE} WHERE v.deleted = 0").fetchone()[0]
+                  + self.db.execute(f"SELECT COUNT(*) FROM preferences p {JOINED_PREFERENCE} WHERE p.deleted = 0")
+                  .fetchone()[0])
+        newest = self.db.execute("SELECT MAX(ts) FROM (SELECT MAX(ts) AS ts FROM votes WHERE deleted = 0 "
+                                 "UNION ALL SELECT MAX(ts) FROM preferences WHERE deleted = 0)").fetchone()[0]
+        return labels, newest
+
+    def preference_ids(self) -> dict[str, tuple[tuple[str, int], tuple[str, int], bool]]:
+        """preference_id -> ((chosen response id, choice), (rejected ...), tie) of every live preference stored,
+        joined or not."""
+        return {pid: ((c, ci), (r, ri), bool(tie)) for pid, c, ci, r, ri, tie in self.db.execute(
+            "SELECT preference_id, chosen_response_id, chosen_choice, rejected_response_id, rejected_choice, tie "
+            "FROM preferences WHERE deleted = 0")}
 
     def pending_votes(self) -> int:
         return self.db.execute(
