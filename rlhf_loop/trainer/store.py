@@ -56,7 +56,7 @@ CREATE INDEX IF NOT EXISTS votes_by_response ON votes (response_id, choice_index
 CREATE INDEX IF NOT EXISTS votes_by_seq ON votes (seq);
 CREATE TABLE IF NOT EXISTS preferences (         -- latest event per preference_id; tombstones kept as deleted=1
     preference_id TEXT PRIMARY KEY,
-    chosen_response_id TEXT, chosen_choice INTEGER,       -- NULL in a tombstone
+    chosen_response_id TEXT, chosen_choice INTEGER,       -- a tombstone keeps its preference's (NULL if none came)
     rejected_response_id TEXT, rejected_choice INTEGER,
     tie INTEGER NOT NULL, user TEXT, voter TEXT, identity TEXT, deleted INTEGER NOT NULL,
     ts REAL NOT NULL, event_id TEXT NOT NULL, received REAL NOT NULL,
@@ -151,6 +151,7 @@ JOINED_PREFERENCE = (
     "JOIN interactions c ON c.response_id = p.chosen_response_id AND c.choice_index = p.chosen_choice "
     "JOIN interactions r ON r.response_id = p.rejected_response_id AND r.choice_index = p.rejected_choice "
     "AND r.prompt_key = c.prompt_key")
+PAIR_COLUMNS = ("chosen_response_id", "chosen_choice", "rejected_response_id", "rejected_choice")
 SEQ = "(SELECT MAX(m) FROM (SELECT MAX(seq) AS m FROM votes UNION ALL SELECT MAX(seq) FROM preferences))"
 
 
@@ -318,10 +319,14 @@ class LabelStore:
         if row is not None and row[0] > ts:
             return 0
         c, r = ev.chosen, ev.rejected
+        # a tombstone names no pair: it keeps the stored one's, so the withdrawal joins (and counts as a change)
+        keep = ", ".join(f"{col} = COALESCE(excluded.{col}, {col})" for col in PAIR_COLUMNS)
+        fresh = ", ".join(f"{col} = excluded.{col}" for col in (
+            "tie", "user", "voter", "identity", "deleted", "ts", "event_id", "received", "seq"))
         cur.execute(
-            "INSERT OR REPLACE INTO preferences (preference_id, chosen_response_id, chosen_choice, rejected_response_id, "
+            "INSERT INTO preferences (preference_id, chosen_response_id, chosen_choice, rejected_response_id, "
             "rejected_choice, tie, user, voter, identity, deleted, ts, event_id, received, seq) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            f"VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (preference_id) DO UPDATE SET {keep}, {fresh}",
             (ev.preference_id, c and c.response_id, c and c.choice_index, r and r.response_id, r and r.choice_index,
              int(ev.tie), ev.user, ev.voter or ev.user, ev.identity, int(ev.deleted), ts, str(ev.event_id), now,
              self._next_seq(cur)),
