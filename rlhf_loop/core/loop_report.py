@@ -26,7 +26,7 @@ class LoopRound(BaseModel):
     algorithm: str
     labels: int = Field(ge=0, description="labelled responses the round trained on")
     verdict: Literal["promoted", "rejected", "skipped"]
-    reason: str = Field(description="why it was rejected or skipped; empty when promoted")
+    reason: str = Field(description="the gate's reason: what a promotion improved, why it rejected, why skipped")
     version_before: int = Field(ge=0, description="the policy the round trained from")
     version: int | None = Field(None, description="the version it published, if promoted")
     kl_to_ref: float | None = Field(None, description="the candidate's KL to the reference, nats per response")

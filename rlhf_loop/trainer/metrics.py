@@ -79,9 +79,9 @@ def serve(host: str, port: int, rounds_path: Path, store_path: Path) -> None:
     """/metrics (Prometheus) and /loop (the loop report: `loop_report`) on host:port, from a daemon thread."""
     prometheus = make_wsgi_app()
 
-    def app(environ, start_response):
-        if environ["PATH_INFO"] != "/loop":
-            return prometheus(environ, start_response)
+    def app(wsgi_env, start_response):  # (not `environ`: that name reads as the process environment to tests/deploy)
+        if wsgi_env["PATH_INFO"] != "/loop":
+            return prometheus(wsgi_env, start_response)
         body = loop_report(rounds_path, store_path).model_dump_json().encode()
         start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
         return [body]

@@ -51,7 +51,7 @@ def answer(rid: str, version: int) -> Interaction:
 
 def make_trainer_dir(root) -> None:
     for n, verdict, version, kl, reason in ROUNDS:
-        candidate = {} if kl is None else {"reward": 0.1 * n, "kl_to_ref": kl}
+        candidate = {} if kl is None else {"reward": 0.1 + 0.2 * n, "kl_to_ref": kl}
         append_round(root / "rounds.jsonl", RoundReport(
             round=n, trigger_time=T0 + 600 * n, kl_bound=0.5, labels=9, candidate=candidate,
             current={} if kl is None else {"reward": 0.1, "kl_to_ref": 0.05 * n}, version_before=1 if n > 1 else 0,
@@ -107,7 +107,7 @@ def loop_json(svc) -> dict:
 def test_v1_loop_without_a_trainer_shows_the_replicas_and_says_why(replicas):
     first, second = replicas
     assert httpx.get(f"{second.url}/v1/loop", timeout=30).status_code == 401, "the public API's key rules"
-    view = wait_until(lambda: (v := loop_json(second)) if len(v["replicas"]) == 2 else None, 60,
+    view = wait_until(lambda: len((v := loop_json(second))["replicas"]) == 2 and v, 60,
                       "both replicas on the board")
     assert view["trainer"]["status"] == "unreachable" and "ConnectError" in view["trainer"]["detail"]
     assert view["rounds"] == [] and view["approval"] == []
@@ -134,7 +134,7 @@ def test_the_loop_page_shows_the_loop_and_pins_a_replica(browser, replicas, tmp_
     assert [r[0] for r in shown] == ["3", "2", "1"]
     assert [r[4] for r in shown] == ["skipped", "rejected", "promoted v1"]
     assert [r[5] for r in shown] == [reason for *_, reason in reversed(ROUNDS)]
-    assert shown[1][6] == "0.710 / 0.50" and shown[2][7] == "0.100 \u2192 0.100"
+    assert shown[1][6] == "0.710 / 0.50" and shown[2][7] == "0.100 \u2192 0.300"
     # KL to the reference: one point per judged round, by verdict, and the bound
     points = browser.find_elements(By.CSS_SELECTOR, "#kl-chart .kl-point")
     assert [(p.get_attribute("data-round"), p.get_attribute("class")) for p in points] == [
@@ -165,6 +165,7 @@ def test_the_loop_page_shows_the_loop_and_pins_a_replica(browser, replicas, tmp_
     WebDriverWait(browser, 60).until(lambda d: replica_rows(d) == {mine: ("v0", "v0"), other: ("v1", "\u2013")})
     assert css(browser, "#unpin").is_enabled()
 
+    browser.set_window_size(1200, 1500)  # the whole page in the screenshot
     shot = tmp_path / "loop.png"
     browser.save_screenshot(str(shot))
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
