@@ -165,7 +165,7 @@ def test_the_loop_page_shows_the_loop_and_pins_a_replica(browser, replicas, tmp_
     WebDriverWait(browser, 60).until(lambda d: replica_rows(d) == {mine: ("v0", "v0"), other: ("v1", "\u2013")})
     assert css(browser, "#unpin").is_enabled()
 
-    browser.set_window_size(1200, 1500)  # the whole page in the screenshot
+    browser.set_window_size(1200, 1000)  # the whole page in the screenshot
     shot = tmp_path / "loop.png"
     browser.save_screenshot(str(shot))
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
