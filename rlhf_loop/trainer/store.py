@@ -437,11 +437,11 @@ class LabelStore:
 
 
 def read_approval(path: Path, buckets: int) -> list[VersionApproval]:
-    """Approval by version over time from the store at `path`, on a connection of its own, read-only:
-    the metrics server's thread asks while the trainer's thread writes (WAL lets a reader in meanwhile)."""
+    """Approval by version over time from the store at `path`, on a connection of its own (connect_read_only):
+    the metrics server's thread asks while the trainer's thread writes. No store yet: no votes."""
     if not path.exists():
         return []
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
+    db = connect_read_only(path)
     try:
         rows = db.execute(
             "SELECT i.policy_version, v.ts, v.rating FROM votes v JOIN interactions i ON v.response_id = i.response_id "
