@@ -31,6 +31,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from rlhf_loop.core.contracts import Feedback, Interaction
+from rlhf_loop.core.loop_report import ApprovalPoint, VersionApproval
 from rlhf_loop.trainer.killpoints import killpoint
 
 SCHEMA = """
@@ -430,3 +431,51 @@ class LabelStore:
         consumer's position comes from Kafka's committed offsets, so after a broker that lost its
         data (tansu restarts empty) reading starts over and the event_id dedupe keeps labels exact."""
         return {(t, p): o for t, p, o in self.db.execute("SELECT topic, partition, next_offset FROM consumed_offsets")}
+
+
+# ---------------------------------------------------------------------------- approval over time (the loop page)
+
+
+def read_approval(path: Path, buckets: int) -> list[VersionApproval]:
+    """Approval by version over time from the store at `path`, on a connection of its own (connect_read_only):
+    the metrics server's thread asks while the trainer's thread writes. No store yet: no votes."""
+    if not path.exists():
+        return []
+    db = connect_read_only(path)
+    try:
+        rows = db.execute(
+            "SELECT i.policy_version, v.ts, v.rating FROM votes v JOIN interactions i ON v.response_id = i.response_id "
+            "AND v.choice_index = i.choice_index WHERE v.deleted = 0 ORDER BY v.ts").fetchall()
+    finally:
+        db.close()
+    return approval_points(rows, buckets)
+
+
+def approval_points(rows: list[tuple[int, float, float]], buckets: int) -> list[VersionApproval]:
+    """(policy_version, vote event time, rating) rows, oldest first -> each version's cumulative (up, down)
+    at the end of each of `buckets` equal spans of the votes' time range in which its count changed,
+    and at the last span's end (so every version's line runs to the newest vote). The same votes as
+    `LabelStore.approval_by_version` (live, joined), so the page shows what the live-approval watch judges."""
+    if not rows:
+        return []
+    t0, t1 = rows[0][1], rows[-1][1]
+    width = (t1 - t0) / buckets or 1.0  # all at one instant: one span
+    counts: dict[int, list[int]] = {}  # version -> [up, down] so far
+    points: dict[int, list[ApprovalPoint]] = {}
+
+    def close_bucket(k: int, versions: set[int]) -> None:
+        for v in versions:
+            points[v].append(ApprovalPoint(time=t0 + width * (k + 1), up=counts[v][0], down=counts[v][1]))
+
+    k, changed = 0, set()
+    for version, ts, rating in rows:
+        kk = min(int((ts - t0) / width), buckets - 1)
+        if kk != k:
+            close_bucket(k, changed)
+            k, changed = kk, set()
+        c = counts.setdefault(version, [0, 0])
+        points.setdefault(version, [])
+        c[0 if rating > 0 else 1] += 1
+        changed.add(version)
+    close_bucket(k, set(counts))  # every version ends at the newest vote's span
+    return [VersionApproval(version=v, up=counts[v][0], down=counts[v][1], points=points[v]) for v in sorted(counts)]

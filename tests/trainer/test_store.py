@@ -8,7 +8,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from rlhf_loop.core.contracts import Feedback, Interaction, Message, Sampling, feedback_id_for
-from rlhf_loop.trainer.store import LabelStore, connect_read_only, read_labels
+from rlhf_loop.trainer.store import LabelStore, approval_points, connect_read_only, read_approval, read_labels
 
 T0 = datetime(2025, 1, 1, tzinfo=timezone.utc)
 
@@ -270,3 +270,28 @@ def test_a_store_from_an_earlier_release_reads_read_only_as_is_and_gains_the_col
     store.apply_batch([Feedback(feedback_id="r1:b", response_id="r1", rating=-1, comment="no", user="b")], {})
     assert sorted((x.voter, x.comment) for x in read_labels(store.db)) == [("a", None), ("b", "no")]
     store.close()
+
+
+def test_approval_points_are_cumulative_per_version_by_time_span():
+    # (version, vote time, rating); spans of (10 - 0) / 2 = 5 s: [0, 5) and [5, 10]
+    rows = [(0, 0.0, 1.0), (0, 1.0, -1.0), (1, 4.0, 1.0), (0, 6.0, 1.0), (1, 10.0, -1.0), (1, 10.0, 1.0)]
+    v0, v1 = approval_points(rows, buckets=2)
+    assert (v0.version, v0.up, v0.down) == (0, 2, 1) and (v1.version, v1.up, v1.down) == (1, 2, 1)
+    assert [(p.time, p.up, p.down) for p in v0.points] == [(5.0, 1, 1), (10.0, 2, 1)]
+    assert [(p.time, p.up, p.down) for p in v1.points] == [(5.0, 1, 0), (10.0, 2, 1)]
+    # a version with no vote in the last span still ends there; all votes at one instant: one span
+    (only,) = approval_points([(2, 7.0, 1.0), (2, 7.0, 1.0)], buckets=4)
+    assert [(p.time, p.up, p.down) for p in only.points] == [(8.0, 2, 0)]
+    assert approval_points([], buckets=4) == []
+
+
+def test_read_approval_counts_the_live_joined_votes_by_version_as_the_watch_does(store):
+    old, new = interaction("r0"), interaction("r1").model_copy(update={"policy_version": 1})
+    store.apply_batch([old, new, vote("r0", 1, "a", 1), vote("r0", -1, "b", 2), vote("r1", 1, "a", 3),
+                       vote("r1", -1, "b", 4), vote("r1", 1, "c", 5), vote("pending", 1, "a", 6)], {})
+    store.apply_batch([vote("r1", None, "b", 7, deleted=True)], {})  # withdrawn: no longer counted
+    approval = read_approval(store.path, buckets=3)
+    assert {a.version: (a.up, a.down) for a in approval} == store.approval_by_version() == {0: (1, 1), 1: (2, 0)}
+    assert all(a.points[-1].up == a.up and a.points[-1].down == a.down for a in approval)
+    assert approval[0].points[-1].time == (T0 + timedelta(seconds=5)).timestamp(), "ends at the newest live vote"
+    assert read_approval(store.path.with_name("none.sqlite"), buckets=3) == []
