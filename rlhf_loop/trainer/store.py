@@ -39,6 +39,9 @@ CREATE TABLE IF NOT EXISTS interactions (
     event_id TEXT NOT NULL, prompt_key TEXT NOT NULL, completion TEXT NOT NULL,
     completion_tokens INTEGER NOT NULL, policy_version INTEGER NOT NULL, finish_reason TEXT NOT NULL,
     received REAL NOT NULL,
+    completion_token_ids TEXT,                     -- JSON list; NULL in rows from before behaviour log-probs
+    completion_logprobs TEXT,                      -- JSON list, one per token id; NULL when the event had none
+    temperature REAL, top_p REAL,                  -- the sampling that made those log-probs' distribution
     PRIMARY KEY (response_id, choice_index)
 );
 CREATE TABLE IF NOT EXISTS votes (               -- latest event per feedback_id; tombstones kept as deleted=1
@@ -63,6 +66,24 @@ CREATE TABLE IF NOT EXISTS consumed_offsets (     -- the consumer's own record: 
 );
 CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+# columns a store made by an older version lacks, added when it is opened (they are NULL in its old rows)
+ADDED_COLUMNS = {
+    "votes": {"voter": "TEXT", "identity": "TEXT"},  # before the influence cap, before identities
+    "interactions": {"completion_token_ids": "TEXT", "completion_logprobs": "TEXT", "temperature": "REAL",
+                     "top_p": "REAL"},  # before behaviour log-probs
+}
+
+
+@dataclass(frozen=True)
+class Behaviour:
+    """What the serving policy did for one answer (Interaction.completion_logprobs): the tokens it drew and each
+    one's log-prob under the distribution it was drawn from, made by `temperature` and `top_p` (temperature 0:
+    greedy, and the log-probs are the raw log-softmax, at temperature 1; docs/service.md, "Log-probs")."""
+
+    token_ids: tuple[int, ...]
+    logprobs: tuple[float, ...]
+    temperature: float
+    top_p: float
 
 
 @dataclass(frozen=True)
@@ -77,6 +98,7 @@ class Example:
     rating: float  # (weighted) mean of the votes' ratings (+1 / -1 for thumbs)
     n_votes: float  # (weighted) number of votes: below their count when a voter was over the cap
     policy_version: int = 0  # the version that answered
+    behaviour: Behaviour | None = None  # its log-probs under that version; None for events from before them
 
 
 @dataclass(frozen=True)
@@ -150,6 +172,14 @@ def voter_weights(votes: list[tuple[str, str]], cap: float) -> dict[tuple[str, s
     return {(i, v): w * min(1.0, level / totals[i]) for (i, v), w in inner.items()}
 
 
+def _behaviour(token_ids: str | None, logprobs: str | None, temperature: float | None,
+               top_p: float | None) -> Behaviour | None:
+    """An interactions row's behaviour columns -> Behaviour, or None where the event carried no log-probs."""
+    if logprobs is None:
+        return None
+    return Behaviour(tuple(json.loads(token_ids)), tuple(json.loads(logprobs)), temperature, top_p)
+
+
 def prompt_key(messages: list[dict]) -> str:
     canonical = json.dumps([[m["role"], m["content"]] for m in messages], ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]
@@ -166,10 +196,11 @@ class LabelStore:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")  # a committed batch survives power loss, not just a crash
         self.db.executescript(SCHEMA)
-        columns = {r[1] for r in self.db.execute("PRAGMA table_info(votes)")}
-        for column in ("voter", "identity"):  # a store from before the cap, or before identities
-            if column not in columns:
-                self.db.execute(f"ALTER TABLE votes ADD COLUMN {column} TEXT")
+        for table, added in ADDED_COLUMNS.items():
+            columns = {r[1] for r in self.db.execute(f"PRAGMA table_info({table})")}
+            for column, kind in added.items():
+                if column not in columns:
+                    self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
     def close(self) -> None:
         self.db.close()
@@ -220,10 +251,14 @@ class LabelStore:
     def _apply_interaction(self, cur: sqlite3.Cursor, ev: Interaction, now: float) -> int:
         messages = [m.model_dump() for m in ev.messages]
         key = prompt_key(messages)
+        logprobs = None if ev.completion_logprobs is None else json.dumps(ev.completion_logprobs)
         inserted = cur.execute(
-            "INSERT OR IGNORE INTO interactions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT OR IGNORE INTO interactions (response_id, choice_index, event_id, prompt_key, completion, "
+            "completion_tokens, policy_version, finish_reason, received, completion_token_ids, completion_logprobs, "
+            "temperature, top_p) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (ev.response_id, ev.choice_index, str(ev.event_id), key, ev.completion,
-             len(ev.completion_token_ids), ev.policy_version, ev.finish_reason, now),
+             len(ev.completion_token_ids), ev.policy_version, ev.finish_reason, now,
+             json.dumps(ev.completion_token_ids), logprobs, ev.sampling.temperature, ev.sampling.top_p),
         ).rowcount
         cur.execute(
             "INSERT INTO prompts VALUES (?, ?, ?) ON CONFLICT (prompt_key) DO UPDATE SET last_seen = excluded.last_seen",
@@ -300,22 +335,23 @@ class LabelStore:
         so that no voter carries more than `max_voter_share` of them (voter_weights)."""
         rows = self.db.execute(
             "SELECT i.response_id, i.choice_index, i.prompt_key, p.messages, i.completion, i.policy_version, "
-            f"v.rating, {IDENTITY}, {VOTER} "
+            f"v.rating, {IDENTITY}, {VOTER}, i.completion_token_ids, i.completion_logprobs, i.temperature, i.top_p "
             "FROM interactions i JOIN votes v ON v.response_id = i.response_id AND v.choice_index = i.choice_index "
             "JOIN prompts p ON p.prompt_key = i.prompt_key WHERE v.deleted = 0 "
             "ORDER BY i.response_id, i.choice_index"
         ).fetchall()
         weight = voter_weights([(r[7], r[8]) for r in rows], max_voter_share)
         out: list[Example] = []
-        for (rid, choice, key, messages, completion, version, rating, identity, voter) in rows:
+        for (rid, choice, key, messages, completion, version, rating, identity, voter, *behaviour) in rows:
             w = weight[(identity, voter)]
             if out and (out[-1].response_id, out[-1].choice_index) == (rid, choice):
                 prev = out[-1]
                 n = prev.n_votes + w
                 out[-1] = Example(rid, choice, key, prev.messages, completion, (prev.rating * prev.n_votes + rating * w) / n,
-                                  n, version)
+                                  n, version, prev.behaviour)
             else:
-                out.append(Example(rid, choice, key, json.loads(messages), completion, rating, w, version))
+                out.append(Example(rid, choice, key, json.loads(messages), completion, rating, w, version,
+                                   _behaviour(*behaviour)))
         return out
 
     def approval_by_version(self) -> dict[int, tuple[int, int]]:
