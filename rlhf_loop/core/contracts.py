@@ -99,6 +99,9 @@ class Settings(BaseSettings):
     train_max_wait_s: float = Field(120.0, gt=0, description="... or this long passed with at least one")
     late_vote_window_s: float = Field(3600.0, gt=0, description="how long a vote waits for its response, and back")
     trainer_metrics_port: int = Field(0, ge=0, le=65535, description="`rlhf train` serves Prometheus /metrics here; 0 = off")
+    trainer_url: str = Field("", description="the trainer's metrics server (http://<host>:<RLHF_TRAINER_METRICS_PORT>), "
+                                             "whose GET /loop a replica relays to the loop page; empty = the page "
+                                             "shows no rounds")
 
     @field_validator("state_dir")
     @classmethod
@@ -323,6 +326,16 @@ class Interaction(Event):
     sampling: Sampling
     user: str | None = None
     created: int = Field(default_factory=lambda: int(time.time()))
+    # The behaviour policy's log-prob of each completion token (policy_version, as sampled: temperature and top_p
+    # applied; for temperature 0 the raw log-softmax), one per completion_token_ids; None in events from before it
+    completion_logprobs: list[float] | None = None
+
+    @model_validator(mode="after")
+    def _one_logprob_per_token(self) -> "Interaction":
+        if self.completion_logprobs is not None and len(self.completion_logprobs) != len(self.completion_token_ids):
+            raise ValueError(f"completion_logprobs has {len(self.completion_logprobs)} entries for "
+                             f"{len(self.completion_token_ids)} completion tokens")
+        return self
 
     @property
     def key(self) -> str:

@@ -6,7 +6,9 @@
     DELETE /v1/feedback/{id}     withdraw a vote (tombstone)     -> 202
     POST /v1/preferences         which of two answers to one prompt is better -> 202
     DELETE /v1/preferences/{id}  withdraw a preference (tombstone) -> 202
+    GET  /v1/loop                what the loop page draws: replicas, rounds, approval (service/loop.py)
     GET  /                       the chat playground (service/static/playground.html)
+    GET  /loop                   the loop page (service/static/loop.html)
     GET  /openapi.json, /docs    the OpenAPI document (service/openapi.py) and its Swagger UI page
 
 The admin API listens on its own port (service/admin.py); both are built on service/http.py.
@@ -23,7 +25,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -39,16 +41,18 @@ from rlhf_loop.core.contracts import (
 )
 from rlhf_loop.core.contracts import Settings
 from rlhf_loop.service import metrics, openapi
+from rlhf_loop.service.detokenizer import TokenBytes
 from rlhf_loop.service.engine import Engine, EngineFull, Generation
 from rlhf_loop.service.events import EventLog
 from rlhf_loop.service.http import APIError, bearer_token, new_app, parse, read_body
 from rlhf_loop.service.limits import Caller, VoteLimits
 from rlhf_loop.service.loaded import LoadedVersion
+from rlhf_loop.service.loop import ReplicaBoard, loop_view
 from rlhf_loop.service.request import Delta, SamplingParams
 from rlhf_loop.service.schemas import (
-    AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice, ChunkChoice, ChunkDelta,
-    ErrorBody, ErrorResponse, FeedbackAccepted, FeedbackRequest, ModelCard, ModelList, PreferenceAccepted,
-    PreferenceRequest, Usage,
+    AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice, ChoiceLogprobs, ChunkChoice,
+    ChunkDelta, ErrorBody, ErrorResponse, FeedbackAccepted, FeedbackRequest, ModelCard, ModelList, PreferenceAccepted,
+    PreferenceRequest, TokenLogprob, TopLogprob, Usage,
 )
 from rlhf_loop.service.versions import VersionManager
 
@@ -77,6 +81,7 @@ class Parts(Protocol):
     versions: VersionManager
     events: EventLog
     vote_limits: VoteLimits
+    board: ReplicaBoard
 
 
 def current() -> Parts:
@@ -109,17 +114,23 @@ class Job:
     prompt_ids: list[int]
     params: SamplingParams
     user: str | None
+    logprobs: bool  # the client asked for them (the engine reports the chosen tokens' always: the Interaction has them)
     texts: list[list[str]] = field(init=False)  # per choice: the deltas so far
     token_ids: list[list[int]] = field(init=False)
+    token_logprobs: list[list[float]] = field(init=False)  # one per token id
+    top_logprobs: list[list[tuple[tuple[int, float], ...]]] = field(init=False)  # one per token id, if asked
     finish: list[str | None] = field(init=False)
 
     def __post_init__(self) -> None:
         n = self.params.n
         self.texts, self.token_ids, self.finish = [[] for _ in range(n)], [[] for _ in range(n)], [None] * n
+        self.token_logprobs, self.top_logprobs = [[] for _ in range(n)], [[] for _ in range(n)]
 
     def add(self, d: Delta) -> None:
         self.texts[d.index].append(d.text)
         self.token_ids[d.index].extend(d.token_ids)
+        self.token_logprobs[d.index].extend(d.logprobs)
+        self.top_logprobs[d.index].extend(d.top_logprobs)
         if d.finish_reason is not None:
             self.finish[d.index] = d.finish_reason
 
@@ -135,9 +146,31 @@ class Job:
             Interaction(response_id=self.response_id, choice_index=i, policy_version=self.loaded.version,
                         model=self.model, messages=self.messages, prompt_token_ids=self.prompt_ids,
                         completion="".join(self.texts[i]), completion_token_ids=self.token_ids[i],
-                        finish_reason=self.finish[i], sampling=sampling, user=self.user, created=self.created)
+                        completion_logprobs=self.token_logprobs[i], finish_reason=self.finish[i],
+                        sampling=sampling, user=self.user, created=self.created)
             for i in range(p.n)
         ]
+
+    def choice_logprobs(self, i: int) -> ChoiceLogprobs | None:
+        """Choice i's `logprobs` in the response: None unless the client asked."""
+        if not self.logprobs:
+            return None
+        return ChoiceLogprobs(content=logprob_content(self.loaded.token_bytes, self.token_ids[i],
+                                                      self.token_logprobs[i], self.top_logprobs[i]))
+
+
+def logprob_content(token_bytes: TokenBytes, token_ids: Sequence[int], logprobs: Sequence[float],
+                    top: Sequence[tuple[tuple[int, float], ...]]) -> list[TokenLogprob]:
+    """OpenAI's `logprobs.content` for answer tokens: each token's text, bytes and log-prob (one per token
+    id), and its most likely alternatives (`top`: one tuple of (id, log-prob) per token, or empty when the
+    client asked for none)."""
+
+    def entry(token_id: int, logprob: float) -> dict:
+        b = token_bytes(token_id)
+        return {"token": b.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(b)}
+
+    return [TokenLogprob(**entry(t, lp), top_logprobs=[TopLogprob(**entry(a, alp)) for a, alp in alts])
+            for t, lp, alts in zip(token_ids, logprobs, top or [()] * len(token_ids), strict=True)]
 
 
 async def admit(svc: Parts, req: ChatCompletionRequest) -> Job:
@@ -151,9 +184,9 @@ async def admit(svc: Parts, req: ChatCompletionRequest) -> Job:
                        code="invalid_value")
     if req.tools:
         raise APIError(400, "'tools' are not supported by this server.", param="tools", code="unsupported_parameter")
-    if req.logprobs:
-        raise APIError(400, "'logprobs' are not supported by this server.", param="logprobs",
-                       code="unsupported_parameter")
+    if req.top_logprobs is not None and not req.logprobs:
+        raise APIError(400, "'top_logprobs' is only allowed when 'logprobs' is true.", param="top_logprobs",
+                       code="invalid_value")
     if req.stream_options is not None and not req.stream:
         raise APIError(400, "'stream_options' is only allowed when 'stream' is true.", param="stream_options",
                        code="invalid_value")
@@ -187,12 +220,13 @@ async def admit(svc: Parts, req: ChatCompletionRequest) -> Job:
         top_p=1.0 if req.top_p is None else req.top_p,
         max_tokens=max_tokens, n=n, stop=stop,
         seed=secrets.randbits(63) if req.seed is None else req.seed,
+        top_logprobs=req.top_logprobs or 0,
     )
     # the id carries the prompt's tag: a preference between two responses is checked to be about one prompt
     rid = make_response_id(svc.id_secret, loaded.version, n, prompt_tag(svc.id_secret, messages))
     return Job(response_id=rid, created=int(time.time()),
                model=s.served_model_name, loaded=loaded, messages=messages, prompt_ids=prompt_ids,
-               params=params, user=req.user)
+               params=params, user=req.user, logprobs=bool(req.logprobs))
 
 
 async def finish(svc: Parts, job: Job, started: float) -> None:
@@ -239,7 +273,8 @@ async def chat_completions(request: Request):
     await finish(svc, job, started)
     return ChatCompletion(
         id=job.response_id, created=job.created, model=job.model, system_fingerprint=job.loaded.fingerprint,
-        choices=[Choice(index=i, message=AssistantMessage(content="".join(job.texts[i])), finish_reason=job.finish[i])
+        choices=[Choice(index=i, message=AssistantMessage(content="".join(job.texts[i])), finish_reason=job.finish[i],
+                        logprobs=job.choice_logprobs(i))
                  for i in range(job.params.n)],
         usage=job.usage(),
     ).model_dump(mode="json")
@@ -280,14 +315,21 @@ async def _sse(svc: Parts, job: Job, deltas: Generation, started: float,
         body = ChatCompletionChunk(id=job.response_id, created=job.created, model=job.model,
                                    system_fingerprint=job.loaded.fingerprint, choices=choices, usage=usage)
         data = body.model_dump(mode="json", exclude_none=not include_usage)
-        for c in data["choices"]:  # OpenAI omits unset delta fields but keeps finish_reason: null
+        for c in data["choices"]:  # OpenAI omits unset delta fields but keeps finish_reason: null (refusal too)
             c["delta"] = {k: v for k, v in c["delta"].items() if v is not None}
             c.setdefault("finish_reason", None)
+            if c.get("logprobs") is not None:
+                c["logprobs"].setdefault("refusal", None)
         return f"data: {_json(data)}\n\n"
 
     def events(d: Delta) -> str:
         job.add(d)
-        out = chunk([ChunkChoice(index=d.index, delta=ChunkDelta(content=d.text))]) if d.text else ""
+        # with logprobs, a token whose text is held back (part of a character, a possible stop string) still
+        # gets its chunk: every token's log-prob arrives in the chunk of the delta that drew it
+        logprobs = None if not job.logprobs else ChoiceLogprobs(content=logprob_content(
+            job.loaded.token_bytes, d.token_ids, d.logprobs, d.top_logprobs))
+        shown = d.text or (logprobs is not None and d.token_ids)
+        out = chunk([ChunkChoice(index=d.index, delta=ChunkDelta(content=d.text), logprobs=logprobs)]) if shown else ""
         if d.finish_reason is not None:
             out += chunk([ChunkChoice(index=d.index, delta=ChunkDelta(), finish_reason=d.finish_reason)])
         return out
@@ -472,6 +514,15 @@ async def delete_preference(preference_id: str, request: Request):
     return PreferenceAccepted(id=preference_id, chosen=None, rejected=None, deleted=True).model_dump()
 
 
+# ---------------------------------------------------------------------------- the loop page's data
+
+
+@app.get("/v1/loop", dependencies=[Depends(require_api_key)], **openapi.LOOP)
+async def get_loop():
+    svc = current()
+    return (await loop_view(svc.settings, svc.board)).model_dump(mode="json")
+
+
 @app.api_route("/v1/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
 @app.api_route("/admin/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
 async def unknown_url(request: Request, rest: str):
@@ -483,12 +534,17 @@ async def unknown_url(request: Request, rest: str):
 # A route of this app wins over BentoML's own at the same path (docs/service.md, "OpenAPI"):
 # `/` is the playground instead of BentoML's index page, `/docs.json` our document.
 
-PLAYGROUND = Path(__file__).parent / "static" / "playground.html"
+STATIC = Path(__file__).parent / "static"
 
 
 @app.get("/", include_in_schema=False)
 async def playground():
-    return FileResponse(PLAYGROUND, media_type="text/html")
+    return FileResponse(STATIC / "playground.html", media_type="text/html")
+
+
+@app.get("/loop", include_in_schema=False)
+async def loop_page():
+    return FileResponse(STATIC / "loop.html", media_type="text/html")
 
 
 @app.get("/openapi.json", include_in_schema=False)

@@ -21,8 +21,8 @@ from pydantic import BaseModel
 
 from rlhf_loop.core.contracts import Settings
 from rlhf_loop.service.schemas import (
-    ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ErrorResponse, FeedbackAccepted, FeedbackRequest, ModelCard, ModelList,
-    PreferenceAccepted, PreferenceRequest,
+    ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ErrorResponse, FeedbackAccepted, FeedbackRequest, LoopView,
+    ModelCard, ModelList, PreferenceAccepted, PreferenceRequest,
 )
 
 ERRORS = {  # status -> when; every error body is OpenAI's shape (ErrorResponse)
@@ -134,6 +134,10 @@ WITHDRAW_PREFERENCE = dict(
     responses=answers(202, PreferenceAccepted, "Accepted: one tombstone event spooled for Kafka; `chosen` and "
                                                "`rejected` are null (the id alone names the pair).",
                       401, 403, 404, 429, 503))
+LOOP = dict(operation_id="retrieveLoop",
+            summary="The loop page's data: what each replica serves, the trainer's rounds, approval by version",
+            responses=answers(200, LoopView, "Read-only. `trainer.status` says whether `rounds` and `approval` came "
+                                             "from the trainer (RLHF_TRAINER_URL).", 401))
 
 _TEXT = {"text/plain": {"schema": {"type": "string"}}}
 PROBES = {  # BentoML's routes on the same port (docs/service.md, "Probes and metrics")
@@ -148,8 +152,8 @@ def document(app: FastAPI, settings: Settings, *, max_stop: int) -> dict:
     # a copy: FastAPI puts the routes' openapi_extra dicts into the document as they are
     doc = copy.deepcopy(get_openapi(title="rlhf-loop chat + feedback API", version="1", routes=app.routes,
                                     description="OpenAI-compatible chat completions with thumbs feedback and pairwise "
-                                                "preferences; every "
-                                                "error is OpenAI's `{\"error\": {...}}`. The playground is at `/`."))
+                                                "preferences; every error is OpenAI's `{\"error\": {...}}`. The "
+                                                "playground is at `/`, the loop page at `/loop`."))
     for item in doc["paths"].values():
         for operation in item.values():
             # FastAPI documents a 422 for any route with parameters; ours never answers one

@@ -1,8 +1,9 @@
-"""Request and response bodies of the HTTP API: OpenAI's chat shapes, feedback, preferences, admin, errors.
+"""Request and response bodies of the HTTP API: OpenAI's chat shapes, feedback, preferences, the loop page's
+view, admin, errors.
 
 Requests are validated strictly (a string is not a number, a float is not an int) and a
 field we do not support but a client might send is accepted and ignored only when
-ignoring it cannot change the answer; `tools`, `logprobs` and non-text content are refused.
+ignoring it cannot change the answer; `tools` and non-text content are refused.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 from rlhf_loop.core.contracts import FEEDBACK_KEY
+from rlhf_loop.core.loop_report import LoopRound, VersionApproval
 
 # ---------------------------------------------------------------------------- chat request
 
@@ -43,6 +45,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+MAX_TOP_LOGPROBS = 20  # as OpenAI
 StopString = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 
 
@@ -63,8 +66,9 @@ class ChatCompletionRequest(BaseModel):
     user: str | None = Field(None, max_length=256)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    # accepted for compatibility, refused when they would change the answer
-    logprobs: bool | None = None
+    logprobs: bool | None = None  # each answer token's log-prob under the distribution it was drawn from
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # only with logprobs: true (as OpenAI)
+    # accepted for compatibility, refused when it would change the answer
     tools: list[Any] | None = None
 
     def stop_strings(self) -> tuple[str, ...]:
@@ -88,11 +92,37 @@ class AssistantMessage(BaseModel):
     refusal: None = None
 
 
+class TopLogprob(BaseModel):
+    """One of the most likely tokens at a position: its text (U+FFFD for part of a character), log-prob, and
+    its own UTF-8 bytes (a character split across tokens is whole once their bytes are joined)."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(BaseModel):
+    """An answer token (as TopLogprob) and the `top_logprobs` most likely tokens where it was drawn, most
+    likely first; fewer when fewer could be drawn (outside the nucleus a token's log-prob is -inf)."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    """A choice's (or a stream chunk's) log-probs: one entry per token of its content."""
+
+    content: list[TokenLogprob] | None
+    refusal: list[TokenLogprob] | None = None
+
+
 class Choice(BaseModel):
     index: int
     message: AssistantMessage
     finish_reason: Literal["stop", "length"]
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -114,7 +144,7 @@ class ChunkChoice(BaseModel):
     index: int
     delta: ChunkDelta
     finish_reason: Literal["stop", "length"] | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None  # with logprobs: true, those of the tokens in this chunk's delta
 
 
 class ChatCompletionChunk(BaseModel):
@@ -210,6 +240,35 @@ class PreferenceAccepted(BaseModel):
     rejected: AnswerChoice | None
     tie: bool = False
     deleted: bool = False
+
+
+# ---------------------------------------------------------------------------- the loop page (GET /v1/loop)
+
+
+class ReplicaServing(BaseModel):
+    """One replica's line on the replica board (service/loop.py)."""
+
+    name: str = Field(description="`<hostname>:<port>`: in Kubernetes the pod's name")
+    serving: int | None = Field(description="the policy version it serves; null while it loads its first")
+    pinned: int | None = Field(description="the version an admin pinned on it, or null")
+    latest: int | None = Field(description="LATEST in the policy store as it last read it")
+    seen: float = Field(description="unix time of this line; older than a few `policy_poll_s`: the replica is away")
+    answering: bool = Field(False, description="true for the replica that answered this request")
+
+
+class TrainerStatus(BaseModel):
+    status: Literal["ok", "not_configured", "unreachable"]
+    detail: str | None = Field(None, description="why there are no rounds: the setting missing, or the error")
+
+
+class LoopView(BaseModel):
+    """GET /v1/loop: what the loop page at /loop draws."""
+
+    object: Literal["loop"] = "loop"
+    replicas: list[ReplicaServing]
+    trainer: TrainerStatus = Field(description="whether the rounds and approval below come from the trainer")
+    rounds: list[LoopRound] = Field(description="the trainer's newest rounds, oldest first (empty without it)")
+    approval: list[VersionApproval] = Field(description="live approval by policy version over time (empty without it)")
 
 
 # ---------------------------------------------------------------------------- admin

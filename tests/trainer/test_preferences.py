@@ -218,7 +218,8 @@ def tone_preferences(n: int, seed: int = 0, ties: int = 0) -> list[PreferencePai
         good, bad = (make_answer(rng, subject, "cheerful", False),
                      make_answer(rng, subject, "cheerful" if tie else "gloomy", False))
         out.append(PreferencePair(f"p{i}", subject, [{"role": "user", "content": f"Tell me about {subject}."}],
-                                  Answer(f"r{i}", rng.randrange(2), good, 0), Answer(f"r{i}", 2, bad, 0), tie, 1.0))
+                                  Answer(f"r{i}", rng.randrange(2), good, 0), Answer(f"r{i}", 2, bad, 0), tie, 1.0,
+                                  f"voter{i}", 0.0, None, False))
     return out
 
 
@@ -236,6 +237,7 @@ def test_a_frozen_head_learns_from_preferences_alone_and_the_judge_can_trust_it(
     cache = FeatureCache("test")
     metrics = train_reward_head(rm, tok, [], cfg, cache, preferences=prefs)
     assert len(cache.features) == 2 * len(prefs)  # both answers of every preference, once each
+    assert all(f.dim() == 2 for f in cache.features.values())  # (T, H): each answer token's state, for the token head
     held = [p for p in prefs if is_heldout_pair(p, cfg.heldout_fraction)]
     assert metrics.train_preferences == len(prefs) - len(held) and metrics.pairs == metrics.train_preferences
     assert metrics.heldout_preferences == sum(not p.tie for p in held) > 20
@@ -279,6 +281,7 @@ def test_the_pair_path_on_a_real_shaped_model(random_model, tmp_path):
     cache = FeatureCache("real")
     metrics = train_reward_head(rm, tok, thumbs, cfg, cache, preferences=prefs)
     assert len(cache.features) == len(thumbs) + 2 * len(prefs)
+    assert {f.shape[-1] for f in cache.features.values()} == {rm.shift.shape[0]}  # (T, H) token states of the body
     held = [p for p in prefs if is_heldout_pair(p, cfg.heldout_fraction)]
     assert metrics.train_preferences == len(prefs) - len(held) > 0
     assert metrics.heldout_preferences == sum(not p.tie for p in held) > 0
