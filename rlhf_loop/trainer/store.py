@@ -290,7 +290,8 @@ def connect_read_only(path: Path) -> sqlite3.Connection:
 
     SQLite's read-only mode: nothing can be written and a missing file is an error, not a new store.
     In WAL mode a reader sees the last committed batch and neither blocks the writer nor waits for
-    it; one SELECT is one consistent snapshot. A store from an earlier release reads as if it had
+    it; one SELECT, or the reads inside one BEGIN ... COMMIT (read_labels and read_preferences each read
+    twice: rows, then label_weights), is one consistent snapshot. A store from an earlier release reads as if it had
     gained ADDED_COLUMNS (NULL) and ADDED_TABLES (empty): temporary views and tables of the same names
     shadow (or stand in for) its tables, for this connection only.
     """
