@@ -10,8 +10,8 @@ fallback for announcements missed while Kafka was away.
 A version is verified (sha256 of every file against its manifest, and against the
 announcement's own list when there is one) and loaded on a background thread, never on
 the request path; then `current` is replaced with one reference assignment. A LoRA version
-is an adapter over a full version, its base: the replica keeps one base in memory
-(`SharedBase`) and loads each adapter version onto it (its few MB read and verified here,
+is an adapter over a full version, its base: the replica keeps each base in memory once
+(`SharedBase`, while a loaded version runs on it) and loads each adapter version onto it (its few MB read and verified here,
 injected by the engine between two steps, since forwards may be running), so a swap costs
 an adapter, not a model; a version over another base loads that base (a full reload). The
 base's own version runs on the same weights with the adapters off; an adapter is deleted
