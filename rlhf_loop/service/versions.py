@@ -11,11 +11,11 @@ A version is verified (sha256 of every file against its manifest, and against th
 announcement's own list when there is one) and loaded on a background thread, never on
 the request path; then `current` is replaced with one reference assignment. A LoRA version
 is an adapter over a full version, its base: the replica keeps each base in memory once
-(`SharedBase`, while a loaded version runs on it) and loads each adapter version onto it (its few MB read and verified here,
-injected by the engine between two steps, since forwards may be running), so a swap costs
-an adapter, not a model; a version over another base loads that base (a full reload). The
-base's own version runs on the same weights with the adapters off; an adapter is deleted
-from the base when the last request of its version ends. A request
+(`SharedBase`, while a loaded version runs on it) and loads each adapter version onto it (its
+few MB read and verified here, injected by the engine between two steps, since forwards may
+be running), so a swap costs an adapter, not a model; a version over another base loads that
+base (a full reload). The base's own version runs on the same weights with the adapters off;
+an adapter is deleted from the base when the last request of its version ends. A request
 reads `current` once at its start and uses only that object, so requests in flight finish
 on the version they started with, and a response names exactly one version. A version
 that fails to verify or load is refused: the old one keeps serving, a metric and a log
