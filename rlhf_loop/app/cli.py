@@ -1,6 +1,6 @@
 """The `rlhf` command: one subcommand per job, each owned by the module that does it.
 
-    rlhf up | broker | serve | train | sft | simulate | model build | model import | model fetch
+    rlhf up | broker | serve | train | sft | simulate | export | model build | model import | model fetch
     python -m rlhf_loop ...          # the same command, where the console script is not on PATH
 
 Each subcommand imports its module when it runs (a plain import inside its function, so
@@ -52,6 +52,12 @@ def simulate(argv: list[str]) -> int | None:
     return simulate.main(argv)
 
 
+def export(argv: list[str]) -> int | None:
+    from rlhf_loop.app import export
+
+    return export.main(argv)
+
+
 def model_build(argv: list[str]) -> int | None:
     from rlhf_loop.core import tinylm
 
@@ -82,6 +88,7 @@ COMMANDS: dict[str, tuple[Command, str]] = {
     "train": (train, "the trainer: consume votes, train, publish policies (--once for one round)"),
     "sft": (sft, "supervised fine-tuning on demonstrations (JSONL of chats)"),
     "simulate": (simulate, "simulated users that chat and vote by a hidden taste"),
+    "export": (export, "the trainer's labels as a Hugging Face dataset directory (JSONL + card)"),
     "model": (model, "the base model: build the embedded one, or import a GGUF file"),
 }
 

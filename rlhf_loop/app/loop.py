@@ -70,6 +70,7 @@ class Loop:
         self.port = cfg.port or free_port()
         self.model = cfg.model  # resolved to a directory by start() when it is a known name
         self.url = f"http://127.0.0.1:{self.port}"
+        self.trainer_metrics_port = free_port()  # its GET /loop feeds the service's loop page (RLHF_TRAINER_URL)
         self.sim_log = SimLog()
         self.stop = threading.Event()
         self.t0 = time.monotonic()
@@ -85,6 +86,8 @@ class Loop:
             "RLHF_API_KEYS": f"{self.cfg.sim.api_key}={DEMO_KEY_QUOTA}",
             "RLHF_TRAIN_MIN_LABELS": str(self.cfg.train_min_labels),
             "RLHF_TRAIN_MAX_WAIT_S": str(self.cfg.train_max_wait_s),
+            "RLHF_TRAINER_METRICS_PORT": str(self.trainer_metrics_port),
+            "RLHF_TRAINER_URL": f"http://127.0.0.1:{self.trainer_metrics_port}",
             "BENTOML_DO_NOT_TRACK": "true", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
         }
 

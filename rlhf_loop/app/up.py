@@ -30,6 +30,7 @@ EXAMPLES = """
 service ready on {url}  (logs in {logs})
 
   chat and vote in a browser: {url}/   (the playground, API key {key}; the API reference is {url}/docs)
+  watch the loop: {url}/loop   (what serves, approval by version, the rounds, KL to the reference)
 
   curl -s {url}/v1/chat/completions -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' \\
        -d '{{"model": "rlhf-policy", "messages": [{{"role": "user", "content": "Tell me about cats."}}]}}'

@@ -104,6 +104,9 @@ class Settings(BaseSettings):
     train_max_wait_s: float = Field(120.0, gt=0, description="... or this long passed with at least one")
     late_vote_window_s: float = Field(3600.0, gt=0, description="how long a vote waits for its response, and back")
     trainer_metrics_port: int = Field(0, ge=0, le=65535, description="`rlhf train` serves Prometheus /metrics here; 0 = off")
+    trainer_url: str = Field("", description="the trainer's metrics server (http://<host>:<RLHF_TRAINER_METRICS_PORT>), "
+                                             "whose GET /loop a replica relays to the loop page; empty = the page "
+                                             "shows no rounds")
 
     @field_validator("state_dir")
     @classmethod

@@ -8,6 +8,11 @@ Auth: `Authorization: Bearer <RLHF_ADMIN_KEY>`. No bearer token: 401. A wrong to
 key included): 403. RLHF_ADMIN_KEY unset: 403 for every token, i.e. the admin API is off
 unless a key is configured. A pin holds for this replica only.
 
+The loop page (/loop, on the public port: another origin) calls these from the browser, so
+they answer CORS requests from any origin. That opens nothing: the key travels only in the
+Authorization header, which a browser never adds by itself (no cookies), so a page from
+elsewhere without the key gets the same 401 as any other client.
+
 BentoML serves one port per service, so this is a second, small uvicorn server that the
 service starts on a thread of its worker process and stops in its shutdown hook.
 """
@@ -22,6 +27,7 @@ import time
 import anyio
 import uvicorn
 from fastapi import Depends, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 
 from rlhf_loop.core.contracts import Settings
 from rlhf_loop.service.http import APIError, bearer_token, new_app, parse, read_body
@@ -31,6 +37,8 @@ from rlhf_loop.service.schemas import PinRequest
 
 def make_admin_app(settings: Settings, versions: VersionManager) -> FastAPI:
     app = new_app("rlhf-loop admin API")
+    app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["GET", "POST"],
+                       allow_headers=["Authorization", "Content-Type"])
     admin_key = settings.admin_key.get_secret_value()
 
     def require_admin(request: Request) -> None:

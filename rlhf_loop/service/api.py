@@ -4,7 +4,9 @@
     GET  /v1/models, /v1/models/{model}   the served name and each version a request may name (rlhf-policy@v3)
     POST /v1/feedback            a thumbs up/down on a response  -> 202
     DELETE /v1/feedback/{id}     withdraw a vote (tombstone)     -> 202
+    GET  /v1/loop                what the loop page draws: replicas, rounds, approval (service/loop.py)
     GET  /                       the chat playground (service/static/playground.html)
+    GET  /loop                   the loop page (service/static/loop.html)
     GET  /openapi.json, /docs    the OpenAPI document (service/openapi.py) and its Swagger UI page
 
 The admin API listens on its own port (service/admin.py); both are built on service/http.py.
@@ -37,6 +39,7 @@ from rlhf_loop.core.contracts import (
 )
 from rlhf_loop.core.contracts import Settings
 from rlhf_loop.service import metrics, openapi
+from rlhf_loop.service.loop import ReplicaBoard, loop_view
 from rlhf_loop.service.engine import Engine, EngineFull, Generation
 from rlhf_loop.service.events import EventLog
 from rlhf_loop.service.http import APIError, bearer_token, new_app, parse, read_body
@@ -78,6 +81,7 @@ class Parts(Protocol):
     versions: VersionManager
     events: EventLog
     vote_limits: VoteLimits
+    board: ReplicaBoard
 
 
 def current() -> Parts:
@@ -442,6 +446,15 @@ async def delete_feedback(feedback_id: str, request: Request):
                             deleted=True).model_dump()
 
 
+# ---------------------------------------------------------------------------- the loop page's data
+
+
+@app.get("/v1/loop", dependencies=[Depends(require_api_key)], **openapi.LOOP)
+async def get_loop():
+    svc = current()
+    return (await loop_view(svc.settings, svc.board)).model_dump(mode="json")
+
+
 @app.api_route("/v1/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
 @app.api_route("/admin/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
 async def unknown_url(request: Request, rest: str):
@@ -453,12 +466,17 @@ async def unknown_url(request: Request, rest: str):
 # A route of this app wins over BentoML's own at the same path (docs/service.md, "OpenAPI"):
 # `/` is the playground instead of BentoML's index page, `/docs.json` our document.
 
-PLAYGROUND = Path(__file__).parent / "static" / "playground.html"
+STATIC = Path(__file__).parent / "static"
 
 
 @app.get("/", include_in_schema=False)
 async def playground():
-    return FileResponse(PLAYGROUND, media_type="text/html")
+    return FileResponse(STATIC / "playground.html", media_type="text/html")
+
+
+@app.get("/loop", include_in_schema=False)
+async def loop_page():
+    return FileResponse(STATIC / "loop.html", media_type="text/html")
 
 
 @app.get("/openapi.json", include_in_schema=False)

@@ -124,7 +124,7 @@ class CountRequests:
 
 def _endpoint(path: str) -> str:
     for prefix, name in (("/v1/chat/completions", "chat"), ("/v1/feedback", "feedback"),
-                         ("/v1/models", "models"), ("/admin/", "admin")):
+                         ("/v1/models", "models"), ("/v1/loop", "loop"), ("/admin/", "admin")):
         if path.startswith(prefix):
             return name
     return "other"

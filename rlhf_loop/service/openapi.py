@@ -21,8 +21,8 @@ from pydantic import BaseModel
 
 from rlhf_loop.core.contracts import Settings
 from rlhf_loop.service.schemas import (
-    ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ErrorResponse, FeedbackAccepted, FeedbackRequest, ModelCard, ModelList,
-    model_name_pattern, version_model_id,
+    ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ErrorResponse, FeedbackAccepted, FeedbackRequest, LoopView,
+    ModelCard, ModelList, model_name_pattern, version_model_id,
 )
 
 ERRORS = {  # status -> when; every error body is OpenAI's shape (ErrorResponse)
@@ -119,6 +119,10 @@ FEEDBACK = dict(
 WITHDRAW = dict(operation_id="deleteFeedback", summary="Withdraw a vote (a tombstone event)",
                 responses=answers(202, FeedbackAccepted, "Accepted: one tombstone event spooled for Kafka.",
                                   401, 403, 404, 429, 503))
+LOOP = dict(operation_id="retrieveLoop",
+            summary="The loop page's data: what each replica serves, the trainer's rounds, approval by version",
+            responses=answers(200, LoopView, "Read-only. `trainer.status` says whether `rounds` and `approval` came "
+                                             "from the trainer (RLHF_TRAINER_URL).", 401))
 
 _TEXT = {"text/plain": {"schema": {"type": "string"}}}
 PROBES = {  # BentoML's routes on the same port (docs/service.md, "Probes and metrics")
@@ -133,7 +137,8 @@ def document(app: FastAPI, settings: Settings, *, max_stop: int) -> dict:
     # a copy: FastAPI puts the routes' openapi_extra dicts into the document as they are
     doc = copy.deepcopy(get_openapi(title="rlhf-loop chat + feedback API", version="1", routes=app.routes,
                                     description="OpenAI-compatible chat completions with thumbs feedback; every "
-                                                "error is OpenAI's `{\"error\": {...}}`. The playground is at `/`."))
+                                                "error is OpenAI's `{\"error\": {...}}`. The playground is at `/`, "
+                                                "the loop page at `/loop`."))
     for item in doc["paths"].values():
         for operation in item.values():
             # FastAPI documents a 422 for any route with parameters; ours never answers one

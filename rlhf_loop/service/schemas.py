@@ -1,4 +1,4 @@
-"""Request and response bodies of the HTTP API: OpenAI's chat shapes, feedback, admin, errors.
+"""Request and response bodies of the HTTP API: OpenAI's chat shapes, feedback, the loop page's view, admin, errors.
 
 Requests are validated strictly (a string is not a number, a float is not an int) and a
 field we do not support but a client might send is accepted and ignored only when
@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 from rlhf_loop.core.contracts import FEEDBACK_KEY
+from rlhf_loop.core.loop_report import LoopRound, VersionApproval
 
 # ---------------------------------------------------------------------------- chat request
 
@@ -210,6 +211,35 @@ class FeedbackAccepted(BaseModel):
     response_id: str
     rating: Literal["up", "down"] | None
     deleted: bool = False
+
+
+# ---------------------------------------------------------------------------- the loop page (GET /v1/loop)
+
+
+class ReplicaServing(BaseModel):
+    """One replica's line on the replica board (service/loop.py)."""
+
+    name: str = Field(description="`<hostname>:<port>`: in Kubernetes the pod's name")
+    serving: int | None = Field(description="the policy version it serves; null while it loads its first")
+    pinned: int | None = Field(description="the version an admin pinned on it, or null")
+    latest: int | None = Field(description="LATEST in the policy store as it last read it")
+    seen: float = Field(description="unix time of this line; older than a few `policy_poll_s`: the replica is away")
+    answering: bool = Field(False, description="true for the replica that answered this request")
+
+
+class TrainerStatus(BaseModel):
+    status: Literal["ok", "not_configured", "unreachable"]
+    detail: str | None = Field(None, description="why there are no rounds: the setting missing, or the error")
+
+
+class LoopView(BaseModel):
+    """GET /v1/loop: what the loop page at /loop draws."""
+
+    object: Literal["loop"] = "loop"
+    replicas: list[ReplicaServing]
+    trainer: TrainerStatus = Field(description="whether the rounds and approval below come from the trainer")
+    rounds: list[LoopRound] = Field(description="the trainer's newest rounds, oldest first (empty without it)")
+    approval: list[VersionApproval] = Field(description="live approval by policy version over time (empty without it)")
 
 
 # ---------------------------------------------------------------------------- admin

@@ -24,6 +24,7 @@ from rlhf_loop.service.api import app
 from rlhf_loop.service.engine import Engine
 from rlhf_loop.service.events import EventLog
 from rlhf_loop.service.limits import VoteLimits
+from rlhf_loop.service.loop import ReplicaBoard
 from rlhf_loop.service.versions import VersionManager
 from rlhf_loop.service.scheduler import Limits
 
@@ -57,6 +58,7 @@ class ChatService:
         self.vote_limits = VoteLimits(self.settings)
         self.versions = VersionManager(self.settings, self.engine)
         self.versions.start()  # loads LATEST on a background thread; /readyz says when it is in
+        self.board = ReplicaBoard(self.settings, self.versions).start()  # what it serves, for the loop page
         self.admin = AdminServer(make_admin_app(self.settings, self.versions), self.settings.host,
                                  self.settings.admin_port).start()
         log.info("rlhf-chat starting: model %r, policy store %s, kafka %s, spool %s, admin API on %s, "
@@ -73,6 +75,7 @@ class ChatService:
     @bentoml.on_shutdown
     def shutdown(self) -> None:
         self.admin.stop()
+        self.board.stop()
         self.versions.close()
         self.engine.close()
         self.events.close(timeout=5)

@@ -108,7 +108,7 @@ def main(argv: list[str]) -> int:
         ensure_topics(settings)
     state = TrainerState.open(settings, cfg, d)
     if settings.trainer_metrics_port and d.is_main:
-        metrics.serve(settings.host, settings.trainer_metrics_port)
+        metrics.serve(settings.host, settings.trainer_metrics_port, state.rounds_path, state.store.path)
 
     def request_stop(signum, _frame):
         log.info("%s: stopping after the current step", signal.Signals(signum).name)

@@ -126,17 +126,20 @@ class RewardConfig:
 
     backbone: Literal["tuned", "frozen"] = "tuned"
     """tuned: the backbone trains with the head (its own weights in full mode, its own LoRA adapter
-    in lora mode), every round, through the whole body. frozen: only a linear head trains, on
-    features of the frozen base (reward.feature_layer's hidden states, mean- and max-pooled over
-    the answer), computed once per labelled answer and kept; a round costs a forward of its new
-    labels. The embedded model's loop is tuned with 'tuned'; real models on CPU default to
-    'frozen' (model_defaults; docs/trainer.md compares the two on the same votes)."""
+    in lora mode), every round, through the whole body. frozen: only a small head trains, on the
+    frozen base's hidden states of the answer's tokens at reward.feature_layer (each token scored,
+    the best one counts, plus a linear read of their mean and max), computed once per labelled
+    answer and kept; a round costs a forward of its new labels. The embedded model's loop is tuned
+    with 'tuned'; real models on CPU default to 'frozen' (model_defaults; docs/trainer.md compares
+    the two on the same votes)."""
     feature_layer: int = 0
-    """backbone=frozen: the decoder layer whose hidden states are the features (0: the middle
-    layer, which read the simulated tastes best: bench/reward_model.py)."""
-    head_l2: float = 10.0
+    """backbone=frozen: the decoder layer whose hidden states are the features (0: the one a quarter
+    of the way up the body, which read the simulated tastes best on SmolLM2: docs/trainer.md)."""
+    head_l2: float = 1.0
     """backbone=frozen: L2 penalty on the head's weights (features standardised; the loss is a mean
-    over votes): a few hundred labels against 2 x hidden features need a strong one (bench/reward_model.py)."""
+    over votes); 1 read held-out votes best of 0.03-10 on SmolLM2's answers (docs/trainer.md)."""
+    head_max_iter: int = 100
+    """backbone=frozen: L-BFGS iterations of the head's fit, from zero, every round."""
 
     lr: float = 3e-4
     """AdamW learning rate. OpenRLHF's RM default is 9e-6 for 7B models; the 0.7M embedded
@@ -176,7 +179,8 @@ class RewardConfig:
     -1 if not) instead of the learned RM; the RM is still trained and reported."""
 
     def __post_init__(self) -> None:
-        _positive(self, "lr", "batch_size", "epochs", "max_steps", "max_pairs_per_prompt", "max_grad_norm", "max_length")
+        _positive(self, "lr", "batch_size", "epochs", "max_steps", "max_pairs_per_prompt", "max_grad_norm", "max_length",
+                  "head_max_iter")
         _non_negative(self, "pairwise_weight", "weight_decay", "feature_layer", "head_l2")
         if not 0.0 < self.heldout_fraction < 1.0:
             raise ValueError(f"reward.heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
@@ -516,8 +520,10 @@ def model_defaults(model_dir: str | Path, params: int, device_type: str, adapter
         out["reward"] = {"lr": 9e-5 if lora else 9e-6}
         out["direct"] = {"lr": 1e-5 if lora else 1e-6}  # TRL's KTOConfig / DPOConfig 1e-6; x10 for LoRA
         if device_type == "cpu":
-            out["ppo"].update(rollout_prompts=16, rollout_batches=1, ppo_epochs=2, minibatch_size=8,
-                              max_new_tokens=32, forward_batch_size=16)
+            # a CPU round affords 4 optimizer steps (2 epochs x 2 minibatches of 16 rollouts): at the anchors'
+            # lr they left SmolLM2 where it was (KL 0.06 nats, bf16's own noise, over 11 rounds), so 10x
+            out["ppo"].update(lr=3e-4 if lora else 3e-5, rollout_prompts=16, rollout_batches=1, ppo_epochs=2,
+                              minibatch_size=8, max_new_tokens=32, forward_batch_size=16)
             # the frozen-feature head: a round's reward model is a forward of its new labels, not steps through
             # the whole body, and it predicted held-out votes better at the steps a CPU round affords
             # (docs/trainer.md, "A real model on a CPU"; bench/reward_model.py)

@@ -1,6 +1,11 @@
 """The trainer's Prometheus metrics, served by `rlhf train` on RLHF_TRAINER_METRICS_PORT (0 = off).
 
     RLHF_TRAINER_METRICS_PORT=9400 rlhf train  &&  curl -s localhost:9400/metrics | grep rlhf_trainer_
+    curl -s localhost:9400/loop       # the loop report (core/loop_report.py): the newest rounds, approval by version
+
+The same port answers GET /loop, read-only JSON for the service's loop page (service/loop.py
+relays it from RLHF_TRAINER_URL): the newest rounds from rounds.jsonl and approval by version
+over time from the label store, each read afresh per request on the server's own thread.
 
 The metric objects, and small functions that take plain values: `observe_round` a round's
 report as a dict (trainer/round.py, as the round ends), `observe_state` what the continuous
@@ -10,9 +15,21 @@ is in docs/trainer.md, and k8s/base/grafana/rlhf-loop.json plots them.
 
 from __future__ import annotations
 
+import json
 import math
+import threading
+from collections import deque
+from pathlib import Path
+from socketserver import ThreadingMixIn
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram, make_wsgi_app
+
+from rlhf_loop.core.loop_report import LoopReport, loop_round
+from rlhf_loop.trainer.store import read_approval
+
+LOOP_ROUNDS = 200  # rounds in a loop report: the newest; a day of rounds at the default cadence fits
+APPROVAL_BUCKETS = 48  # points per version's approval line
 
 rounds = Counter("rlhf_trainer_rounds", "Training rounds by outcome: promoted, rejected (by the gate), "
                  "skipped (no labelled examples yet)", ["outcome"])
@@ -49,9 +66,38 @@ voters_capped = Gauge("rlhf_trainer_voters_capped", "Voters whose votes the infl
 voter_share = Gauge("rlhf_trainer_max_voter_share", "The largest share of a round's votes one voter cast, before the cap")
 
 
-def serve(host: str, port: int) -> None:
-    """/metrics on host:port from a daemon thread (prometheus_client's own server)."""
-    start_http_server(port, addr=host)
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True  # a request in flight does not hold the trainer's exit
+
+
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format, *args):  # noqa: A002 - a scrape every 15 s is not worth a log line
+        return
+
+
+def serve(host: str, port: int, rounds_path: Path, store_path: Path) -> None:
+    """/metrics (Prometheus) and /loop (the loop report: `loop_report`) on host:port, from a daemon thread."""
+    prometheus = make_wsgi_app()
+
+    def app(wsgi_env, start_response):  # (not `environ`: that name reads as the process environment to tests/deploy)
+        if wsgi_env["PATH_INFO"] != "/loop":
+            return prometheus(wsgi_env, start_response)
+        body = loop_report(rounds_path, store_path).model_dump_json().encode()
+        start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+        return [body]
+
+    httpd = make_server(host, port, app, _Server, handler_class=_Quiet)
+    threading.Thread(target=httpd.serve_forever, name="trainer-metrics", daemon=True).start()
+
+
+def loop_report(rounds_path: Path, store_path: Path) -> LoopReport:
+    """The newest LOOP_ROUNDS rounds of rounds.jsonl and approval by version from the label store."""
+    lines: deque[str] = deque(maxlen=LOOP_ROUNDS)
+    if rounds_path.exists():
+        with open(rounds_path) as f:
+            lines.extend(line for line in f if line.endswith("\n"))  # not a line the round is appending now
+    return LoopReport(rounds=[loop_round(json.loads(line)) for line in lines],
+                      approval=read_approval(store_path, APPROVAL_BUCKETS))
 
 
 def observe_round(report: dict) -> None:

@@ -28,6 +28,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import partial
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -528,11 +529,16 @@ def _finish(state: TrainerState, report: RoundReport, label_seq: int) -> RoundRe
     state.store.set("guard_streak", report.guard_streak)
     if (stall := guard_stall(report, state.cfg.gate)) is not None:
         log.warning(stall)
-    with open(state.rounds_path, "a") as f:
-        f.write(json.dumps(_nan_to_none(asdict(report))) + "\n")  # strict JSON: nan -> null
+    append_round(state.rounds_path, report)
     metrics.observe_round(asdict(report))
     print(report.summary(), flush=True)
     return report
+
+
+def append_round(path: Path, report: RoundReport) -> None:
+    """Append the round to rounds.jsonl (read by app/loop.py and the trainer's GET /loop, trainer/metrics.py)."""
+    with open(path, "a") as f:
+        f.write(json.dumps(_nan_to_none(asdict(report))) + "\n")  # strict JSON: nan -> null
 
 
 _GUARD_SET_CHECKS = ("guard_set", "ref_guard_set")  # against the current policy, and the reference's floor

@@ -112,7 +112,7 @@ class TrainerState:
         dtype = model_dtype(policy_store.path(ref_version), settings, device)  # autocast's: bf16 where it pays
         rm_features = None
         if cfg.reward.backbone == "frozen":  # features are the reference's, at this layer, length and precision
-            key = (f"v{ref_version}:{policy_store.manifest_sha256(ref_version)}:layer{nets.reward.layer}:"
+            key = (f"v{ref_version}:{policy_store.manifest_sha256(ref_version)}:layer{nets.reward.layer}:tokens:"
                    f"{cfg.reward.max_length}:{dtype}")
             rm_features = FeatureCache.from_tensors(start["rm_features"], key)
         if dist.is_main:

@@ -27,10 +27,11 @@ import hashlib
 import json
 import sqlite3
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from rlhf_loop.core.contracts import Feedback, Interaction
+from rlhf_loop.core.loop_report import ApprovalPoint, VersionApproval
 from rlhf_loop.trainer.killpoints import killpoint
 
 SCHEMA = """
@@ -39,6 +40,7 @@ CREATE TABLE IF NOT EXISTS interactions (
     event_id TEXT NOT NULL, prompt_key TEXT NOT NULL, completion TEXT NOT NULL,
     completion_tokens INTEGER NOT NULL, policy_version INTEGER NOT NULL, finish_reason TEXT NOT NULL,
     received REAL NOT NULL,
+    answered REAL,                                 -- the answer's event time (Interaction.ts)
     PRIMARY KEY (response_id, choice_index)
 );
 CREATE TABLE IF NOT EXISTS votes (               -- latest event per feedback_id; tombstones kept as deleted=1
@@ -46,7 +48,8 @@ CREATE TABLE IF NOT EXISTS votes (               -- latest event per feedback_id
     user TEXT, rating REAL, deleted INTEGER NOT NULL, ts REAL NOT NULL, event_id TEXT NOT NULL,
     received REAL NOT NULL, seq INTEGER NOT NULL,  -- seq: when this vote last changed or got joined
     voter TEXT,                                    -- the voter the influence cap counts (Feedback.voter or user)
-    identity TEXT                                  -- who cast it (Feedback.identity); NULL before identities
+    identity TEXT,                                 -- who cast it (Feedback.identity); NULL before identities
+    comment TEXT                                   -- Feedback.comment
 );
 CREATE INDEX IF NOT EXISTS votes_by_response ON votes (response_id, choice_index);
 CREATE INDEX IF NOT EXISTS votes_by_seq ON votes (seq);
@@ -63,6 +66,9 @@ CREATE TABLE IF NOT EXISTS consumed_offsets (     -- the consumer's own record: 
 );
 CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+# Columns a store made by an earlier release lacks (they are in SCHEMA for new stores). A writable
+# store gains them on open (NULL in the rows stored before); a read-only reader sees them as NULL.
+ADDED_COLUMNS = {"votes": {"voter": "TEXT", "identity": "TEXT", "comment": "TEXT"}, "interactions": {"answered": "REAL"}}
 
 
 @dataclass(frozen=True)
@@ -77,6 +83,26 @@ class Example:
     rating: float  # (weighted) mean of the votes' ratings (+1 / -1 for thumbs)
     n_votes: float  # (weighted) number of votes: below their count when a voter was over the cap
     policy_version: int = 0  # the version that answered
+
+
+@dataclass(frozen=True)
+class Label:
+    """One vote joined to the answer it is about (what `rlhf export` writes, a row each); a response's
+    Example aggregates its labels."""
+
+    response_id: str
+    choice_index: int
+    prompt_key: str
+    messages: list[dict]  # the prompt, [{"role", "content"}, ...]
+    completion: str
+    policy_version: int  # the version that answered
+    rating: float | None  # +1 / -1 for thumbs; None for a withdrawn vote (a tombstone keeps no rating)
+    weight: float  # the vote's weight under the influence cap (voter_weights): 1 below it; 0 if withdrawn
+    voter: str  # whom the cap counts (VOTER): identity-derived, so an export pseudonymizes it
+    voted_at: float  # the vote's (or its withdrawal's) event time, unix seconds
+    answered_at: float | None  # the answer's event time; None for answers stored before it was kept
+    comment: str | None
+    withdrawn: bool
 
 
 @dataclass(frozen=True)
@@ -150,6 +176,52 @@ def voter_weights(votes: list[tuple[str, str]], cap: float) -> dict[tuple[str, s
     return {(i, v): w * min(1.0, level / totals[i]) for (i, v), w in inner.items()}
 
 
+def _missing_columns(db: sqlite3.Connection) -> dict[str, list[str]]:
+    """table -> the ADDED_COLUMNS it lacks (a store from an earlier release)."""
+    out = {}
+    for table, added in ADDED_COLUMNS.items():
+        have = {r[1] for r in db.execute(f"PRAGMA main.table_info({table})")}
+        if missing := [c for c in added if c not in have]:
+            out[table] = missing
+    return out
+
+
+def connect_read_only(path: Path) -> sqlite3.Connection:
+    """The store at `path` opened for reading only, beside a trainer that writes it (`rlhf export`).
+
+    SQLite's read-only mode: nothing can be written and a missing file is an error, not a new store.
+    In WAL mode a reader sees the last committed batch and neither blocks the writer nor waits for
+    it; one SELECT is one consistent snapshot. A store from an earlier release reads as if it had
+    gained ADDED_COLUMNS (NULL): temporary views of the same names shadow its tables, for this
+    connection only.
+    """
+    db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=30.0)
+    for table, missing in _missing_columns(db).items():
+        nulls = ", ".join(f"NULL AS {c}" for c in missing)
+        db.execute(f"CREATE TEMP VIEW {table} AS SELECT *, {nulls} FROM main.{table}")
+    return db
+
+
+def read_labels(db: sqlite3.Connection, max_voter_share: float = 1.0, *, include_withdrawn: bool = False) -> list[Label]:
+    """Every vote joined to its answer (votes still waiting for theirs are not labels yet), by
+    (response id, choice, feedback id), weighted so that no voter carries more than `max_voter_share`
+    of the live ones (voter_weights). Withdrawn votes (tombstones still kept: `dedupe_window_s`)
+    only with `include_withdrawn`, with no rating and weight 0. `db`: LabelStore.db or
+    connect_read_only's."""
+    rows = db.execute(
+        "SELECT i.response_id, i.choice_index, i.prompt_key, p.messages, i.completion, i.policy_version, "
+        f"v.rating, {IDENTITY}, {VOTER}, v.ts, i.answered, v.comment, v.deleted "
+        "FROM interactions i JOIN votes v ON v.response_id = i.response_id AND v.choice_index = i.choice_index "
+        "JOIN prompts p ON p.prompt_key = i.prompt_key WHERE v.deleted = 0 OR ? "
+        "ORDER BY i.response_id, i.choice_index, v.feedback_id", (include_withdrawn,)
+    ).fetchall()
+    weight = voter_weights([(r[7], r[8]) for r in rows if not r[12]], max_voter_share)
+    return [Label(rid, choice, key, json.loads(messages), completion, version, rating,
+                  0.0 if deleted else weight[(identity, voter)], voter, ts, answered, comment, bool(deleted))
+            for (rid, choice, key, messages, completion, version, rating, identity, voter, ts, answered, comment,
+                 deleted) in rows]
+
+
 def prompt_key(messages: list[dict]) -> str:
     canonical = json.dumps([[m["role"], m["content"]] for m in messages], ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]
@@ -166,10 +238,9 @@ class LabelStore:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")  # a committed batch survives power loss, not just a crash
         self.db.executescript(SCHEMA)
-        columns = {r[1] for r in self.db.execute("PRAGMA table_info(votes)")}
-        for column in ("voter", "identity"):  # a store from before the cap, or before identities
-            if column not in columns:
-                self.db.execute(f"ALTER TABLE votes ADD COLUMN {column} TEXT")
+        for table, missing in _missing_columns(self.db).items():
+            for column in missing:
+                self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {ADDED_COLUMNS[table][column]}")
 
     def close(self) -> None:
         self.db.close()
@@ -221,9 +292,10 @@ class LabelStore:
         messages = [m.model_dump() for m in ev.messages]
         key = prompt_key(messages)
         inserted = cur.execute(
-            "INSERT OR IGNORE INTO interactions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT OR IGNORE INTO interactions (response_id, choice_index, event_id, prompt_key, completion, "
+            "completion_tokens, policy_version, finish_reason, received, answered) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (ev.response_id, ev.choice_index, str(ev.event_id), key, ev.completion,
-             len(ev.completion_token_ids), ev.policy_version, ev.finish_reason, now),
+             len(ev.completion_token_ids), ev.policy_version, ev.finish_reason, now, ev.ts.timestamp()),
         ).rowcount
         cur.execute(
             "INSERT INTO prompts VALUES (?, ?, ?) ON CONFLICT (prompt_key) DO UPDATE SET last_seen = excluded.last_seen",
@@ -242,10 +314,10 @@ class LabelStore:
             return 0
         cur.execute(
             "INSERT OR REPLACE INTO votes (feedback_id, response_id, choice_index, user, rating, deleted, ts, event_id, "
-            "received, seq, voter, identity) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "received, seq, voter, identity, comment) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (ev.feedback_id, ev.response_id, ev.choice_index, ev.user,
              None if ev.deleted else float(ev.rating), int(ev.deleted), ts, str(ev.event_id), now, self._next_seq(cur),
-             ev.voter or ev.user, ev.identity),
+             ev.voter or ev.user, ev.identity, ev.comment),
         )
         return 1
 
@@ -296,26 +368,17 @@ class LabelStore:
 
     def examples(self, max_voter_share: float = 1.0) -> list[Example]:
         """Every labelled response (joined, with at least one non-deleted vote), by response id
-        (a fixed order for a given set of labels, whatever the arrival timing), its votes weighted
-        so that no voter carries more than `max_voter_share` of them (voter_weights)."""
-        rows = self.db.execute(
-            "SELECT i.response_id, i.choice_index, i.prompt_key, p.messages, i.completion, i.policy_version, "
-            f"v.rating, {IDENTITY}, {VOTER} "
-            "FROM interactions i JOIN votes v ON v.response_id = i.response_id AND v.choice_index = i.choice_index "
-            "JOIN prompts p ON p.prompt_key = i.prompt_key WHERE v.deleted = 0 "
-            "ORDER BY i.response_id, i.choice_index"
-        ).fetchall()
-        weight = voter_weights([(r[7], r[8]) for r in rows], max_voter_share)
+        (a fixed order for a given set of labels, whatever the arrival timing): its labels
+        (read_labels, weighted so that no voter carries more than `max_voter_share`) aggregated."""
         out: list[Example] = []
-        for (rid, choice, key, messages, completion, version, rating, identity, voter) in rows:
-            w = weight[(identity, voter)]
-            if out and (out[-1].response_id, out[-1].choice_index) == (rid, choice):
+        for x in read_labels(self.db, max_voter_share):
+            if out and (out[-1].response_id, out[-1].choice_index) == (x.response_id, x.choice_index):
                 prev = out[-1]
-                n = prev.n_votes + w
-                out[-1] = Example(rid, choice, key, prev.messages, completion, (prev.rating * prev.n_votes + rating * w) / n,
-                                  n, version)
+                n = prev.n_votes + x.weight
+                out[-1] = replace(prev, rating=(prev.rating * prev.n_votes + x.rating * x.weight) / n, n_votes=n)
             else:
-                out.append(Example(rid, choice, key, json.loads(messages), completion, rating, w, version))
+                out.append(Example(x.response_id, x.choice_index, x.prompt_key, x.messages, x.completion, x.rating,
+                                   x.weight, x.policy_version))
         return out
 
     def approval_by_version(self) -> dict[int, tuple[int, int]]:
@@ -368,3 +431,51 @@ class LabelStore:
         consumer's position comes from Kafka's committed offsets, so after a broker that lost its
         data (tansu restarts empty) reading starts over and the event_id dedupe keeps labels exact."""
         return {(t, p): o for t, p, o in self.db.execute("SELECT topic, partition, next_offset FROM consumed_offsets")}
+
+
+# ---------------------------------------------------------------------------- approval over time (the loop page)
+
+
+def read_approval(path: Path, buckets: int) -> list[VersionApproval]:
+    """Approval by version over time from the store at `path`, on a connection of its own (connect_read_only):
+    the metrics server's thread asks while the trainer's thread writes. No store yet: no votes."""
+    if not path.exists():
+        return []
+    db = connect_read_only(path)
+    try:
+        rows = db.execute(
+            "SELECT i.policy_version, v.ts, v.rating FROM votes v JOIN interactions i ON v.response_id = i.response_id "
+            "AND v.choice_index = i.choice_index WHERE v.deleted = 0 ORDER BY v.ts").fetchall()
+    finally:
+        db.close()
+    return approval_points(rows, buckets)
+
+
+def approval_points(rows: list[tuple[int, float, float]], buckets: int) -> list[VersionApproval]:
+    """(policy_version, vote event time, rating) rows, oldest first -> each version's cumulative (up, down)
+    at the end of each of `buckets` equal spans of the votes' time range in which its count changed,
+    and at the last span's end (so every version's line runs to the newest vote). The same votes as
+    `LabelStore.approval_by_version` (live, joined), so the page shows what the live-approval watch judges."""
+    if not rows:
+        return []
+    t0, t1 = rows[0][1], rows[-1][1]
+    width = (t1 - t0) / buckets or 1.0  # all at one instant: one span
+    counts: dict[int, list[int]] = {}  # version -> [up, down] so far
+    points: dict[int, list[ApprovalPoint]] = {}
+
+    def close_bucket(k: int, versions: set[int]) -> None:
+        for v in versions:
+            points[v].append(ApprovalPoint(time=t0 + width * (k + 1), up=counts[v][0], down=counts[v][1]))
+
+    k, changed = 0, set()
+    for version, ts, rating in rows:
+        kk = min(int((ts - t0) / width), buckets - 1)
+        if kk != k:
+            close_bucket(k, changed)
+            k, changed = kk, set()
+        c = counts.setdefault(version, [0, 0])
+        points.setdefault(version, [])
+        c[0 if rating > 0 else 1] += 1
+        changed.add(version)
+    close_bucket(k, set(counts))  # every version ends at the newest vote's span
+    return [VersionApproval(version=v, up=counts[v][0], down=counts[v][1], points=points[v]) for v in sorted(counts)]

@@ -17,9 +17,11 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import psutil
 import pytest
 
+from rlhf_loop.app.simulate import SimConfig
 from rlhf_loop.core.broker import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -39,6 +41,14 @@ def start_up(tmp_path, base_model_dir, port: int) -> subprocess.Popen:
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
+def loop_view(port: int) -> dict:
+    """GET /v1/loop with the demo's API key."""
+    resp = httpx.get(f"http://127.0.0.1:{port}/v1/loop", headers={"Authorization": f"Bearer {SimConfig.api_key}"},
+                     timeout=30)
+    assert resp.status_code == 200, resp.text
+    return resp.json()
+
+
 def test_ctrl_c_stops_every_part_with_a_line_each_and_no_traceback(tmp_path, base_model_dir):
     port = free_port()
     proc = start_up(tmp_path, base_model_dir, port)
@@ -52,6 +62,9 @@ def test_ctrl_c_stops_every_part_with_a_line_each_and_no_traceback(tmp_path, bas
         service_log, deadline = state / "logs" / "service.log", time.monotonic() + 60
         while "path=/v1/feedback" not in service_log.read_text() and time.monotonic() < deadline:
             time.sleep(0.5)  # until they vote
+        # the loop page's data: the service relays the trainer's GET /loop (RLHF_TRAINER_URL set by `up`)
+        while (loop := loop_view(port))["trainer"]["status"] != "ok" and time.monotonic() < deadline + 60:
+            time.sleep(0.5)
         time.sleep(1)  # conversations in flight when Ctrl-C comes
         os.killpg(proc.pid, signal.SIGINT)
         rest, _ = proc.communicate(timeout=180)
@@ -67,6 +80,8 @@ def test_ctrl_c_stops_every_part_with_a_line_each_and_no_traceback(tmp_path, bas
     with socket.socket() as s:
         assert s.connect_ex(("127.0.0.1", port)) != 0, "the service still listens"
     assert "path=/v1/feedback" in (state / "logs" / "service.log").read_text(), "the users were voting by then"
+    assert loop["trainer"]["status"] == "ok", loop
+    assert [(r["serving"], r["answering"]) for r in loop["replicas"]] == [(0, True)], loop
 
 
 def test_sigterm_to_rlhf_up_alone_stops_every_part_as_ctrl_c_does(tmp_path, base_model_dir):

@@ -213,3 +213,10 @@ def announce(bootstrap: str, store_root: Path, version: int, topic: str = "rlhf.
         producer.send(topic, key=str(version).encode(), value=update.to_bytes()).get(timeout=30)
     finally:
         producer.close()
+
+
+def css(driver, selector: str):
+    """The page's element at `selector` (selenium)."""
+    from selenium.webdriver.common.by import By
+
+    return driver.find_element(By.CSS_SELECTOR, selector)

@@ -1,4 +1,4 @@
-"""`rlhf train`'s Prometheus metrics: a real trainer process, a real broker, one short round.
+"""`rlhf train`'s Prometheus metrics and loop report (GET /loop): a real trainer process, a real broker, one short round.
 
     .venv/bin/python -m pytest -q tests/trainer/test_metrics.py
 """
@@ -16,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from trainer_helpers import TrainerProcess, interaction, produce, records, trainer_env, votes_for
 
 from rlhf_loop.core.broker import free_port
+from rlhf_loop.core.loop_report import LoopReport
 from rlhf_loop.core.tinylm import make_answer
 from rlhf_loop.trainer import metrics
 
@@ -46,6 +47,7 @@ def test_a_round_and_the_vote_stream_show_on_the_trainers_metrics(settings, base
             deadline = time.monotonic() + 30  # the loop reports its state after the next poll
             while (m := scrape(url)).get(("rlhf_trainer_labels", ())) != 24 and time.monotonic() < deadline:
                 time.sleep(0.5)
+            loop = LoopReport.model_validate_json(httpx.get(f"http://127.0.0.1:{port}/loop", timeout=10).content)
             proc.proc.send_signal(signal.SIGTERM)
             assert proc.proc.wait(60) == 0
         finally:
@@ -70,6 +72,15 @@ def test_a_round_and_the_vote_stream_show_on_the_trainers_metrics(settings, base
     partitions = {(t, str(p)) for t in (settings.topic_interactions, settings.topic_feedback)
                   for p in range(settings.topic_partitions)}
     assert set(lag) == partitions and set(lag.values()) == {0}, lag
+    # the same port's GET /loop (the loop page's source): the round from rounds.jsonl, approval from the store
+    (shown,) = loop.rounds
+    assert (shown.round, shown.verdict, shown.version, shown.version_before) == (1, "promoted", 1, 0)
+    assert (shown.kl_to_ref, shown.reward_after) == (report["candidate"]["kl_to_ref"], report["candidate"]["reward"])
+    assert shown.kl_bound == report["kl_bound"] and shown.labels == report["labels"] == 24
+    (v0,) = loop.approval
+    ups = sum(v.rating == 1 for v in votes)
+    assert (v0.version, v0.up, v0.down) == (0, ups, 24 - ups) and 0 < ups < 24
+    assert (v0.points[-1].up, v0.points[-1].down, v0.points[-1].time) == (ups, 24 - ups, newest)
     # nothing trainer/metrics.py defines is missing from the scrape
     defined = {v.describe()[0].name for v in vars(metrics).values() if isinstance(v, MetricWrapperBase)}
     assert defined and defined <= {name for name, _ in m} | {name.removesuffix("_total") for name, _ in m} | {

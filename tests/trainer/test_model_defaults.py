@@ -13,13 +13,15 @@ def test_auto_is_decided_once_by_size_and_the_learning_rates_follow_it(tmp_path)
     toy = config.model_defaults(tmp_path, 740_000, "cpu")
     assert toy == {"train": {"adapter": "full"}}  # the embedded model keeps its tuned dataclass defaults
     mid = config.model_defaults(tmp_path, REAL_MODEL_PARAMS, "cpu")
-    assert mid["train"]["adapter"] == "full" and mid["ppo"]["lr"] == 3e-6
+    assert mid["train"]["adapter"] == "full" and mid["ppo"]["lr"] == 3e-5  # a CPU round's few steps: 10x the anchor
+    assert config.model_defaults(tmp_path, REAL_MODEL_PARAMS, "cuda")["ppo"]["lr"] == 3e-6  # TRL's
     big = config.model_defaults(tmp_path, LORA_AUTO_MIN_PARAMS, "cpu")
-    assert big["train"]["adapter"] == "lora" and big["ppo"]["lr"] == 3e-5 and big["reward"]["lr"] == 9e-5
+    assert big["train"]["adapter"] == "lora" and big["ppo"]["lr"] == 3e-4 and big["reward"]["lr"] == 9e-5
+    assert config.model_defaults(tmp_path, LORA_AUTO_MIN_PARAMS, "cuda")["ppo"]["lr"] == 3e-5
     assert big["reward"]["backbone"] == "frozen"  # on a CPU: a round's reward model is its new labels' forwards
     assert "backbone" not in config.model_defaults(tmp_path, LORA_AUTO_MIN_PARAMS, "cuda")["reward"]
     forced = config.model_defaults(tmp_path, LORA_AUTO_MIN_PARAMS, "cpu", adapter="full")
-    assert forced["train"]["adapter"] == "full" and forced["ppo"]["lr"] == 3e-6
+    assert forced["train"]["adapter"] == "full" and forced["ppo"]["lr"] == 3e-5
     cfg = TrainerConfig().replace(**big)
     assert cfg.train.adapter == "lora" and cfg.train.resolved_adapter(1) == "lora", "resolved: size no longer matters"
 

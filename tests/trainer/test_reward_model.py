@@ -160,7 +160,7 @@ def test_a_frozen_feature_head_learns_a_rule_computing_each_answers_features_onc
     # a score from text (a rollout, the gate) is the head on the same features
     held = [e for e in examples if is_heldout(e.response_id, cfg.heldout_fraction)][:6]
     from_text = score(rm, tok, [e.messages for e in held], [e.completion for e in held], max_length=cfg.max_length)
-    torch.testing.assert_close(from_text, rm.head_scores(cache.get(held)), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(from_text, rm.head_scores(*cache.get(held)), atol=1e-4, rtol=1e-4)
     # the head and its standardisation round-trip through safetensors, and the cache by its key
     path = tmp_path / "rm.safetensors"
     rm.save(path)
@@ -168,7 +168,7 @@ def test_a_frozen_feature_head_learns_a_rule_computing_each_answers_features_onc
     from safetensors.torch import load_file
 
     assert again.load(load_file(path))
-    torch.testing.assert_close(again.head_scores(cache.get(held)), rm.head_scores(cache.get(held)))
+    torch.testing.assert_close(again.head_scores(*cache.get(held)), rm.head_scores(*cache.get(held)))
     assert len(FeatureCache.from_tensors(cache.tensors(), "test").features) == 200
     assert FeatureCache.from_tensors(cache.tensors(), "another body").features == {}
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import sqlite3
 from datetime import datetime, timedelta, timezone
 
 import pytest
 
 from rlhf_loop.core.contracts import Feedback, Interaction, Message, Sampling, feedback_id_for
-from rlhf_loop.trainer.store import LabelStore
+from rlhf_loop.trainer.store import LabelStore, approval_points, connect_read_only, read_approval, read_labels
 
 T0 = datetime(2025, 1, 1, tzinfo=timezone.utc)
 
@@ -229,3 +230,68 @@ def test_votes_of_two_identities_on_one_answer_stay_two_and_each_withdraws_its_o
     assert (store.examples()[0].n_votes, store.examples()[0].rating) == (2, 0.0)
     store.apply_batch([bound("key:a", None, 3, deleted=True)], {})  # ... and withdraws it; b's stays
     assert (store.examples()[0].n_votes, store.examples()[0].rating) == (1, 1.0)
+
+
+def test_labels_are_the_votes_behind_the_examples_with_their_comment_and_times(store):
+    answer = interaction("r1")
+    store.apply_batch([answer, vote("r1", 1, "a", seconds=5), vote("r1", -1, "b", seconds=6),
+                       vote("r2", 1, "a")], {})  # r2's vote waits for its answer: not a label yet
+    store.apply_batch([Feedback(feedback_id="r1:c", response_id="r1", rating=1, comment="spot on", user="c",
+                                ts=T0 + timedelta(seconds=7))], {})
+    labels = sorted(read_labels(store.db), key=lambda x: x.voter)
+    assert [(x.voter, x.rating, x.weight, x.comment) for x in labels] == [("a", 1.0, 1.0, None), ("b", -1.0, 1.0, None),
+                                                                         ("c", 1.0, 1.0, "spot on")]
+    assert {x.voted_at for x in labels} == {(T0 + timedelta(seconds=s)).timestamp() for s in (5, 6, 7)}
+    assert {x.answered_at for x in labels} == {answer.ts.timestamp()}
+    (ex,) = store.examples()
+    assert (ex.n_votes, ex.rating, ex.messages) == (3, pytest.approx(1 / 3), labels[0].messages)
+    store.apply_batch([vote("r1", None, "b", seconds=8, deleted=True)], {})
+    assert sorted(x.voter for x in read_labels(store.db)) == ["a", "c"]
+    gone = [x for x in read_labels(store.db, include_withdrawn=True) if x.withdrawn]
+    assert [(x.voter, x.rating, x.weight, x.voted_at) for x in gone] == [("b", None, 0.0, (T0 + timedelta(seconds=8)).timestamp())]
+
+
+def test_a_store_from_an_earlier_release_reads_read_only_as_is_and_gains_the_columns_when_opened(tmp_path):
+    path = tmp_path / "labels.sqlite"
+    store = LabelStore(path, late_vote_window_s=100.0, dedupe_window_s=1000.0, prompt_pool_size=10)
+    store.apply_batch([interaction("r1"), vote("r1", 1, "a")], {})
+    for table, column in [("votes", "comment"), ("votes", "identity"), ("interactions", "answered")]:
+        store.db.execute(f"ALTER TABLE {table} DROP COLUMN {column}")  # as an earlier release made it
+    before = path.read_bytes()
+    reader = connect_read_only(path)
+    (label,) = read_labels(reader)
+    assert (label.voter, label.rating, label.comment, label.answered_at) == ("a", 1.0, None, None)
+    with pytest.raises(sqlite3.OperationalError, match="readonly"):
+        reader.execute("DELETE FROM main.votes")
+    reader.close()
+    assert path.read_bytes() == before
+    store.close()
+    store = LabelStore(path, late_vote_window_s=100.0, dedupe_window_s=1000.0, prompt_pool_size=10)
+    store.apply_batch([Feedback(feedback_id="r1:b", response_id="r1", rating=-1, comment="no", user="b")], {})
+    assert sorted((x.voter, x.comment) for x in read_labels(store.db)) == [("a", None), ("b", "no")]
+    store.close()
+
+
+def test_approval_points_are_cumulative_per_version_by_time_span():
+    # (version, vote time, rating); spans of (10 - 0) / 2 = 5 s: [0, 5) and [5, 10]
+    rows = [(0, 0.0, 1.0), (0, 1.0, -1.0), (1, 4.0, 1.0), (0, 6.0, 1.0), (1, 10.0, -1.0), (1, 10.0, 1.0)]
+    v0, v1 = approval_points(rows, buckets=2)
+    assert (v0.version, v0.up, v0.down) == (0, 2, 1) and (v1.version, v1.up, v1.down) == (1, 2, 1)
+    assert [(p.time, p.up, p.down) for p in v0.points] == [(5.0, 1, 1), (10.0, 2, 1)]
+    assert [(p.time, p.up, p.down) for p in v1.points] == [(5.0, 1, 0), (10.0, 2, 1)]
+    # a version with no vote in the last span still ends there; all votes at one instant: one span
+    (only,) = approval_points([(2, 7.0, 1.0), (2, 7.0, 1.0)], buckets=4)
+    assert [(p.time, p.up, p.down) for p in only.points] == [(8.0, 2, 0)]
+    assert approval_points([], buckets=4) == []
+
+
+def test_read_approval_counts_the_live_joined_votes_by_version_as_the_watch_does(store):
+    old, new = interaction("r0"), interaction("r1").model_copy(update={"policy_version": 1})
+    store.apply_batch([old, new, vote("r0", 1, "a", 1), vote("r0", -1, "b", 2), vote("r1", 1, "a", 3),
+                       vote("r1", -1, "b", 4), vote("r1", 1, "c", 5), vote("pending", 1, "a", 6)], {})
+    store.apply_batch([vote("r1", None, "b", 7, deleted=True)], {})  # withdrawn: no longer counted
+    approval = read_approval(store.path, buckets=3)
+    assert {a.version: (a.up, a.down) for a in approval} == store.approval_by_version() == {0: (1, 1), 1: (2, 0)}
+    assert all(a.points[-1].up == a.up and a.points[-1].down == a.down for a in approval)
+    assert approval[0].points[-1].time == (T0 + timedelta(seconds=5)).timestamp(), "ends at the newest live vote"
+    assert read_approval(store.path.with_name("none.sqlite"), buckets=3) == []
