@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Literal, NamedTuple
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # An event may gain an optional field (with a default) without a new version: new readers read old
@@ -302,6 +302,16 @@ class Interaction(Event):
     sampling: Sampling
     user: str | None = None
     created: int = Field(default_factory=lambda: int(time.time()))
+    # The behaviour policy's log-prob of each completion token (policy_version, as sampled: temperature and top_p
+    # applied; for temperature 0 the raw log-softmax), one per completion_token_ids; None in events from before it
+    completion_logprobs: list[float] | None = None
+
+    @model_validator(mode="after")
+    def _one_logprob_per_token(self) -> "Interaction":
+        if self.completion_logprobs is not None and len(self.completion_logprobs) != len(self.completion_token_ids):
+            raise ValueError(f"completion_logprobs has {len(self.completion_logprobs)} entries for "
+                             f"{len(self.completion_token_ids)} completion tokens")
+        return self
 
 
 class Feedback(Event):

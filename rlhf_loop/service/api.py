@@ -23,7 +23,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -39,17 +39,18 @@ from rlhf_loop.core.contracts import (
 )
 from rlhf_loop.core.contracts import Settings
 from rlhf_loop.service import metrics, openapi
-from rlhf_loop.service.loop import ReplicaBoard, loop_view
+from rlhf_loop.service.detokenizer import TokenBytes
 from rlhf_loop.service.engine import Engine, EngineFull, Generation
 from rlhf_loop.service.events import EventLog
 from rlhf_loop.service.http import APIError, bearer_token, new_app, parse, read_body
 from rlhf_loop.service.limits import Caller, VoteLimits
 from rlhf_loop.service.loaded import LoadedVersion
+from rlhf_loop.service.loop import ReplicaBoard, loop_view
 from rlhf_loop.service.request import Delta, SamplingParams
 from rlhf_loop.service.schemas import (
-    AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice, ChunkChoice, ChunkDelta,
-    ErrorBody, ErrorResponse, FeedbackAccepted, FeedbackRequest, ModelCard, ModelList, Usage, model_version,
-    version_model_id,
+    AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice, ChoiceLogprobs, ChunkChoice,
+    ChunkDelta, ErrorBody, ErrorResponse, FeedbackAccepted, FeedbackRequest, ModelCard, ModelList, TokenLogprob,
+    TopLogprob, Usage, model_version, version_model_id,
 )
 from rlhf_loop.service.versions import UnknownVersion, VersionManager, VersionRefused
 
@@ -114,17 +115,23 @@ class Job:
     prompt_ids: list[int]
     params: SamplingParams
     user: str | None
+    logprobs: bool  # the client asked for them (the engine reports the chosen tokens' always: the Interaction has them)
     texts: list[list[str]] = field(init=False)  # per choice: the deltas so far
     token_ids: list[list[int]] = field(init=False)
+    token_logprobs: list[list[float]] = field(init=False)  # one per token id
+    top_logprobs: list[list[tuple[tuple[int, float], ...]]] = field(init=False)  # one per token id, if asked
     finish: list[str | None] = field(init=False)
 
     def __post_init__(self) -> None:
         n = self.params.n
         self.texts, self.token_ids, self.finish = [[] for _ in range(n)], [[] for _ in range(n)], [None] * n
+        self.token_logprobs, self.top_logprobs = [[] for _ in range(n)], [[] for _ in range(n)]
 
     def add(self, d: Delta) -> None:
         self.texts[d.index].append(d.text)
         self.token_ids[d.index].extend(d.token_ids)
+        self.token_logprobs[d.index].extend(d.logprobs)
+        self.top_logprobs[d.index].extend(d.top_logprobs)
         if d.finish_reason is not None:
             self.finish[d.index] = d.finish_reason
 
@@ -140,9 +147,31 @@ class Job:
             Interaction(response_id=self.response_id, choice_index=i, policy_version=self.loaded.version,
                         model=self.model, messages=self.messages, prompt_token_ids=self.prompt_ids,
                         completion="".join(self.texts[i]), completion_token_ids=self.token_ids[i],
-                        finish_reason=self.finish[i], sampling=sampling, user=self.user, created=self.created)
+                        completion_logprobs=self.token_logprobs[i], finish_reason=self.finish[i],
+                        sampling=sampling, user=self.user, created=self.created)
             for i in range(p.n)
         ]
+
+    def choice_logprobs(self, i: int) -> ChoiceLogprobs | None:
+        """Choice i's `logprobs` in the response: None unless the client asked."""
+        if not self.logprobs:
+            return None
+        return ChoiceLogprobs(content=logprob_content(self.loaded.token_bytes, self.token_ids[i],
+                                                      self.token_logprobs[i], self.top_logprobs[i]))
+
+
+def logprob_content(token_bytes: TokenBytes, token_ids: Sequence[int], logprobs: Sequence[float],
+                    top: Sequence[tuple[tuple[int, float], ...]]) -> list[TokenLogprob]:
+    """OpenAI's `logprobs.content` for answer tokens: each token's text, bytes and log-prob (one per token
+    id), and its most likely alternatives (`top`: one tuple of (id, log-prob) per token, or empty when the
+    client asked for none)."""
+
+    def entry(token_id: int, logprob: float) -> dict:
+        b = token_bytes(token_id)
+        return {"token": b.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(b)}
+
+    return [TokenLogprob(**entry(t, lp), top_logprobs=[TopLogprob(**entry(a, alp)) for a, alp in alts])
+            for t, lp, alts in zip(token_ids, logprobs, top or [()] * len(token_ids), strict=True)]
 
 
 async def admit(svc: Parts, req: ChatCompletionRequest) -> Job:
@@ -159,9 +188,9 @@ async def admit(svc: Parts, req: ChatCompletionRequest) -> Job:
                        code="invalid_value")
     if req.tools:
         raise APIError(400, "'tools' are not supported by this server.", param="tools", code="unsupported_parameter")
-    if req.logprobs:
-        raise APIError(400, "'logprobs' are not supported by this server.", param="logprobs",
-                       code="unsupported_parameter")
+    if req.top_logprobs is not None and not req.logprobs:
+        raise APIError(400, "'top_logprobs' is only allowed when 'logprobs' is true.", param="top_logprobs",
+                       code="invalid_value")
     if req.stream_options is not None and not req.stream:
         raise APIError(400, "'stream_options' is only allowed when 'stream' is true.", param="stream_options",
                        code="invalid_value")
@@ -193,9 +222,11 @@ async def admit(svc: Parts, req: ChatCompletionRequest) -> Job:
         top_p=1.0 if req.top_p is None else req.top_p,
         max_tokens=max_tokens, n=n, stop=stop,
         seed=secrets.randbits(63) if req.seed is None else req.seed,
+        top_logprobs=req.top_logprobs or 0,
     )
     return Job(response_id=make_response_id(svc.id_secret, loaded.version, n), created=int(time.time()),
-               model=req.model, loaded=loaded, messages=messages, prompt_ids=prompt_ids, params=params, user=req.user)
+               model=req.model, loaded=loaded, messages=messages, prompt_ids=prompt_ids, params=params, user=req.user,
+               logprobs=bool(req.logprobs))
 
 
 async def version_for(svc: Parts, model: str, version: int | None) -> LoadedVersion:
@@ -264,7 +295,8 @@ async def chat_completions(request: Request):
     await finish(svc, job, started)
     return ChatCompletion(
         id=job.response_id, created=job.created, model=job.model, system_fingerprint=job.loaded.fingerprint,
-        choices=[Choice(index=i, message=AssistantMessage(content="".join(job.texts[i])), finish_reason=job.finish[i])
+        choices=[Choice(index=i, message=AssistantMessage(content="".join(job.texts[i])), finish_reason=job.finish[i],
+                        logprobs=job.choice_logprobs(i))
                  for i in range(job.params.n)],
         usage=job.usage(),
     ).model_dump(mode="json")
@@ -305,14 +337,21 @@ async def _sse(svc: Parts, job: Job, deltas: Generation, started: float,
         body = ChatCompletionChunk(id=job.response_id, created=job.created, model=job.model,
                                    system_fingerprint=job.loaded.fingerprint, choices=choices, usage=usage)
         data = body.model_dump(mode="json", exclude_none=not include_usage)
-        for c in data["choices"]:  # OpenAI omits unset delta fields but keeps finish_reason: null
+        for c in data["choices"]:  # OpenAI omits unset delta fields but keeps finish_reason: null (refusal too)
             c["delta"] = {k: v for k, v in c["delta"].items() if v is not None}
             c.setdefault("finish_reason", None)
+            if c.get("logprobs") is not None:
+                c["logprobs"].setdefault("refusal", None)
         return f"data: {_json(data)}\n\n"
 
     def events(d: Delta) -> str:
         job.add(d)
-        out = chunk([ChunkChoice(index=d.index, delta=ChunkDelta(content=d.text))]) if d.text else ""
+        # with logprobs, a token whose text is held back (part of a character, a possible stop string) still
+        # gets its chunk: every token's log-prob arrives in the chunk of the delta that drew it
+        logprobs = None if not job.logprobs else ChoiceLogprobs(content=logprob_content(
+            job.loaded.token_bytes, d.token_ids, d.logprobs, d.top_logprobs))
+        shown = d.text or (logprobs is not None and d.token_ids)
+        out = chunk([ChunkChoice(index=d.index, delta=ChunkDelta(content=d.text), logprobs=logprobs)]) if shown else ""
         if d.finish_reason is not None:
             out += chunk([ChunkChoice(index=d.index, delta=ChunkDelta(), finish_reason=d.finish_reason)])
         return out

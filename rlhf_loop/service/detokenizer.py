@@ -15,11 +15,25 @@ the next token.
 A stop string can only start in text not yet handed out: text that could still become
 the start of a stop string is held back until it cannot, so the search per token covers
 only that tail.
+
+`TokenBytes` gives a single token's own bytes, for OpenAI's `logprobs` (`token`, `bytes`):
+
+    TokenBytes(tokenizer)(token_id) -> b" hello"
+
+A byte-level BPE (GPT-2's alphabet: Llama 3, Qwen, SmolLM, the embedded model) spells every
+byte with one character, so a token's vocabulary string is its exact bytes, a part of a
+multi-byte character included: the bytes of an answer's tokens joined are its UTF-8 text.
+A SentencePiece byte-fallback token `<0xE2>` is that byte, and `▁` is a space; an added
+(special) token is its text. The token's text is those bytes decoded, U+FFFD for a part of
+a character: a client that needs the characters joins the bytes, as OpenAI's docs say.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
+
+from tokenizers import decoders
 
 
 class Detokenizer:
@@ -72,3 +86,44 @@ class Detokenizer:
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True) if ids else ""
+
+
+class TokenBytes:
+    """Token id -> its own bytes (module docstring), cached per id: one per loaded tokenizer."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self.added = {i: t.content.encode() for i, t in tokenizer.added_tokens_decoder.items()}
+        self.byte_level = isinstance(tokenizer.backend_tokenizer.decoder, decoders.ByteLevel)
+        self.cache: dict[int, bytes] = {}
+
+    def __call__(self, token_id: int) -> bytes:
+        out = self.cache.get(token_id)
+        if out is None:
+            out = self.cache[token_id] = self._bytes(token_id)
+        return out
+
+    def text(self, token_id: int) -> str:
+        return self(token_id).decode("utf-8", errors="replace")
+
+    def _bytes(self, token_id: int) -> bytes:
+        if token_id in self.added:
+            return self.added[token_id]
+        piece = self.tokenizer.convert_ids_to_tokens(token_id)
+        if self.byte_level:
+            return bytes(_BYTE_OF[c] for c in piece)
+        if m := _BYTE_PIECE.fullmatch(piece):
+            return bytes([int(m[1], 16)])
+        return piece.replace("\u2581", " ").encode()
+
+
+def _byte_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, character -> byte: printable bytes are themselves, the rest are
+    shifted to 256 + n (the `bytes_to_unicode` table every byte-level BPE uses)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + n): b for n, b in enumerate(others)}}
+
+
+_BYTE_OF = _byte_alphabet()
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")

@@ -10,7 +10,7 @@ Each step of the engine thread (continuous batching, as in vLLM's v1 engine and 
 2. the scheduler (service/scheduler.py) admits waiting requests as a prefill group;
 3. the model runner (service/runner.py) runs one decode forward per LoadedVersion over all its
    running rows, and the sampler (service/sampler.py) draws each row's token with its own
-   request's parameters and generator;
+   request's parameters and generator, with its log-prob (and the top ones where the request asked);
 4. the runner runs the next chunk of the prefill group; when its prompts are complete,
    their first tokens are drawn and their rows (n per request) join the decode batch;
 5. each row's detokenizer (service/detokenizer.py) turns its token into text, finished
@@ -51,7 +51,7 @@ from rlhf_loop.service import metrics
 from rlhf_loop.service.loaded import LoadedVersion
 from rlhf_loop.service.request import Choice, Delta, Request, SamplingParams, Status
 from rlhf_loop.service.runner import ModelRunner, Prefill
-from rlhf_loop.service.sampler import sample
+from rlhf_loop.service.sampler import Draw, sample
 from rlhf_loop.service.scheduler import Limits, Scheduler
 
 log = logging.getLogger(__name__)
@@ -225,12 +225,12 @@ class Engine:
         self._last_decode_at = now if runner.batches else None
         for batch in list(runner.batches):
             try:
-                token_ids = sample(runner.decode(batch), batch.rows)  # (B, V) logits -> B tokens
+                draws = sample(runner.decode(batch), batch.rows)  # (B, V) logits -> B tokens and their log-probs
             except Exception as e:
                 log.exception("decode step failed on %s", batch.loaded.fingerprint)
                 self._fail(list(dict.fromkeys(c.request for c in batch.rows)), e)
                 continue
-            self._advance(batch.rows, token_ids)
+            self._advance(batch.rows, draws)
             runner.keep(batch, [i for i, choice in enumerate(batch.rows) if choice.running])
 
         prefill = runner.prefilling
@@ -241,14 +241,14 @@ class Engine:
             try:
                 logits = runner.prefill(prefill, self.scheduler.prefill_columns(len(prefill.requests), runner.rows))
                 # (k, V) once every prompt is in: each choice draws its first token
-                token_ids = None if logits is None else sample(logits[origin], rows)
+                draws = None if logits is None else sample(logits[origin], rows)
             except Exception as e:
                 log.exception("prefill failed on %s", prefill.loaded.fingerprint)
                 self._fail(prefill.requests, e)
-                token_ids = None
-            if token_ids is not None:
+                draws = None
+            if draws is not None:
                 runner.prefilling = None
-                self._advance(rows, token_ids)
+                self._advance(rows, draws)
                 going = [j for j, choice in enumerate(rows) if choice.running]
                 if going:
                     runner.start(prefill, [rows[j] for j in going], [origin[j] for j in going])
@@ -256,12 +256,12 @@ class Engine:
         metrics.engine_waiting.set(len(self.scheduler.waiting))
         metrics.engine_running.set(runner.rows)
 
-    def _advance(self, rows: list[Choice], token_ids: list[int | None]) -> None:
+    def _advance(self, rows: list[Choice], draws: list[Draw | None]) -> None:
         """Give each row its sampled token, request by request: one whose rows fail ends alone, with the error.
         The caller drops the rows that are no longer `running` from the batch."""
-        drawn: dict[Request, list[tuple[Choice, int | None]]] = {}
-        for choice, token_id in zip(rows, token_ids):
-            drawn.setdefault(choice.request, []).append((choice, token_id))
+        drawn: dict[Request, list[tuple[Choice, Draw | None]]] = {}
+        for choice, draw in zip(rows, draws):
+            drawn.setdefault(choice.request, []).append((choice, draw))
         for request, its_rows in drawn.items():
             try:
                 self._advance_request(request, its_rows)
@@ -269,13 +269,13 @@ class Engine:
                 log.exception("request failed on %s; the rest of its batch goes on", request.loaded.fingerprint)
                 self._end(request, e)
 
-    def _advance_request(self, request: Request, rows: list[tuple[Choice, int | None]]) -> None:
+    def _advance_request(self, request: Request, rows: list[tuple[Choice, Draw | None]]) -> None:
         """Queue the deltas of one request's rows (their sampled tokens), and its end once every choice finished."""
         first = request.status is Status.PREFILLING
-        for choice, token_id in rows:
-            if token_id is None:
+        for choice, draw in rows:
+            if draw is None:
                 raise FloatingPointError(f"the model's logits for choice {choice.index} are not finite (NaN or inf)")
-            self._out.put(request, choice.advance(token_id), urgent=first)
+            self._out.put(request, choice.advance(draw), urgent=first)
         if first:
             request.status = Status.RUNNING
             metrics.time_to_first_token.observe(time.monotonic() - request.arrived)

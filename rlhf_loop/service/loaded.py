@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -21,6 +22,7 @@ from transformers import DynamicCache
 
 from rlhf_loop.core import lora
 from rlhf_loop.core.models import eos_token_ids
+from rlhf_loop.service.detokenizer import TokenBytes
 
 
 @dataclass(eq=False)
@@ -62,6 +64,11 @@ class LoadedVersion:
     def fingerprint(self) -> str:
         """What `system_fingerprint` says: the one version that produced a response."""
         return f"policy-v{self.version}"
+
+    @cached_property
+    def token_bytes(self) -> TokenBytes:
+        """Token id -> its bytes and text, for the API's log-probs (service/detokenizer.py)."""
+        return TokenBytes(self.tokenizer)
 
     @property
     def device(self) -> torch.device:

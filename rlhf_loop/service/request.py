@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from rlhf_loop.service.detokenizer import Detokenizer
+from rlhf_loop.service.sampler import Draw
 
 if TYPE_CHECKING:
     from rlhf_loop.service.loaded import LoadedVersion
@@ -34,16 +35,21 @@ class SamplingParams:
     n: int  # choices: rows that share one prefill of the prompt
     stop: tuple[str, ...]
     seed: int  # always set: the API draws one when the client gave none, and logs it
+    top_logprobs: int = 0  # the most likely tokens each draw also reports (0..20); the chosen one's log-prob always comes
 
 
 @dataclass(frozen=True)
 class Delta:
-    """New output of one choice: text to show, the tokens sampled, and the finish reason on its last delta."""
+    """New output of one choice: text to show, the tokens sampled with their log-probs (one each, under the
+    distribution each was drawn from: service/sampler.py), the most likely tokens at each of them (only when
+    the request asked for top_logprobs), and the finish reason on its last delta."""
 
     index: int
     text: str
     token_ids: tuple[int, ...]
     finish_reason: FinishReason | None = None
+    logprobs: tuple[float, ...] = ()
+    top_logprobs: tuple[tuple[tuple[int, float], ...], ...] = ()
 
 
 class Status(enum.Enum):
@@ -96,8 +102,9 @@ class Choice:
         """Still a row of its batch: not finished, and its request has not ended (failed, cancelled) either."""
         return self.finish_reason is None and self.request.status is not Status.FINISHED
 
-    def advance(self, token_id: int) -> Delta:
+    def advance(self, draw: Draw) -> Delta:
         """Take the token sampled for this choice and say what to stream (the finish reason on the last delta)."""
+        token_id = draw.token_id
         if token_id in self.request.loaded.eos_token_ids:
             self.finish_reason = "stop"
             return Delta(self.index, self.detokenizer.flush(), (), "stop")
@@ -108,4 +115,5 @@ class Choice:
         elif len(self.token_ids) == self.request.params.max_tokens:
             self.finish_reason = "length"
             text += self.detokenizer.flush()
-        return Delta(self.index, text, (token_id,), self.finish_reason)
+        top = (draw.top,) if self.request.params.top_logprobs else ()
+        return Delta(self.index, text, (token_id,), self.finish_reason, (draw.logprob,), top)

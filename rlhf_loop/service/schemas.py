@@ -2,7 +2,7 @@
 
 Requests are validated strictly (a string is not a number, a float is not an int) and a
 field we do not support but a client might send is accepted and ignored only when
-ignoring it cannot change the answer; `tools`, `logprobs` and non-text content are refused.
+ignoring it cannot change the answer; `tools` and non-text content are refused.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+MAX_TOP_LOGPROBS = 20  # as OpenAI
 StopString = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 
 
@@ -65,8 +66,9 @@ class ChatCompletionRequest(BaseModel):
     user: str | None = Field(None, max_length=256)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    # accepted for compatibility, refused when they would change the answer
-    logprobs: bool | None = None
+    logprobs: bool | None = None  # each answer token's log-prob under the distribution it was drawn from
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # only with logprobs: true (as OpenAI)
+    # accepted for compatibility, refused when it would change the answer
     tools: list[Any] | None = None
 
     def stop_strings(self) -> tuple[str, ...]:
@@ -90,11 +92,37 @@ class AssistantMessage(BaseModel):
     refusal: None = None
 
 
+class TopLogprob(BaseModel):
+    """One of the most likely tokens at a position: its text (U+FFFD for part of a character), log-prob, and
+    its own UTF-8 bytes (a character split across tokens is whole once their bytes are joined)."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(BaseModel):
+    """An answer token (as TopLogprob) and the `top_logprobs` most likely tokens where it was drawn, most
+    likely first; fewer when fewer could be drawn (outside the nucleus a token's log-prob is -inf)."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    """A choice's (or a stream chunk's) log-probs: one entry per token of its content."""
+
+    content: list[TokenLogprob] | None
+    refusal: list[TokenLogprob] | None = None
+
+
 class Choice(BaseModel):
     index: int
     message: AssistantMessage
     finish_reason: Literal["stop", "length"]
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -116,7 +144,7 @@ class ChunkChoice(BaseModel):
     index: int
     delta: ChunkDelta
     finish_reason: Literal["stop", "length"] | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None  # with logprobs: true, those of the tokens in this chunk's delta
 
 
 class ChatCompletionChunk(BaseModel):

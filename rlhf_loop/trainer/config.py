@@ -393,13 +393,17 @@ class GateConfig:
     rm_gap_versions: int = 3
     """How many versions of the serving version's line (it, its parent, its grandparent) the
     approval gap may pool held-out labels from: each is one promoted round away from the next."""
+    behaviour_answers: int = 64
+    """Voted answers (sampled, at top_p 1) whose recorded log-probs (Interaction.completion_logprobs) each round
+    compares with the current policy's: rounds.jsonl `behaviour` (rollout.BehaviourGap). A metric, not a check:
+    one no-grad forward over them. 0 turns it off."""
 
     def __post_init__(self) -> None:
         _positive(self, "eval_responses", "max_kl")
         _positive(self, "rm_gap_versions")
         _non_negative(self, "max_length_ratio", "min_distinct_ratio", "guard_tolerance", "min_rm_auroc",
                       "max_rm_approval_gap", "guard_stall_rounds", "ref_max_length_ratio", "ref_min_distinct_ratio",
-                      "ref_guard_tolerance")
+                      "ref_guard_tolerance", "behaviour_answers")
         for name in ("min_length_ratio", "ref_min_length_ratio"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"gate.{name} must be in [0, 1], got {getattr(self, name)}")

@@ -47,6 +47,17 @@ def left_pad(seqs: list[list[int]], pad_id: int, device: torch.device) -> tuple[
     return ids.to(device), mask.to(device)
 
 
+def right_pad(seqs: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, R) ids and bool mask, sequences flush left."""
+    R = max(len(x) for x in seqs)
+    ids = torch.full((len(seqs), R), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(seqs), R, dtype=torch.bool)
+    for i, x in enumerate(seqs):
+        ids[i, :len(x)] = torch.tensor(x, dtype=torch.long)
+        mask[i, :len(x)] = True
+    return ids.to(device), mask.to(device)
+
+
 def position_ids(mask: torch.Tensor) -> torch.Tensor:
     """(B, T) positions counting only real tokens, so left padding does not shift them."""
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -180,3 +191,66 @@ def autocast(device: torch.device, dtype: torch.dtype):
 def decode(tokenizer, response: torch.Tensor, response_mask: torch.Tensor) -> list[str]:
     """Response texts without special tokens (EOS, padding)."""
     return tokenizer.batch_decode([r[m].tolist() for r, m in zip(response, response_mask)], skip_special_tokens=True)
+
+
+@dataclass
+class BehaviourGap:
+    """The voted answers' recorded log-probs (store.Behaviour: what the serving version did) against the current
+    policy's on the same tokens at the same temperature. Only sampled answers (temperature > 0) at top_p 1 count:
+    a greedy answer was not drawn from the distribution its log-probs describe, and a nucleus the trainer's
+    forward does not cut. nan where no answer counted (docs/trainer.md, "Behaviour log-probs").
+
+    onpolicy_*: answers the current version wrote, whose recorded log-probs are the current policy's own; their
+        largest |recorded - recomputed| per token (nats) says whether serving and training compute the same
+        policy (fp32 on both: ~1e-5; bf16 serving: ~1e-2; other weights: far more).
+    offpolicy_*: answers other versions wrote. kl: the mean over their tokens of recorded - recomputed, the k1
+        estimate of KL(behaviour || current) per token (unbiased: each token was drawn from the behaviour
+        policy). ess: the effective sample size of the answers' importance weights pi_current(y) / pi_behaviour(y),
+        as a share of the answers (1: the current policy would have written them as often; near 0: a
+        correction would rest on a few answers).
+    """
+
+    onpolicy_answers: int = 0
+    onpolicy_max_gap: float = float("nan")
+    offpolicy_answers: int = 0
+    offpolicy_kl: float = float("nan")
+    offpolicy_ess: float = float("nan")
+
+
+@torch.no_grad()
+def behaviour_gap(policy, tokenizer, examples: Sequence, version: int, *, max_answers: int, max_prompt_tokens: int,
+                  batch_size: int, autocast_dtype: torch.dtype, dist) -> BehaviourGap:
+    """BehaviourGap of the first `max_answers` sampled answers among `examples` (store.Example) with recorded
+    log-probs, under `policy` (the current policy, `version`). Every rank runs its share (dist.shard) and gets all."""
+    usable = [e for e in examples if e.behaviour is not None and e.behaviour.token_ids
+              and e.behaviour.temperature > 0 and e.behaviour.top_p >= 1.0][:max_answers]
+    mine, real = dist.shard(len(usable))
+    rows: list[tuple[bool, float, int, float]] = []  # per answer: on-policy, sum of gaps, tokens, max |gap|
+    for i in range(0, len(mine), batch_size):
+        chunk = [usable[j] for j in mine[i:i + batch_size]]
+        query, query_mask = left_pad(encode_prompts(tokenizer, [e.messages for e in chunk], max_prompt_tokens),
+                                     tokenizer.pad_token_id, policy.device)
+        response, mask = right_pad([list(e.behaviour.token_ids) for e in chunk], tokenizer.pad_token_id, policy.device)
+        with autocast(policy.device, autocast_dtype):
+            logits = forward(policy, query, query_mask, response, mask, temperature=1.0, keep_logits=True).logits
+        temperature = torch.tensor([e.behaviour.temperature for e in chunk], device=policy.device)[:, None, None]
+        current = token_logprobs(logits.float() / temperature, response.masked_fill(~mask, -100))  # (B, R)
+        recorded = torch.zeros_like(current)  # (B, R), flush left as the response
+        for row, e in zip(recorded, chunk):
+            row[:len(e.behaviour.logprobs)] = torch.tensor(e.behaviour.logprobs, dtype=current.dtype)
+        gap = (recorded - current) * mask  # (B, R)
+        rows += [(e.policy_version == version, g.sum().item(), int(m.sum()), g.abs().max().item())
+                 for e, g, m in zip(chunk, gap, mask)][:max(0, real - i)]
+    rows = [r for part in dist.gather(rows) for r in part]
+    out = BehaviourGap()
+    on = [r for r in rows if r[0]]
+    off = [r for r in rows if not r[0]]
+    if on:
+        out.onpolicy_answers, out.onpolicy_max_gap = len(on), max(r[3] for r in on)
+    if off:
+        log_w = -torch.tensor([r[1] for r in off], dtype=torch.float64)  # log pi_current(y) - log pi_behaviour(y)
+        w = (log_w - log_w.max()).exp()
+        out.offpolicy_answers = len(off)
+        out.offpolicy_kl = sum(r[1] for r in off) / sum(r[2] for r in off)
+        out.offpolicy_ess = (w.sum() ** 2 / (len(off) * (w ** 2).sum())).item()
+    return out

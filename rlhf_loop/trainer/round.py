@@ -40,7 +40,8 @@ from rlhf_loop.trainer.networks import PolicyWithValue, full_tensors, save_atomi
 from rlhf_loop.kernels import kl_penalty
 from rlhf_loop.trainer.objectives import dpo_loss, grpo_advantages, kto_loss, kto_reference_point, rloo_advantages
 from rlhf_loop.trainer.rollout import (
-    autocast, decode, encode_prompts, forward, left_pad, row_seeds, sample, score_against_reference,
+    autocast, behaviour_gap, decode, encode_prompts, forward, left_pad, right_pad, row_seeds, sample,
+    score_against_reference,
 )
 from rlhf_loop.trainer.ppo import Rollout, gae, masked_mean, masked_whiten, policy_loss, token_rewards, value_loss
 from rlhf_loop.trainer.reward_model import (
@@ -85,6 +86,7 @@ class RoundReport:
     current: dict = field(default_factory=dict)  # gate's evaluation of the current policy
     candidate: dict = field(default_factory=dict)  # ... and of the candidate
     reference: dict = field(default_factory=dict)  # ... and of the reference (once per reference version: its floors)
+    behaviour: dict = field(default_factory=dict)  # the voted answers' recorded log-probs against the current policy
     checks: dict = field(default_factory=dict)  # every gate check: passed, value, bound, why (failed), skipped (why not)
     budget: dict = field(default_factory=dict)  # the KL budget: update scale, scale-backs, backoff, whether it is spent
     guard_streak: int = 0  # rounds in a row, this one included, whose candidate failed the guard set
@@ -163,7 +165,9 @@ def run_round(state: TrainerState, *, progress: bool = True, drain_s: float | No
     state.check_stop()
 
     # 3. the gate's view of the current policy: held-out prompts, fixed noise, before anything trains; and
-    #    of the reference, for the floors (once per reference version, then from the trainer store)
+    #    of the reference, for the floors (once per reference version, then from the trainer store); and how
+    #    far the policies that wrote the voted answers are from it, by their recorded log-probs (a metric only:
+    #    docs/trainer.md, "Behaviour log-probs")
     plan = gate.eval_prompt_plan(heldout, cfg.gate.eval_responses)
     evaluate = partial(gate.evaluate, reference=state.nets.reference, tokenizer=tok, reward_fn=reward_fn, prompts=plan,
                        seed=cfg.gate.eval_seed, eos_ids=state.eos_ids, max_new_tokens=cfg.ppo.max_new_tokens,
@@ -173,6 +177,10 @@ def run_round(state: TrainerState, *, progress: bool = True, drain_s: float | No
     with timer("gate"):
         current = evaluate(state.nets.policy)
         reference = _reference_eval(state, evaluate, current)
+        report.behaviour = asdict(behaviour_gap(
+            state.nets.policy, tok, inputs.examples, inputs.version, max_answers=cfg.gate.behaviour_answers,
+            max_prompt_tokens=state.settings.max_prompt_tokens, batch_size=cfg.ppo.forward_batch_size,
+            autocast_dtype=state.dtype, dist=d))
     report.reference = asdict(reference)
     state.check_stop()
 
@@ -390,7 +398,7 @@ def _learn_from_labels(state: TrainerState, examples: list[Example], n: int, tim
                                      tok.pad_token_id, state.device)
         answers = [tok(a, add_special_tokens=False)["input_ids"][:cfg.ppo.max_new_tokens - 1] + [min(state.eos_ids)]
                    for _, a in batch]
-        response, response_mask = _right_pad(answers, tok.pad_token_id, state.device)
+        response, response_mask = right_pad(answers, tok.pad_token_id, state.device)
         with autocast(state.device, state.dtype):
             with torch.no_grad():
                 ref = forward(state.nets.reference, query, query_mask, response, response_mask,
@@ -434,17 +442,6 @@ def _learn_from_labels(state: TrainerState, examples: list[Example], n: int, tim
             state.check_stop()
     return {"examples": float(len(train)), "pairs": float(len(pairs)), "steps": float(steps),
             **{k: sum(v) / len(v) for k, v in stats.items()}}
-
-
-def _right_pad(seqs: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, R) ids and bool mask, sequences flush left."""
-    R = max(len(x) for x in seqs)
-    ids = torch.full((len(seqs), R), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(seqs), R, dtype=torch.bool)
-    for i, x in enumerate(seqs):
-        ids[i, :len(x)] = torch.tensor(x, dtype=torch.long)
-        mask[i, :len(x)] = True
-    return ids.to(device), mask.to(device)
 
 
 def _consume(state: TrainerState, progress: bool, drain_s: float | None) -> RoundInputs:

@@ -41,6 +41,9 @@ CREATE TABLE IF NOT EXISTS interactions (
     completion_tokens INTEGER NOT NULL, policy_version INTEGER NOT NULL, finish_reason TEXT NOT NULL,
     received REAL NOT NULL,
     answered REAL,                                 -- the answer's event time (Interaction.ts)
+    completion_token_ids TEXT,                     -- JSON list; NULL in rows from before behaviour log-probs
+    completion_logprobs TEXT,                      -- JSON list, one per token id; NULL when the event had none
+    temperature REAL, top_p REAL,                  -- the sampling that made those log-probs' distribution
     PRIMARY KEY (response_id, choice_index)
 );
 CREATE TABLE IF NOT EXISTS votes (               -- latest event per feedback_id; tombstones kept as deleted=1
@@ -68,7 +71,23 @@ CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 # Columns a store made by an earlier release lacks (they are in SCHEMA for new stores). A writable
 # store gains them on open (NULL in the rows stored before); a read-only reader sees them as NULL.
-ADDED_COLUMNS = {"votes": {"voter": "TEXT", "identity": "TEXT", "comment": "TEXT"}, "interactions": {"answered": "REAL"}}
+ADDED_COLUMNS = {
+    "votes": {"voter": "TEXT", "identity": "TEXT", "comment": "TEXT"},
+    "interactions": {"answered": "REAL", "completion_token_ids": "TEXT", "completion_logprobs": "TEXT",
+                     "temperature": "REAL", "top_p": "REAL"},
+}
+
+
+@dataclass(frozen=True)
+class Behaviour:
+    """What the serving policy did for one answer (Interaction.completion_logprobs): the tokens it drew and each
+    one's log-prob under the distribution it was drawn from, made by `temperature` and `top_p` (temperature 0:
+    greedy, and the log-probs are the raw log-softmax, at temperature 1; docs/service.md, "Log-probs")."""
+
+    token_ids: tuple[int, ...]
+    logprobs: tuple[float, ...]
+    temperature: float
+    top_p: float
 
 
 @dataclass(frozen=True)
@@ -83,6 +102,7 @@ class Example:
     rating: float  # (weighted) mean of the votes' ratings (+1 / -1 for thumbs)
     n_votes: float  # (weighted) number of votes: below their count when a voter was over the cap
     policy_version: int = 0  # the version that answered
+    behaviour: Behaviour | None = None  # its log-probs under that version; None for events from before them
 
 
 @dataclass(frozen=True)
@@ -103,6 +123,7 @@ class Label:
     answered_at: float | None  # the answer's event time; None for answers stored before it was kept
     comment: str | None
     withdrawn: bool
+    behaviour: "Behaviour | None" = None  # the answer's log-probs under the version that wrote it (not exported)
 
 
 @dataclass(frozen=True)
@@ -210,16 +231,26 @@ def read_labels(db: sqlite3.Connection, max_voter_share: float = 1.0, *, include
     connect_read_only's."""
     rows = db.execute(
         "SELECT i.response_id, i.choice_index, i.prompt_key, p.messages, i.completion, i.policy_version, "
-        f"v.rating, {IDENTITY}, {VOTER}, v.ts, i.answered, v.comment, v.deleted "
+        f"v.rating, {IDENTITY}, {VOTER}, v.ts, i.answered, v.comment, v.deleted, "
+        "i.completion_token_ids, i.completion_logprobs, i.temperature, i.top_p "
         "FROM interactions i JOIN votes v ON v.response_id = i.response_id AND v.choice_index = i.choice_index "
         "JOIN prompts p ON p.prompt_key = i.prompt_key WHERE v.deleted = 0 OR ? "
         "ORDER BY i.response_id, i.choice_index, v.feedback_id", (include_withdrawn,)
     ).fetchall()
     weight = voter_weights([(r[7], r[8]) for r in rows if not r[12]], max_voter_share)
     return [Label(rid, choice, key, json.loads(messages), completion, version, rating,
-                  0.0 if deleted else weight[(identity, voter)], voter, ts, answered, comment, bool(deleted))
+                  0.0 if deleted else weight[(identity, voter)], voter, ts, answered, comment, bool(deleted),
+                  _behaviour(*behaviour))
             for (rid, choice, key, messages, completion, version, rating, identity, voter, ts, answered, comment,
-                 deleted) in rows]
+                 deleted, *behaviour) in rows]
+
+
+def _behaviour(token_ids: str | None, logprobs: str | None, temperature: float | None,
+               top_p: float | None) -> Behaviour | None:
+    """An interactions row's behaviour columns -> Behaviour, or None where the event carried no log-probs."""
+    if logprobs is None:
+        return None
+    return Behaviour(tuple(json.loads(token_ids)), tuple(json.loads(logprobs)), temperature, top_p)
 
 
 def prompt_key(messages: list[dict]) -> str:
@@ -291,11 +322,14 @@ class LabelStore:
     def _apply_interaction(self, cur: sqlite3.Cursor, ev: Interaction, now: float) -> int:
         messages = [m.model_dump() for m in ev.messages]
         key = prompt_key(messages)
+        logprobs = None if ev.completion_logprobs is None else json.dumps(ev.completion_logprobs)
         inserted = cur.execute(
             "INSERT OR IGNORE INTO interactions (response_id, choice_index, event_id, prompt_key, completion, "
-            "completion_tokens, policy_version, finish_reason, received, answered) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "completion_tokens, policy_version, finish_reason, received, answered, completion_token_ids, "
+            "completion_logprobs, temperature, top_p) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (ev.response_id, ev.choice_index, str(ev.event_id), key, ev.completion,
-             len(ev.completion_token_ids), ev.policy_version, ev.finish_reason, now, ev.ts.timestamp()),
+             len(ev.completion_token_ids), ev.policy_version, ev.finish_reason, now, ev.ts.timestamp(),
+             json.dumps(ev.completion_token_ids), logprobs, ev.sampling.temperature, ev.sampling.top_p),
         ).rowcount
         cur.execute(
             "INSERT INTO prompts VALUES (?, ?, ?) ON CONFLICT (prompt_key) DO UPDATE SET last_seen = excluded.last_seen",
@@ -378,7 +412,7 @@ class LabelStore:
                 out[-1] = replace(prev, rating=(prev.rating * prev.n_votes + x.rating * x.weight) / n, n_votes=n)
             else:
                 out.append(Example(x.response_id, x.choice_index, x.prompt_key, x.messages, x.completion, x.rating,
-                                   x.weight, x.policy_version))
+                                   x.weight, x.policy_version, x.behaviour))
         return out
 
     def approval_by_version(self) -> dict[int, tuple[int, int]]:

@@ -59,6 +59,7 @@ def _interaction(**kw):
 def test_events_round_trip_through_json():
     for ev in (
         _interaction(),
+        _interaction(completion_logprobs=[-0.6931471805599453]),
         Feedback(feedback_id="f", response_id="r", rating=1),
         Feedback(feedback_id="f", response_id="r", rating=None, deleted=True),
         PolicyUpdate(version=2, parent_version=1, uri="/p/v2", files={"a": "0" * 64}, metrics={"kl": 0.1}),
@@ -74,6 +75,8 @@ def test_events_round_trip_through_json():
     {"messages": [{"role": "robot", "content": "x"}]},
     {"finish_reason": "eos"},
     {"unknown_field": 1},
+    {"completion_logprobs": [-0.1, -0.2]},  # one log-prob per completion token
+    {"completion_logprobs": []},
 ])
 def test_interaction_schema_rejects_bad_events(bad):
     with pytest.raises(ValidationError):
@@ -147,3 +150,9 @@ def test_the_id_secret_file_is_created_with_its_mode(tmp_path):
     assert any(".tmp" in name for name, _ in seen), "the trace saw the file being made"
     assert {mode for _, mode in seen} == {0o600}, seen
     assert (tmp_path / "response_id_secret").stat().st_mode & 0o777 == 0o600 and len(secret) == 64
+
+
+def test_an_interaction_from_before_completion_logprobs_still_parses():
+    old = json.loads(_interaction().to_bytes())
+    del old["completion_logprobs"]
+    assert Interaction.model_validate_json(json.dumps(old)).completion_logprobs is None

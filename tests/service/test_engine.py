@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import gc
 import logging
+import math
 import threading
 import weakref
 from types import SimpleNamespace
@@ -190,16 +191,19 @@ def test_sampling_respects_temperature_zero_and_each_rows_nucleus():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).expand(2000, -1)
 
     def rows(temperature: float, top_p: float, seed: int = 0) -> list:
-        request = SimpleNamespace(params=SimpleNamespace(temperature=temperature, top_p=top_p),
+        request = SimpleNamespace(params=SimpleNamespace(temperature=temperature, top_p=top_p, top_logprobs=0),
                                   generator=torch.Generator().manual_seed(seed))
         return [SimpleNamespace(request=request)] * len(logits)
 
-    assert set(sample(logits, rows(0.0, 1.0))) == {0}
-    assert set(sample(logits, rows(1.0, 0.6))) == {0, 1}  # 0.5 < 0.6: token 1 completes the nucleus
-    assert set(sample(logits, rows(1.0, 0.01))) == {0}
-    assert set(sample(logits, rows(1.0, 1.0))) == {0, 1, 2, 3}
+    def tokens(draws) -> list[int]:
+        return [d.token_id for d in draws]
+
+    assert set(tokens(sample(logits, rows(0.0, 1.0)))) == {0}
+    assert set(tokens(sample(logits, rows(1.0, 0.6)))) == {0, 1}  # 0.5 < 0.6: token 1 completes the nucleus
+    assert set(tokens(sample(logits, rows(1.0, 0.01)))) == {0}
+    assert set(tokens(sample(logits, rows(1.0, 1.0)))) == {0, 1, 2, 3}
     mixed = rows(0.0, 1.0)[:2] + rows(1.0, 0.6)[:2]  # greedy and nucleus rows in one batch
-    assert sample(logits[:4], mixed)[:2] == [0, 0]
+    assert tokens(sample(logits[:4], mixed))[:2] == [0, 0]
     probs = torch.tensor([[0.5, 0.3, 0.2], [0.5, 0.3, 0.2]])
     assert torch.equal(nucleus(probs, torch.tensor([0.6, 1.0])), torch.tensor([[0.5, 0.3, 0.0], [0.5, 0.3, 0.2]]))
 
@@ -321,10 +325,11 @@ top_ps = st.one_of(st.sampled_from(TOP_PS), st.floats(0.0, 1.0, exclude_min=True
 
 def rows_of(*requests: SimpleNamespace) -> list[SimpleNamespace]:
     """Batch rows (the sampler reads `row.request.params` and `row.request.generator`) for requests given as
-    SimpleNamespace(temperature=, top_p=, seed=, n=)."""
+    SimpleNamespace(temperature=, top_p=, seed=, n=, top_logprobs=)."""
     rows = []
     for r in requests:
-        request = SimpleNamespace(params=SimpleNamespace(temperature=r.temperature, top_p=r.top_p),
+        request = SimpleNamespace(params=SimpleNamespace(temperature=r.temperature, top_p=r.top_p,
+                                                         top_logprobs=r.top_logprobs),
                                   generator=torch.Generator().manual_seed(r.seed))
         rows += [SimpleNamespace(request=request)] * r.n
     return rows
@@ -332,18 +337,21 @@ def rows_of(*requests: SimpleNamespace) -> list[SimpleNamespace]:
 
 @settings(max_examples=150, deadline=None)
 @given(requests=st.lists(st.builds(SimpleNamespace, temperature=temperatures, top_p=top_ps,
-                                   seed=st.integers(-2**63, 2**63 - 1), n=st.integers(1, 3)), min_size=1, max_size=5),
+                                   seed=st.integers(-2**63, 2**63 - 1), n=st.integers(1, 3),
+                                   top_logprobs=st.integers(0, 3)), min_size=1, max_size=5),
        scale=st.sampled_from([1e-3, 1.0, 30.0, 1e4, 1e30, 1e38]), vocab=st.sampled_from([2, 7, 50, 1000]),
        masked=st.booleans(), broken=st.sampled_from([None, float("nan"), float("inf"), -float("inf")]),
        broken_at=st.floats(0.0, 1.0))
-@example(requests=[SimpleNamespace(temperature=t, top_p=p, seed=0, n=1) for t in TEMPERATURES for p in TOP_PS],
+@example(requests=[SimpleNamespace(temperature=t, top_p=p, seed=0, n=1, top_logprobs=2) for t in TEMPERATURES
+                   for p in TOP_PS],
          scale=1e38, vocab=50, masked=True, broken=float("nan"), broken_at=0.5)
 def test_sampling_is_numerically_safe_for_every_parameter_and_a_broken_row_fails_alone(
         requests, scale, vocab, masked, broken, broken_at):
     """Any temperature >= 0 and top_p in (0, 1], over logits from tiny to float32's largest, some ruled out
     (-inf): every row gets a token that is not ruled out, the top one where the temperature or the nucleus
-    leaves only it; a broken row (a NaN, a +inf, or -inf everywhere) comes back None, and every other
-    request draws exactly what it draws in a batch without the broken row's request."""
+    leaves only it, with a finite log-prob <= 0 and top log-probs sorted, finite and <= 0; a broken row (a NaN,
+    a +inf, or -inf everywhere) comes back None, and every other request draws exactly what it draws in a batch
+    without the broken row's request."""
     rows = rows_of(*requests)
     owner = [j for j, r in enumerate(requests) for _ in range(r.n)]  # the request of each row
     g = torch.Generator().manual_seed(len(rows) * vocab)
@@ -353,7 +361,8 @@ def test_sampling_is_numerically_safe_for_every_parameter_and_a_broken_row_fails
     bad = None if broken is None else round(broken_at * (len(rows) - 1))
     if bad is not None:
         logits[bad, slice(None) if broken < 0 else 1] = broken  # -inf: everywhere, nothing is left to draw
-    tokens = sample(logits, rows)
+    draws = sample(logits, rows)
+    tokens = [None if d is None else d.token_id for d in draws]
 
     assert len(tokens) == len(rows)
     for i, (row, token) in enumerate(zip(rows, tokens)):
@@ -362,6 +371,10 @@ def test_sampling_is_numerically_safe_for_every_parameter_and_a_broken_row_fails
             continue
         assert isinstance(token, int) and 0 <= token < vocab and logits[i, token] > -float("inf")
         p = row.request.params
+        assert math.isfinite(draws[i].logprob) and draws[i].logprob <= 1e-6, (draws[i], p)
+        best = [lp for _, lp in draws[i].top]
+        assert 1 <= len(best) <= p.top_logprobs if p.top_logprobs else best == []
+        assert best == sorted(best, reverse=True) and all(math.isfinite(lp) and lp <= 1e-6 for lp in best)
         top = logits[i].max()
         # one token left to draw: a temperature that leaves all the mass on the top logit, or a nucleus that keeps
         # only the most likely token (not at a temperature so high that every probability is the same float)
@@ -371,7 +384,7 @@ def test_sampling_is_numerically_safe_for_every_parameter_and_a_broken_row_fails
     if bad is not None:
         kept = [i for i in range(len(rows)) if owner[i] != owner[bad]]
         others = rows_of(*[r for j, r in enumerate(requests) if j != owner[bad]])
-        assert sample(logits[kept], others) == [tokens[i] for i in kept], "a broken row changed another's draw"
+        assert sample(logits[kept], others) == [draws[i] for i in kept], "a broken row changed another's draw"
 
 
 NORMAL = [("the old harbour and its boats", params(seed=11, n=2, temperature=0.8, top_p=0.9, max_tokens=8)),

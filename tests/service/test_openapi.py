@@ -20,7 +20,7 @@ import httpx
 import pytest
 from service_helpers import API_KEY, MODEL, read_events
 
-from rlhf_loop.core.contracts import Interaction
+from rlhf_loop.core.contracts import Interaction, Settings
 from rlhf_loop.service.api import app
 from rlhf_loop.service.openapi import inline
 from rlhf_loop.service.schemas import ChatCompletionRequest, FeedbackRequest
@@ -99,11 +99,14 @@ def test_cases_the_fuzzer_found_stay_fixed(service):
 
 
 def test_schemathesis_finds_nothing_and_rejected_requests_write_nothing(service, module_broker, doc, tmp_path, capsys):
-    report, config = tmp_path / "schemathesis.json", tmp_path / "schemathesis.toml"
-    # schemathesis stops reading an event stream after 20 events (its default) and closes it: the service then
-    # cancels that answer (no Interaction, by design) although it counted a 200. Read every stream to its end
-    # (at most n x (max_tokens + 2) + 2 events), so that every answered chat is a logged one.
-    config.write_text(f"max-stream-events = {4 * (256 + 2) + 2}\n")  # RLHF_MAX_N, RLHF_MAX_TOKENS_LIMIT
+    report = tmp_path / "schemathesis.json"
+    # schemathesis reads 20 events of a stream, then leaves it: a chat stream left early is (rightly) no
+    # Interaction, which the count below could not tell from a lost one. The longest stream the server's
+    # limits allow (a chunk per token of each choice, with logprobs, its role and finish chunks, usage, [DONE])
+    # is read whole
+    limits = Settings()  # the service's (conftest starts it with the defaults)
+    config = tmp_path / "schemathesis.toml"
+    config.write_text(f"max-stream-events = {limits.max_n * (limits.max_tokens_limit + 2) + 2}\n")
     cmd = [str(Path(sys.executable).with_name("st")), "--config-file", str(config), "run", f"{service.url}/openapi.json",
            "--header", f"Authorization: Bearer {API_KEY}", "--checks", ",".join(CHECKS),
            "--max-examples", str(FUZZ_EXAMPLES), "--seed", str(FUZZ_SEED), "--workers", "1",

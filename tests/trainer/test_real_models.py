@@ -30,8 +30,11 @@ TINY = {"ppo": {"rollout_prompts": 8, "minibatch_size": 8, "rollout_batches": 1,
 
 
 def traffic(n: int, seed: int):
+    """n answers with their votes; each as the service logs it, with its tokens' log-probs (made up: these
+    token ids are not the text's, and no round trains on them; the behaviour metric reads them)."""
     rng = random.Random(seed)
-    its = [interaction(rng, p, rng.choice(ANSWERS)) for p in prompts(n, seed)]
+    its = [interaction(rng, p, rng.choice(ANSWERS), token_ids=[5, 6, 7]).model_copy(
+        update={"completion_logprobs": [-1.0, -2.0, -0.5]}) for p in prompts(n, seed)]
     return its, votes_for(its, taste="cheerful", noise=0.0, seed=seed)
 
 
@@ -51,6 +54,10 @@ def test_a_round_publishes_exactly_the_candidate(settings, random_model, adapter
     try:
         report = run_round(state, progress=False)
         assert report.promoted and report.version == 1, report.reason
+        # every voted answer came from version 0, the current policy: on-policy, and its made-up log-probs are not
+        # the policy's
+        assert report.behaviour["onpolicy_answers"] == report.labels > 0 and report.behaviour["offpolicy_answers"] == 0
+        assert report.behaviour["onpolicy_max_gap"] > 0.1
         store = state.policy_store
         manifest = store.verify(1)
         probe = torch.tensor([[3, 17, 42, 99, 5]])

@@ -8,7 +8,9 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from rlhf_loop.core.contracts import Feedback, Interaction, Message, Sampling, feedback_id_for
-from rlhf_loop.trainer.store import LabelStore, approval_points, connect_read_only, read_approval, read_labels
+from rlhf_loop.trainer.store import (
+    Behaviour, LabelStore, approval_points, connect_read_only, read_approval, read_labels,
+)
 
 T0 = datetime(2025, 1, 1, tzinfo=timezone.utc)
 
@@ -295,3 +297,56 @@ def test_read_approval_counts_the_live_joined_votes_by_version_as_the_watch_does
     assert all(a.points[-1].up == a.up and a.points[-1].down == a.down for a in approval)
     assert approval[0].points[-1].time == (T0 + timedelta(seconds=5)).timestamp(), "ends at the newest live vote"
     assert read_approval(store.path.with_name("none.sqlite"), buckets=3) == []
+
+
+def test_behaviour_logprobs_are_stored_with_their_sampling_and_old_events_have_none(store):
+    with_logprobs = Interaction(**{**interaction("r1").model_dump(), "completion_logprobs": [-0.25, -1.5],
+                                   "sampling": Sampling(temperature=0.7, top_p=0.9, max_tokens=8)})
+    store.apply_batch([with_logprobs, interaction("r2"), vote("r1", 1), vote("r2", -1)], {})
+    r1, r2 = store.examples()
+    assert r1.behaviour == Behaviour(token_ids=(3, 4), logprobs=(-0.25, -1.5), temperature=0.7, top_p=0.9)
+    assert r2.behaviour is None  # an event from before completion_logprobs
+
+
+# the tables as a store from before voters, identities and behaviour log-probs made them
+OLD_SCHEMA = """
+CREATE TABLE interactions (
+    response_id TEXT NOT NULL, choice_index INTEGER NOT NULL,
+    event_id TEXT NOT NULL, prompt_key TEXT NOT NULL, completion TEXT NOT NULL,
+    completion_tokens INTEGER NOT NULL, policy_version INTEGER NOT NULL, finish_reason TEXT NOT NULL,
+    received REAL NOT NULL,
+    PRIMARY KEY (response_id, choice_index)
+);
+CREATE TABLE votes (
+    feedback_id TEXT PRIMARY KEY, response_id TEXT NOT NULL, choice_index INTEGER NOT NULL,
+    user TEXT, rating REAL, deleted INTEGER NOT NULL, ts REAL NOT NULL, event_id TEXT NOT NULL,
+    received REAL NOT NULL, seq INTEGER NOT NULL
+);
+CREATE TABLE prompts (prompt_key TEXT PRIMARY KEY, messages TEXT NOT NULL, last_seen REAL NOT NULL);
+INSERT INTO interactions VALUES ('old', 0, 'e1', 'k', 'An old answer.', 3, 2, 'stop', 0);
+INSERT INTO votes VALUES ('old:u', 'old', 0, 'u', 1.0, 0, 0, 'e2', 0, 1);
+INSERT INTO prompts VALUES ('k', '[{"role": "user", "content": "Old?"}]', 0);
+"""
+
+
+def test_an_older_store_is_migrated_in_place_and_keeps_its_labels(tmp_path):
+    path = tmp_path / "labels.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript(OLD_SCHEMA)
+    db.close()
+    store = LabelStore(path, late_vote_window_s=100.0, dedupe_window_s=1000.0, prompt_pool_size=10)
+    try:
+        (old,) = store.examples()
+        assert (old.response_id, old.completion, old.policy_version, old.rating, old.behaviour) == (
+            "old", "An old answer.", 2, 1.0, None)
+        new = Interaction(**{**interaction("new").model_dump(), "completion_logprobs": [-0.5, -0.125]})
+        store.apply_batch([new, vote("new", -1)], {})
+        assert {e.response_id: e.behaviour for e in store.examples()} == {
+            "old": None, "new": Behaviour((3, 4), (-0.5, -0.125), 1.0, 1.0)}
+    finally:
+        store.close()
+    reopened = LabelStore(path, late_vote_window_s=100.0, dedupe_window_s=1000.0, prompt_pool_size=10)
+    try:  # opening a migrated store again changes nothing
+        assert len(reopened.examples()) == 2
+    finally:
+        reopened.close()
