@@ -85,6 +85,12 @@ class Settings(BaseSettings):
     engine_max_batched_tokens: int = Field(512, ge=1, description="tokens per engine step: decode rows plus prompt tokens; longer prompts are prefilled in chunks")
     engine_max_waiting_requests: int = Field(128, ge=1, description="requests queued before they start; beyond it chat answers 429 with Retry-After")
     policy_poll_s: float = Field(5.0, gt=0, description="how often a replica re-reads LATEST (fallback for missed announcements)")
+    named_versions_kept: int = Field(2, ge=0, description="versions a replica keeps loaded for chat requests that name "
+                                                          "one (`model: <served name>@v<N>`), least recently named out "
+                                                          "first; an adapter costs its few MB, a full-weight version "
+                                                          "(or an adapter over a base not in memory) a model's memory; "
+                                                          "0 = only the versions in memory anyway (serving, draining) "
+                                                          "can be named")
     vote_rate_limit: int = Field(60, ge=0, description="votes per window per voter (a key's user, or the key for a vote "
                                                        "without one; without keys, the client address: its votes and "
                                                        "withdrawals together), per replica; 0 = no cap")

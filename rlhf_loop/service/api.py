@@ -1,7 +1,7 @@
 """The HTTP API, a FastAPI app mounted on the BentoML service (service/service.py).
 
     POST /v1/chat/completions    OpenAI chat completions, plain or SSE streaming
-    GET  /v1/models, /v1/models/{model}
+    GET  /v1/models, /v1/models/{model}   the served name and each version a request may name (rlhf-policy@v3)
     POST /v1/feedback            a thumbs up/down on a response  -> 202
     DELETE /v1/feedback/{id}     withdraw a vote (tombstone)     -> 202
     POST /v1/preferences         which of two answers to one prompt is better -> 202
@@ -52,9 +52,9 @@ from rlhf_loop.service.request import Delta, SamplingParams
 from rlhf_loop.service.schemas import (
     AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice, ChoiceLogprobs, ChunkChoice,
     ChunkDelta, ErrorBody, ErrorResponse, FeedbackAccepted, FeedbackRequest, ModelCard, ModelList, PreferenceAccepted,
-    PreferenceRequest, TokenLogprob, TopLogprob, Usage,
+    PreferenceRequest, TokenLogprob, TopLogprob, Usage, model_version, version_model_id,
 )
-from rlhf_loop.service.versions import VersionManager
+from rlhf_loop.service.versions import UnknownVersion, VersionManager, VersionRefused
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,9 @@ MAX_STOP_STRINGS = 4  # as OpenAI
 # Retry-After of a 429: the engine's queue moves at every step, so a second usually finds room; a replica
 # overloaded for longer needs more replicas (the HPA), not clients that wait longer
 RETRY_AFTER_S = 1
+# Chat requests naming a version that is not in memory wait here for its load, one load at a time: waiting
+# on a limiter holds no worker thread, so a queue of them never starves tokenizing or spooling of threads
+NAMED_LOADS = anyio.CapacityLimiter(1)
 
 
 # ---------------------------------------------------------------------------- app, auth
@@ -74,7 +77,7 @@ class Parts(Protocol):
     """What the handlers use of the running service (service/service.py's ChatService has them)."""
 
     settings: Settings
-    started: int  # unix time the service started: the models' `created`
+    started: int  # unix time the service started: the served name's `created`
     api_keys: frozenset[str]
     id_secret: bytes
     engine: Engine
@@ -108,7 +111,7 @@ class Job:
 
     response_id: str
     created: int
-    model: str
+    model: str  # the name the request gave: the served name, or a version's (`rlhf-policy@v3`)
     loaded: LoadedVersion  # taken once: every token of this response comes from this object
     messages: list[Message]
     prompt_ids: list[int]
@@ -174,11 +177,14 @@ def logprob_content(token_bytes: TokenBytes, token_ids: Sequence[int], logprobs:
 
 
 async def admit(svc: Parts, req: ChatCompletionRequest) -> Job:
-    """Check a request against the limits and the serving version; 4xx before anything happens."""
+    """Check a request against the limits and the version it names; 4xx before anything happens."""
     s = svc.settings
-    if req.model != s.served_model_name:
-        raise APIError(404, f"The model '{req.model}' does not exist; this server serves '{s.served_model_name}'.",
-                       param="model", code="model_not_found")
+    try:
+        version = model_version(s.served_model_name, req.model)
+    except ValueError:
+        raise APIError(404, f"The model '{req.model}' does not exist; this server serves '{s.served_model_name}' "
+                            f"and its versions, '{s.served_model_name}@v<N>' (GET /v1/models lists them).",
+                       param="model", code="model_not_found") from None
     if len(req.messages) > s.max_messages:
         raise APIError(400, f"Too many messages: {len(req.messages)} > {s.max_messages}.", param="messages",
                        code="invalid_value")
@@ -203,9 +209,7 @@ async def admit(svc: Parts, req: ChatCompletionRequest) -> Job:
     if len(stop) > MAX_STOP_STRINGS:
         raise APIError(400, f"At most {MAX_STOP_STRINGS} stop sequences.", param="stop", code="invalid_value")
 
-    loaded = svc.versions.current
-    if loaded is None:
-        raise APIError(503, "The model is still loading; retry shortly.", type="server_error", code="model_not_ready")
+    loaded = await version_for(svc, req.model, version)  # checked last: naming a version may load it
     messages = [Message(role=m.contract_role(), content=m.text()) for m in req.messages]
     prompt_ids = await anyio.to_thread.run_sync(loaded.encode_chat, [m.model_dump() for m in messages])
     if len(prompt_ids) > s.max_prompt_tokens:
@@ -224,9 +228,30 @@ async def admit(svc: Parts, req: ChatCompletionRequest) -> Job:
     )
     # the id carries the prompt's tag: a preference between two responses is checked to be about one prompt
     rid = make_response_id(svc.id_secret, loaded.version, n, prompt_tag(svc.id_secret, messages))
-    return Job(response_id=rid, created=int(time.time()),
-               model=s.served_model_name, loaded=loaded, messages=messages, prompt_ids=prompt_ids,
-               params=params, user=req.user, logprobs=bool(req.logprobs))
+    return Job(response_id=rid, created=int(time.time()), model=req.model, loaded=loaded, messages=messages,
+               prompt_ids=prompt_ids, params=params, user=req.user, logprobs=bool(req.logprobs))
+
+
+async def version_for(svc: Parts, model: str, version: int | None) -> LoadedVersion:
+    """The loaded version a request's `model` names (`version`: None for the served name, the version serving
+    now); 503 before any is loaded, 404 for a version this replica cannot serve (service/versions.py, `named`)."""
+    current = svc.versions.current
+    if current is None:
+        raise APIError(503, "The model is still loading; retry shortly.", type="server_error", code="model_not_ready")
+    if version is None:
+        return current
+    loaded = svc.versions.in_memory(version)
+    if loaded is not None:
+        return loaded
+    try:
+        return await anyio.to_thread.run_sync(svc.versions.named, version, limiter=NAMED_LOADS)
+    except UnknownVersion:
+        raise APIError(404, f"The model '{model}' does not exist: this server cannot serve policy version {version} "
+                            "(GET /v1/models lists the ones it can).", param="model", code="model_not_found") from None
+    except VersionRefused:
+        # why stays in the log and the admin API: a load error may name the server's paths
+        raise APIError(404, f"The model '{model}' cannot be served: policy version {version} failed this server's "
+                            "checks (its files' hashes, or loading it).", param="model", code="model_not_found") from None
 
 
 async def finish(svc: Parts, job: Job, started: float) -> None:
@@ -358,18 +383,34 @@ def _json(data: Any) -> str:
     return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
 
 
+def model_cards(svc: Parts) -> list[ModelCard]:
+    """The served name, then every version a request may name, oldest first (reads the store's manifests)."""
+    served, serving = svc.settings.served_model_name, svc.versions.current
+    alias = ModelCard(id=served, created=svc.started,
+                      root=None if serving is None else version_model_id(served, serving.version))
+    return [alias, *(version_card(served, info) for info in svc.versions.servable())]
+
+
+def version_card(served: str, info: dict) -> ModelCard:
+    """One version's card from its manifest as `PolicyStore.info` gives it."""
+    version, parent, base = info["version"], info["parent_version"], info["base_version"]
+    return ModelCard(id=version_model_id(served, version), created=info["created"],
+                     parent=None if parent is None else version_model_id(served, parent),
+                     root=version_model_id(served, version if base is None else base))
+
+
 @app.get("/v1/models", dependencies=[Depends(require_api_key)], **openapi.LIST_MODELS)
 async def list_models():
-    svc = current()
-    return ModelList(data=[ModelCard(id=svc.settings.served_model_name, created=svc.started)]).model_dump()
+    cards = await anyio.to_thread.run_sync(model_cards, current())
+    return ModelList(data=cards).model_dump()
 
 
 @app.get("/v1/models/{model:path}", dependencies=[Depends(require_api_key)], **openapi.RETRIEVE_MODEL)
 async def retrieve_model(model: str):
-    svc = current()
-    if model != svc.settings.served_model_name:
+    card = next((c for c in await anyio.to_thread.run_sync(model_cards, current()) if c.id == model), None)
+    if card is None:
         raise APIError(404, f"The model '{model}' does not exist.", param="model", code="model_not_found")
-    return ModelCard(id=model, created=svc.started).model_dump()
+    return card.model_dump()
 
 
 # ---------------------------------------------------------------------------- feedback

@@ -52,3 +52,5 @@ policy_announcements = Counter("rlhf_policy_announcements", "PolicyUpdate announ
 policy_swaps = Counter("rlhf_policy_swaps", "Policy versions swapped in")
 policy_rollbacks = Counter("rlhf_policy_rollbacks", "Rollbacks announced by the trainer's live-approval watch and followed")
 policy_load_failures = Counter("rlhf_policy_load_failures", "Policy versions refused, by reason", ["reason"])
+policy_named_loads = Counter("rlhf_policy_named_loads", "Policy versions loaded because a chat request named one that "
+                             "was not in memory (evicted ones named again count again)")

@@ -6,8 +6,8 @@ bodies. Each route declares them instead, with the dicts below spread into its d
 the request body as `openapi_extra` (the pydantic model's JSON schema), the answers as
 FastAPI `responses` (documentation only: nothing is re-validated at run time), and an
 OpenAI-style operation id. `document()` is FastAPI's generator over those routes, plus
-what only the running server knows (the served model name, its limits, whether API keys
-are on) and BentoML's probes. docs/service.md, "OpenAPI", says how it gets past BentoML.
+what only the running server knows (the served model name and its version names, its limits,
+whether API keys are on) and BentoML's probes. docs/service.md, "OpenAPI", says how it gets past BentoML.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pydantic import BaseModel
 from rlhf_loop.core.contracts import Settings
 from rlhf_loop.service.schemas import (
     ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ErrorResponse, FeedbackAccepted, FeedbackRequest, LoopView,
-    ModelCard, ModelList, PreferenceAccepted, PreferenceRequest,
+    ModelCard, ModelList, PreferenceAccepted, PreferenceRequest, model_name_pattern, version_model_id,
 )
 
 ERRORS = {  # status -> when; every error body is OpenAI's shape (ErrorResponse)
@@ -33,7 +33,8 @@ ERRORS = {  # status -> when; every error body is OpenAI's shape (ErrorResponse)
     403: "`permission_denied`: the vote or preference was cast by another identity (another API key, or on a server "
          "without keys another client address); only that one may withdraw it. Nothing was recorded.",
     404: "`model_not_found`, `response_not_found`, `feedback_not_found` or `preference_not_found`: the id or model "
-         "is not one this service issued or serves.",
+         "is not one this service issued or serves (for a chat: a malformed model name, or a version this replica "
+         "cannot serve: not in its policy store, or refused by its checks; nothing was generated or written).",
     413: "`request_too_large`: the body is over the server's byte limit.",
     429: "`rate_limit_exceeded`: a chat while the engine's queue is full, or a vote (or preference) over a vote cap "
          "of this server "
@@ -92,7 +93,8 @@ STREAM = {"text/event-stream": {"schema": {  # one event (OpenAPI 3.2 calls it i
 
 CHAT = dict(
     operation_id="createChatCompletion",
-    summary="Chat completion (OpenAI's API); `system_fingerprint` names the policy version",
+    summary="Chat completion (OpenAI's API); `model` is the served name (the version serving now) or one version, "
+            "`<name>@v<N>`; `system_fingerprint` names the version that answered",
     openapi_extra=json_body(ChatCompletionRequest),
     responses=answers(
         200, ChatCompletion, "The completion; with `stream`, the same as Server-Sent Events.", 400, 401, 404, 413,
@@ -101,10 +103,12 @@ CHAT = dict(
                             "requestBody": {"response_id": "$response.body#/id", "rating": "up"}}},
     ),
 )
-LIST_MODELS = dict(operation_id="listModels", summary="The served model",
-                   responses=answers(200, ModelList, "One model: the one this server serves.", 401))
-RETRIEVE_MODEL = dict(operation_id="retrieveModel", summary="One model",
-                      responses=answers(200, ModelCard, "The served model.", 401, 404))
+LIST_MODELS = dict(operation_id="listModels", summary="The served model and each version a request may name",
+                   responses=answers(200, ModelList, "The served name first (`root`: the version serving now), then "
+                                                     "every version this replica can serve, `<name>@v<N>`, oldest "
+                                                     "first.", 401))
+RETRIEVE_MODEL = dict(operation_id="retrieveModel", summary="One model: the served name or one version",
+                      responses=answers(200, ModelCard, "The model.", 401, 404))
 FEEDBACK = dict(
     operation_id="createFeedback",
     summary="Vote on an answer; the same voter voting again replaces the vote",
@@ -178,7 +182,10 @@ def _limit(request: dict, s: Settings, max_stop: int) -> None:
     """What the chat handler checks against the settings, in the request's schema (the model
     alone cannot say it: the limits are per deployment)."""
     p = request["properties"]
-    p["model"]["enum"] = [s.served_model_name]
+    p["model"]["pattern"] = model_name_pattern(s.served_model_name)
+    p["model"]["examples"] = [s.served_model_name, version_model_id(s.served_model_name, 0)]
+    p["model"]["description"] = (f"`{s.served_model_name}`: the version serving now; `{s.served_model_name}@v<N>`: "
+                                 "version N, if this replica can serve it (GET /v1/models), else 404")
     p["messages"]["maxItems"] = s.max_messages
     for name, maximum in (("max_tokens", s.max_tokens_limit), ("max_completion_tokens", s.max_tokens_limit),
                           ("n", s.max_n)):

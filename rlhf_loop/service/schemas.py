@@ -8,6 +8,7 @@ ignoring it cannot change the answer; `tools` and non-text content are refused.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
@@ -158,15 +159,49 @@ class ChatCompletionChunk(BaseModel):
 
 
 class ModelCard(BaseModel):
+    """A model clients may name: the served name (whatever version serves now) or one version of it.
+    `parent` and `root` are vLLM's extra fields, in this project's terms (docs/service.md, "Versions by name")."""
+
     id: str
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "rlhf-loop"
+    parent: str | None = None  # a version: the version it was trained from
+    root: str | None = None  # the served name: the version it names now; a version: the full weights it runs on
 
 
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+# ---------------------------------------------------------------------------- model names
+# `<served name>` is the version serving now; `<served name>@v<N>` is version N (as vLLM lists LoRA adapters
+# beside their base). N as the store and response ids write it: decimal, no leading zero, at most 9 digits.
+
+_VERSION_SUFFIX = "@v(0|[1-9][0-9]{0,8})"
+
+
+def version_model_id(served: str, version: int) -> str:
+    """The model name of one version: `rlhf-policy@v3`."""
+    return f"{served}@v{version}"
+
+
+def model_version(served: str, model: str) -> int | None:
+    """The version a request's `model` names: None for the served name (the version serving now), N for
+    `<served>@vN`; ValueError for any other name."""
+    if model == served:
+        return None
+    m = re.fullmatch(re.escape(served) + _VERSION_SUFFIX, model)
+    if m is None:
+        raise ValueError(f"not a model name of {served!r}: {model!r}")
+    return int(m[1])
+
+
+def model_name_pattern(served: str) -> str:
+    """The names `model_version` takes, as a JSON Schema (ECMA-262) pattern."""
+    literal = "".join("\\" + c if c in r"\^$.|?*+()[]{}/" else c for c in served)
+    return f"^{literal}({_VERSION_SUFFIX})?$"
 
 
 # ---------------------------------------------------------------------------- feedback

@@ -10,12 +10,12 @@ fallback for announcements missed while Kafka was away.
 A version is verified (sha256 of every file against its manifest, and against the
 announcement's own list when there is one) and loaded on a background thread, never on
 the request path; then `current` is replaced with one reference assignment. A LoRA version
-is an adapter over a full version, its base: the replica keeps one base in memory
-(`SharedBase`) and loads each adapter version onto it (its few MB read and verified here,
-injected by the engine between two steps, since forwards may be running), so a swap costs
-an adapter, not a model; a version over another base loads that base (a full reload). The
-base's own version runs on the same weights with the adapters off; an adapter is deleted
-from the base when the last request of its version ends. A request
+is an adapter over a full version, its base: the replica keeps each base in memory once
+(`SharedBase`, while a loaded version runs on it) and loads each adapter version onto it (its
+few MB read and verified here, injected by the engine between two steps, since forwards may
+be running), so a swap costs an adapter, not a model; a version over another base loads that
+base (a full reload). The base's own version runs on the same weights with the adapters off;
+an adapter is deleted from the base when the last request of its version ends. A request
 reads `current` once at its start and uses only that object, so requests in flight finish
 on the version they started with, and a response names exactly one version. A version
 that fails to verify or load is refused: the old one keeps serving, a metric and a log
@@ -29,6 +29,15 @@ serving (so a replayed old announcement is harmless), or if it is a rollback awa
 one serving (the trainer's live-approval watch, `rollback_of`); a change of LATEST is
 followed whatever it says (that is how an operator moves LATEST back); a pin overrides all
 of them until unpinned.
+
+A request may also name a version (`model: rlhf-policy@v3`, service/api.py): `named(3)` gives it from
+memory (serving, draining, or kept), else verifies and loads it as above, on the caller's thread (a chat
+request's worker thread, never the event loop), and keeps the `named_versions_kept` versions named most
+recently loaded (least recently named out first: its weights, or its adapter, go with the last request
+on it). Loading one takes the same lock as a swap and does not touch `current`: the pin and the rules
+above decide what the served name means, and a named version is never swapped in for it. A version that
+failed its checks, now or before, is refused here too (never served), and one missing from the store is
+unknown without being recorded as refused (a name asked for before its version is written is no refusal).
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ import logging
 import threading
 import time
 import weakref
+from collections import OrderedDict
 
 from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
@@ -64,7 +74,7 @@ class VersionRefused(Exception):
 
 
 class UnknownVersion(KeyError):
-    pass
+    """A version not in the store (for a named one: or, with named_versions_kept 0, not in memory)."""
 
 
 def _put_adapter(base: SharedBase, name: str, config, weights: dict) -> None:
@@ -77,13 +87,17 @@ class VersionManager:
         self.settings = settings
         self.engine = engine  # adapters go onto a base between the engine's steps
         self.store = PolicyStore(settings.policy_dir)
-        self._base: SharedBase | None = None  # the full weights in memory; adapter versions load onto them
+        # what is in memory, by version, while something uses it (weak: the last request on a version frees it):
+        # full weights, which every version over them shares, and the last load of each version
+        self._bases: weakref.WeakValueDictionary[int, SharedBase] = weakref.WeakValueDictionary()
+        self._loaded: weakref.WeakValueDictionary[int, LoadedVersion] = weakref.WeakValueDictionary()
+        self._named: OrderedDict[int, LoadedVersion] = OrderedDict()  # kept for requests naming them, oldest first
         self._current: LoadedVersion | None = None
         self._pinned: int | None = None
         self._last_latest: int | None = None  # LATEST as last seen by the poller
         self.refused: dict[int, str] = {}  # version -> why
         self._loads = 0  # adapter loads so far: each gets a name of its own
-        self._lock = threading.Lock()  # current/pinned; never held while loading
+        self._lock = threading.Lock()  # current/pinned/named; never held while loading
         self._load_lock = threading.Lock()  # one load at a time, and the decision that goes with it
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._run, name="policy-poll", daemon=True)]
@@ -135,13 +149,65 @@ class VersionManager:
 
     def status(self) -> dict:
         current = self._current
+        loaded = self._in_memory()
         versions = []
         for info in self.store.info():
             v = info["version"]
             versions.append({**info, "serving": current is not None and current.version == v,
-                             "refused": self.refused.get(v)})
+                             "loaded": v in loaded, "refused": self.refused.get(v)})
         return {"serving": None if current is None else current.version, "pinned": self._pinned,
                 "latest": self.store.latest(), "versions": versions}
+
+    # -- versions requests name
+
+    def named(self, version: int) -> LoadedVersion:
+        """`version` for a request that names it: from memory, else verified and loaded now (the caller waits:
+        never call it on the event loop), and kept among the `named_versions_kept` named most recently.
+        UnknownVersion if it is not in the store (or, with named_versions_kept 0, not in memory);
+        VersionRefused if it fails its checks, now or before."""
+        loaded = self.in_memory(version)
+        if loaded is not None:
+            return loaded
+        if self.settings.named_versions_kept == 0 or version not in self.store.versions():
+            raise UnknownVersion(version)
+        with self._load_lock:
+            loaded = self.in_memory(version)  # loaded meanwhile, for another request naming it
+            if loaded is None:
+                if version in self.refused:
+                    raise VersionRefused(version, "refused", self.refused[version])
+                loaded = self._load_or_refuse(version)
+                metrics.policy_named_loads.inc()
+                self._keep(loaded)
+        return loaded
+
+    def in_memory(self, version: int) -> LoadedVersion | None:
+        """`version` if it is in memory (serving, draining, kept), kept as named just now; None if not. Never waits."""
+        current = self._current
+        loaded = current if current is not None and current.version == version else self._loaded.get(version)
+        if loaded is not None:
+            self._keep(loaded)
+        return loaded
+
+    def servable(self) -> list[dict]:
+        """The versions a request may name, oldest first, as `PolicyStore.info` describes them: every one in the
+        store not refused (loaded when named), or with named_versions_kept 0 the ones in memory."""
+        refused, loaded, kept = set(self.refused), self._in_memory(), self.settings.named_versions_kept
+        return [info for info in self.store.info()
+                if "error" not in info and info["version"] not in refused and (kept > 0 or info["version"] in loaded)]
+
+    def _in_memory(self) -> set[int]:
+        current = self._current
+        with self._lock:  # no load adds to _loaded while its keys are read
+            loaded = set(self._loaded.keys())
+        return loaded | (set() if current is None else {current.version})
+
+    def _keep(self, loaded: LoadedVersion) -> None:
+        """`loaded` named just now: kept, and the least recently named one beyond `named_versions_kept` let go."""
+        with self._lock:
+            self._named[loaded.version] = loaded
+            self._named.move_to_end(loaded.version)
+            while len(self._named) > self.settings.named_versions_kept:
+                self._named.popitem(last=False)
 
     # -- moving between versions
 
@@ -201,7 +267,8 @@ class VersionManager:
                 raise VersionRefused(version, "load", f"{type(e).__name__}: {e}") from e
             loaded = LoadedVersion.of(version, base.model, base.tokenizer, base=base, adapter=name)
             weakref.finalize(loaded, self._drop_adapter, base, name)  # the last request of it ended: free it
-        self._base = base
+        with self._lock:
+            self._loaded[version] = loaded
         log.info("loaded policy version %d (%s, %s, %.2fs)", version, "full weights" if manifest.base_version is None
                  else f"adapter over v{manifest.base_version}", str(base.model.dtype).removeprefix("torch."),
                  time.monotonic() - started)
@@ -209,8 +276,9 @@ class VersionManager:
 
     def _full(self, version: int) -> SharedBase:
         """The full-weight version `version` in memory: the one already there, or verified and loaded."""
-        if self._base is not None and self._base.version == version:
-            return self._base
+        base = self._bases.get(version)
+        if base is not None:
+            return base
         try:
             self.store.verify_files(version)
         except VerificationError as e:
@@ -222,7 +290,8 @@ class VersionManager:
         unsupported = cannot_batch(model.config)
         if unsupported is not None:  # refused here, before it serves, not by a 500 on every request
             raise VersionRefused(version, "unsupported", unsupported)
-        return SharedBase(version, model, tokenizer, self.store.manifest_sha256(version))
+        base = self._bases[version] = SharedBase(version, model, tokenizer, self.store.manifest_sha256(version))
+        return base
 
     def _drop_adapter(self, base: SharedBase, name: str) -> None:
         """(weakref.finalize, any thread) delete an adapter no loaded version uses any more, between engine steps."""

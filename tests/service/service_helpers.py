@@ -170,6 +170,33 @@ def write_version(store_root: Path, *, seed: int, noise: float = 0.05, corrupt: 
     return version
 
 
+def write_adapter_version(store_root: Path, *, seed: int, base: int = 0, noise: float = 0.5) -> int:
+    """Write the next policy version as a LoRA adapter over `base` (as the trainer would: core/lora.py's files,
+    the manifest naming its base), its B weights of std `noise` (0.5 changes the embedded model's answers),
+    and move LATEST to it."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_loop.core import lora
+    from rlhf_loop.core.policy_store import PolicyStore
+
+    store = PolicyStore(store_root)
+    version = max(store.versions()) + 1
+    model = AutoModelForCausalLM.from_pretrained(store.path(base), use_safetensors=True)
+    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"), adapter_name="new")
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if ".lora_B." in name:  # peft starts B at zero (an adapter that changes nothing)
+                p.copy_(torch.randn(p.shape, generator=g) * noise)
+    weights = lora.saved_names(dict(peft.named_parameters()), "new")
+    store.write(version, lambda d: lora.write_adapter(d, peft.peft_config["new"], weights), parent_version=base,
+                base_version=base, set_latest=False)
+    store.set_latest(version)
+    return version
+
+
 def announce(bootstrap: str, store_root: Path, version: int, topic: str = "rlhf.policy-updates") -> None:
     """Send the PolicyUpdate a trainer would send for `version` (files = its manifest's hashes)."""
     from kafka import KafkaProducer

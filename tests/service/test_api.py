@@ -18,8 +18,9 @@ AUTH = {"Authorization": f"Bearer {API_KEY}"}
 def test_probes_and_model_list(service):
     assert httpx.get(f"{service.url}/livez").status_code == 200
     assert httpx.get(f"{service.url}/readyz").status_code == 200
-    (model,) = service.openai().models.list().data
-    assert model.id == MODEL and model.object == "model"
+    models = service.openai().models.list().data  # the served name, then each version it can serve (test_versions.py)
+    assert [(m.id, m.object, m.root) for m in models] == [(MODEL, "model", f"{MODEL}@v0"),
+                                                          (f"{MODEL}@v0", "model", f"{MODEL}@v0")]
     assert service.openai().models.retrieve(MODEL).id == MODEL
     with pytest.raises(openai.NotFoundError):
         service.openai().models.retrieve("gpt-4o")
@@ -188,6 +189,8 @@ BAD = [
     ("unknown role", "POST", "/v1/chat/completions", dict(json=_chat_body(messages=[{"role": "wizard", "content": "hi"}])), 400, "invalid_value", "messages[0].role"),
     ("content not text", "POST", "/v1/chat/completions", dict(json=_chat_body(messages=[{"role": "user", "content": 7}])), 400, "invalid_value", "messages[0].content"),
     ("unknown model", "POST", "/v1/chat/completions", dict(json=_chat_body(model="gpt-4o")), 404, "model_not_found", "model"),
+    ("unknown version", "POST", "/v1/chat/completions", dict(json=_chat_body(model="rlhf-policy@v7")), 404,
+     "model_not_found", "model"),
     ("huge max_tokens", "POST", "/v1/chat/completions", dict(json=_chat_body(max_tokens=100_000)), 400, "invalid_value", "max_tokens"),
     ("huge max_completion_tokens", "POST", "/v1/chat/completions", dict(json=_chat_body(max_completion_tokens=100_000)), 400, "invalid_value", "max_completion_tokens"),
     ("n too large", "POST", "/v1/chat/completions", dict(json=_chat_body(n=50)), 400, "invalid_value", "n"),

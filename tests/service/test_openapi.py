@@ -72,7 +72,7 @@ def test_request_bodies_are_the_pydantic_models_with_this_servers_limits(doc):
     model = without_nulls(inline(ChatCompletionRequest.model_json_schema()))
     assert chat["required"] == model["required"] and chat["properties"].keys() == model["properties"].keys()
     props = chat["properties"]
-    assert props["model"]["enum"] == [MODEL]
+    assert props["model"]["pattern"] == f"^{MODEL}(@v(0|[1-9][0-9]{{0,8}}))?$"  # the served name, or one version of it
     assert props["messages"]["maxItems"] == 64  # RLHF_MAX_MESSAGES
     assert {b.get("maximum") for b in props["max_tokens"]["anyOf"]} == {256, None}  # RLHF_MAX_TOKENS_LIMIT
     assert {b.get("maximum") for b in props["n"]["anyOf"]} == {4, None}  # RLHF_MAX_N

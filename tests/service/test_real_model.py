@@ -32,7 +32,8 @@ def test_a_135m_lora_round_in_bf16_with_the_frozen_reward_model_is_served(start_
     """The real-model CPU path on a random model of SmolLM2's shape: RLHF_DTYPE=auto picks bf16 (this CPU
     computes it; 135M parameters), LoRA by size, the frozen-feature reward model; a round whose answers'
     features are kept for the next (the trainer reopened finds them: only new labels will run the body),
-    and the service serving the published adapter in bf16. (Features computed once per answer across
+    and the service serving the published adapter in bf16, and its base by name beside it (a request for
+    `rlhf-policy@v0` runs on the same weights with the adapter off). (Features computed once per answer across
     rounds: tests/trainer/test_reward_model.py.)"""
     import random
 
@@ -46,6 +47,12 @@ def test_a_135m_lora_round_in_bf16_with_the_frozen_reward_model_is_served(start_
 
     model_dir = random_model("llama-135m")
     svc = start_service(module_broker.bootstrap, model_dir)
+
+    def ask(model: str):
+        return svc.openai().chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi!"}],
+                                                    max_tokens=4, seed=5)
+
+    before = ask("rlhf-policy")
     settings = Settings(state_dir=svc.state_dir, model=model_dir, kafka_bootstrap_servers=module_broker.bootstrap,
                         device="cpu", trainer_group="trainer-135m")
     cfg = TrainerConfig().replace(**{**ROUND, "ppo": {**ROUND["ppo"], "lr": 3e-3}, "reward": {"backbone": "frozen"}})
@@ -67,3 +74,7 @@ def test_a_135m_lora_round_in_bf16_with_the_frozen_reward_model_is_served(start_
         == f"policy-v{report.version}", 120, f"the service to serve v{report.version}")
     dtype = "bfloat16" if cpu_computes_bf16() else "float32"
     assert f"adapter over v0, {dtype}," in svc.log_tail(400)
+    # the base by name while its adapter serves: the same weights, adapters off for its requests alone
+    old = ask("rlhf-policy@v0")
+    assert (old.system_fingerprint, old.choices[0].message.content) == ("policy-v0", before.choices[0].message.content)
+    assert ask(f"rlhf-policy@v{report.version}").system_fingerprint == f"policy-v{report.version}"

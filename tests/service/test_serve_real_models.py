@@ -7,7 +7,8 @@ Gemma 3 and Mistral with a sliding window (16 tokens) shorter than prompt and an
 trainer runs in this process on the service's own policy store and broker; the service follows
 its announcements. Version 1 is an adapter (the service loads it onto the base it already holds);
 then the live-approval watch's rollback to v0 is announced, and the service moves back to the base
-with its adapters off; version 2 is full weights (a new base: a full reload).
+with its adapters off; version 2 is full weights (a new base: a full reload). Then each version is
+asked for by name (`rlhf-policy@v1`: loaded on demand beside v2, with its base v0 again).
 """
 
 from __future__ import annotations
@@ -61,9 +62,9 @@ def seeded(model, tok) -> tuple[str, ...]:
     return tuple(answers)
 
 
-def served(svc) -> tuple[int, tuple[str, ...]]:
-    """The version serving (-1 if a swap came between the requests) and its answer for each of SEEDS."""
-    rs = [svc.openai().chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=TOKENS, temperature=1.0,
+def served(svc, model: str = MODEL) -> tuple[int, tuple[str, ...]]:
+    """The version answering `model` (-1 if a swap came between the requests) and its answer for each of SEEDS."""
+    rs = [svc.openai().chat.completions.create(model=model, messages=QUESTION, max_tokens=TOKENS, temperature=1.0,
                                                seed=seed) for seed in SEEDS]
     versions = {int(r.system_fingerprint.removeprefix("policy-v")) for r in rs}
     return (versions.pop() if len(versions) == 1 else -1), tuple(r.choices[0].message.content for r in rs)
@@ -146,3 +147,7 @@ def test_served_trained_in_lora_then_full_weights_and_every_version_served(
     v2 = train("full")  # full weights from v0: a new base, loaded in full
     assert len(set(answers.values())) == 3, answers  # three versions that answer differently
     assert v2 == v1 + 1
+    # each version by name, while v2 serves: the adapter v1 brings its base v0 back into memory beside v2
+    for v in (v1, 0, v2):
+        assert served(svc, f"{MODEL}@v{v}") == (v, answers[v])
+    assert served(svc) == (v2, answers[v2])

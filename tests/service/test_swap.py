@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import httpx
 import pytest
-from service_helpers import MODEL, announce, read_events, wait_until, write_version
+from service_helpers import MODEL, announce, read_events, wait_until, write_adapter_version, write_version
 
 from rlhf_loop.core.contracts import Interaction, parse_response_id
 
@@ -193,32 +193,6 @@ def test_admin_errors(swap_service):
         "serving": serving, "pinned": None, "latest": serving, "versions": None}
 
 
-def write_adapter_version(store_root, *, seed: int, base: int = 0) -> int:
-    """Write the next policy version as a LoRA adapter over `base` (as the trainer would: core/lora.py's files,
-    the manifest naming its base), with weights big enough to change the answers, and move LATEST to it."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    from rlhf_loop.core import lora
-    from rlhf_loop.core.policy_store import PolicyStore
-
-    store = PolicyStore(store_root)
-    version = max(store.versions()) + 1
-    model = AutoModelForCausalLM.from_pretrained(store.path(base), use_safetensors=True)
-    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"), adapter_name="new")
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in peft.named_parameters():
-            if ".lora_B." in name:  # peft starts B at zero (an adapter that changes nothing)
-                p.copy_(torch.randn(p.shape, generator=g) * NOISE)
-    weights = lora.saved_names(dict(peft.named_parameters()), "new")
-    store.write(version, lambda d: lora.write_adapter(d, peft.peft_config["new"], weights), parent_version=base,
-                base_version=base, set_latest=False)
-    store.set_latest(version)
-    return version
-
-
 def test_an_adapter_version_serves_again_after_a_rollback(swap_service, module_broker):
     """An adapter version served, rolled back from (a pin to its base), then pinned again, twice: each load of it
     is an adapter of its own on the base, so a version loaded before is never refused for its name."""
@@ -230,7 +204,7 @@ def test_an_adapter_version_serves_again_after_a_rollback(swap_service, module_b
 
     assert _admin(svc, "POST", "/admin/pin", json={"version": 0}).json()["serving"] == 0
     base = ask()
-    adapter = write_adapter_version(store, seed=7)
+    adapter = write_adapter_version(store, seed=7, noise=NOISE)
     announce(module_broker.bootstrap, store, adapter)
     r = _admin(svc, "POST", "/admin/unpin")  # follow LATEST (the adapter) again
     assert r.json()["serving"] == adapter
