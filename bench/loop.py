@@ -5,6 +5,7 @@
     .venv/bin/python bench/loop.py --taste short   # users with another taste (core/tastes.py)
     .venv/bin/python bench/loop.py --algorithm kto # another algorithm on the same users
     .venv/bin/python bench/loop.py --seed 1        # other users' draws and trainer sampling (a repeat)
+    .venv/bin/python bench/loop.py --labels preferences   # users state preferences between two answers (or: both)
     .venv/bin/python bench/loop.py --model smollm2 --votes 1500 --minutes 45   # a real instruct model
 
 Runs the whole loop on the embedded default on this machine (broker, `bentoml serve`,
@@ -52,6 +53,9 @@ def main() -> int:
     ap.add_argument("--taste", default="cheerful", help="what the simulated users secretly like (core/tastes.py)")
     ap.add_argument("--algorithm", default="ppo", choices=["ppo", "grpo", "rloo", "kto", "dpo"],
                     help="how the trainer learns from the votes (rlhf train --algorithm)")
+    ap.add_argument("--labels", default="thumbs", choices=["thumbs", "preferences", "both"],
+                    help="what the simulated users send: thumbs votes, preferences between two answers (n=2), or both "
+                         "(app/simulate.py); approval is measured the same way in all three")
     ap.add_argument("--seed", type=int, default=0,
                     help="seeds the simulated users and the trainer's sampling (ppo.seed); repeats differ only here")
     ap.add_argument("--at", type=int, nargs="*", default=[1000],
@@ -68,7 +72,7 @@ def main() -> int:
         trainer_args=("--algorithm", args.algorithm, "--ppo.seed", str(args.seed)),
         stats_at_votes=tuple(args.at),
         sim=SimConfig(taste=args.taste, prompts="toy" if toy else "assistant", noise=0.1, users=16, concurrency=4,
-                      rate=rate, seed=args.seed,
+                      rate=rate, seed=args.seed, labels=args.labels,
                       max_votes=args.votes, max_seconds=args.minutes * 60),
     )
     last = [0.0]
@@ -108,12 +112,13 @@ def main() -> int:
                                    "before_after")},
         "rounds": [{k: r.get(k) for k in ("version", "promoted", "reason", "labels", "seconds")}
                    for r in summary["rounds"]],
-        "algorithm": args.algorithm, "seed": args.seed, **{f"at_{n}_votes": summary[f"at_{n}_votes"] for n in args.at},
+        "algorithm": args.algorithm, "seed": args.seed, "labels": args.labels, **{f"at_{n}_votes": summary[f"at_{n}_votes"] for n in args.at},
     }
     RESULTS.mkdir(exist_ok=True)
     slug = "cpu" if not out["device"] else out["device"].lower().replace(" ", "-")
     name = args.out or "-".join(["loop", *([] if toy else [args.model]), *([args.taste] if args.taste != "cheerful" else []),
-                                 *([args.algorithm] if args.algorithm != "ppo" else []), slug])
+                                 *([args.algorithm] if args.algorithm != "ppo" else []),
+                                 *([args.labels] if args.labels != "thumbs" else []), slug])
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(out, indent=2))
     shutil.copy(png, RESULTS / f"{name}.png")

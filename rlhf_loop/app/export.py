@@ -1,15 +1,17 @@
 """`rlhf export`: the trainer's labels as a dataset the Hugging Face `datasets` library loads, for
 offline training and audits.
 
-    rlhf export --out DIR                                  # every live vote on a stored answer, a row each
-    rlhf export --out DIR --since 2025-06-01 --version 3   # votes cast since then, on version 3's answers
-    rlhf export --out DIR --include-withdrawn              # withdrawn votes too (withdrawn=true, no rating)
+    rlhf export --out DIR                                  # every live vote and preference, a row each
+    rlhf export --out DIR --since 2025-06-01 --version 3   # labels since then, on version 3's answers
+    rlhf export --out DIR --include-withdrawn              # withdrawn ones too (withdrawn=true)
     python -c 'import datasets; print(datasets.load_dataset("DIR"))'     # config "ratings", split "train"
+    python -c 'import datasets; print(datasets.load_dataset("DIR", "preferences"))'
 
 It reads the trainer's label store (<state dir>/trainer/labels.sqlite) read-only, safely beside a
-running trainer (trainer/store.py, connect_read_only), and writes DIR/ratings.jsonl.gz and
-DIR/README.md: a dataset card whose YAML front matter names the config, its file and its features,
-with what the rows hold, how they were made and how many there are. DIR is written beside its
+running trainer (trainer/store.py, connect_read_only), and writes DIR/ratings.jsonl.gz (thumbs),
+DIR/preferences.jsonl.gz (which of two answers is better) and DIR/README.md: a dataset card whose
+YAML front matter names the configs, their files and features, with what the rows hold, how they
+were made and how many there are. A config without rows is left out. DIR is written beside its
 place and renamed into it, so it is either the whole export or absent.
 
 Voters are pseudonyms: `voter-<HMAC-SHA256(salt, voter)>` with a salt drawn at random for each
@@ -31,6 +33,7 @@ import shutil
 import sqlite3
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -39,7 +42,7 @@ import yaml
 
 from rlhf_loop.core.contracts import Settings
 from rlhf_loop.trainer.config import RewardConfig
-from rlhf_loop.trainer.store import Label, connect_read_only, read_labels
+from rlhf_loop.trainer.store import Label, PreferencePair, connect_read_only, read_labels, read_preferences
 
 STORE_FILE = "labels.sqlite"  # under Settings.trainer_dir (trainer/state.py opens the same file)
 
@@ -57,12 +60,13 @@ class ExportConfig:
     state_dir: Path
     """The state dir whose trainer/labels.sqlite is read (RLHF_STATE_DIR, as every command; default .rlhf)."""
     since: datetime | None = None
-    """Only votes cast (or withdrawn) at or after this time, by the vote's event time; timezone-aware."""
+    """Only labels cast (or withdrawn) at or after this time, by the vote's (preference's) event time;
+    timezone-aware."""
     version: int | None = None
-    """Only votes on answers that this policy version wrote."""
+    """Only votes on answers that this policy version wrote, and preferences with an answer it wrote."""
     include_withdrawn: bool = False
-    """Also withdrawn votes whose tombstone the store still keeps (the trainer's dedupe window):
-    withdrawn=true, rating null, weight 0. Off by default: a withdrawn vote is not a label."""
+    """Also withdrawn votes and preferences whose tombstone the store still keeps (the trainer's dedupe
+    window): withdrawn=true, rating (tie) null, weight 0. Off by default: a withdrawn one is not a label."""
     max_voter_share: float = RewardConfig.max_voter_share
     """The influence cap the rows' `weight` is computed with (trainer/store.py voter_weights over every
     live label, whatever the filters); the trainer's reward.max_voter_share by default."""
@@ -85,6 +89,8 @@ class Part:
     file: str
     features: list[dict]
     about: str
+    tally: Callable[[list[dict]], dict[str, int]]  # rows -> what the card and the command count of them, by name
+    versions: Callable[[dict], set[int]]  # a row -> the policy versions it counts under (its answers')
 
 
 _TIME = "timestamp[us, tz=UTC]"
@@ -111,13 +117,40 @@ RATINGS = Part(
           "`rating` +1/-1, `weight` the vote's weight under the trainer's influence cap (1 below it), "
           "the policy version that wrote the answer, when the vote was cast and the answer written, "
           "the voter's pseudonym, the voter's comment, and the answer's response id and choice index",
+    tally=lambda rows: {"up": sum(r["rating"] == 1 for r in rows), "down": sum(r["rating"] == -1 for r in rows)},
+    versions=lambda row: {row["policy_version"]},
 )
 
-# Every config an export writes, the first the default. Preferences (DESIGN.md, "Preference": which
-# of two answers is better) become a second Part here, `preferences`: prompt, chosen and rejected
-# answers with their response ids, choice indexes and policy versions, tie, voted_at, voter_id,
-# comment; and a second entry in `collect`.
-PARTS = (RATINGS,)
+PREFERENCES = Part(
+    name="preferences",
+    file="preferences.jsonl.gz",
+    features=[
+        _MESSAGES,
+        {"name": "chosen", "dtype": "string"},
+        {"name": "rejected", "dtype": "string"},
+        {"name": "tie", "dtype": "bool"},
+        {"name": "weight", "dtype": "float64"},
+        {"name": "withdrawn", "dtype": "bool"},
+        {"name": "chosen_policy_version", "dtype": "int64"},
+        {"name": "rejected_policy_version", "dtype": "int64"},
+        {"name": "voted_at", "dtype": _TIME},
+        {"name": "voter_id", "dtype": "string"},
+        {"name": "comment", "dtype": "string"},
+        {"name": "chosen_response_id", "dtype": "string"},
+        {"name": "chosen_choice_index", "dtype": "int64"},
+        {"name": "rejected_response_id", "dtype": "string"},
+        {"name": "rejected_choice_index", "dtype": "int64"},
+    ],
+    about="one row per preference between two answers to one prompt (POST /v1/preferences): the prompt, "
+          "the `chosen` answer and the `rejected` one (with `tie`, neither is better: they are just the pair), "
+          "`weight` under the influence cap (votes and preferences count together), the policy versions that "
+          "wrote each, when it was stated, the voter's pseudonym and comment, and each answer's response id "
+          "and choice index (TRL's preference columns: prompt, chosen, rejected)",
+    tally=lambda rows: {"ties": sum(bool(r["tie"]) for r in rows)},
+    versions=lambda row: {row["chosen_policy_version"], row["rejected_policy_version"]},
+)
+
+PARTS = (RATINGS, PREFERENCES)  # every config an export writes, the first the default
 
 
 def pseudonym(salt: bytes, voter: str) -> str:
@@ -148,32 +181,69 @@ def rating_row(label: Label, salt: bytes) -> dict:
     }
 
 
-def selected(labels: list[Label], cfg: ExportConfig) -> list[Label]:
-    """The labels `cfg`'s filters keep (withdrawn ones were left out by the read already, unless asked for)."""
-    return [x for x in labels
-            if (cfg.since is None or x.voted_at >= cfg.since.timestamp())
-            and (cfg.version is None or x.policy_version == cfg.version)]
+def preference_row(p: PreferencePair, salt: bytes) -> dict:
+    """One preference as a row of PREFERENCES (its features, in their order). A withdrawn one keeps its pair
+    as last stated, and its tie is null (a withdrawal states no choice, as a withdrawn vote has no rating)."""
+    return {
+        "prompt": p.messages,
+        "chosen": p.chosen.completion,
+        "rejected": p.rejected.completion,
+        "tie": None if p.withdrawn else p.tie,
+        "weight": p.weight,
+        "withdrawn": p.withdrawn,
+        "chosen_policy_version": p.chosen.policy_version,
+        "rejected_policy_version": p.rejected.policy_version,
+        "voted_at": _iso(p.stated_at),
+        "voter_id": pseudonym(salt, p.voter),
+        "comment": p.comment,
+        "chosen_response_id": p.chosen.response_id,
+        "chosen_choice_index": p.chosen.choice_index,
+        "rejected_response_id": p.rejected.response_id,
+        "rejected_choice_index": p.rejected.choice_index,
+    }
+
+
+def kept(cfg: ExportConfig, at: float, versions: set[int]) -> bool:
+    """Whether `cfg`'s filters keep a label cast at `at` on answers of `versions` (withdrawn ones were left
+    out by the read already, unless asked for)."""
+    return (cfg.since is None or at >= cfg.since.timestamp()) and (cfg.version is None or cfg.version in versions)
 
 
 def collect(db: sqlite3.Connection, cfg: ExportConfig, salt: bytes) -> dict[str, list[dict]]:
-    """Part name -> its rows, read in one snapshot of the store."""
-    labels = read_labels(db, cfg.max_voter_share, include_withdrawn=cfg.include_withdrawn)
-    return {RATINGS.name: [rating_row(x, salt) for x in selected(labels, cfg)]}
+    """Part name -> its rows, read in one snapshot of the store (one read transaction for both reads)."""
+    db.execute("BEGIN")
+    try:
+        labels = read_labels(db, cfg.max_voter_share, include_withdrawn=cfg.include_withdrawn)
+        preferences = read_preferences(db, cfg.max_voter_share, include_withdrawn=cfg.include_withdrawn)
+    finally:
+        db.execute("COMMIT")
+    return {
+        RATINGS.name: [rating_row(x, salt) for x in labels if kept(cfg, x.voted_at, {x.policy_version})],
+        PREFERENCES.name: [preference_row(p, salt) for p in preferences
+                           if kept(cfg, p.stated_at, {p.chosen.policy_version, p.rejected.policy_version})],
+    }
 
 
-def counts(rows: list[dict]) -> dict:
-    """What the card and the command's last lines report about a part's rows."""
+def counts(part: Part, rows: list[dict]) -> dict:
+    """What the card and the command's last lines report about a part's rows: rows, voters, the part's
+    tally (up / down, or ties), withdrawn, and rows by policy version (a preference under each of its
+    answers' versions)."""
     versions: dict[int, int] = {}
     for r in rows:
-        versions[r["policy_version"]] = versions.get(r["policy_version"], 0) + 1
+        for v in part.versions(r):
+            versions[v] = versions.get(v, 0) + 1
     return {
         "rows": len(rows),
         "voters": len({r["voter_id"] for r in rows}),
-        "up": sum(r["rating"] == 1 for r in rows),
-        "down": sum(r["rating"] == -1 for r in rows),
+        **part.tally(rows),
         "withdrawn": sum(r["withdrawn"] for r in rows),
         "by_policy_version": dict(sorted(versions.items())),
     }
+
+
+def summary(part: Part, c: dict) -> str:
+    """`<tally>, <n> withdrawn` of counts(): e.g. "2 up, 2 down, 0 withdrawn", "1 ties, 0 withdrawn"."""
+    return ", ".join(f"{c[k]} {k}" for k in [*part.tally([]), "withdrawn"])
 
 
 def written(rows: dict[str, list[dict]]) -> list[Part]:
@@ -194,38 +264,43 @@ def card(cfg: ExportConfig, rows: dict[str, list[dict]], made: datetime) -> str:
                      **({"default": True} if p is parts[0] else {})} for p in parts],
         "dataset_info": [{"config_name": p.name, "features": p.features} for p in parts],
     }
-    filters = [f"votes cast at or after {cfg.since.isoformat()}" if cfg.since else "",
-               f"answers of policy version {cfg.version}" if cfg.version is not None else "",
-               "withdrawn votes included (withdrawn=true, rating null, weight 0)" if cfg.include_withdrawn
-               else "withdrawn votes left out"]
+    filters = [f"labels cast at or after {cfg.since.isoformat()}" if cfg.since else "",
+               f"answers of policy version {cfg.version} (a preference: either answer)" if cfg.version is not None
+               else "",
+               "withdrawn votes and preferences included (withdrawn=true, rating / tie null, weight 0)"
+               if cfg.include_withdrawn else "withdrawn votes left out, and withdrawn preferences"]
     lines = [
         "---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", "",
         "# rlhf-loop labels", "",
         "What users of an rlhf-loop service said about its answers, as its trainer stored them: "
         f"exported {made.isoformat(timespec='seconds')} by `rlhf export` from the trainer's label store "
         "(read-only, one consistent snapshot).", "",
-        "```python", "import datasets", 'ratings = datasets.load_dataset("<this directory>")["train"]', "```", "",
+        "```python", "import datasets",
+        *(f'{p.name} = datasets.load_dataset("<this directory>"{"" if p is parts[0] else f", {p.name!r}"})["train"]'
+          for p in parts), "```", "",
         "## Contents", "",
     ]
     for p in parts:
-        c = counts(rows[p.name])
+        c = counts(p, rows[p.name])
         versions = ", ".join(f"v{v}: {n}" for v, n in c["by_policy_version"].items())
         lines += [f"- `{p.name}` ({p.file}): {p.about}.",
-                  f"  {c['rows']} rows from {c['voters']} voters: {c['up']} up, {c['down']} down, "
-                  f"{c['withdrawn']} withdrawn; by policy version: {versions}."]
+                  f"  {c['rows']} rows from {c['voters']} voters: {summary(p, c)}; by policy version: {versions}."]
     lines += [
         "", "## How it was made", "",
         "- Filters: " + "; ".join(f for f in filters if f) + ".",
-        "- A row is a vote joined to the answer it is about; votes still waiting for their answer are not "
-        "labels yet and are left out. A voter's later vote on the same answer replaced the earlier one.",
+        "- A row is a vote joined to the answer it is about, or a preference joined to both its answers; "
+        "those still waiting for an answer are not labels yet and are left out. A voter's later vote on the "
+        "same answer replaced the earlier one, and a later preference on the same two answers (either way "
+        "round, or a tie) the earlier one.",
         f"- `weight`: the trainer's influence cap (max_voter_share {cfg.max_voter_share}) over every live label "
         "in the store: no API key (or client address) carries more than that share, nor a key's user more "
         "than that share of its key's. The trainer's per-answer rating is the weighted mean.",
         "- `voter_id` is a pseudonym: an HMAC-SHA256 of the voter under a random salt drawn for this export "
         "and not kept. The same voter has the same id within this export only; it reveals nothing of the "
         "API key, client address or user name, and cannot be joined with another export.",
-        "- Times are UTC: `voted_at` is when the vote (or its withdrawal) was cast, `answered_at` when the "
-        "answer was written (null for answers stored before the store kept it).",
+        "- Times are UTC: `voted_at` is when the vote or preference (or its withdrawal) was cast, `answered_at` "
+        "when the answer was written (null for answers stored before the store kept it).",
+        "- A withdrawn preference keeps its pair as last stated; its `tie` is null.",
         "", "## License and personal data", "",
         "`license: other`: the prompts, answers and comments are what this deployment's users and model "
         "wrote, as they wrote them, and may hold personal data; their terms are the deployment's. "
@@ -270,7 +345,7 @@ def export(cfg: ExportConfig) -> dict[str, dict]:
     if not written(rows):
         raise ExportError(f"no labels in {path} match (0 rows): nothing written")
     write(cfg.out, rows, card(cfg, rows, datetime.now(timezone.utc)))
-    return {p.name: counts(rows[p.name]) for p in PARTS}
+    return {p.name: counts(p, rows[p.name]) for p in PARTS}
 
 
 def parse_since(text: str) -> datetime:
@@ -287,9 +362,12 @@ def main(argv: list[str]) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--out", type=Path, required=True, metavar="DIR", help="the dataset directory (new or empty)")
     ap.add_argument("--state-dir", type=Path, metavar="DIR", help="the state dir (default: RLHF_STATE_DIR, else .rlhf)")
-    ap.add_argument("--since", metavar="TIME", help="only votes cast at or after this ISO 8601 time (UTC if no zone)")
-    ap.add_argument("--version", type=int, metavar="N", help="only votes on answers policy version N wrote")
-    ap.add_argument("--include-withdrawn", action="store_true", help="also withdrawn votes (withdrawn=true, no rating)")
+    ap.add_argument("--since", metavar="TIME",
+                    help="only votes and preferences cast at or after this ISO 8601 time (UTC if no zone)")
+    ap.add_argument("--version", type=int, metavar="N",
+                    help="only votes on answers policy version N wrote, preferences with such an answer")
+    ap.add_argument("--include-withdrawn", action="store_true",
+                    help="also withdrawn votes and preferences (withdrawn=true, no rating / tie)")
     ap.add_argument("--max-voter-share", type=float, default=RewardConfig.max_voter_share, metavar="SHARE",
                     help="the influence cap the `weight` column uses (default: the trainer's, %(default)s)")
     args = ap.parse_args(argv)
@@ -305,9 +383,9 @@ def main(argv: list[str]) -> int:
     except ExportError as e:
         print(f"rlhf export: error: {e}", file=sys.stderr)
         return 1
-    for name, c in report.items():
+    for part in PARTS:
+        c = report[part.name]
         versions = ", ".join(f"v{v}: {n}" for v, n in c["by_policy_version"].items()) or "none"
-        print(f"{name}: {c['rows']} rows, {c['voters']} voters, {c['up']} up, {c['down']} down, "
-              f"{c['withdrawn']} withdrawn (by policy version: {versions})")
+        print(f"{part.name}: {c['rows']} rows, {c['voters']} voters, {summary(part, c)} (by policy version: {versions})")
     print(f'wrote {cfg.out}: datasets.load_dataset("{cfg.out}")')
     return 0

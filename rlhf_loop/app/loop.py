@@ -178,7 +178,8 @@ class Loop:
             "rejected": sum(not r.get("promoted") for r in rounds),
             # is the judge trustworthy yet (the gate's check), and is the KL budget spent?
             "rm_auroc": (last.get("reward_model") or {}).get("auroc"),
-            "rm_trusted": (last.get("checks") or {}).get("rm_auroc", {}).get("passed"),
+            "rm_trusted": all(c.get("passed") for name, c in (last.get("checks") or {}).items()
+                              if name in ("rm_auroc", "rm_pair_accuracy")) if last.get("checks") else None,
             "budget_spent": bool((last.get("budget") or {}).get("spent")),
             "rolled_back": sum(1 for v in versions if v.get("rolled_back")),
         }

@@ -1,13 +1,20 @@
 """Simulated users: chat with the public API like an app would and vote by a hidden taste.
 
     rlhf simulate --url http://127.0.0.1:3000 --taste cheerful --noise 0.1 --users 8 --votes 500
+    rlhf simulate --labels preferences ...   # "which answer do you prefer?" instead of thumbs (or: both)
 
 Each user asks questions from the embedded model's little domain with the official
 `openai` client, judges each answer by the taste (core/tastes.py) and, with probability
-`noise`, votes the other way, then POSTs the vote to /v1/feedback. The simulator knows
+`noise`, votes the other way, then POSTs the vote to /v1/feedback. With `labels` preferences
+the user asks for two answers (`n=2`) and POSTs which it prefers to /v1/preferences: the one
+the taste likes when it likes exactly one (the other one with probability `noise`), a tie
+when it likes both or neither (the taste cannot tell them apart); with `both`, a thumbs vote
+on the first answer and the preference. The simulator knows
 nothing of the trainer: it sees only what any client sees (answers, their ids and the
 `system_fingerprint` naming the policy version). Every vote is recorded, so approval per
-policy version is computed from the public side.
+policy version is computed from the public side. With preferences only, the user's verdict
+on the first answer (what its thumbs vote would have been, noise included) is recorded as its
+vote but not sent: the approval figure means the same in all three modes.
 
 The users are one app's users: they send its API key (`--api-key`) and each vote its `user`,
 which the service trusts under a key. A server without keys trusts no `user`: all of them
@@ -56,6 +63,7 @@ class SimConfig:
     api_key: str = "rlhf-demo"  # the app's key; rlhf up's service trusts it (app/loop.py)
     model: str = "rlhf-policy"
     seed: int = 0
+    labels: Literal["thumbs", "preferences", "both"] = "thumbs"  # what the users send: votes, preferences, or both
 
     def __post_init__(self):
         if self.taste not in TASTES:
@@ -66,6 +74,8 @@ class SimConfig:
             raise ValueError("rate must be >= 0")
         if self.users < 1 or self.concurrency < 1:
             raise ValueError("users and concurrency must be >= 1")
+        if self.labels not in ("thumbs", "preferences", "both"):
+            raise ValueError(f"labels must be thumbs, preferences or both, got {self.labels!r}")
 
 
 @dataclass
@@ -78,7 +88,21 @@ class Vote:
     answer: str
     liked: bool  # what the taste says
     up: bool  # what was voted (liked, flipped with probability noise)
-    feedback_id: str  # the vote's id, as the service answered it (an app keeps it to withdraw the vote)
+    feedback_id: str  # the vote's id, as the service answered it (an app keeps it to withdraw it); "" if not sent
+
+
+@dataclass
+class Stated:
+    """One preference a user sent: between the two answers of one response."""
+
+    t: float
+    user: str
+    response_id: str
+    version: int
+    liked: tuple[bool, bool]  # what the taste says of answers 0 and 1
+    chosen: int  # the choice index preferred (as sent; flipped with probability noise)
+    tie: bool
+    preference_id: str  # as the service answered it
 
 
 @dataclass
@@ -86,6 +110,7 @@ class SimLog:
     """Everything the simulated users saw; thread-safe appends."""
 
     votes: list[Vote] = field(default_factory=list)
+    preferences: list[Stated] = field(default_factory=list)
     chat_errors: list[str] = field(default_factory=list)
     vote_errors: list[str] = field(default_factory=list)
     requests: int = 0
@@ -142,7 +167,8 @@ def run(cfg: SimConfig, log: SimLog | None = None, stop: threading.Event | None 
                     log.in_flight -= 1
 
     def converse(rng: random.Random, n: int) -> None:
-        """One user turn: ask, judge by the taste (with noise), vote."""
+        """One user turn: ask (for two answers when it states preferences), judge by the taste (with noise),
+        vote and / or state which answer it prefers."""
         user = f"sim-user-{n % cfg.users}"
         question = (rng.choice(QUESTIONS).replace("{s}", rng.choice(list(SUBJECTS))) if cfg.prompts == "toy"
                     else rng.choice(ASSISTANT_PROMPTS))
@@ -150,6 +176,7 @@ def run(cfg: SimConfig, log: SimLog | None = None, stop: threading.Event | None 
             resp = client.chat.completions.create(
                 model=cfg.model, messages=[{"role": "user", "content": question}],
                 max_tokens=cfg.max_tokens, temperature=cfg.temperature, user=user,
+                n=1 if cfg.labels == "thumbs" else 2,
             )
             version = version_of(resp.system_fingerprint)
         except Exception as e:  # counted and reported: the loop's target is zero of these
@@ -157,24 +184,53 @@ def run(cfg: SimConfig, log: SimLog | None = None, stop: threading.Event | None 
                 log.chat_errors.append(f"{type(e).__name__}: {e}")
             time.sleep(0.5)
             return
-        answer = resp.choices[0].message.content or ""
-        liked = taste(question, answer)
-        up = liked if rng.random() >= cfg.noise else not liked
+        answers = [c.message.content or "" for c in sorted(resp.choices, key=lambda c: c.index)]
+        liked = [taste(question, a) for a in answers]
+        up = liked[0] if rng.random() >= cfg.noise else not liked[0]
         with log.lock:
             log.requests += 1
             log.first_served.setdefault(version, time.monotonic() - t0)
+        vote = Vote(time.monotonic() - t0, user, resp.id, version, question, answers[0], liked[0], up, "")
+        if cfg.labels != "thumbs":
+            stated = prefer(rng, user, resp.id, version, liked)
+            if stated is None:
+                return
+            with log.lock:
+                log.preferences.append(stated)
+        if cfg.labels != "preferences":
+            sent = post("/v1/feedback", {"response_id": resp.id, "rating": "up" if up else "down", "user": user})
+            if sent is None:
+                return
+            vote.feedback_id = sent["id"]
+        with log.lock:
+            log.votes.append(vote)
+
+    def prefer(rng: random.Random, user: str, rid: str, version: int, liked: list[bool]) -> Stated | None:
+        """POST which of the two answers the taste prefers: a tie when it likes both or neither, else the liked
+        one (the other with probability noise). None if the service did not take it."""
+        tie = liked[0] == liked[1]
+        chosen = liked.index(True) if not tie else 0
+        if not tie and rng.random() < cfg.noise:
+            chosen = 1 - chosen
+        sent = post("/v1/preferences", {"chosen": {"response_id": rid, "choice_index": chosen},
+                                        "rejected": {"response_id": rid, "choice_index": 1 - chosen},
+                                        "tie": tie, "user": user})
+        return None if sent is None else Stated(time.monotonic() - t0, user, rid, version, tuple(liked), chosen, tie,
+                                                sent["id"])
+
+    def post(path: str, body: dict) -> dict | None:
+        """The service's answer to a label; None (the error counted in vote_errors) unless it was accepted."""
         try:
-            r = http.post("/v1/feedback", json={"response_id": resp.id, "rating": "up" if up else "down", "user": user})
+            r = http.post(path, json=body)
         except httpx.HTTPError as e:  # counted and reported, like a failed chat
             with log.lock:
                 log.vote_errors.append(f"{type(e).__name__}: {e}")
-            return
-        with log.lock:
-            if r.status_code != 202:
+            return None
+        if r.status_code != 202:
+            with log.lock:
                 log.vote_errors.append(f"{r.status_code}: {r.text[:200]}")
-                return
-            log.votes.append(Vote(time.monotonic() - t0, user, resp.id, version, question, answer, liked, up,
-                                  r.json()["id"]))
+            return None
+        return r.json()
 
     threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(cfg.concurrency)]
     for t in threads:
@@ -187,9 +243,12 @@ def run(cfg: SimConfig, log: SimLog | None = None, stop: threading.Event | None 
 
 
 def save_log(log: SimLog, path: Path) -> None:
+    """Every vote (and preference: {"preference": ...}) as a JSON line."""
     with open(path, "w") as f:
         for v in log.votes:
             f.write(json.dumps(asdict(v)) + "\n")
+        for p in log.preferences:
+            f.write(json.dumps({"preference": asdict(p)}) + "\n")
 
 
 def main(argv: list[str]) -> int:

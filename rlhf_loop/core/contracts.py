@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import os
 import re
 import secrets
@@ -172,35 +173,46 @@ class Settings(BaseSettings):
 _ID_PREFIX = "chatcmpl-"
 
 
-def make_response_id(secret: bytes, policy_version: int = 0, n: int = 1) -> str:
+def make_response_id(secret: bytes, policy_version: int = 0, n: int = 1, prompt: str | None = None) -> str:
     """`chatcmpl-<nonce>-<tag>`: tag = HMAC(secret, nonce), so any replica can check it issued the id.
 
-    The nonce is `<random hex>v<policy_version>n<n>`: the tag covers the policy version that
-    produced the response and its number of choices, so a vote can be attributed to a
-    version (and its choice_index checked) without shared state.
+    The nonce is `<random hex>v<policy_version>n<n>p<prompt>`: the tag covers the policy version
+    that produced the response, its number of choices and its prompt's tag (prompt_tag), so a
+    vote can be attributed to a version (and its choice_index checked), and a preference between
+    two responses checked to compare answers to one prompt, without shared state. Ids made before
+    prompts were bound have no `p` part: still valid for votes (parse_response_id's prompt None).
     """
-    nonce = f"{secrets.token_hex(12)}v{policy_version}n{n}"
+    nonce = f"{secrets.token_hex(12)}v{policy_version}n{n}" + (f"p{prompt}" if prompt is not None else "")
     return f"{_ID_PREFIX}{nonce}-{_tag(secret, nonce)}"
+
+
+def prompt_tag(secret: bytes, messages: list[Message]) -> str:
+    """16 hex of HMAC(secret, the prompt): equal for equal prompts, and (keyed) says nothing of the prompt
+    to whoever holds an id. The canonical form is the trainer's prompt_key's: [[role, content], ...]."""
+    canonical = json.dumps([[m.role, m.content] for m in messages], ensure_ascii=False, separators=(",", ":"))
+    return hmac.new(secret, b"prompt\x00" + canonical.encode(), hashlib.sha256).hexdigest()[:16]
 
 
 class IssuedResponse(NamedTuple):
     policy_version: int
     n: int
+    prompt: str | None = None  # its prompt's prompt_tag; None in ids issued before prompts were bound
 
 
-_NONCE = re.compile(r"[0-9a-f]{24}v(\d{1,9})n(\d{1,4})")
+_NONCE = re.compile(r"[0-9a-f]{24}v(\d{1,9})n(\d{1,4})(?:p([0-9a-f]{16}))?")
+MAX_RESPONSE_ID = 96  # "chatcmpl-" + nonce (at most 24 + 1 + 9 + 1 + 4 + 1 + 16) + "-" + 24
 
 
 def parse_response_id(secret: bytes, response_id: str) -> IssuedResponse | None:
-    """What a response id we issued says (policy version, number of choices); None if not ours."""
+    """What a response id we issued says (policy version, number of choices, prompt tag); None if not ours."""
     if not verify_response_id(secret, response_id):
         return None
     m = _NONCE.fullmatch(response_id[len(_ID_PREFIX):].partition("-")[0])
-    return IssuedResponse(int(m[1]), int(m[2])) if m else None
+    return IssuedResponse(int(m[1]), int(m[2]), m[3]) if m else None
 
 
 def verify_response_id(secret: bytes, response_id: str) -> bool:
-    if not response_id.startswith(_ID_PREFIX) or len(response_id) > 80:
+    if not response_id.startswith(_ID_PREFIX) or len(response_id) > MAX_RESPONSE_ID:
         return False
     nonce, _, tag = response_id[len(_ID_PREFIX):].partition("-")
     return bool(nonce) and hmac.compare_digest(tag.encode(), _tag(secret, nonce).encode())  # bytes: any text is input
@@ -227,23 +239,41 @@ def feedback_id_for(response_id: str, choice_index: int, key: str | None, voter:
     return f"{response_id}:{key}"
 
 
-def bind_feedback_id(secret: bytes, identity: str, feedback_id: str) -> str:
-    """The canonical feedback id `<response_id>:<key>.<tag>`, tag = HMAC(secret, identity, feedback_id).
+Label = Literal["vote", "preference"]  # what a bound id names: bind_feedback_id's tags differ by it
+
+
+def preference_id_for(a: AnswerRef, b: AnswerRef, voter: str) -> str:
+    """`<response_id>:pref-<hash>`, one preference's id among its identity's: one per (voter, unordered
+    pair of answers), so a voter's second preference between the same two answers (either way round,
+    or a tie) replaces the first. The response id is the pair's first answer's (AnswerRef order), the
+    Kafka key of all its events: a replacement and a withdrawal land on the partition of what they replace.
+    The service binds it to the identity (bind_feedback_id(..., label="preference")) before using it.
+    """
+    first, second = sorted([a, b], key=lambda r: (r.response_id, r.choice_index))
+    digest = hashlib.sha256(f"{voter}\x00{first.response_id}\x00{first.choice_index}\x00"
+                            f"{second.response_id}\x00{second.choice_index}".encode()).hexdigest()[:16]
+    return f"{first.response_id}:pref-{digest}"
+
+
+def bind_feedback_id(secret: bytes, identity: str, feedback_id: str, label: Label = "vote") -> str:
+    """The canonical feedback (or preference) id `<response_id>:<key>.<tag>`, tag = HMAC(secret, label,
+    identity, feedback_id).
 
     Another identity's vote with the same key gets another id (a second vote, never a replacement),
-    and any replica can tell from the id alone whether a caller cast it (cast_by).
+    and any replica can tell from the id alone whether a caller cast it (cast_by). `label` keeps the
+    kinds apart: a preference's id is no vote's id, whatever key a client chose.
     """
-    return f"{feedback_id}.{_bind_tag(secret, identity, feedback_id)}"
+    return f"{feedback_id}.{_bind_tag(secret, identity, feedback_id, label)}"
 
 
-def cast_by(secret: bytes, identity: str, feedback_id: str) -> bool:
-    """Whether `feedback_id` is one that `identity` cast (bind_feedback_id made it for that identity)."""
+def cast_by(secret: bytes, identity: str, feedback_id: str, label: Label = "vote") -> bool:
+    """Whether `feedback_id` is one that `identity` cast (bind_feedback_id made it for that identity and label)."""
     unbound, _, tag = feedback_id.rpartition(".")
-    return hmac.compare_digest(tag.encode(), _bind_tag(secret, identity, unbound).encode())
+    return hmac.compare_digest(tag.encode(), _bind_tag(secret, identity, unbound, label).encode())
 
 
-def _bind_tag(secret: bytes, identity: str, feedback_id: str) -> str:
-    return hmac.new(secret, f"vote\x00{identity}\x00{feedback_id}".encode(), hashlib.sha256).hexdigest()[:16]
+def _bind_tag(secret: bytes, identity: str, feedback_id: str, label: Label) -> str:
+    return hmac.new(secret, f"{label}\x00{identity}\x00{feedback_id}".encode(), hashlib.sha256).hexdigest()[:16]
 
 
 def split_feedback_id(feedback_id: str) -> tuple[str, str] | None:
@@ -313,6 +343,11 @@ class Interaction(Event):
                              f"{len(self.completion_token_ids)} completion tokens")
         return self
 
+    @property
+    def key(self) -> str:
+        """The Kafka key: a response's events share a partition."""
+        return self.response_id
+
 
 class Feedback(Event):
     """A vote (rating +1/-1) or its withdrawal (`deleted`, rating None). Keyed by `response_id`.
@@ -336,6 +371,10 @@ class Feedback(Event):
     voter: str | None = None
     deleted: bool = False
 
+    @property
+    def key(self) -> str:
+        return self.response_id
+
 
 class PolicyUpdate(Event):
     """A promoted policy version, announced after it is complete in the store; or a rollback.
@@ -356,7 +395,52 @@ class PolicyUpdate(Event):
     created: int = Field(default_factory=lambda: int(time.time()))
 
 
-AnyEvent = Annotated[Interaction | Feedback | PolicyUpdate, Field(discriminator="kind")]
+class AnswerRef(BaseModel):
+    """One answer: a choice of a response, by id."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    response_id: str
+    choice_index: int = Field(0, ge=0)
+
+
+class Preference(Event):
+    """One identity's preference between two answers to one prompt, or its withdrawal (`deleted`, with
+    chosen and rejected None). `tie`: neither is better (chosen / rejected are then just the two).
+
+    Like a Feedback: the latest event per `preference_id` wins; the same `event_id` twice counts once;
+    the id is bound to the identity that cast it (bind_feedback_id, label "preference"), one per voter
+    and unordered pair (preference_id_for). Keyed by the id's response id (`key`): the pair's first
+    answer's, which is the chosen one's or the rejected one's (docs/architecture.md says why not always
+    the chosen's). The service checked both ids are its own and answer the same prompt.
+    """
+
+    kind: Literal["preference"] = "preference"
+    preference_id: str
+    chosen: AnswerRef | None
+    rejected: AnswerRef | None
+    tie: bool = False
+    comment: str | None = None
+    user: str | None = None  # as Feedback's
+    identity: str | None = None  # as Feedback's
+    voter: str | None = None  # as Feedback's: whom the influence caps count
+    deleted: bool = False
+
+    @model_validator(mode="after")
+    def _pair_or_tombstone(self) -> "Preference":
+        if self.deleted != (self.chosen is None) or (self.chosen is None) != (self.rejected is None):
+            raise ValueError("a preference needs chosen and rejected; a withdrawal (deleted=true) must have neither")
+        if self.chosen is not None and self.chosen == self.rejected:
+            raise ValueError("chosen and rejected are the same answer")
+        return self
+
+    @property
+    def key(self) -> str:
+        return self.preference_id.partition(":")[0]
+
+
+AnyEvent = Annotated[Interaction | Feedback | Preference | PolicyUpdate, Field(discriminator="kind")]
+FeedbackEvent = Annotated[Feedback | Preference, Field(discriminator="kind")]  # what the feedback topic carries
 
 
 class DeadLetter(BaseModel):

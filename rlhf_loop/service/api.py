@@ -4,6 +4,8 @@
     GET  /v1/models, /v1/models/{model}   the served name and each version a request may name (rlhf-policy@v3)
     POST /v1/feedback            a thumbs up/down on a response  -> 202
     DELETE /v1/feedback/{id}     withdraw a vote (tombstone)     -> 202
+    POST /v1/preferences         which of two answers to one prompt is better -> 202
+    DELETE /v1/preferences/{id}  withdraw a preference (tombstone) -> 202
     GET  /v1/loop                what the loop page draws: replicas, rounds, approval (service/loop.py)
     GET  /                       the chat playground (service/static/playground.html)
     GET  /loop                   the loop page (service/static/loop.html)
@@ -34,8 +36,8 @@ from fastapi import Depends, Request
 from fastapi.responses import FileResponse, HTMLResponse, Response, StreamingResponse
 
 from rlhf_loop.core.contracts import (
-    Feedback, Interaction, Message, Sampling, bind_feedback_id, cast_by, feedback_id_for, make_response_id,
-    parse_response_id, split_feedback_id,
+    AnswerRef, Feedback, Interaction, IssuedResponse, Message, Preference, Sampling, bind_feedback_id, cast_by,
+    feedback_id_for, make_response_id, parse_response_id, preference_id_for, prompt_tag, split_feedback_id,
 )
 from rlhf_loop.core.contracts import Settings
 from rlhf_loop.service import metrics, openapi
@@ -49,8 +51,8 @@ from rlhf_loop.service.loop import ReplicaBoard, loop_view
 from rlhf_loop.service.request import Delta, SamplingParams
 from rlhf_loop.service.schemas import (
     AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice, ChoiceLogprobs, ChunkChoice,
-    ChunkDelta, ErrorBody, ErrorResponse, FeedbackAccepted, FeedbackRequest, ModelCard, ModelList, TokenLogprob,
-    TopLogprob, Usage, model_version, version_model_id,
+    ChunkDelta, ErrorBody, ErrorResponse, FeedbackAccepted, FeedbackRequest, ModelCard, ModelList, PreferenceAccepted,
+    PreferenceRequest, TokenLogprob, TopLogprob, Usage, model_version, version_model_id,
 )
 from rlhf_loop.service.versions import UnknownVersion, VersionManager, VersionRefused
 
@@ -224,9 +226,10 @@ async def admit(svc: Parts, req: ChatCompletionRequest) -> Job:
         seed=secrets.randbits(63) if req.seed is None else req.seed,
         top_logprobs=req.top_logprobs or 0,
     )
-    return Job(response_id=make_response_id(svc.id_secret, loaded.version, n), created=int(time.time()),
-               model=req.model, loaded=loaded, messages=messages, prompt_ids=prompt_ids, params=params, user=req.user,
-               logprobs=bool(req.logprobs))
+    # the id carries the prompt's tag: a preference between two responses is checked to be about one prompt
+    rid = make_response_id(svc.id_secret, loaded.version, n, prompt_tag(svc.id_secret, messages))
+    return Job(response_id=rid, created=int(time.time()), model=req.model, loaded=loaded, messages=messages,
+               prompt_ids=prompt_ids, params=params, user=req.user, logprobs=bool(req.logprobs))
 
 
 async def version_for(svc: Parts, model: str, version: int | None) -> LoadedVersion:
@@ -431,24 +434,31 @@ def cap_votes(svc: Parts, caller: Caller, *, withdrawal: bool = False) -> None:
                        code="rate_limit_exceeded", headers={"Retry-After": str(refusal.retry_after_s)})
 
 
-async def record(svc: Parts, event: Feedback) -> None:
-    """Spool a vote; if it cannot be (spool full, disk error) the client is told, so it can retry."""
+async def record(svc: Parts, event: Feedback | Preference) -> None:
+    """Spool a vote or a preference; if it cannot be (spool full, disk error) the client is told, so it can retry."""
     if not await anyio.to_thread.run_sync(svc.events.emit, [event]):
         raise APIError(503, "The vote could not be recorded right now; retry later.", type="server_error",
                        code="events_unavailable")
+
+
+def issued_answer(svc: Parts, response_id: str, choice_index: int, where: str) -> IssuedResponse:
+    """What the id says of a response this service issued, with `choice_index` one of its choices; 404 / 400
+    (param `<where>response_id` / `<where>choice_index`) otherwise."""
+    issued = parse_response_id(svc.id_secret, response_id)
+    if issued is None:
+        raise APIError(404, f"No response with id '{response_id}' was issued by this service.",
+                       param=f"{where}response_id", code="response_not_found")
+    if choice_index >= issued.n:
+        raise APIError(400, f"'{where}choice_index' must be below {issued.n}: the response has {issued.n} choice(s).",
+                       param=f"{where}choice_index", code="invalid_value")
+    return issued
 
 
 @app.post("/v1/feedback", status_code=202, dependencies=[Depends(require_api_key)], **openapi.FEEDBACK)
 async def post_feedback(request: Request):
     svc = current()
     req = parse(FeedbackRequest, await read_body(request, svc.settings.max_body_bytes))
-    issued = parse_response_id(svc.id_secret, req.response_id)
-    if issued is None:
-        raise APIError(404, f"No response with id '{req.response_id}' was issued by this service.",
-                       param="response_id", code="response_not_found")
-    if req.choice_index >= issued.n:
-        raise APIError(400, f"'choice_index' must be below {issued.n}: the response has {issued.n} choice(s).",
-                       param="choice_index", code="invalid_value")
+    issued = issued_answer(svc, req.response_id, req.choice_index, "")
     caller = caller_of(svc, request, req.user)
     cap_votes(svc, caller)
     # the default id is one per (voter, choice); bound to the identity, so no other identity's vote replaces it
@@ -483,6 +493,66 @@ async def delete_feedback(feedback_id: str, request: Request):
     metrics.votes_withdrawn.labels(policy_version=str(issued.policy_version)).inc()
     return FeedbackAccepted(id=feedback_id, object="feedback.deleted", response_id=rid, rating=None,
                             deleted=True).model_dump()
+
+
+# ---------------------------------------------------------------------------- preferences
+
+
+def same_prompt(chosen: AnswerRef, rejected: AnswerRef, a: IssuedResponse, b: IssuedResponse) -> None:
+    """400 unless the two answers are two and answer one prompt: two choices of one response, or two responses
+    whose ids carry the same prompt tag (make_response_id); ids from before prompts were bound carry none."""
+    if chosen == rejected:
+        raise APIError(400, "'chosen' and 'rejected' are the same answer: a preference compares two.",
+                       param="rejected", code="invalid_value")
+    if chosen.response_id == rejected.response_id:
+        return
+    if a.prompt is None or b.prompt is None:
+        raise APIError(400, "One of the responses was issued before response ids carried their prompt, so this "
+                            "server cannot tell whether both answer the same prompt; compare two choices of one "
+                            "response, or newer responses.", param="rejected.response_id", code="prompt_unknown")
+    if a.prompt != b.prompt:
+        raise APIError(400, "The two responses answer different prompts: a preference compares answers to the "
+                            "same messages.", param="rejected.response_id", code="prompt_mismatch")
+
+
+@app.post("/v1/preferences", status_code=202, dependencies=[Depends(require_api_key)], **openapi.PREFERENCE)
+async def post_preference(request: Request):
+    svc = current()
+    req = parse(PreferenceRequest, await read_body(request, svc.settings.max_body_bytes))
+    chosen, rejected = (AnswerRef(response_id=c.response_id, choice_index=c.choice_index)
+                        for c in (req.chosen, req.rejected))
+    issued = issued_answer(svc, chosen.response_id, chosen.choice_index, "chosen.")
+    same_prompt(chosen, rejected, issued, issued_answer(svc, rejected.response_id, rejected.choice_index, "rejected."))
+    caller = caller_of(svc, request, req.user)
+    cap_votes(svc, caller)  # a preference is a label like a vote: the same caps count it
+    # one id per (voter, unordered pair), bound to the identity: its next preference on the pair replaces this one
+    pid = bind_feedback_id(svc.id_secret, caller.identity, preference_id_for(chosen, rejected, caller.voter),
+                           label="preference")
+    event = Preference(preference_id=pid, chosen=chosen, rejected=rejected, tie=req.tie, comment=req.comment,
+                       user=req.user, identity=caller.identity, voter=caller.voter)
+    await record(svc, event)
+    metrics.preferences.labels(tie=str(req.tie).lower(), policy_version=str(issued.policy_version)).inc()
+    return PreferenceAccepted(id=pid, chosen=req.chosen, rejected=req.rejected, tie=req.tie).model_dump()
+
+
+@app.delete("/v1/preferences/{preference_id:path}", status_code=202, dependencies=[Depends(require_api_key)],
+            **openapi.WITHDRAW_PREFERENCE)
+async def delete_preference(preference_id: str, request: Request):
+    svc = current()
+    rid, _ = split_feedback_id(preference_id) or ("", "")
+    if parse_response_id(svc.id_secret, rid) is None:
+        raise APIError(404, f"No preference with id '{preference_id}' can exist: it names no response this service "
+                            "issued.", param="preference_id", code="preference_not_found")
+    caller = caller_of(svc, request, None)
+    if not cast_by(svc.id_secret, caller.identity, preference_id, label="preference"):
+        raise APIError(403, "Only whoever stated a preference may withdraw it: this one was stated with another API "
+                            "key (or, on a server without keys, from another client address).",
+                       param="preference_id", code="permission_denied")
+    cap_votes(svc, caller, withdrawal=True)
+    await record(svc, Preference(preference_id=preference_id, chosen=None, rejected=None, deleted=True,
+                                 identity=caller.identity))
+    metrics.preferences_withdrawn.inc()
+    return PreferenceAccepted(id=preference_id, chosen=None, rejected=None, deleted=True).model_dump()
 
 
 # ---------------------------------------------------------------------------- the loop page's data

@@ -49,9 +49,9 @@ import torch
 
 from rlhf_loop.service import metrics
 from rlhf_loop.service.loaded import LoadedVersion
-from rlhf_loop.service.request import Choice, Delta, Request, SamplingParams, Status
+from rlhf_loop.service.request import Choice, Delta, Draw, Request, SamplingParams, Status
 from rlhf_loop.service.runner import ModelRunner, Prefill
-from rlhf_loop.service.sampler import Draw, sample
+from rlhf_loop.service.sampler import sample
 from rlhf_loop.service.scheduler import Limits, Scheduler
 
 log = logging.getLogger(__name__)

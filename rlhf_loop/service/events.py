@@ -4,8 +4,8 @@
 
 `emit` appends the events to the spool and fsyncs: that is all a request waits for, so a
 slow or absent Kafka never fails or stalls a chat. One drainer thread reads the spool in
-order, sends with kafka-python (acks=all, key = response_id), waits for the acks, and only
-then moves the spool's persisted cursor. On any Kafka error it backs off, reconnects (and
+order, sends with kafka-python (acks=all, key = the event's `key`, a response id), waits for
+the acks, and only then moves the spool's persisted cursor. On any Kafka error it backs off, reconnects (and
 re-creates missing topics: the embedded broker forgets them when it restarts) and resends
 from the cursor. Delivery is at-least-once: a crash between an ack and the cursor write,
 or a batch that failed half-way, resends events; consumers dedupe by `event_id`.
@@ -43,7 +43,7 @@ from kafka import errors as Errors
 from kafka.errors import KafkaError
 
 from rlhf_loop.core.broker import client_options, describe_connection, ensure_topics
-from rlhf_loop.core.contracts import Feedback, Interaction, Settings
+from rlhf_loop.core.contracts import Feedback, Interaction, Preference, Settings
 from rlhf_loop.service import metrics
 
 log = logging.getLogger(__name__)
@@ -252,7 +252,7 @@ class Spool:
 
 
 class EventLog:
-    """Interaction and Feedback events -> spool (request path) -> Kafka (drainer thread)."""
+    """Interaction, Feedback and Preference events -> spool (request path) -> Kafka (drainer thread)."""
 
     BATCH = 500  # records per send/ack round
 
@@ -270,12 +270,14 @@ class EventLog:
         log_._thread.start()
         return log_
 
-    def topic_of(self, event: Interaction | Feedback) -> str:
+    def topic_of(self, event: Interaction | Feedback | Preference) -> str:
+        """Preferences share the feedback topic (their own `kind`): the trainer's consumer reads both in one
+        stream, and no deployment needs a new topic or ACL (docs/architecture.md)."""
         return self.settings.topic_interactions if isinstance(event, Interaction) else self.settings.topic_feedback
 
-    def emit(self, events: list[Interaction | Feedback]) -> bool:
+    def emit(self, events: list[Interaction | Feedback | Preference]) -> bool:
         """Spool the events (durable on return). False if they were dropped: spool over its cap, or disk error."""
-        records = [Record(self.topic_of(e), e.response_id, e.to_bytes()) for e in events]
+        records = [Record(self.topic_of(e), e.key, e.to_bytes()) for e in events]
         try:
             ok = self.spool.append(records)
             if not ok:

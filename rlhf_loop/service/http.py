@@ -123,7 +123,7 @@ class CountRequests:
 
 
 def _endpoint(path: str) -> str:
-    for prefix, name in (("/v1/chat/completions", "chat"), ("/v1/feedback", "feedback"),
+    for prefix, name in (("/v1/chat/completions", "chat"), ("/v1/feedback", "feedback"), ("/v1/preferences", "preferences"),
                          ("/v1/models", "models"), ("/v1/loop", "loop"), ("/admin/", "admin")):
         if path.startswith(prefix):
             return name

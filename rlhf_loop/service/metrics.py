@@ -30,6 +30,9 @@ votes = Counter("rlhf_votes", "Votes accepted, by rating and the policy version 
                 ["rating", "policy_version"])
 votes_rate_limited = Counter("rlhf_votes_rate_limited", "Votes and withdrawals refused (429) by a vote cap, by the "
                              "kind of identity whose cap was reached", ["identity_kind"])
+preferences = Counter("rlhf_preferences", "Preferences accepted, by whether they are ties and the policy version "
+                      "of the chosen answer", ["tie", "policy_version"])
+preferences_withdrawn = Counter("rlhf_preferences_withdrawn", "Preferences withdrawn (tombstones)")
 votes_withdrawn = Counter("rlhf_votes_withdrawn", "Votes withdrawn (tombstones), by policy version", ["policy_version"])
 
 events_spooled = Counter("rlhf_events_spooled", "Events appended to the local spool", ["topic"])

@@ -22,24 +22,27 @@ from pydantic import BaseModel
 from rlhf_loop.core.contracts import Settings
 from rlhf_loop.service.schemas import (
     ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ErrorResponse, FeedbackAccepted, FeedbackRequest, LoopView,
-    ModelCard, ModelList, model_name_pattern, version_model_id,
+    ModelCard, ModelList, PreferenceAccepted, PreferenceRequest, model_name_pattern, version_model_id,
 )
 
 ERRORS = {  # status -> when; every error body is OpenAI's shape (ErrorResponse)
     400: "Invalid request: `invalid_json`, `invalid_value` (with the offending `param`), `unsupported_parameter`, "
-         "`context_length_exceeded`.",
+         "`context_length_exceeded`; for a preference also `prompt_mismatch` (the two responses answer different "
+         "prompts) and `prompt_unknown` (a response id from before ids carried their prompt).",
     401: "`invalid_api_key`: missing or wrong `Authorization: Bearer` key (only when the server has API keys).",
-    403: "`permission_denied`: the vote was cast by another identity (another API key, or on a server without keys "
-         "another client address); only that one may withdraw it. Nothing was recorded.",
-    404: "`model_not_found`, `response_not_found` or `feedback_not_found`: the id or model is not one this "
-         "service issued or serves (for a chat: a malformed model name, or a version this replica cannot serve: "
-         "not in its policy store, or refused by its checks; nothing was generated or written).",
+    403: "`permission_denied`: the vote or preference was cast by another identity (another API key, or on a server "
+         "without keys another client address); only that one may withdraw it. Nothing was recorded.",
+    404: "`model_not_found`, `response_not_found`, `feedback_not_found` or `preference_not_found`: the id or model "
+         "is not one this service issued or serves (for a chat: a malformed model name, or a version this replica "
+         "cannot serve: not in its policy store, or refused by its checks; nothing was generated or written).",
     413: "`request_too_large`: the body is over the server's byte limit.",
-    429: "`rate_limit_exceeded`: a chat while the engine's queue is full, or a vote over a vote cap of this server "
+    429: "`rate_limit_exceeded`: a chat while the engine's queue is full, or a vote (or preference) over a vote cap "
+         "of this server "
          "(per voter, or an API key's quota; per client address without keys); nothing was generated or recorded. The `Retry-After` header "
          "says in how many seconds to try again.",
     500: "`generation_failed` (type `server_error`).",
-    503: "`model_not_ready` (no policy loaded yet) or `events_unavailable` (a vote could not be spooled; retry).",
+    503: "`model_not_ready` (no policy loaded yet) or `events_unavailable` (a vote or preference could not be "
+         "spooled; retry).",
 }
 
 
@@ -119,6 +122,22 @@ FEEDBACK = dict(
 WITHDRAW = dict(operation_id="deleteFeedback", summary="Withdraw a vote (a tombstone event)",
                 responses=answers(202, FeedbackAccepted, "Accepted: one tombstone event spooled for Kafka.",
                                   401, 403, 404, 429, 503))
+PREFERENCE = dict(
+    operation_id="createPreference",
+    summary="Prefer one of two answers to the same prompt (or call them a tie); the same voter stating a preference "
+            "on the same pair again replaces it",
+    openapi_extra=json_body(PreferenceRequest),
+    responses=answers(
+        202, PreferenceAccepted, "Accepted: one Preference event spooled for Kafka.", 400, 401, 404, 413, 429, 503,
+        links={"withdrawIt": {"operationId": "deletePreference", "description": "Withdraw this preference.",
+                              "parameters": {"preference_id": "$response.body#/id"}}},
+    ),
+)
+WITHDRAW_PREFERENCE = dict(
+    operation_id="deletePreference", summary="Withdraw a preference (a tombstone event)",
+    responses=answers(202, PreferenceAccepted, "Accepted: one tombstone event spooled for Kafka; `chosen` and "
+                                               "`rejected` are null (the id alone names the pair).",
+                      401, 403, 404, 429, 503))
 LOOP = dict(operation_id="retrieveLoop",
             summary="The loop page's data: what each replica serves, the trainer's rounds, approval by version",
             responses=answers(200, LoopView, "Read-only. `trainer.status` says whether `rounds` and `approval` came "
@@ -136,9 +155,9 @@ def document(app: FastAPI, settings: Settings, *, max_stop: int) -> dict:
     """The OpenAPI 3.1 document of this server: its routes, its limits, BentoML's probes."""
     # a copy: FastAPI puts the routes' openapi_extra dicts into the document as they are
     doc = copy.deepcopy(get_openapi(title="rlhf-loop chat + feedback API", version="1", routes=app.routes,
-                                    description="OpenAI-compatible chat completions with thumbs feedback; every "
-                                                "error is OpenAI's `{\"error\": {...}}`. The playground is at `/`, "
-                                                "the loop page at `/loop`."))
+                                    description="OpenAI-compatible chat completions with thumbs feedback and pairwise "
+                                                "preferences; every error is OpenAI's `{\"error\": {...}}`. The "
+                                                "playground is at `/`, the loop page at `/loop`."))
     for item in doc["paths"].values():
         for operation in item.values():
             # FastAPI documents a 422 for any route with parameters; ours never answers one

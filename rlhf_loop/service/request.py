@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from rlhf_loop.service.detokenizer import Detokenizer
-from rlhf_loop.service.sampler import Draw
 
 if TYPE_CHECKING:
     from rlhf_loop.service.loaded import LoadedVersion
@@ -36,6 +35,17 @@ class SamplingParams:
     stop: tuple[str, ...]
     seed: int  # always set: the API draws one when the client gave none, and logs it
     top_logprobs: int = 0  # the most likely tokens each draw also reports (0..20); the chosen one's log-prob always comes
+
+
+@dataclass(frozen=True)
+class Draw:
+    """What the sampler (service/sampler.py) drew for one row: its token, the token's log-prob under the distribution it was drawn from, and
+    that distribution's most likely tokens as (token id, log-prob), most likely first (only when the
+    row's request asked for `top_logprobs`; at most that many)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)

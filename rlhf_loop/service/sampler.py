@@ -45,31 +45,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from itertools import groupby
-from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:
-    from rlhf_loop.service.request import Choice
+from rlhf_loop.service.request import Choice, Draw  # Draw lives there: request.py must not import this module
 
 F32 = torch.finfo(torch.float32)
 GREEDY_BELOW = F32.smallest_normal  # temperatures below it sample the argmax (see the module docstring)
 
 
-@dataclass(frozen=True)
-class Draw:
-    """What one row drew: its token, the token's log-prob under the distribution it was drawn from, and
-    that distribution's most likely tokens as (token id, log-prob), most likely first (only when the
-    row's request asked for `top_logprobs`; at most that many)."""
-
-    token_id: int
-    logprob: float
-    top: tuple[tuple[int, float], ...] = ()
-
-
-def sample(logits: torch.Tensor, rows: Sequence["Choice"]) -> list[Draw | None]:
+def sample(logits: torch.Tensor, rows: Sequence[Choice]) -> list[Draw | None]:
     """(B, V) logits -> B draws; None for a row whose logits are not finite (its request must fail)."""
     params = [c.request.params for c in rows]
     logits = logits.float()

@@ -1,4 +1,5 @@
-"""Request and response bodies of the HTTP API: OpenAI's chat shapes, feedback, the loop page's view, admin, errors.
+"""Request and response bodies of the HTTP API: OpenAI's chat shapes, feedback, preferences, the loop page's
+view, admin, errors.
 
 Requests are validated strictly (a string is not a number, a float is not an int) and a
 field we do not support but a client might send is accepted and ignored only when
@@ -238,6 +239,41 @@ class FeedbackAccepted(BaseModel):
     status: Literal["accepted"] = "accepted"
     response_id: str
     rating: Literal["up", "down"] | None
+    deleted: bool = False
+
+
+# ---------------------------------------------------------------------------- preferences
+
+
+class AnswerChoice(BaseModel):
+    """One answer of a response this service gave: its id and which choice (default the first)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    response_id: str = Field(max_length=128)
+    choice_index: int = Field(0, ge=0)
+
+
+class PreferenceRequest(BaseModel):
+    """POST /v1/preferences: `chosen` is preferred to `rejected`, two answers to one prompt (two choices of
+    one `n` >= 2 response, or two responses to the same messages); with `tie`, neither is (the two are
+    just the pair). `user` names the voter only under an API key, as for feedback."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    chosen: AnswerChoice
+    rejected: AnswerChoice
+    tie: bool = False
+    user: str | None = Field(None, max_length=256)
+    comment: str | None = Field(None, max_length=4000)
+
+
+class PreferenceAccepted(BaseModel):
+    id: str
+    object: Literal["preference"] = "preference"
+    chosen: AnswerChoice | None
+    rejected: AnswerChoice | None
+    tie: bool = False
     deleted: bool = False
 
 

@@ -160,6 +160,10 @@ class RewardConfig:
     responses to the same prompt (InstructGPT / OpenRLHF RM loss); 0 turns it off."""
     max_pairs_per_prompt: int = 16
     """Pairs sampled per prompt, so a popular prompt does not dominate the pairwise loss."""
+    preference_weight: float = 1.0
+    """Weight of one user preference (POST /v1/preferences) in the Bradley-Terry loss, against 1 for a pair
+    made from thumbs: both say "this answer over that one to the same prompt", a preference directly.
+    Scaled by its influence-cap weight; pairwise_weight scales the whole term (0 also turns preferences off)."""
     heldout_fraction: float = 0.2
     """Share of responses (by hash of response_id, stable across rounds) kept for held-out
     accuracy / AUROC and never trained on."""
@@ -181,7 +185,7 @@ class RewardConfig:
     def __post_init__(self) -> None:
         _positive(self, "lr", "batch_size", "epochs", "max_steps", "max_pairs_per_prompt", "max_grad_norm", "max_length",
                   "head_max_iter")
-        _non_negative(self, "pairwise_weight", "weight_decay", "feature_layer", "head_l2")
+        _non_negative(self, "pairwise_weight", "preference_weight", "weight_decay", "feature_layer", "head_l2")
         if not 0.0 < self.heldout_fraction < 1.0:
             raise ValueError(f"reward.heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
         if not 0.0 < self.max_voter_share <= 1.0:
@@ -383,7 +387,14 @@ class GateConfig:
     min_rm_auroc: float = 0.6
     """The judge: a learned reward model's held-out AUROC, at its lower 95 % confidence bound
     (Hanley-McNeil, for the number of held-out up and down votes), must be at least this, or no
-    candidate it scored is promoted (chance is 0.5). Rule rewards are exempt. 0 turns it off."""
+    candidate it scored is promoted (chance is 0.5). Rule rewards are exempt. 0 turns it off.
+    Without held-out thumbs of both kinds but with held-out preferences, the judge is judged by
+    min_rm_pair_accuracy alone (the check reports this AUROC "not checked")."""
+    min_rm_pair_accuracy: float = 0.6
+    """The judge on preferences: the reward model's held-out pairwise accuracy (share of held-out
+    preferences, ties left out, whose chosen answer it scores higher), at its lower 95 % confidence
+    bound (Wilson), must be at least this whenever there are held-out preferences (chance is 0.5;
+    the same bar as min_rm_auroc, which is a pairwise accuracy too: over up/down pairs). 0 turns it off."""
     max_rm_approval_gap: float = 0.25
     """The judge against the users: |the reward model's predicted approval - the live approval|
     on held-out answers of the serving version must be at most this (a judge whose approval
@@ -402,6 +413,7 @@ class GateConfig:
         _positive(self, "eval_responses", "max_kl")
         _positive(self, "rm_gap_versions")
         _non_negative(self, "max_length_ratio", "min_distinct_ratio", "guard_tolerance", "min_rm_auroc",
+                      "min_rm_pair_accuracy",
                       "max_rm_approval_gap", "guard_stall_rounds", "ref_max_length_ratio", "ref_min_distinct_ratio",
                       "ref_guard_tolerance", "behaviour_answers")
         for name in ("min_length_ratio", "ref_min_length_ratio"):

@@ -1,4 +1,4 @@
-"""The vote-stream consumer: Kafka group consumer on interactions + feedback -> LabelStore.
+"""The vote-stream consumer: Kafka group consumer on interactions + feedback (votes and preferences) -> LabelStore.
 
 Per poll (docs/trainer.md, "join and commit protocol"):
   1. validate every record against the shared event schemas; a record that fails goes to
@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import CommitFailedError
 from kafka.structs import OffsetAndMetadata
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from rlhf_loop.core.broker import client_options
-from rlhf_loop.core.contracts import DeadLetter, Feedback, Interaction, Settings
+from rlhf_loop.core.contracts import DeadLetter, Feedback, FeedbackEvent, Interaction, Preference, Settings
 from rlhf_loop.trainer.config import ConsumerConfig
 from rlhf_loop.trainer.killpoints import killpoint
 from rlhf_loop.trainer.store import DeadLetterKey, LabelStore
@@ -33,6 +33,8 @@ from rlhf_loop.trainer.store import DeadLetterKey, LabelStore
 log = logging.getLogger(__name__)
 
 JOIN_TIMEOUT_S = 60.0
+INTERACTIONS = TypeAdapter(Interaction)
+FEEDBACK_EVENTS = TypeAdapter(FeedbackEvent)  # a vote or a preference, by its `kind`
 
 
 @dataclass
@@ -42,6 +44,7 @@ class ConsumeStats:
     records: int = 0
     interactions: int = 0
     votes: int = 0
+    preferences: int = 0
     duplicates: int = 0
     stale: int = 0
     dead_letters: int = 0
@@ -51,23 +54,25 @@ class ConsumeStats:
         self.records += other.records
         self.interactions += other.interactions
         self.votes += other.votes
+        self.preferences += other.preferences
         self.duplicates += other.duplicates
         self.stale += other.stale
         self.dead_letters += other.dead_letters
         self.reasons.extend(other.reasons)
 
 
-def parse(topic: str, value: bytes | None, settings: Settings) -> Interaction | Feedback | str:
+def parse(topic: str, value: bytes | None, settings: Settings) -> Interaction | Feedback | Preference | str:
     """The event a record holds, or the reason it cannot be used."""
     if value is None:
         return "empty record value"
-    model = {settings.topic_interactions: Interaction, settings.topic_feedback: Feedback}[topic]
+    name, adapter = {settings.topic_interactions: ("Interaction", INTERACTIONS),
+                     settings.topic_feedback: ("Feedback/Preference", FEEDBACK_EVENTS)}[topic]
     try:
-        event = model.model_validate_json(value)
+        event = adapter.validate_json(value)
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(x) for x in first["loc"]) or "value"
-        return f"invalid {model.__name__}: {where}: {first['msg']} ({e.error_count()} error(s))"
+        return f"invalid {name}: {where}: {first['msg']} ({e.error_count()} error(s))"
     if isinstance(event, Feedback) and (event.rating is None) != event.deleted:
         return "invalid Feedback: a vote needs a rating, a withdrawal (deleted=true) must have rating null"
     return event
@@ -126,7 +131,7 @@ class VoteConsumer:
         for reason in reasons:
             log.warning("dead letter: %s", reason)
         return ConsumeStats(sum(len(r) for r in batch.values()), result.interactions, result.votes,
-                            result.duplicates, result.stale, result.dead_letters, reasons)
+                            result.preferences, result.duplicates, result.stale, result.dead_letters, reasons)
 
     def lag(self) -> dict[tuple[str, int], int]:
         """(topic, partition) -> records the broker holds beyond our position, for each assigned

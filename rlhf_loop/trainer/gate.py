@@ -17,9 +17,11 @@ pass; the checks and their values go to rounds.jsonl. Length, distinct-2 and the
 held both against the current policy (per-round tolerances) and against the reference (floors
 that do not move: a chain of candidates each a little worse than the last passes every per-round
 check, and is stopped there). The judge's own checks use the reward model's held-out metrics:
-AUROC at its lower confidence bound (rule rewards are exempt) and the gap between its predicted
+AUROC on thumbs and pairwise accuracy on preferences, each at its lower confidence bound (rule
+rewards are exempt; preferences alone can pass the judge, `_judge`), and the gap between its predicted
 approval and the users' on the serving version's answers (pooled with its parent's, ..., when
-there are too few; "not checked" with the reason when there are still too few).
+there are too few; "not checked" with the reason when there are still too few). Preferences give
+no approval rate: the gap (like the live-approval watch, trainer/watch.py) is on thumbs alone.
 """
 
 from __future__ import annotations
@@ -157,12 +159,8 @@ def decide(candidate: PolicyEval, current: PolicyEval, cfg: GateConfig, judge: d
         floors = _drift(c, reference, "the reference's", cfg.ref_min_length_ratio, cfg.ref_max_length_ratio,
                         cfg.ref_min_distinct_ratio, cfg.ref_guard_tolerance)
         checks.update({f"ref_{name}": ch for name, ch in floors.items()})
-    if judge is not None and cfg.min_rm_auroc:
-        lcb = judge.get("auroc_lcb")
-        checks["rm_auroc"] = _check(lcb is not None and lcb >= cfg.min_rm_auroc, lcb, cfg.min_rm_auroc,
-                                    "reward model cannot yet predict held-out votes: AUROC "
-                                    f"{judge.get('auroc', math.nan):.2f} (95% lower bound "
-                                    f"{math.nan if lcb is None else lcb:.2f}) < {cfg.min_rm_auroc:g}")
+    if judge is not None:
+        checks.update(_judge(judge, cfg))
     if judge is not None and cfg.max_rm_approval_gap:
         checks["rm_approval_gap"] = _approval_gap(judge, cfg.max_rm_approval_gap)
     failed = [ch.why for ch in checks.values() if not ch.passed]
@@ -196,6 +194,30 @@ def _drift(c: PolicyEval, base: PolicyEval, against: str, min_length: float, max
         out["guard_set"] = _check(c.guard_pass >= bound, c.guard_pass, bound,
                                   f"guard set pass rate {c.guard_pass:.2f} < {against} {base.guard_pass:.2f} "
                                   f"- {guard_tolerance:g}")
+    return out
+
+
+def _judge(judge: dict, cfg: GateConfig) -> dict[str, Check]:
+    """Can the reward model predict held-out labels? Each kind it can be measured on must say so: thumbs by
+    AUROC (rm_auroc), preferences by pairwise accuracy (rm_pair_accuracy), each at its lower confidence
+    bound. With held-out preferences but no held-out thumbs of both kinds, rm_auroc is skipped (passes,
+    with the reason on the summary line) and preferences alone decide; with neither, rm_auroc fails."""
+    out = {}
+    auroc_lcb, pair_lcb = judge.get("auroc_lcb"), judge.get("pair_accuracy_lcb")
+    if cfg.min_rm_auroc and auroc_lcb is None and pair_lcb is not None and cfg.min_rm_pair_accuracy:
+        out["rm_auroc"] = Check(True, None, cfg.min_rm_auroc, skipped=(
+            f"judge's AUROC not checked: no held-out thumbs of both kinds; judged on "
+            f"{judge['heldout_preferences']} held-out preferences"))
+    elif cfg.min_rm_auroc:
+        out["rm_auroc"] = _check(auroc_lcb is not None and auroc_lcb >= cfg.min_rm_auroc, auroc_lcb, cfg.min_rm_auroc,
+                                 "reward model cannot yet predict held-out votes: AUROC "
+                                 f"{judge.get('auroc', math.nan):.2f} (95% lower bound "
+                                 f"{math.nan if auroc_lcb is None else auroc_lcb:.2f}) < {cfg.min_rm_auroc:g}")
+    if cfg.min_rm_pair_accuracy and pair_lcb is not None:
+        out["rm_pair_accuracy"] = _check(
+            pair_lcb >= cfg.min_rm_pair_accuracy, pair_lcb, cfg.min_rm_pair_accuracy,
+            f"reward model cannot yet predict held-out preferences: pairwise accuracy {judge['pair_accuracy']:.2f} "
+            f"(95% lower bound {pair_lcb:.2f}, {judge['heldout_preferences']} pairs) < {cfg.min_rm_pair_accuracy:g}")
     return out
 
 

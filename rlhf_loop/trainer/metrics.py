@@ -46,7 +46,8 @@ kl_to_reference = Gauge("rlhf_trainer_kl_to_reference", "KL to the reference mod
 kl_coef = Gauge("rlhf_trainer_kl_coef", "The adaptive KL coefficient (PPO's beta) after the last round")
 policy_version = Gauge("rlhf_trainer_policy_version", "The policy version the trainer trains from: the last one it "
                        "published, or LATEST when it started")
-labels = Gauge("rlhf_trainer_labels", "Labels stored: live votes joined to the answer they rate")
+labels = Gauge("rlhf_trainer_labels", "Labels stored: live votes joined to the answer they rate, and live preferences "
+               "joined to both their answers")
 last_vote = Gauge("rlhf_trainer_last_vote_timestamp_seconds", "When the newest stored vote was cast (its event "
                   "time); time() minus this is the vote stream's staleness")
 consumer_lag = Gauge("rlhf_trainer_consumer_lag", "Records the broker holds beyond the trainer's position, per "

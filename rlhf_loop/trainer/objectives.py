@@ -58,8 +58,11 @@ def kto_reference_point(mismatched_logratio: torch.Tensor) -> torch.Tensor:
 
 
 def dpo_loss(chosen_logratio: torch.Tensor, rejected_logratio: torch.Tensor, *, beta: float,
-             pair_total: int | None = None) -> torch.Tensor:
-    """Direct preference optimisation: mean over pairs of -log sigmoid(beta (r_chosen - r_rejected)).
-    (M,), (M,) -> scalar; pair_total: the whole batch's pairs when it is split across ranks."""
+             pair_total: float | None = None, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Direct preference optimisation: the weighted mean over pairs of -log sigmoid(beta (r_chosen - r_rejected)).
+    (M,), (M,) -> scalar; weights (M,): each pair's (default 1; a preference's influence-cap weight);
+    pair_total: the whole batch's weight when it is split across ranks."""
     losses = -torch.nn.functional.logsigmoid(beta * (chosen_logratio - rejected_logratio))
-    return losses.sum() / (len(losses) if pair_total is None else pair_total)
+    if weights is not None:
+        losses = losses * weights
+    return losses.sum() / ((len(losses) if weights is None else weights.sum()) if pair_total is None else pair_total)

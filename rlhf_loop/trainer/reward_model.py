@@ -9,12 +9,18 @@ from the previous round's weights (<trainer_dir>/reward_model.safetensors), on:
   (RewardConfig.pointwise_loss="logistic"), or MSE to the mean rating ("mse", for numeric
   ratings);
 * pairwise Bradley-Terry: -log sigmoid(s_liked - s_disliked) for responses to the same
-  prompt, one liked and one disliked (weight RewardConfig.pairwise_weight).
+  prompt, one liked and one disliked (weight RewardConfig.pairwise_weight); the users' own
+  preferences (POST /v1/preferences) are such pairs directly, each counting
+  RewardConfig.preference_weight times a thumbs-derived pair (times its influence-cap weight).
+  A tie is a pair with target 1/2: -(log sigmoid(d) + log sigmoid(-d)) / 2, which pulls the two
+  scores together (the Bradley-Terry likelihood of a coin flip between them).
 
 A rule from core.tastes can stand in for the learned model as the reward source
 (`rule_reward`): both are `RewardFn`s, (prompts, completions) -> (N,) scores.
 Held-out responses (by hash of response_id, so the split is stable as data accumulates)
-give accuracy (sign of the score against the sign of the rating) and AUROC every round.
+give accuracy (sign of the score against the sign of the rating) and AUROC every round;
+held-out preferences (either answer held out) give pairwise accuracy, P(s_chosen > s_rejected),
+with its lower confidence bound: the judge's figure when there are preferences (trainer/gate.py).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import random
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -33,7 +40,7 @@ from rlhf_loop.trainer.config import RewardConfig
 from rlhf_loop.trainer.dist import Dist
 from rlhf_loop.trainer.networks import FeatureRewardModel, RewardModel
 from rlhf_loop.trainer.rollout import autocast, left_pad
-from rlhf_loop.trainer.store import Example
+from rlhf_loop.trainer.store import Answer, Example, PreferencePair
 
 RewardFn = Callable[[list[list[dict]], list[str]], torch.Tensor]
 
@@ -96,6 +103,13 @@ def is_heldout(response_id: str, fraction: float) -> bool:
     return bucket < fraction
 
 
+def is_heldout_pair(p: PreferencePair, fraction: float) -> bool:
+    """A preference is held out when either of its answers is: then no preference trains on a held-out
+    answer, and the thumbs' held-out figures stay clean (a held-out preference may share an answer with
+    a training thumb; the two choices of one n=2 response, one response id, never do)."""
+    return is_heldout(p.chosen.response_id, fraction) or is_heldout(p.rejected.response_id, fraction)
+
+
 def make_pairs(examples: list[Example], max_pairs_per_prompt: int, rng: random.Random) -> list[tuple[int, int]]:
     """(liked, disliked) index pairs of responses to the same prompt (rating > 0 vs < 0)."""
     by_prompt: dict[str, tuple[list[int], list[int]]] = defaultdict(lambda: ([], []))
@@ -109,27 +123,81 @@ def make_pairs(examples: list[Example], max_pairs_per_prompt: int, rng: random.R
     return pairs
 
 
+class Pair(NamedTuple):
+    """One Bradley-Terry pair: rows `better` and `worse` (indices into the rows a round scores), the probability
+    that `better` is the better one (1; 1/2 for a tie) and the pair's weight."""
+
+    better: int
+    worse: int
+    target: float = 1.0
+    weight: float = 1.0
+
+
+def all_pairs(thumb_pairs: list[tuple[int, int]], preferences: list[PreferencePair], first_row: int,
+              preference_weight: float) -> list[Pair]:
+    """The thumbs-derived pairs (weight 1), then one pair per preference, whose answers are rows
+    first_row + 2k (chosen) and first_row + 2k + 1 (rejected): weight preference_weight x its
+    influence-cap weight, target 1/2 for a tie."""
+    return [Pair(a, b) for a, b in thumb_pairs] + [
+        Pair(first_row + 2 * k, first_row + 2 * k + 1, 0.5 if p.tie else 1.0, preference_weight * p.weight)
+        for k, p in enumerate(preferences)]
+
+
+def preference_rows(preferences: list[PreferencePair]) -> list[tuple[list[dict], str]]:
+    """(messages, completion) of each preference's chosen, then rejected answer: the rows all_pairs names."""
+    return [(p.messages, a.completion) for p in preferences for a in (p.chosen, p.rejected)]
+
+
 def reward_loss(
     scores: torch.Tensor, ratings: torch.Tensor, weights: torch.Tensor, pointwise: str,
     liked: torch.Tensor, disliked: torch.Tensor, pairwise_weight: float,
-    weight_total: float | None = None, pair_total: int | None = None,
+    weight_total: float | None = None, pair_total: float | None = None,
+    pair_weights: torch.Tensor | None = None, pair_targets: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(total, pointwise, pairwise) losses.
 
     scores, ratings (mean rating in [-1, 1]), weights (vote counts): (N,);
-    liked, disliked: (M,) scores of paired responses (M may be 0). weight_total / pair_total
-    replace the local sum of weights / number of pairs as denominators when the batch is split
-    across ranks (each rank's share then adds up to the whole batch's loss).
+    liked, disliked: (M,) scores of paired responses (M may be 0; N too, with preferences only);
+    pair_weights (M,): each pair's weight (default 1); pair_targets (M,): the probability t that
+    `liked` is the better one (default 1; 1/2 for a tie), the pair's loss being
+    -(t log sigmoid(d) + (1 - t) log sigmoid(-d)), d = liked - disliked (t = 1: -log sigmoid(d)).
+    The pairwise loss is the pair-weighted mean. weight_total / pair_total replace the local sums of
+    weights / pair weights as denominators when the batch is split across ranks (each rank's share then
+    adds up to the whole batch's loss).
     """
     if pointwise == "logistic":
         target = (ratings + 1.0) / 2.0  # share of up-votes
         per = torch.nn.functional.binary_cross_entropy_with_logits(scores, target, reduction="none")
     else:
         per = (scores - ratings).square()
-    point = (per * weights).sum() / (weights.sum() if weight_total is None else weight_total)
-    pairs = len(liked) if pair_total is None else pair_total
-    pair = -torch.nn.functional.logsigmoid(liked - disliked).sum() / pairs if pairs else scores.new_zeros(())
+    votes = weights.sum() if weight_total is None else weight_total
+    point = (per * weights).sum() / votes if votes else scores.new_zeros(())  # none: a batch of preferences only
+    w = torch.ones_like(liked) if pair_weights is None else pair_weights
+    pairs = w.sum() if pair_total is None else pair_total
+    d = liked - disliked
+    per_pair = -torch.nn.functional.logsigmoid(d)
+    if pair_targets is not None:
+        t = pair_targets
+        per_pair = -(t * torch.nn.functional.logsigmoid(d) + (1 - t) * torch.nn.functional.logsigmoid(-d))
+    pair = (w * per_pair).sum() / pairs if pairs else scores.new_zeros(())
     return point + pairwise_weight * pair, point, pair
+
+
+def pairwise_accuracy(chosen: torch.Tensor, rejected: torch.Tensor) -> float:
+    """P(score of the chosen answer > the rejected one's), equal scores counting half. (P,), (P,); nan for P = 0."""
+    if len(chosen) == 0:
+        return float("nan")
+    return ((chosen > rejected).float() + 0.5 * (chosen == rejected).float()).mean().item()
+
+
+def accuracy_lower_bound(accuracy: float, n: int, z: float = 1.645) -> float | None:
+    """One-sided 95 % lower confidence bound of a proportion from n trials (Wilson's score interval:
+    inside [0, 1] and sound for small n). None for n = 0."""
+    if n == 0 or not math.isfinite(accuracy):
+        return None
+    centre = accuracy + z * z / (2 * n)
+    spread = z * math.sqrt(accuracy * (1 - accuracy) / n + z * z / (4 * n * n))
+    return (centre - spread) / (1 + z * z / n)
 
 
 @dataclass
@@ -147,6 +215,10 @@ class RewardMetrics:
     approval_gap: float | None = None  # |predicted - live approval| on held-out answers of approval_gap_versions
     approval_gap_labels: int = 0  # ... how many (the gap is None below MIN_GAP_LABELS)
     approval_gap_versions: list[int] = field(default_factory=list)  # the serving version, and parents pooled with it
+    train_preferences: int = 0  # preferences trained on (counted in `pairs` too)
+    heldout_preferences: int = 0  # held-out preferences that are not ties: what pair_accuracy is measured on
+    pair_accuracy: float = float("nan")  # held-out, P(s_chosen > s_rejected); nan without held-out preferences
+    pair_accuracy_lcb: float | None = None  # its lower 95 % confidence bound (accuracy_lower_bound)
 
 
 MIN_GAP_LABELS = 20  # held-out labels below which an approval rate is too noisy to judge the judge by (se ~0.1)
@@ -155,24 +227,36 @@ MIN_GAP_LABELS = 20  # held-out labels below which an approval rate is too noisy
 def train_reward_model(
     rm: RewardModel, tokenizer, examples: list[Example], cfg: RewardConfig, *, seed: int,
     autocast_dtype: torch.dtype = torch.float32, progress=None, dist: Dist = Dist(),
-    gap_versions: tuple[int, ...] = (0,),
+    gap_versions: tuple[int, ...] = (0,), preferences: list[PreferencePair] = (),
 ) -> RewardMetrics:
-    """A few hundred steps at most on the training split, then held-out accuracy / AUROC, and the
-    approval gap on the held-out answers of `gap_versions` (the serving version, then its parents
-    that may be pooled with it, newest first: `approval_gap_pool`).
+    """A few hundred steps at most on the training split, then held-out accuracy / AUROC, pairwise accuracy
+    on the held-out preferences, and the approval gap on the held-out answers of `gap_versions` (the serving
+    version, then its parents that may be pooled with it, newest first: `approval_gap_pool`).
 
-    Every rank draws the same batches; each trains on its share of each (DDP / FSDP2 average
-    the gradients), with the loss normalised by the whole batch's votes and pairs.
+    Rows are the training thumbs, then each training preference's two answers (preference_rows); every
+    step takes batch_size thumbs and batch_size pairs (all_pairs: the thumbs-derived ones and the
+    preferences). Every rank draws the same batches; each trains on its share of each (DDP / FSDP2 average
+    the gradients), with the loss normalised by the whole batch's votes and pair weights.
     """
     device = rm.device
     rng = random.Random(seed)
     train = [e for e in examples if not is_heldout(e.response_id, cfg.heldout_fraction)]
     heldout = [e for e in examples if is_heldout(e.response_id, cfg.heldout_fraction)]
-    pairs = make_pairs(train, cfg.max_pairs_per_prompt, rng) if cfg.pairwise_weight > 0 else []
-    ids = [encode(tokenizer, e.messages, e.completion, cfg.max_length)[0] for e in train]
+    train_prefs = [p for p in preferences if not is_heldout_pair(p, cfg.heldout_fraction)]
+    heldout_prefs = [p for p in preferences if is_heldout_pair(p, cfg.heldout_fraction)]
+    if cfg.pairwise_weight > 0:
+        pairs = all_pairs(make_pairs(train, cfg.max_pairs_per_prompt, rng), train_prefs, len(train),
+                          cfg.preference_weight)
+    else:
+        pairs, train_prefs = [], []
+    rows = [(e.messages, e.completion) for e in train] + preference_rows(train_prefs)
+    ids = [encode(tokenizer, m, c, cfg.max_length)[0] for m, c in rows]
     ratings = torch.tensor([e.rating for e in train], dtype=torch.float32, device=device)
     weights = torch.tensor([e.n_votes for e in train], dtype=torch.float32, device=device)
-    steps = min(cfg.max_steps, math.ceil(cfg.epochs * len(train) / cfg.batch_size)) if train else 0
+    pair_targets = torch.tensor([p.target for p in pairs], dtype=torch.float32, device=device)
+    pair_weights = torch.tensor([p.weight for p in pairs], dtype=torch.float32, device=device)
+    items = max(len(train), len(train_prefs))  # with preferences only, a round still takes its steps
+    steps = min(cfg.max_steps, math.ceil(cfg.epochs * items / cfg.batch_size)) if items else 0
     if progress is not None:
         progress.reset(total=steps)
     params = [p for _, p in rm.trainable()]
@@ -189,21 +273,24 @@ def train_reward_model(
         batch, order = order[:cfg.batch_size], order[cfg.batch_size:]
         if pairs and len(pair_order) < cfg.batch_size:
             pair_order += rng.sample(range(len(pairs)), len(pairs))
-        pair_batch, pair_order = [pairs[i] for i in pair_order[:cfg.batch_size]], pair_order[cfg.batch_size:]
-        weight_total = weights[torch.tensor(batch, device=device)].sum().item()
-        pair_total = len(pair_batch)
+        pair_batch, pair_order = pair_order[:cfg.batch_size], pair_order[cfg.batch_size:]
+        weight_total = weights[torch.tensor(batch, device=device, dtype=torch.long)].sum().item()
+        pair_total = pair_weights[torch.tensor(pair_batch, device=device, dtype=torch.long)].sum().item()
         mine, real = dist.shard(len(batch))
         batch = [batch[i] for i in mine[:real]]
         mine, real = dist.shard(len(pair_batch))
         pair_batch = [pair_batch[i] for i in mine[:real]]
-        rows = batch + [a for a, _ in pair_batch] + [b for _, b in pair_batch]  # one forward for all
-        x, m = left_pad([ids[i] for i in rows], tokenizer.pad_token_id, device)
+        chosen = [pairs[i] for i in pair_batch]
+        rows_now = batch + [p.better for p in chosen] + [p.worse for p in chosen]  # one forward for all
+        x, m = left_pad([ids[i] for i in rows_now], tokenizer.pad_token_id, device)
         with autocast(device, autocast_dtype):
             s = trainable(x, m)
         n, k = len(batch), len(pair_batch)
         idx = torch.tensor(batch, device=device, dtype=torch.long)
+        pidx = torch.tensor(pair_batch, device=device, dtype=torch.long)
         loss, _, _ = reward_loss(s[:n], ratings[idx], weights[idx], cfg.pointwise_loss, s[n:n + k], s[n + k:],
-                                 cfg.pairwise_weight, weight_total=weight_total, pair_total=pair_total)
+                                 cfg.pairwise_weight, weight_total=weight_total, pair_total=pair_total,
+                                 pair_weights=pair_weights[pidx], pair_targets=pair_targets[pidx])
         opt.zero_grad(set_to_none=True)
         (loss * dist.world).backward()  # DDP / FSDP2 average the ranks' gradients: their sum is the batch's
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -215,15 +302,23 @@ def train_reward_model(
     rm.eval()
     metrics = RewardMetrics(len(train), len(heldout), len(pairs), steps,
                             sum(losses[-10:]) / max(1, len(losses[-10:])) if losses else float("nan"),
-                            float("nan"), float("nan"))
+                            float("nan"), float("nan"), train_preferences=len(train_prefs))
     labelled = [e for e in heldout if e.rating != 0]
-    scores = torch.zeros(0)
-    if labelled:
-        mine, real = dist.shard(len(labelled))
-        local = score(rm, tokenizer, [labelled[i].messages for i in mine], [labelled[i].completion for i in mine],
-                      max_length=cfg.max_length, autocast_dtype=autocast_dtype).cpu()[:real]
-        scores = torch.cat(dist.gather(local))
-    return heldout_metrics(metrics, labelled, scores, cfg, gap_versions)
+    compared = [p for p in heldout_prefs if not p.tie]
+    scores = _score_split(rm, tokenizer, [(e.messages, e.completion) for e in labelled], cfg, autocast_dtype, dist)
+    pair_scores = _score_split(rm, tokenizer, preference_rows(compared), cfg, autocast_dtype, dist)
+    return heldout_metrics(metrics, labelled, scores, cfg, gap_versions, pair_scores.view(-1, 2))
+
+
+def _score_split(rm: RewardModel, tokenizer, rows: list[tuple[list[dict], str]], cfg: RewardConfig,
+                 autocast_dtype: torch.dtype, dist: Dist) -> torch.Tensor:
+    """(N,) scores of the (messages, completion) rows on CPU, each rank scoring its share (gathered)."""
+    if not rows:
+        return torch.zeros(0)
+    mine, real = dist.shard(len(rows))
+    local = score(rm, tokenizer, [rows[i][0] for i in mine], [rows[i][1] for i in mine], max_length=cfg.max_length,
+                  autocast_dtype=autocast_dtype).cpu()[:real]
+    return torch.cat(dist.gather(local))
 
 
 class FeatureCache:
@@ -238,15 +333,23 @@ class FeatureCache:
         self.features = features or {}
 
     @staticmethod
-    def name(e: Example) -> str:
+    def name(e: Example | Answer) -> str:
         return f"{e.response_id}/{e.choice_index}"
 
-    def missing(self, examples: list[Example]) -> list[Example]:
-        return [e for e in examples if self.name(e) not in self.features]
+    def missing(self, examples: list[Example], preferences: list[PreferencePair] = ()) -> list[tuple[str, list[dict], str]]:
+        """(name, messages, completion) of each answer of `examples` and `preferences` not in the cache, once each."""
+        out: dict[str, tuple[str, list[dict], str]] = {}
+        answers = [(e, e.messages) for e in examples] + [(a, p.messages) for p in preferences
+                                                          for a in (p.chosen, p.rejected)]
+        for a, messages in answers:
+            name = self.name(a)
+            if name not in self.features:
+                out.setdefault(name, (name, messages, a.completion))
+        return list(out.values())
 
-    def get(self, examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(N, T, H) fp32 token states of `examples` (each in the cache), right-padded, and (N, T) which are real."""
-        rows = [self.features[self.name(e)] for e in examples]
+    def get(self, answers: list[Example | Answer]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, T, H) fp32 token states of `answers` (each in the cache), right-padded, and (N, T) which are real."""
+        rows = [self.features[self.name(e)] for e in answers]
         width = max((len(r) for r in rows), default=0)
         hidden = rows[0].shape[-1] if rows else 0
         states = torch.zeros(len(rows), width, hidden)
@@ -270,36 +373,45 @@ class FeatureCache:
 def train_reward_head(
     rm: FeatureRewardModel, tokenizer, examples: list[Example], cfg: RewardConfig, cache: FeatureCache, *,
     autocast_dtype: torch.dtype = torch.float32, progress=None, dist: Dist = Dist(),
-    gap_versions: tuple[int, ...] = (0,),
+    gap_versions: tuple[int, ...] = (0,), preferences: list[PreferencePair] = (),
 ) -> RewardMetrics:
-    """reward.backbone=frozen, one round: the body's token states of the labels not in `cache` (split
-    across ranks, gathered), then the head fitted from scratch on every training label (full batch,
-    L-BFGS from zero, deterministic: every rank finds the same head from the same labels, and no warm
-    start drifts), then the held-out figures from the cached states."""
+    """reward.backbone=frozen, one round: the body's token states of the answers not in `cache` (thumbs and
+    both answers of each preference; split across ranks, gathered), then the head fitted from scratch on
+    every training label (full batch, L-BFGS from zero, deterministic: every rank finds the same head from
+    the same labels, and no warm start drifts), then the held-out figures (thumbs and preferences) from the
+    cached states."""
     device = rm.device
-    new = cache.missing(examples)
+    new = cache.missing(examples, preferences)
     if progress is not None:
         progress.reset(total=math.ceil(len(new) / cfg.batch_size))
     mine, real = dist.shard(len(new))
     local: list[torch.Tensor] = []
     for i in range(0, len(mine), cfg.batch_size):
         rows = [new[j] for j in mine[i:i + cfg.batch_size]]
-        encoded = [encode(tokenizer, e.messages, e.completion, cfg.max_length) for e in rows]
+        encoded = [encode(tokenizer, messages, completion, cfg.max_length) for _, messages, completion in rows]
         with autocast(device, autocast_dtype):
             local += [f.cpu() for f in rm.features(*batch(encoded, tokenizer.pad_token_id, device))]
         if progress is not None:
             progress.update(1)
     if new:  # (every rank ran as many forwards, padding rows included: FSDP2's are collectives)
-        names = [cache.name(new[j]) for j in mine[:real]]
+        names = [new[j][0] for j in mine[:real]]
         for rank_names, rank_feats in dist.gather((names, local[:real])):
             cache.features.update(zip(rank_names, rank_feats))
 
     train = [e for e in examples if not is_heldout(e.response_id, cfg.heldout_fraction)]
     heldout = [e for e in examples if is_heldout(e.response_id, cfg.heldout_fraction)]
-    pairs = make_pairs(train, cfg.max_pairs_per_prompt, random.Random(0)) if cfg.pairwise_weight > 0 else []
-    metrics = RewardMetrics(len(train), len(heldout), len(pairs), 0, float("nan"), float("nan"), float("nan"))
-    if train:
-        states, mask = cache.get(train)
+    train_prefs = [p for p in preferences if not is_heldout_pair(p, cfg.heldout_fraction)]
+    heldout_prefs = [p for p in preferences if is_heldout_pair(p, cfg.heldout_fraction)]
+    if cfg.pairwise_weight > 0:
+        pairs = all_pairs(make_pairs(train, cfg.max_pairs_per_prompt, random.Random(0)), train_prefs, len(train),
+                          cfg.preference_weight)
+    else:
+        pairs, train_prefs = [], []
+    metrics = RewardMetrics(len(train), len(heldout), len(pairs), 0, float("nan"), float("nan"), float("nan"),
+                            train_preferences=len(train_prefs))
+    if train or train_prefs:
+        # rows: the thumbs, then each preference's chosen and rejected answer (all_pairs' numbering)
+        states, mask = cache.get(train + [a for p in train_prefs for a in (p.chosen, p.rejected)])  # (N + 2P, T, H)
         states, mask = states.to(device), mask.to(device)
         with torch.no_grad():
             real_tokens = states[mask]
@@ -311,15 +423,19 @@ def train_reward_head(
             pooled = rm.pool(z, mask)  # fixed during the fit: computed once
         ratings = torch.tensor([e.rating for e in train], dtype=torch.float32, device=device)
         weights = torch.tensor([e.n_votes for e in train], dtype=torch.float32, device=device)
-        liked = torch.tensor([a for a, _ in pairs], dtype=torch.long, device=device)
-        disliked = torch.tensor([b for _, b in pairs], dtype=torch.long, device=device)
+        liked = torch.tensor([p.better for p in pairs], dtype=torch.long, device=device)
+        disliked = torch.tensor([p.worse for p in pairs], dtype=torch.long, device=device)
+        pair_targets = torch.tensor([p.target for p in pairs], dtype=torch.float32, device=device)
+        pair_weights = torch.tensor([p.weight for p in pairs], dtype=torch.float32, device=device)
         params = rm.head_parameters()
         opt = torch.optim.LBFGS(params, lr=1.0, max_iter=cfg.head_max_iter, line_search_fn="strong_wolfe")
+        n = len(train)
 
         def loss_fn() -> torch.Tensor:
             opt.zero_grad()
             s = rm.scores(z, mask, pooled)
-            loss, _, _ = reward_loss(s, ratings, weights, cfg.pointwise_loss, s[liked], s[disliked], cfg.pairwise_weight)
+            loss, _, _ = reward_loss(s[:n], ratings, weights, cfg.pointwise_loss, s[liked], s[disliked],
+                                     cfg.pairwise_weight, pair_weights=pair_weights, pair_targets=pair_targets)
             loss = loss + cfg.head_l2 * (rm.token.weight.square().sum() + rm.pooled.weight.square().sum()) / 2
             loss.backward()
             return loss
@@ -327,15 +443,22 @@ def train_reward_head(
         metrics.loss = opt.step(loss_fn).item()
         metrics.steps = opt.state[params[0]]["n_iter"]
     labelled = [e for e in heldout if e.rating != 0]
+    compared = [a for p in heldout_prefs if not p.tie for a in (p.chosen, p.rejected)]
     with torch.no_grad():
         scores = rm.head_scores(*cache.get(labelled)).cpu() if labelled else torch.zeros(0)
-    return heldout_metrics(metrics, labelled, scores, cfg, gap_versions)
+        pair_scores = rm.head_scores(*cache.get(compared)).cpu() if compared else torch.zeros(0)
+    return heldout_metrics(metrics, labelled, scores, cfg, gap_versions, pair_scores.view(-1, 2))
 
 
 def heldout_metrics(metrics: RewardMetrics, labelled: list[Example], scores: torch.Tensor, cfg: RewardConfig,
-                    gap_versions: tuple[int, ...]) -> RewardMetrics:
+                    gap_versions: tuple[int, ...], pair_scores: torch.Tensor = torch.zeros(0, 2)) -> RewardMetrics:
     """Fill in `metrics`' held-out figures from the scores (N,) of the `labelled` held-out examples:
-    accuracy, AUROC and its lower bound, and the approval gap on `gap_versions` (approval_gap_pool)."""
+    accuracy, AUROC and its lower bound, and the approval gap on `gap_versions` (approval_gap_pool); and
+    from the (P, 2) scores of the held-out preferences that are not ties (chosen, rejected): pairwise
+    accuracy and its lower bound."""
+    metrics.heldout_preferences = len(pair_scores)
+    metrics.pair_accuracy = pairwise_accuracy(pair_scores[:, 0], pair_scores[:, 1])
+    metrics.pair_accuracy_lcb = accuracy_lower_bound(metrics.pair_accuracy, len(pair_scores))
     pool, metrics.approval_gap_versions = approval_gap_pool([e.policy_version for e in labelled], gap_versions)
     metrics.approval_gap_labels = len(pool)
     if not labelled:

@@ -1,6 +1,6 @@
 """One training round, top to bottom: consume -> reward model -> the gate's view of the current policy ->
 the algorithm (ppo, grpo, rloo: rollouts -> score -> policy-gradient epochs; kto, dpo: the stored
-thumbs) -> the gate's view of the candidate -> publish.
+thumbs and preferences) -> the gate's view of the candidate -> publish.
 
     rlhf train --once                                       # one round on what is stored + what the broker holds
     rlhf train --once --algorithm kto                       # the same data, another algorithm (train.algorithm)
@@ -45,10 +45,10 @@ from rlhf_loop.trainer.rollout import (
 )
 from rlhf_loop.trainer.ppo import Rollout, gae, masked_mean, masked_whiten, policy_loss, token_rewards, value_loss
 from rlhf_loop.trainer.reward_model import (
-    is_heldout, make_pairs, rule_reward, score, train_reward_head, train_reward_model,
+    is_heldout, is_heldout_pair, make_pairs, rule_reward, score, train_reward_head, train_reward_model,
 )
 from rlhf_loop.trainer.state import TrainerState
-from rlhf_loop.trainer.store import Example, voter_weights
+from rlhf_loop.trainer.store import Example, PreferencePair, voter_weights
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,7 @@ class RoundInputs:
 
     round: int
     examples: list[Example]
+    preferences: list[PreferencePair]  # live, both answers stored
     pool: list[tuple[str, list[dict]]]  # [(prompt_key, messages)]
     label_seq: int
     version: int  # LATEST: the current policy
@@ -77,6 +78,7 @@ class RoundReport:
     kl_bound: float  # GateConfig.max_kl
     labels: int = 0  # labelled responses used
     votes: int = 0  # live votes behind them
+    preferences: int = 0  # live preferences whose two answers are stored (ties included)
     new_labels: int = 0
     consumed: dict = field(default_factory=dict)
     voters: dict = field(default_factory=dict)  # the influence cap's effect (RoundInputs.voters)
@@ -101,8 +103,9 @@ class RoundReport:
 
     def summary(self) -> str:
         rm = self.reward_model
+        labels = f"{self.labels} labels" + (f" + {self.preferences} preferences" if self.preferences else "")
         if not self.candidate:
-            return f"round {self.round}: {self.labels} labels (+{self.new_labels}) | skipped: {self.reason}"
+            return f"round {self.round}: {labels} (+{self.new_labels}) | skipped: {self.reason}"
         verdict = f"promoted v{self.version}" if self.promoted else f"rejected: {self.reason}"
         if self.budget.get("update_scale", 1.0) < 1.0:
             verdict += f" (update scaled to {self.budget['update_scale']:g} for the KL bound)"
@@ -111,8 +114,10 @@ class RoundReport:
         if self.guard_streak > 1:
             verdict += f" | guard set: {self.guard_streak} rejections in a row"
         verdict += "".join(f" | {c['skipped']}" for c in self.checks.values() if c.get("skipped"))
-        return (f"round {self.round}: {self.labels} labels (+{self.new_labels}) | "
-                f"RM acc {rm.get('accuracy', math.nan):.2f} AUROC {rm.get('auroc', math.nan):.2f} | "
+        judge = f"RM acc {rm.get('accuracy', math.nan):.2f} AUROC {rm.get('auroc', math.nan):.2f}"
+        if rm.get("heldout_preferences"):
+            judge += f" pairs {rm['pair_accuracy']:.2f}"
+        return (f"round {self.round}: {labels} (+{self.new_labels}) | {judge} | "
                 f"reward {self.current['reward']:.3f} -> {self.candidate['reward']:.3f} | "
                 f"KL {self.candidate['kl_to_ref']:.2f} | {self.seconds['total']:.0f}s | {verdict}")
 
@@ -131,11 +136,12 @@ def run_round(state: TrainerState, *, progress: bool = True, drain_s: float | No
         inputs: RoundInputs = d.main_only(lambda: _consume(state, progress, drain_s))
     n = inputs.round
     report = RoundReport(round=n, trigger_time=started, kl_bound=cfg.gate.max_kl, labels=len(inputs.examples),
-                         votes=sum(e.n_votes for e in inputs.examples), new_labels=inputs.new_labels,
+                         votes=sum(e.n_votes for e in inputs.examples), preferences=len(inputs.preferences),
+                         new_labels=inputs.new_labels,
                          consumed=inputs.consumed, voters=inputs.voters, version_before=inputs.version, world_size=d.world,
                          strategy=cfg.train.strategy, algorithm=cfg.train.algorithm, seconds=seconds)
     state.follow(inputs.version)  # LATEST as rank 0 read it: an `rlhf sft` or an operator may have moved it
-    if not inputs.examples or not inputs.pool:
+    if not (inputs.examples or inputs.preferences) or not inputs.pool:
         report.reason = "no labelled examples yet"
         return _finish(state, report, inputs.label_seq)
     rng = random.Random(cfg.ppo.seed + n)
@@ -147,12 +153,14 @@ def run_round(state: TrainerState, *, progress: bool = True, drain_s: float | No
         gap_versions = inputs.line[:cfg.gate.rm_gap_versions]
         if cfg.reward.backbone == "frozen":
             rm_metrics = train_reward_head(state.nets.reward, tok, inputs.examples, cfg.reward, state.rm_features,
-                                           autocast_dtype=state.dtype, progress=bar, dist=d, gap_versions=gap_versions)
+                                           autocast_dtype=state.dtype, progress=bar, dist=d, gap_versions=gap_versions,
+                                           preferences=inputs.preferences)
             if d.is_main:
                 save_atomic(state.rm_features.tensors(), state.rm_features_path(state.settings))
         else:
             rm_metrics = train_reward_model(state.nets.reward, tok, inputs.examples, cfg.reward, seed=cfg.ppo.seed + n,
-                                            autocast_dtype=state.dtype, progress=bar, dist=d, gap_versions=gap_versions)
+                                            autocast_dtype=state.dtype, progress=bar, dist=d, gap_versions=gap_versions,
+                                            preferences=inputs.preferences)
         state.nets.reward.save(state.reward_model_path(state.settings) if d.is_main else None)
     report.reward_model = asdict(rm_metrics)
     reward_fn = rule_reward(cfg.reward.rule) if cfg.reward.rule else partial(
@@ -188,9 +196,9 @@ def run_round(state: TrainerState, *, progress: bool = True, drain_s: float | No
     snapshot = state.nets.snapshot(state.value_head)
     try:
         # 4-6. the algorithm moves the policy (train.algorithm): from fresh rollouts scored by the reward
-        #      function (ppo, grpo, rloo), or from the stored thumbs themselves (kto, dpo)
+        #      function (ppo, grpo, rloo), or from the stored thumbs and preferences themselves (kto, dpo)
         if cfg.train.algorithm in ("kto", "dpo"):
-            report.train = _learn_from_labels(state, inputs.examples, n, timer, progress)
+            report.train = _learn_from_labels(state, inputs.examples, inputs.preferences, n, timer, progress)
         else:
             report.train = _learn_from_rollouts(state, reward_fn, train_prompts, rng, n, timer, progress)
         report.kl_coef = state.kl_ctl.value
@@ -371,18 +379,29 @@ def _kl_estimate(trainable, rollout: Rollout, d: Dist, batch_size: int, state: T
     return d.sum(total) / len(rollout.query)
 
 
-def _learn_from_labels(state: TrainerState, examples: list[Example], n: int, timer: "_PhaseTimer",
-                       progress: bool) -> dict:
-    """Steps 4-6 of kto and dpo: no rollouts, no reward model in the update; the stored answers and their
-    thumbs are the data (the reward model still trains and is still the gate's judge).
-        kto: every answer with a net thumbs-up is desirable, net thumbs-down undesirable (kto_loss)
-        dpo: pairs of a liked and a disliked answer to the same prompt (dpo_loss)
-    Held-out answers (reward.heldout_fraction) are left out, as for the reward model."""
+def _learn_from_labels(state: TrainerState, examples: list[Example], preferences: list[PreferencePair], n: int,
+                       timer: "_PhaseTimer", progress: bool) -> dict:
+    """Steps 4-6 of kto and dpo: no rollouts, no reward model in the update; the stored answers, their
+    thumbs and the users' preferences are the data (the reward model still trains and is still the gate's judge).
+        kto: every answer with a net thumbs-up is desirable, net thumbs-down undesirable (kto_loss); a
+             preference's chosen answer is desirable and its rejected one undesirable, weighted by its
+             influence-cap weight (as the KTO paper turns pairwise data into unpaired)
+        dpo: pairs of a liked and a disliked answer to the same prompt, then every preference as the
+             pair it is (dpo_loss, each weighted by its influence-cap weight; thumbs-derived pairs 1)
+    Ties say nothing either algorithm can use and are left out. Held-out answers (reward.heldout_fraction)
+    and held-out preferences (is_heldout_pair) are left out, as for the reward model."""
     cfg, tok, d, algo = state.cfg, state.tokenizer, state.dist, state.cfg.train.algorithm
     direct = cfg.direct
     rng = random.Random(cfg.ppo.seed + n)
     train = [e for e in examples if e.rating != 0 and not is_heldout(e.response_id, cfg.reward.heldout_fraction)]
-    pairs = make_pairs(train, cfg.reward.max_pairs_per_prompt, rng) if algo == "dpo" else []
+    compared = [p for p in preferences if not p.tie and not is_heldout_pair(p, cfg.reward.heldout_fraction)]
+    # dpo: (prompt, chosen answer, rejected answer, weight)
+    pairs = ([(train[a].messages, train[a].completion, train[b].completion, 1.0)
+              for a, b in make_pairs(train, cfg.reward.max_pairs_per_prompt, rng)]
+             + [(p.messages, p.chosen.completion, p.rejected.completion, p.weight) for p in compared]
+             if algo == "dpo" else [])
+    if algo == "kto":
+        train += [x for p in compared for x in p.as_examples()]
     items = len(pairs) if algo == "dpo" else len(train)
     steps = min(direct.max_steps, math.ceil(direct.epochs * items / direct.batch_size)) if items else 0
     model = PolicyWithValue(state.nets.policy, None)
@@ -429,9 +448,11 @@ def _learn_from_labels(state: TrainerState, examples: list[Example], n: int, tim
                                 weight_total=weight_total)
                 _log(stats, z0=z0.item(), logratio=d.sum(r.sum().item()) / len(batch))
             else:
-                chosen = logratios([(train[a].messages, train[a].completion) for a, _ in (pairs[i] for i in mine)], True)
-                rejected = logratios([(train[b].messages, train[b].completion) for _, b in (pairs[i] for i in mine)], True)
-                loss = dpo_loss(chosen, rejected, beta=direct.beta, pair_total=len(batch))
+                rows = [pairs[i] for i in mine]
+                chosen = logratios([(m, c) for m, c, _, _ in rows], True)
+                rejected = logratios([(m, r) for m, _, r, _ in rows], True)
+                loss = dpo_loss(chosen, rejected, beta=direct.beta, pair_total=sum(pairs[i][3] for i in batch),
+                                weights=torch.tensor([w for *_, w in rows], device=state.device))
                 _log(stats, margin=d.sum((chosen - rejected).sum().item()) / len(batch))
             opt.zero_grad(set_to_none=True)
             (loss * d.world).backward()  # DDP / FSDP2 average the ranks' gradients: their sum is the batch's
@@ -440,7 +461,8 @@ def _learn_from_labels(state: TrainerState, examples: list[Example], n: int, tim
             _log(stats, loss=d.sum(loss.item()))
             bar.update(1)
             state.check_stop()
-    return {"examples": float(len(train)), "pairs": float(len(pairs)), "steps": float(steps),
+    return {"examples": float(len(train)), "pairs": float(len(pairs)), "preferences": float(len(compared)),
+            "steps": float(steps),
             **{k: sum(v) / len(v) for k, v in stats.items()}}
 
 
@@ -457,7 +479,8 @@ def _consume(state: TrainerState, progress: bool, drain_s: float | None) -> Roun
     voters = {"voters": len(counts), "max_share": max(counts.values()) / sum(counts.values()) if counts else 0.0,
               "capped": sum(w < 1.0 for w in weights.values()), "cap": cap}
     latest = state.policy_store.latest()
-    return RoundInputs(round=n, examples=state.store.examples(cap), pool=state.store.prompts(),
+    examples, preferences = state.store.labels(cap)
+    return RoundInputs(round=n, examples=examples, preferences=preferences, pool=state.store.prompts(),
                        label_seq=state.store.label_seq(), version=latest,
                        line=tuple(watch.line(state.policy_store, latest)), new_labels=state.new_labels(),
                        consumed=consumed, voters=voters)

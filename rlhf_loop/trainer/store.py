@@ -7,13 +7,17 @@ together with the consumer's own record of the next offset per partition; the co
 commits offsets to Kafka only after that transaction committed (docs/trainer.md, "join and
 commit protocol"). Redelivered messages are recognised by `event_id` and do nothing.
 
+Preferences (a voter's "this answer is better than that one", both to one prompt) wait in
+`preferences` the same way, for BOTH their answers' interactions; a preference is a label once
+both are stored (`preferences()`), with the same late window, dedupe and latest-per-id rule.
+
 Aggregation: a response's label is every user's latest non-deleted vote on it (one vote per
 `feedback_id`, which by default is one per user and choice). The example's `rating` is the
 mean rating and `n_votes` its count, so the pointwise logistic loss on the up-vote fraction
 weighted by `n_votes` equals the sum of one loss per vote.
 
 Influence cap, on two levels that follow the service's trust model (docs/service.md, "Vote
-caps"): no identity (an API key, or a client address without keys: the event's `identity`)
+caps"), over votes and preferences together (each one label): no identity (an API key, or a client address without keys: the event's `identity`)
 carries more than `max_voter_share` of the labels a round trains on, and inside an identity no
 voter (a key's user: the event's `voter`) carries more than that share of the identity's. So a
 key inventing users gets no more than its share, and no voter more than the share of the
@@ -30,7 +34,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from rlhf_loop.core.contracts import Feedback, Interaction
+from rlhf_loop.core.contracts import Feedback, Interaction, Preference
 from rlhf_loop.core.loop_report import ApprovalPoint, VersionApproval
 from rlhf_loop.trainer.killpoints import killpoint
 
@@ -56,6 +60,18 @@ CREATE TABLE IF NOT EXISTS votes (               -- latest event per feedback_id
 );
 CREATE INDEX IF NOT EXISTS votes_by_response ON votes (response_id, choice_index);
 CREATE INDEX IF NOT EXISTS votes_by_seq ON votes (seq);
+CREATE TABLE IF NOT EXISTS preferences (         -- latest event per preference_id; tombstones kept as deleted=1
+    preference_id TEXT PRIMARY KEY,
+    chosen_response_id TEXT, chosen_choice INTEGER,       -- a tombstone keeps its preference's (NULL if none came)
+    rejected_response_id TEXT, rejected_choice INTEGER,
+    tie INTEGER NOT NULL, user TEXT, voter TEXT, identity TEXT, deleted INTEGER NOT NULL,
+    ts REAL NOT NULL, event_id TEXT NOT NULL, received REAL NOT NULL,
+    seq INTEGER NOT NULL,                                 -- in the votes' sequence: when it changed or got joined
+    comment TEXT                                          -- Preference.comment
+);
+CREATE INDEX IF NOT EXISTS preferences_by_chosen ON preferences (chosen_response_id, chosen_choice);
+CREATE INDEX IF NOT EXISTS preferences_by_rejected ON preferences (rejected_response_id, rejected_choice);
+CREATE INDEX IF NOT EXISTS preferences_by_seq ON preferences (seq);
 CREATE TABLE IF NOT EXISTS prompts (prompt_key TEXT PRIMARY KEY, messages TEXT NOT NULL, last_seen REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS seen_events (event_id TEXT PRIMARY KEY, received REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS dead_letters (
@@ -75,7 +91,11 @@ ADDED_COLUMNS = {
     "votes": {"voter": "TEXT", "identity": "TEXT", "comment": "TEXT"},
     "interactions": {"answered": "REAL", "completion_token_ids": "TEXT", "completion_logprobs": "TEXT",
                      "temperature": "REAL", "top_p": "REAL"},
+    "preferences": {"comment": "TEXT"},
 }
+# Tables a store made by an earlier release lacks: a writable store gains them on open (SCHEMA's
+# CREATE ... IF NOT EXISTS); a read-only reader sees them empty (connect_read_only).
+ADDED_TABLES = ("preferences",)
 
 
 @dataclass(frozen=True)
@@ -127,6 +147,43 @@ class Label:
 
 
 @dataclass(frozen=True)
+class Answer:
+    """One answer of a preference pair."""
+
+    response_id: str
+    choice_index: int
+    completion: str
+    policy_version: int  # the version that wrote it
+    behaviour: Behaviour | None = None  # its log-probs under that version; None for events from before them
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    """One voter's preference between two stored answers to one prompt (read_preferences: what the trainer
+    trains on, and `rlhf export` writes, a row each): `chosen` is better than `rejected`, or, with `tie`,
+    neither is."""
+
+    preference_id: str
+    prompt_key: str
+    messages: list[dict]  # the prompt, [{"role", "content"}, ...]
+    chosen: Answer
+    rejected: Answer
+    tie: bool
+    weight: float  # the influence cap's weight: 1, less when its voter is over the cap (voter_weights); 0 if withdrawn
+    voter: str  # whom the cap counts (as Label.voter): identity-derived, so an export pseudonymizes it
+    stated_at: float  # the preference's (or its withdrawal's) event time, unix seconds
+    comment: str | None
+    withdrawn: bool
+
+    def as_examples(self) -> tuple[Example, Example]:
+        """The chosen answer as a liked one and the rejected as a disliked one, each of the preference's
+        weight (KTO's use of pairwise data: unpaired desirable and undesirable answers)."""
+        return tuple(Example(a.response_id, a.choice_index, self.prompt_key, self.messages, a.completion, rating,
+                             self.weight, a.policy_version, a.behaviour)
+                     for a, rating in ((self.chosen, 1.0), (self.rejected, -1.0)))
+
+
+@dataclass(frozen=True)
 class DeadLetterKey:
     topic: str
     partition: int
@@ -139,13 +196,28 @@ class DeadLetterKey:
 class BatchResult:
     interactions: int = 0
     votes: int = 0
+    preferences: int = 0
     duplicates: int = 0
-    stale: int = 0  # older than the stored vote for the same feedback_id
+    stale: int = 0  # older than the stored vote (preference) for the same feedback_id (preference_id)
     dead_letters: int = 0
 
 
 VOTER = "COALESCE(v.voter, v.feedback_id)"  # a vote without a voter is its own voter
 IDENTITY = f"COALESCE(v.identity, {VOTER})"  # a vote from before identities is its voter's own identity
+JOINED_VOTE = "JOIN interactions i ON v.response_id = i.response_id AND v.choice_index = i.choice_index"
+# a preference is joined when both its answers are stored, and they answer one prompt (the service checked it)
+JOINED_PREFERENCE = (
+    "JOIN interactions c ON c.response_id = p.chosen_response_id AND c.choice_index = p.chosen_choice "
+    "JOIN interactions r ON r.response_id = p.rejected_response_id AND r.choice_index = p.rejected_choice "
+    "AND r.prompt_key = c.prompt_key")
+PREFERENCE_VOTER = "COALESCE(p.voter, p.preference_id)"  # as VOTER
+PREFERENCE_IDENTITY = "COALESCE(p.identity, p.voter, p.preference_id)"  # as IDENTITY
+# (identity, voter) of every live label, a row each: votes joined to their answer, preferences to both
+LIVE_LABEL_VOTERS = (f"SELECT {IDENTITY}, {VOTER} FROM votes v {JOINED_VOTE} WHERE v.deleted = 0 UNION ALL "
+                     f"SELECT {PREFERENCE_IDENTITY}, {PREFERENCE_VOTER} FROM preferences p {JOINED_PREFERENCE} "
+                     "WHERE p.deleted = 0")
+PAIR_COLUMNS = ("chosen_response_id", "chosen_choice", "rejected_response_id", "rejected_choice")
+SEQ = "(SELECT MAX(m) FROM (SELECT MAX(seq) AS m FROM votes UNION ALL SELECT MAX(seq) FROM preferences))"
 
 
 def capped_level(totals: list[float], cap: float) -> float:
@@ -198,13 +270,19 @@ def voter_weights(votes: list[tuple[str, str]], cap: float) -> dict[tuple[str, s
 
 
 def _missing_columns(db: sqlite3.Connection) -> dict[str, list[str]]:
-    """table -> the ADDED_COLUMNS it lacks (a store from an earlier release)."""
+    """table -> the ADDED_COLUMNS it lacks (a store from an earlier release; tables it has)."""
     out = {}
     for table, added in ADDED_COLUMNS.items():
         have = {r[1] for r in db.execute(f"PRAGMA main.table_info({table})")}
-        if missing := [c for c in added if c not in have]:
+        if have and (missing := [c for c in added if c not in have]):
             out[table] = missing
     return out
+
+
+def _table_sql(table: str) -> str:
+    """SCHEMA's CREATE TABLE statement of `table`."""
+    start = SCHEMA.index(f"CREATE TABLE IF NOT EXISTS {table} (")
+    return SCHEMA[start:SCHEMA.index(");", start) + 1]
 
 
 def connect_read_only(path: Path) -> sqlite3.Connection:
@@ -212,21 +290,31 @@ def connect_read_only(path: Path) -> sqlite3.Connection:
 
     SQLite's read-only mode: nothing can be written and a missing file is an error, not a new store.
     In WAL mode a reader sees the last committed batch and neither blocks the writer nor waits for
-    it; one SELECT is one consistent snapshot. A store from an earlier release reads as if it had
-    gained ADDED_COLUMNS (NULL): temporary views of the same names shadow its tables, for this
-    connection only.
+    it; one SELECT, or the reads inside one BEGIN ... COMMIT (read_labels and read_preferences each read
+    twice: rows, then label_weights), is one consistent snapshot. A store from an earlier release reads as if it had
+    gained ADDED_COLUMNS (NULL) and ADDED_TABLES (empty): temporary views and tables of the same names
+    shadow (or stand in for) its tables, for this connection only.
     """
     db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=30.0)
+    for table in ADDED_TABLES:
+        if not db.execute(f"PRAGMA main.table_info({table})").fetchall():
+            db.execute(_table_sql(table).replace("CREATE TABLE IF NOT EXISTS", "CREATE TEMP TABLE", 1))
     for table, missing in _missing_columns(db).items():
         nulls = ", ".join(f"NULL AS {c}" for c in missing)
         db.execute(f"CREATE TEMP VIEW {table} AS SELECT *, {nulls} FROM main.{table}")
     return db
 
 
+def label_weights(db: sqlite3.Connection, max_voter_share: float) -> dict[tuple[str, str], float]:
+    """(identity, voter) -> the weight of each of its labels: voter_weights over every live label, votes
+    and preferences together (each one label)."""
+    return voter_weights(db.execute(LIVE_LABEL_VOTERS).fetchall(), max_voter_share)
+
+
 def read_labels(db: sqlite3.Connection, max_voter_share: float = 1.0, *, include_withdrawn: bool = False) -> list[Label]:
     """Every vote joined to its answer (votes still waiting for theirs are not labels yet), by
     (response id, choice, feedback id), weighted so that no voter carries more than `max_voter_share`
-    of the live ones (voter_weights). Withdrawn votes (tombstones still kept: `dedupe_window_s`)
+    of the live labels (label_weights). Withdrawn votes (tombstones still kept: `dedupe_window_s`)
     only with `include_withdrawn`, with no rating and weight 0. `db`: LabelStore.db or
     connect_read_only's."""
     rows = db.execute(
@@ -237,12 +325,42 @@ def read_labels(db: sqlite3.Connection, max_voter_share: float = 1.0, *, include
         "JOIN prompts p ON p.prompt_key = i.prompt_key WHERE v.deleted = 0 OR ? "
         "ORDER BY i.response_id, i.choice_index, v.feedback_id", (include_withdrawn,)
     ).fetchall()
-    weight = voter_weights([(r[7], r[8]) for r in rows if not r[12]], max_voter_share)
+    weight = label_weights(db, max_voter_share)
     return [Label(rid, choice, key, json.loads(messages), completion, version, rating,
                   0.0 if deleted else weight[(identity, voter)], voter, ts, answered, comment, bool(deleted),
                   _behaviour(*behaviour))
             for (rid, choice, key, messages, completion, version, rating, identity, voter, ts, answered, comment,
                  deleted, *behaviour) in rows]
+
+
+BEHAVIOUR_COLUMNS = ("completion_token_ids", "completion_logprobs", "temperature", "top_p")  # _behaviour's
+
+
+def read_preferences(db: sqlite3.Connection, max_voter_share: float = 1.0, *,
+                     include_withdrawn: bool = False) -> list[PreferencePair]:
+    """Every preference joined to both its answers (waiting for either: not a label yet), by preference id,
+    weighted as read_labels' votes (label_weights: votes and preferences count together). Withdrawn ones
+    (tombstones still kept, which keep their pair) only with `include_withdrawn`, with weight 0. `db`:
+    LabelStore.db or connect_read_only's."""
+    answer = ", ".join(f"{{t}}.{c}" for c in ("response_id", "choice_index", "completion", "policy_version",
+                                              *BEHAVIOUR_COLUMNS))
+    rows = db.execute(
+        f"SELECT p.preference_id, c.prompt_key, m.messages, {answer.format(t='c')}, {answer.format(t='r')}, p.tie, "
+        f"{PREFERENCE_IDENTITY}, {PREFERENCE_VOTER}, p.ts, p.comment, p.deleted "
+        f"FROM preferences p {JOINED_PREFERENCE} JOIN prompts m ON m.prompt_key = c.prompt_key "
+        "WHERE p.deleted = 0 OR ? ORDER BY p.preference_id", (include_withdrawn,)
+    ).fetchall()
+    weight = label_weights(db, max_voter_share)
+    out = []
+    for pid, key, messages, *answers, tie, identity, voter, ts, comment, deleted in rows:
+        out.append(PreferencePair(pid, key, json.loads(messages), _answer(*answers[:8]), _answer(*answers[8:]),
+                                  bool(tie), 0.0 if deleted else weight[(identity, voter)], voter, ts, comment,
+                                  bool(deleted)))
+    return out
+
+
+def _answer(response_id: str, choice_index: int, completion: str, policy_version: int, *behaviour) -> Answer:
+    return Answer(response_id, choice_index, completion, policy_version, _behaviour(*behaviour))
 
 
 def _behaviour(token_ids: str | None, logprobs: str | None, temperature: float | None,
@@ -280,7 +398,7 @@ class LabelStore:
 
     def apply_batch(
         self,
-        events: list[Interaction | Feedback],
+        events: list[Interaction | Feedback | Preference],
         next_offsets: dict[tuple[str, int], int],
         dead_letters: list[DeadLetterKey] = (),
         now: float | None = None,
@@ -296,6 +414,10 @@ class LabelStore:
                     result.duplicates += 1
                 elif isinstance(event, Interaction):
                     result.interactions += self._apply_interaction(cur, event, now)
+                elif isinstance(event, Preference):
+                    applied = self._apply_preference(cur, event, now)
+                    result.preferences += applied
+                    result.stale += 1 - applied
                 else:
                     applied = self._apply_feedback(cur, event, now)
                     result.votes += applied
@@ -317,7 +439,8 @@ class LabelStore:
         return result
 
     def _next_seq(self, cur: sqlite3.Cursor) -> int:
-        return cur.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM votes").fetchone()[0]
+        """One sequence for votes and preferences: the trigger counts both as labels (label_count)."""
+        return cur.execute(f"SELECT COALESCE({SEQ}, 0) + 1").fetchone()[0]
 
     def _apply_interaction(self, cur: sqlite3.Cursor, ev: Interaction, now: float) -> int:
         messages = [m.model_dump() for m in ev.messages]
@@ -335,9 +458,13 @@ class LabelStore:
             "INSERT INTO prompts VALUES (?, ?, ?) ON CONFLICT (prompt_key) DO UPDATE SET last_seen = excluded.last_seen",
             (key, json.dumps(messages, ensure_ascii=False), now),
         )
-        if inserted:  # votes that waited for this response become labels now: they are new to the trigger
+        if inserted:  # votes (preferences) that waited for this answer become labels now: new to the trigger
+            seq = self._next_seq(cur)
             cur.execute("UPDATE votes SET seq = ? WHERE response_id = ? AND choice_index = ?",
-                        (self._next_seq(cur), ev.response_id, ev.choice_index))
+                        (seq, ev.response_id, ev.choice_index))
+            cur.execute("UPDATE preferences SET seq = ? WHERE (chosen_response_id = ? AND chosen_choice = ?) "
+                        "OR (rejected_response_id = ? AND rejected_choice = ?)",
+                        (seq, ev.response_id, ev.choice_index, ev.response_id, ev.choice_index))
         return inserted
 
     def _apply_feedback(self, cur: sqlite3.Cursor, ev: Feedback, now: float) -> int:
@@ -355,9 +482,32 @@ class LabelStore:
         )
         return 1
 
+    def _apply_preference(self, cur: sqlite3.Cursor, ev: Preference, now: float) -> int:
+        """Upsert the preference (or its tombstone) unless a newer event for this preference_id is stored."""
+        ts = ev.ts.timestamp()
+        row = cur.execute("SELECT ts FROM preferences WHERE preference_id = ?", (ev.preference_id,)).fetchone()
+        if row is not None and row[0] > ts:
+            return 0
+        c, r = ev.chosen, ev.rejected
+        # a tombstone names no pair: it keeps the stored one's, so the withdrawal joins (and counts as a change)
+        keep = ", ".join(f"{col} = COALESCE(excluded.{col}, {col})" for col in PAIR_COLUMNS)
+        fresh = ", ".join(f"{col} = excluded.{col}" for col in (
+            "tie", "user", "voter", "identity", "deleted", "ts", "event_id", "received", "seq", "comment"))
+        cur.execute(
+            "INSERT INTO preferences (preference_id, chosen_response_id, chosen_choice, rejected_response_id, "
+            "rejected_choice, tie, user, voter, identity, deleted, ts, event_id, received, seq, comment) "
+            f"VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (preference_id) DO UPDATE SET {keep}, "
+            f"{fresh}",
+            (ev.preference_id, c and c.response_id, c and c.choice_index, r and r.response_id, r and r.choice_index,
+             int(ev.tie), ev.user, ev.voter or ev.user, ev.identity, int(ev.deleted), ts, str(ev.event_id), now,
+             self._next_seq(cur), ev.comment),
+        )
+        return 1
+
     def prune(self, now: float | None = None) -> dict[str, int]:
-        """Bound the state: expire votes that waited too long for their response, responses
-        nobody voted on within the window, old tombstones and dedupe records, surplus prompts."""
+        """Bound the state: expire votes (preferences) that waited too long for their response (either
+        answer), responses nobody voted on or compared within the window, old tombstones and dedupe
+        records, surplus prompts."""
         now = time.time() if now is None else now
         late, dedupe = now - self.late_vote_window_s, now - self.dedupe_window_s
         cur = self.db.cursor()
@@ -367,11 +517,18 @@ class LabelStore:
                 "expired_votes": cur.execute(
                     "DELETE FROM votes WHERE received < ? AND NOT EXISTS (SELECT 1 FROM interactions i WHERE "
                     "i.response_id = votes.response_id AND i.choice_index = votes.choice_index)", (late,)).rowcount,
+                "expired_preferences": cur.execute(
+                    "DELETE FROM preferences WHERE deleted = 0 AND received < ? AND preference_id NOT IN "
+                    f"(SELECT p.preference_id FROM preferences p {JOINED_PREFERENCE})", (late,)).rowcount,
                 "unvoted_interactions": cur.execute(
                     "DELETE FROM interactions WHERE received < ? AND NOT EXISTS (SELECT 1 FROM votes v WHERE "
-                    "v.response_id = interactions.response_id AND v.choice_index = interactions.choice_index)",
-                    (late,)).rowcount,
-                "tombstones": cur.execute("DELETE FROM votes WHERE deleted = 1 AND received < ?", (dedupe,)).rowcount,
+                    "v.response_id = interactions.response_id AND v.choice_index = interactions.choice_index) "
+                    "AND NOT EXISTS (SELECT 1 FROM preferences p WHERE (p.chosen_response_id = "
+                    "interactions.response_id AND p.chosen_choice = interactions.choice_index) OR "
+                    "(p.rejected_response_id = interactions.response_id AND p.rejected_choice = "
+                    "interactions.choice_index))", (late,)).rowcount,
+                "tombstones": cur.execute("DELETE FROM votes WHERE deleted = 1 AND received < ?", (dedupe,)).rowcount
+                + cur.execute("DELETE FROM preferences WHERE deleted = 1 AND received < ?", (dedupe,)).rowcount,
                 "seen_events": cur.execute("DELETE FROM seen_events WHERE received < ?", (dedupe,)).rowcount,
                 "dead_letters": cur.execute("DELETE FROM dead_letters WHERE received < ?", (dedupe,)).rowcount,
                 "prompts": cur.execute(
@@ -401,9 +558,19 @@ class LabelStore:
         ).fetchone() is not None
 
     def examples(self, max_voter_share: float = 1.0) -> list[Example]:
-        """Every labelled response (joined, with at least one non-deleted vote), by response id
-        (a fixed order for a given set of labels, whatever the arrival timing): its labels
-        (read_labels, weighted so that no voter carries more than `max_voter_share`) aggregated."""
+        """The thumbs of labels(): every labelled response."""
+        return self.labels(max_voter_share)[0]
+
+    def preferences(self, max_voter_share: float = 1.0) -> list[PreferencePair]:
+        """The preferences of labels()."""
+        return self.labels(max_voter_share)[1]
+
+    def labels(self, max_voter_share: float = 1.0) -> tuple[list[Example], list[PreferencePair]]:
+        """Every labelled response (joined, with at least one non-deleted vote), by response id (a fixed
+        order for a given set of labels, whatever the arrival timing): its labels (read_labels) aggregated;
+        and every live preference whose two answers are stored, by preference id (read_preferences). Votes
+        and preferences are weighted together so that no voter carries more than `max_voter_share` of them
+        (label_weights)."""
         out: list[Example] = []
         for x in read_labels(self.db, max_voter_share):
             if out and (out[-1].response_id, out[-1].choice_index) == (x.response_id, x.choice_index):
@@ -413,7 +580,7 @@ class LabelStore:
             else:
                 out.append(Example(x.response_id, x.choice_index, x.prompt_key, x.messages, x.completion, x.rating,
                                    x.weight, x.policy_version, x.behaviour))
-        return out
+        return out, read_preferences(self.db, max_voter_share)
 
     def approval_by_version(self) -> dict[int, tuple[int, int]]:
         """policy version -> (up-votes, down-votes): every live vote on a response that version gave."""
@@ -423,20 +590,20 @@ class LabelStore:
             "GROUP BY i.policy_version")}
 
     def voter_counts(self) -> dict[tuple[str, str], int]:
-        """(identity, voter) -> live joined votes (votes without a voter count as their own voter each)."""
+        """(identity, voter) -> live joined votes and preferences (votes without a voter count as their own voter
+        each)."""
         return {(identity, voter): n for identity, voter, n in self.db.execute(
-            f"SELECT {IDENTITY}, {VOTER}, COUNT(*) FROM votes v JOIN interactions i ON "
-            "v.response_id = i.response_id AND v.choice_index = i.choice_index WHERE v.deleted = 0 "
-            "GROUP BY 1, 2")}
+            f"SELECT *, COUNT(*) FROM ({LIVE_LABEL_VOTERS}) GROUP BY 1, 2")}
 
     def label_count(self, since_seq: int = 0) -> int:
-        """Joined votes (tombstones included: a withdrawal changes the labels) changed after `since_seq`."""
-        return self.db.execute(
-            "SELECT COUNT(*) FROM votes v JOIN interactions i ON v.response_id = i.response_id "
-            "AND v.choice_index = i.choice_index WHERE v.seq > ?", (since_seq,)).fetchone()[0]
+        """Joined votes and preferences (tombstones included: a withdrawal changes the labels) changed after
+        `since_seq`."""
+        return (self.db.execute(f"SELECT COUNT(*) FROM votes v {JOINED_VOTE} WHERE v.seq > ?", (since_seq,)).fetchone()[0]
+                + self.db.execute(f"SELECT COUNT(*) FROM preferences p {JOINED_PREFERENCE} WHERE p.seq > ?",
+                                  (since_seq,)).fetchone()[0])
 
     def label_seq(self) -> int:
-        return self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM votes").fetchone()[0]
+        return self.db.execute(f"SELECT COALESCE({SEQ}, 0)").fetchone()[0]
 
     def votes(self) -> dict[str, float]:
         """feedback_id -> rating of every live (non-deleted) vote that joined a response."""
@@ -445,11 +612,21 @@ class LabelStore:
             "AND v.choice_index = i.choice_index WHERE v.deleted = 0").fetchall())
 
     def label_stats(self) -> tuple[int, float | None]:
-        """(labels: live votes joined to their response, event time of the newest vote stored or None)."""
-        labels = self.db.execute(
-            "SELECT COUNT(*) FROM votes v JOIN interactions i ON v.response_id = i.response_id "
-            "AND v.choice_index = i.choice_index WHERE v.deleted = 0").fetchone()[0]
-        return labels, self.db.execute("SELECT MAX(ts) FROM votes WHERE deleted = 0").fetchone()[0]
+        """(labels: live votes joined to their response and live preferences joined to both answers, event time of
+        the newest vote or preference stored or None)."""
+        labels = (self.db.execute(f"SELECT COUNT(*) FROM votes v {JOINED_VOTE} WHERE v.deleted = 0").fetchone()[0]
+                  + self.db.execute(f"SELECT COUNT(*) FROM preferences p {JOINED_PREFERENCE} WHERE p.deleted = 0")
+                  .fetchone()[0])
+        newest = self.db.execute("SELECT MAX(ts) FROM (SELECT MAX(ts) AS ts FROM votes WHERE deleted = 0 "
+                                 "UNION ALL SELECT MAX(ts) FROM preferences WHERE deleted = 0)").fetchone()[0]
+        return labels, newest
+
+    def preference_ids(self) -> dict[str, tuple[tuple[str, int], tuple[str, int], bool]]:
+        """preference_id -> ((chosen response id, choice), (rejected ...), tie) of every live preference stored,
+        joined or not."""
+        return {pid: ((c, ci), (r, ri), bool(tie)) for pid, c, ci, r, ri, tie in self.db.execute(
+            "SELECT preference_id, chosen_response_id, chosen_choice, rejected_response_id, rejected_choice, tie "
+            "FROM preferences WHERE deleted = 0")}
 
     def pending_votes(self) -> int:
         return self.db.execute(

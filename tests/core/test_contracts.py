@@ -156,3 +156,62 @@ def test_an_interaction_from_before_completion_logprobs_still_parses():
     old = json.loads(_interaction().to_bytes())
     del old["completion_logprobs"]
     assert Interaction.model_validate_json(json.dumps(old)).completion_logprobs is None
+
+
+# ---------------------------------------------------------------------------- preferences
+
+
+def test_response_ids_carry_their_prompts_tag_and_older_ids_still_parse():
+    from rlhf_loop.core.contracts import Message, parse_response_id, prompt_tag
+
+    secret = b"s"
+    cats = [Message(role="user", content="Tell me about cats.")]
+    tag = prompt_tag(secret, cats)
+    assert tag == prompt_tag(secret, [Message(role="user", content="Tell me about cats.")])
+    assert tag != prompt_tag(secret, [Message(role="user", content="Tell me about rain.")])
+    assert tag != prompt_tag(secret, [Message(role="system", content="Tell me about cats.")])  # roles count
+    assert tag != prompt_tag(b"other secret", cats)  # keyed: an id says nothing of its prompt to its holder
+    rid = make_response_id(secret, 123456789, 4, tag)  # the longest version and n an id can name
+    assert parse_response_id(secret, rid) == (123456789, 4, tag)
+    # an id issued before prompts were bound (no p part) is still ours: votes on it work, its prompt is unknown
+    assert parse_response_id(secret, make_response_id(secret, 3, 2)) == (3, 2, None)
+    # the tag is under the HMAC: another prompt's tag in the same id is a forgery
+    other = prompt_tag(secret, [Message(role="user", content="Tell me about rain.")])
+    assert parse_response_id(secret, rid.replace(f"p{tag}", f"p{other}")) is None
+
+
+def test_preference_ids_name_the_unordered_pair_and_voter_and_are_no_vote_ids():
+    from rlhf_loop.core.contracts import AnswerRef, preference_id_for
+
+    secret = b"s"
+    r1, r2 = sorted([make_response_id(secret), make_response_id(secret)])
+    a, b = AnswerRef(response_id=r2, choice_index=1), AnswerRef(response_id=r1)
+    pid = preference_id_for(a, b, "key:k/alice")
+    assert pid == preference_id_for(b, a, "key:k/alice")  # a flip, or a tie, on the same pair replaces it
+    assert pid.startswith(f"{r1}:pref-")  # keyed by the pair's first answer's response id
+    assert pid != preference_id_for(a, b, "key:k/bob")
+    assert pid != preference_id_for(a, AnswerRef(response_id=r1, choice_index=1), "key:k/alice")
+    bound = bind_feedback_id(secret, "key:k", pid, label="preference")
+    assert split_feedback_id(bound) == (r1, bound.partition(":")[2])
+    assert cast_by(secret, "key:k", bound, label="preference") and not cast_by(secret, "key:other", bound,
+                                                                                label="preference")
+    assert not cast_by(secret, "key:k", bound)  # not a vote's id: DELETE /v1/feedback/<it> is refused
+    assert bind_feedback_id(secret, "key:k", pid) != bound
+
+
+def test_a_preference_event_is_a_pair_of_two_answers_or_a_tombstone():
+    from rlhf_loop.core.contracts import AnswerRef, FeedbackEvent, Preference
+    from pydantic import TypeAdapter
+
+    a, b = AnswerRef(response_id="chatcmpl-a-t"), AnswerRef(response_id="chatcmpl-a-t", choice_index=1)
+    pref = Preference(preference_id="chatcmpl-a-t:pref-x.y", chosen=b, rejected=a, tie=False, user="u",
+                      identity="key:k", voter="key:k/u")
+    again = TypeAdapter(FeedbackEvent).validate_json(pref.to_bytes())  # the feedback topic's parser
+    assert again == pref and again.key == "chatcmpl-a-t"
+    vote = Feedback(feedback_id="chatcmpl-a-t:u.1", response_id="chatcmpl-a-t", rating=1)
+    assert TypeAdapter(FeedbackEvent).validate_json(vote.to_bytes()) == vote
+    Preference(preference_id="chatcmpl-a-t:pref-x.y", chosen=None, rejected=None, deleted=True)
+    for bad in (dict(chosen=a, rejected=a), dict(chosen=a, rejected=None), dict(chosen=None, rejected=None),
+                dict(chosen=a, rejected=b, deleted=True)):
+        with pytest.raises(ValidationError):
+            Preference(preference_id="chatcmpl-a-t:pref-x.y", **bad)

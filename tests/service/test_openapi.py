@@ -23,7 +23,7 @@ from service_helpers import API_KEY, MODEL, read_events
 from rlhf_loop.core.contracts import Interaction, Settings
 from rlhf_loop.service.api import app
 from rlhf_loop.service.openapi import inline
-from rlhf_loop.service.schemas import ChatCompletionRequest, FeedbackRequest
+from rlhf_loop.service.schemas import ChatCompletionRequest, FeedbackRequest, PreferenceRequest
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 FUZZ_EXAMPLES = 100  # per operation and phase: about 1,300 cases, 30 s on 2 shared cores
@@ -66,6 +66,9 @@ def test_request_bodies_are_the_pydantic_models_with_this_servers_limits(doc):
     chat = doc["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     feedback = doc["paths"]["/v1/feedback"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert feedback == without_nulls(inline(FeedbackRequest.model_json_schema()))
+    preference = doc["paths"]["/v1/preferences"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert preference == without_nulls(inline(PreferenceRequest.model_json_schema()))
+    assert preference["additionalProperties"] is False and set(preference["required"]) == {"chosen", "rejected"}
     model = without_nulls(inline(ChatCompletionRequest.model_json_schema()))
     assert chat["required"] == model["required"] and chat["properties"].keys() == model["properties"].keys()
     props = chat["properties"]
@@ -122,17 +125,19 @@ def test_schemathesis_finds_nothing_and_rejected_requests_write_nothing(service,
               f"{result['running_time']:.0f} s")
     assert run.returncode == 0 and not result["failures"] and not result["errors"], run.stdout[-6000:]
     documented = sum(len(item) for item in doc["paths"].values())  # every operation, BentoML's probes included
-    assert ops == documented >= 9 and cases["generated"] >= documented * FUZZ_EXAMPLES
+    assert ops == documented >= 11 and cases["generated"] >= documented * FUZZ_EXAMPLES
     assert all(p["status"] == "success" for name, p in result["phases"].items() if name != "examples"), result["phases"]
 
     # every event on Kafka is owed to an accepted request: one Interaction per choice of an
-    # answered chat (one response id each), one Feedback per accepted vote or withdrawal
+    # answered chat (one response id each), one Feedback (Preference) per accepted vote (preference) or withdrawal
     service.wait_drained()
     spooled = service.metric("rlhf_events_spooled_total")
     events = read_events(module_broker.bootstrap, ["rlhf.interactions", "rlhf.feedback"],
                          until=lambda ev: len(ev) >= spooled)
     answered = service.metric("rlhf_requests_total", endpoint="chat", status="200")
     votes = service.metric("rlhf_requests_total", endpoint="feedback", status="202")
+    preferences = service.metric("rlhf_requests_total", endpoint="preferences", status="202")
     assert len(events) == spooled
     assert len({e.response_id for e in events if isinstance(e, Interaction)}) == answered > 0
-    assert sum(not isinstance(e, Interaction) for e in events) == votes > 0, "the stateful links voted and withdrew"
+    assert sum(not isinstance(e, Interaction) for e in events) == votes + preferences and votes > 0, \
+        "the stateful links voted and withdrew"

@@ -22,7 +22,7 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
 from service_helpers import API_KEY, announce, css, read_events, wait_until, write_version
 
-from rlhf_loop.core.contracts import Feedback, Interaction
+from rlhf_loop.core.contracts import Feedback, Interaction, Preference
 
 # Records every text the newest answer showed, so that the test sees it grow (streaming) rather
 # than only its final state.
@@ -58,8 +58,13 @@ def ask(driver, text: str, answers_before: int):
 
 def vote_events(bootstrap: str, response_id: str, count: int) -> list[Feedback]:
     events = read_events(bootstrap, ["rlhf.feedback"],
-                         until=lambda ev: sum(e.response_id == response_id for e in ev) >= count)
-    return [e for e in events if e.response_id == response_id]
+                         until=lambda ev: len(votes_on(ev, response_id)) >= count)
+    return votes_on(events, response_id)
+
+
+def votes_on(events: list, response_id: str) -> list[Feedback]:
+    """The votes among `events` (the feedback topic carries preferences too) on `response_id`."""
+    return [e for e in events if isinstance(e, Feedback) and e.response_id == response_id]
 
 
 def click_and_wait(driver, answer, button: str, state: str) -> None:
@@ -151,7 +156,7 @@ def test_compare_mode_shows_two_answers_to_one_prompt_side_by_side(browser, serv
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_compare_mode_sends_the_preference_the_keys_and_buttons_choose(browser, service):
+def test_compare_mode_sends_the_preference_the_keys_and_buttons_choose(browser, service, module_broker):
     open_page(browser, f"{service.url}/")
     if not css(browser, "#compare").is_selected():
         css(browser, "#compare").click()
@@ -165,9 +170,6 @@ def test_compare_mode_sends_the_preference_the_keys_and_buttons_choose(browser, 
     assert (sent["url"], sent["method"]) == ("/v1/preferences", "POST") and user.startswith("playground-")
     assert sent["body"] == {"chosen": {"response_id": rid, "choice_index": 1},
                             "rejected": {"response_id": rid, "choice_index": 0}, "tie": False}
-    if sent["status"] == 404 and sent["answer"]["error"]["code"] == "unknown_url":
-        pytest.skip("POST /v1/preferences is built on branch i24-prefs, not merged into this one: the request "
-                    "above is checked; the answer shown, the tie and the withdrawal are checked once it is")
     assert sent["status"] == 202, sent
     answer = sent["answer"]
     assert answer["object"] == "preference" and answer["chosen"] == sent["body"]["chosen"] and not answer["deleted"]
@@ -185,6 +187,19 @@ def test_compare_mode_sends_the_preference_the_keys_and_buttons_choose(browser, 
     withdrawn = browser.execute_script("return window.preferences")[2]
     assert (withdrawn["method"], withdrawn["status"], withdrawn["answer"]["deleted"]) == ("DELETE", 202, True)
     assert unquote(withdrawn["url"]) == "/v1/preferences/" + answer["id"]
+    # the same voter's preferences on one pair are one (the tie replaced the first); a withdrawal names no pair
+    assert tie["answer"]["id"] == answer["id"]
+    assert (withdrawn["answer"]["chosen"], withdrawn["answer"]["rejected"]) == (None, None)
+    assert not any("chosen" in pair.find_element(By.CSS_SELECTOR, c).get_attribute("class")
+                   for c in (".prefer-left", ".prefer-right", ".prefer-tie"))
+    assert not pair.find_element(By.CSS_SELECTOR, ".withdraw").is_enabled()
+    # each on Kafka, in order, under the one id: right over left, the tie, the withdrawal
+    events = read_events(module_broker.bootstrap, ["rlhf.feedback"],
+                         until=lambda ev: sum(isinstance(e, Preference) and e.preference_id == answer["id"]
+                                              for e in ev) == 3)
+    stated = [e for e in events if isinstance(e, Preference) and e.preference_id == answer["id"]]
+    assert [(e.chosen and e.chosen.choice_index, e.tie, e.deleted) for e in stated] == [
+        (1, False, False), (0, True, False), (None, False, True)]
 
 
 def test_page_loads_nothing_from_outside(service):

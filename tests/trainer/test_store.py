@@ -9,7 +9,7 @@ import pytest
 
 from rlhf_loop.core.contracts import Feedback, Interaction, Message, Sampling, feedback_id_for
 from rlhf_loop.trainer.store import (
-    Behaviour, LabelStore, approval_points, connect_read_only, read_approval, read_labels,
+    Behaviour, LabelStore, approval_points, connect_read_only, read_approval, read_labels, read_preferences,
 )
 
 T0 = datetime(2025, 1, 1, tzinfo=timezone.utc)
@@ -259,10 +259,12 @@ def test_a_store_from_an_earlier_release_reads_read_only_as_is_and_gains_the_col
     store.apply_batch([interaction("r1"), vote("r1", 1, "a")], {})
     for table, column in [("votes", "comment"), ("votes", "identity"), ("interactions", "answered")]:
         store.db.execute(f"ALTER TABLE {table} DROP COLUMN {column}")  # as an earlier release made it
+    store.db.execute("DROP TABLE preferences")  # ... before preferences
     before = path.read_bytes()
     reader = connect_read_only(path)
     (label,) = read_labels(reader)
     assert (label.voter, label.rating, label.comment, label.answered_at) == ("a", 1.0, None, None)
+    assert read_preferences(reader, include_withdrawn=True) == []  # an empty stand-in, this connection's only
     with pytest.raises(sqlite3.OperationalError, match="readonly"):
         reader.execute("DELETE FROM main.votes")
     reader.close()
