@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from rlhf_loop.app import known_models  # noqa: E402
 from rlhf_loop.app.loop import LoopConfig, run  # noqa: E402
 from rlhf_loop.app.simulate import SimConfig  # noqa: E402
-from rlhf_loop.app.up import RUN_DEFAULTS  # noqa: E402
+from rlhf_loop.app.up import RUN_DEFAULTS, trainer_args  # noqa: E402
 from rlhf_loop.core.contracts import EMBEDDED_MODEL  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -51,7 +51,7 @@ def main() -> int:
     ap.add_argument("--round-labels", type=int, default=128)
     ap.add_argument("--kl-bound", type=float, default=None, help="the trainer's KL bound (default: its own)")
     ap.add_argument("--taste", default="cheerful", help="what the simulated users secretly like (core/tastes.py)")
-    ap.add_argument("--algorithm", default="ppo", choices=["ppo", "grpo", "rloo", "kto", "dpo"],
+    ap.add_argument("--algorithm", default=None, choices=["ppo", "grpo", "rloo", "kto", "dpo"],
                     help="how the trainer learns from the votes (rlhf train --algorithm)")
     ap.add_argument("--labels", default="thumbs", choices=["thumbs", "preferences", "both"],
                     help="what the simulated users send: thumbs votes, preferences between two answers (n=2), or both "
@@ -65,11 +65,13 @@ def main() -> int:
     state = Path(tempfile.mkdtemp(prefix="bench-loop-state-"))
     toy = args.model == EMBEDDED_MODEL
     rate = args.rate if args.rate is not None else RUN_DEFAULTS["rate"][0 if toy else 1]
+    if args.algorithm is None:
+        args.algorithm = RUN_DEFAULTS["algorithm"][0 if toy else 1]
     cfg = LoopConfig(
         # a known model is fetched and imported once into the benches' cache, not into each run's state dir
         state_dir=state, port=0, model=known_models.resolve(args.model, Path(__file__).resolve().parents[1] / ".rlhf" / "bench" / "models"),
         train_min_labels=args.round_labels,
-        trainer_args=("--algorithm", args.algorithm, "--ppo.seed", str(args.seed)),
+        trainer_args=(*trainer_args(args.algorithm, toy), "--ppo.seed", str(args.seed)),
         stats_at_votes=tuple(args.at),
         sim=SimConfig(taste=args.taste, prompts="toy" if toy else "assistant", noise=0.1, users=16, concurrency=4,
                       rate=rate, seed=args.seed, labels=args.labels,

@@ -75,3 +75,26 @@ def smollm2() -> str:
 
     with built_once("smollm2"):
         return str(known_models.ensure("smollm2", CACHE / "known"))
+
+
+# The files that take minutes (`--durations`, on 2 cores), longest first. `make test` hands whole files to two
+# workers in collection order; collected alphabetically, the trainer's long files came last and one worker
+# finished them alone while the other idled. Started first, the short files fill in around them.
+LONG_FILES = (
+    "service/test_serve_real_models.py", "trainer/test_algorithms.py", "deploy/test_dockerfile.py",
+    "trainer/test_distributed.py", "service/test_real_model.py", "service/test_batching.py",
+    "service/test_preferences.py", "service/test_loop_page.py", "app/test_loop.py", "trainer/test_budget.py",
+    "service/test_versions.py", "trainer/test_learning.py", "service/test_openapi.py", "trainer/test_watch.py",
+    "trainer/test_kill.py", "trainer/test_judge.py", "service/test_outage.py", "app/test_up.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONG_FILES)}
+    tests = Path(__file__).parent
+
+    def key(item) -> int:
+        rel = Path(str(item.path)).relative_to(tests).as_posix()
+        return rank.get(rel, len(LONG_FILES))
+
+    items.sort(key=key)  # stable: within a file, and among the rest, the collected order stays

@@ -89,8 +89,11 @@ def replicas(start_service, module_broker, trainer_url):
 
 
 def rows(driver, table: str) -> list[list[str]]:
-    return [[td.text for td in tr.find_elements(By.TAG_NAME, "td")]
-            for tr in driver.find_elements(By.CSS_SELECTOR, f"#{table} tbody tr")]
+    """The table's cells as shown now, read in one script: the page re-renders its tables on a timer, so
+    elements found one by one can be replaced in between (a stale element)."""
+    return driver.execute_script(
+        "return Array.from(document.querySelectorAll(arguments[0]), "
+        "tr => Array.from(tr.querySelectorAll('td'), td => td.innerText.trim()))", f"#{table} tbody tr")
 
 
 def replica_rows(driver) -> dict[str, tuple[str, str]]:
