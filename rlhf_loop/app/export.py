@@ -29,10 +29,8 @@ import hashlib
 import hmac
 import json
 import secrets
-import shutil
 import sqlite3
 import sys
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -40,6 +38,7 @@ from pathlib import Path
 
 import yaml
 
+from rlhf_loop.app.staging import staged
 from rlhf_loop.core.contracts import Settings
 from rlhf_loop.trainer.config import RewardConfig
 from rlhf_loop.trainer.store import Label, PreferencePair, connect_read_only, read_labels, read_preferences
@@ -312,19 +311,11 @@ def card(cfg: ExportConfig, rows: dict[str, list[dict]], made: datetime) -> str:
 def write(out: Path, rows: dict[str, list[dict]], card_text: str) -> None:
     """Every part's rows as gzipped JSON lines and the card, written in a directory beside `out`, then
     renamed into place: `out` is the whole export or nothing."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged(out) as stage:
         for p in written(rows):
             with gzip.open(stage / p.file, "wt", encoding="utf-8") as f:
                 f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows[p.name])
         (stage / "README.md").write_text(card_text, encoding="utf-8")
-        if out.exists():
-            out.rmdir()  # empty (checked before): rename needs the name free
-        stage.rename(out)
-    finally:
-        if stage.exists():
-            shutil.rmtree(stage)
 
 
 def export(cfg: ExportConfig) -> dict[str, dict]:

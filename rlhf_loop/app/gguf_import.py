@@ -17,12 +17,12 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import shutil
 import sys
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
+
+from rlhf_loop.app.staging import staged
 
 # Token texts llama.cpp ends generation on besides the ids a file names (llama-vocab.cpp,
 # special_eog_ids; it matches by text, ggml-org/llama.cpp#9606). Without them an imported
@@ -213,22 +213,13 @@ def import_gguf(path: Path, out_dir: Path, *, dtype: str = "float32", chat_templ
                   eos_tokens=tokenizer.convert_ids_to_tokens(eos_ids), chat_template=origin)
 
     # 3. save into a stage next to OUT_DIR, check it loads and generates, then rename it into place
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    stage = out_dir.parent / f".{out_dir.name}.{uuid.uuid4().hex[:8]}"
-    stage.mkdir()
-    try:
+    with staged(out_dir) as stage:
         log(f"saving safetensors ({time.monotonic() - t0:.0f}s so far)...")
         save(model, tokenizer, stage, path)
         del model
         gc.collect()
         log(f"checking: loading it back and generating {SAMPLE_TOKENS} tokens...")
         text = sample(stage, dtype)
-        if out_dir.exists():
-            out_dir.rmdir()  # empty (checked above): rename needs the name free
-        stage.rename(out_dir)
-    finally:
-        if stage.exists():
-            shutil.rmtree(stage)
     return ImportReport(out_dir=out_dir, sample=text, **report)
 
 

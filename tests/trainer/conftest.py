@@ -29,3 +29,13 @@ def settings(tmp_path: Path, broker, base_model_dir) -> Settings:
                  topic_partitions=2, device="cpu")
     ensure_topics(s)
     return s
+
+
+@pytest.fixture
+def store(tmp_path):
+    """An empty label store with short windows (votes wait 100 s for their answer, dedupe keeps 1,000 s)."""
+    from rlhf_loop.trainer.store import LabelStore
+
+    s = LabelStore(tmp_path / "labels.sqlite", late_vote_window_s=100.0, dedupe_window_s=1000.0, prompt_pool_size=10)
+    yield s
+    s.close()

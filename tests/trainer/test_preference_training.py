@@ -49,13 +49,6 @@ def withdraw(p: Preference, seconds: float) -> Preference:
                       identity=p.identity, ts=T0 + timedelta(seconds=seconds))
 
 
-@pytest.fixture
-def store(tmp_path):
-    s = LabelStore(tmp_path / "labels.sqlite", late_vote_window_s=100.0, dedupe_window_s=1000.0, prompt_pool_size=10)
-    yield s
-    s.close()
-
-
 # ---------------------------------------------------------------------------- the store
 
 

@@ -29,13 +29,6 @@ def vote(rid: str, rating: int | None, user: str = "u1", seconds: float = 0.0, d
                     identity=identity, voter=f"{identity}/{user}" if identity else None)
 
 
-@pytest.fixture
-def store(tmp_path):
-    s = LabelStore(tmp_path / "labels.sqlite", late_vote_window_s=100.0, dedupe_window_s=1000.0, prompt_pool_size=10)
-    yield s
-    s.close()
-
-
 def test_a_vote_waits_for_its_response_then_becomes_a_label(store):
     v = vote("r1", 1)
     store.apply_batch([v], {("fb", 0): 1})
