@@ -544,7 +544,7 @@ def model_defaults(model_dir: str | Path, params: int, device_type: str, adapter
             # the whole body, and it predicted held-out votes better at the steps a CPU round affords
             # (docs/trainer.md, "A real model on a CPU"; bench/reward_model.py)
             out["reward"].update(batch_size=8, max_steps=8, backbone="frozen")
-            out["gate"] = {"eval_responses": 16}
+            out["gate"] = {"eval_responses": 16, "behaviour_answers": 16}  # the behaviour metric: a forward each
     path = Path(model_dir) / MODEL_CONFIG_FILE
     if path.exists():
         own = json.loads(path.read_text())

@@ -247,9 +247,7 @@ class FeatureRewardModel(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 response_mask: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            hidden = self.hidden(input_ids, attention_mask)
-        return self.head_scores(hidden, response_mask)
+        return self.head_scores(self.hidden(input_ids, attention_mask), response_mask)  # (hidden: no grad)
 
     def trainable(self) -> list[tuple[str, torch.Tensor]]:
         """What a round sets: the head and its standardisation (saved and loaded like RewardModel's)."""
