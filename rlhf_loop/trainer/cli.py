@@ -33,6 +33,7 @@ from rlhf_loop.core.contracts import Settings
 from rlhf_loop.core.models import count_parameters, ensure_policy_store, resolve_device
 from rlhf_loop.core.policy_store import LineageMismatch
 from rlhf_loop.trainer import config, dist, metrics, watch
+from rlhf_loop.trainer.killpoints import killpoint
 from rlhf_loop.trainer.round import run_round
 from rlhf_loop.trainer.state import RoundAborted, TrainerState
 
@@ -118,15 +119,32 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, request_stop)
     try:
         if args.once:
-            run_round(state, progress=not args.no_progress)
+            once(state, progress=not args.no_progress)
         else:
             loop(state, settings, progress=not args.no_progress)
     except RoundAborted:
         log.info("round aborted by the stop request")
     finally:
         state.close()
+    killpoint("exit")
     d.close()  # only after a clean end: with a peer gone, tearing the group down can block (torchrun restarts us)
     return 0
+
+
+def once(state: TrainerState, *, progress: bool) -> None:
+    """`--once`: one round per job, also when torchrun restarts the group after the round finished
+    (a rank that fails while the ranks leave, say). The job is torchrun's run id; its restarts carry
+    TORCHELASTIC_RESTART_COUNT > 0. A restart of a job whose round is stored as done runs nothing."""
+    job = os.environ.get("TORCHELASTIC_RUN_ID")
+    restarted = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"
+    if job and restarted and state.dist.main_only(lambda: state.store.get("once_done") == job):
+        if state.dist.is_main:
+            log.warning("torchrun restarted this --once job after its round had finished (run %s): "
+                        "nothing more to do", job)
+        return
+    run_round(state, progress=progress)
+    if job and state.dist.is_main:
+        state.store.set("once_done", job)
 
 
 def _exec_torchrun(nproc: int, argv: list[str]) -> int:

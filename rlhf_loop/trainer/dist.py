@@ -143,7 +143,10 @@ class Dist:
         fully_shard(model, mesh=mesh, reshard_after_forward=True)
 
     def close(self) -> None:
+        """Leave together: a last collective first, so no rank tears the group down (or, as rank 0,
+        the store it hosts) while a peer still uses it; a peer gone fails it within the timeout."""
         if self.world > 1 and torch_dist.is_initialized():
+            self.any(False)
             torch_dist.destroy_process_group()
 
 

@@ -12,7 +12,8 @@ kill tests) a kill point is one dictionary lookup.
 Points: consume:applied (inside the SQLite transaction of a poll), consume:stored (SQLite
 committed, Kafka offsets not yet), round:trained (after PPO, before the gate),
 publish:staged (version files written in tmp/, not renamed), publish:written (version in
-place and LATEST moved, not yet announced on Kafka).
+place and LATEST moved, not yet announced on Kafka), exit (the work done and stored, the
+process group not yet closed).
 """
 
 from __future__ import annotations

@@ -93,6 +93,30 @@ def test_a_dead_rank_aborts_the_round_and_the_restart_completes(settings, base_m
     assert len(rounds) == 1 and json.loads(rounds[0])["world_size"] == 2
 
 
+def test_a_rank_lost_after_the_round_does_not_make_the_restart_train_again(settings, base_model_dir, tmp_path):
+    """Rank 1 is SIGKILLed after the round, as the ranks leave: rank 0 fails its last collective and
+    torchrun restarts the group. The restarted --once job finds its round done and publishes nothing
+    (seen in CI once: a restart after the round published a second version)."""
+    its, votes = traffic(48, seed=5)
+    produce(settings, records(settings, its, votes))
+    state = tmp_path / "lost-at-exit"
+    env = trainer_env(settings.model_copy(update={"state_dir": state}), base_model_dir, **TWO_RANK_ROUND,
+                      RLHF_TRAINER_PAUSE_AT="exit", RLHF_TRAINER_PAUSE_RANK="1")
+    with open(tmp_path / "lost-at-exit.log", "w") as log:
+        proc = TrainerProcess(env, log, "--once", "--nproc", "2")
+        try:
+            paused = proc.wait_for(lambda line: line.startswith("PAUSED AT exit rank=1"), timeout=300)
+            if not any(line.startswith("round ") for line in proc.seen):  # rank 0 may print it after rank 1 paused
+                proc.wait_for(lambda line: line.startswith("round "), timeout=120)
+            os.kill(int(paused.split("pid=")[1]), signal.SIGKILL)
+            assert proc.proc.wait(180) == 0
+        finally:
+            proc.kill()
+    assert "after its round had finished" in (tmp_path / "lost-at-exit.log").read_text()  # the group was restarted
+    assert PolicyStore(state / "policies").versions() == [0, 1]
+    assert len((state / "trainer" / "rounds.jsonl").read_text().splitlines()) == 1
+
+
 def test_two_ranks_publish_the_candidate_one_rank_publishes(settings, base_model_dir, tmp_path):
     """One rank, then two under each strategy (ddp, fsdp2), each on its own state dir and consumer group."""
     its, votes = traffic(48, seed=3)
