@@ -130,6 +130,8 @@ def load_gguf(path: Path, dtype: str):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
+    from rlhf_loop.core.models import NO_HUB_KERNELS
+
     try:
         # dequantize=True: plain tensors in ordinary layers, and no GGUF quantizer left on the model
         # (without it the newer loader keeps quantized blocks, and save_pretrained refuses)
@@ -138,6 +140,7 @@ def load_gguf(path: Path, dtype: str):
         folder, name = str(path.resolve().parent), path.name
         model = AutoModelForCausalLM.from_pretrained(
             folder, gguf_file=name, dtype=getattr(torch, dtype), quantization_config=GgufConfig(dequantize=True),
+            **NO_HUB_KERNELS,
         )
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     except (ValueError, NotImplementedError) as e:  # transformers' words for "this file, not that one"

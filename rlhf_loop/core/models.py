@@ -127,6 +127,14 @@ def model_dtype(path: str | Path, settings: Settings, device: torch.device) -> t
     return resolve_dtype(settings, device, params)
 
 
+# transformers 5.2x loads with use_kernels=True by default once Hugging Face's `kernels` package is installed
+# (transformers itself depends on it), and on CUDA its model.train() then fetches compiled kernels from the
+# Hub and runs them (kernels-community/rotary, ...): network access and native code nobody here reviewed, at
+# run time, and an error offline (HF_HUB_OFFLINE=1, as deployed). Every model this project loads says no: it
+# runs PyTorch's own ops, and the trainer's log-prob and KL ops are this project's Triton kernels (kernels/).
+NO_HUB_KERNELS = {"use_kernels": False}
+
+
 def load_causal_lm(path: str | Path, settings: Settings):
     """(model, tokenizer) from a HF checkpoint directory or id, eval mode, on the configured device."""
     return load_model(path, settings), load_tokenizer(path, settings)
@@ -137,7 +145,8 @@ def load_model(path: str | Path, settings: Settings):
     from transformers import AutoModelForCausalLM
 
     device = resolve_device(settings)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=model_dtype(path, settings, device), use_safetensors=True)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=model_dtype(path, settings, device), use_safetensors=True,
+                                                 **NO_HUB_KERNELS)
     return model.to(device).eval()
 
 

@@ -38,7 +38,7 @@ from safetensors.torch import save_file
 
 from rlhf_loop.core import lora
 from rlhf_loop.core.contracts import Settings
-from rlhf_loop.core.models import load_causal_lm, resolve_device
+from rlhf_loop.core.models import NO_HUB_KERNELS, load_causal_lm, resolve_device
 from rlhf_loop.core.policy_store import PolicyStore
 from rlhf_loop.trainer.config import RewardConfig, TrainConfig
 from rlhf_loop.trainer.dist import Dist
@@ -437,7 +437,7 @@ def _open_full(settings: Settings, store: PolicyStore, train: TrainConfig, rewar
     trained = [policy]
     if reward.backbone == "tuned":  # its own body: training it would otherwise move the policy
         body = without_dropout(AutoModel.from_pretrained(store.path(reference_version), dtype=torch.float32,
-                                                         use_safetensors=True)).to(resolve_device(settings))
+                                                         use_safetensors=True, **NO_HUB_KERNELS)).to(resolve_device(settings))
         trained.append(body)
     if train.gradient_checkpointing:
         for model in trained:

@@ -19,3 +19,14 @@ def test_chat_template_from_shorthand_file_or_text(tmp_path):
 def test_chat_template_refuses_what_it_cannot_use(value, message):
     with pytest.raises(ValueError, match=message):
         resolve_chat_template(value)
+
+
+def test_models_load_without_hub_kernels(base_model_dir):
+    """transformers turns Hugging Face Hub kernels on by default, and on CUDA `.train()` then downloads and
+    runs them (an error offline: the GPU run of tests/gpu/test_cuda.py hit it). Every load here says no."""
+    from rlhf_loop.core.contracts import Settings
+    from rlhf_loop.core.models import load_model
+
+    model = load_model(base_model_dir, Settings(device="cpu"))
+    model.train()
+    assert model.use_kernels is False

@@ -90,14 +90,17 @@ def test_a_round_on_cuda_in_bf16_goes_through_the_triton_kernels_and_publishes_w
 
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(store.path(0), use_safetensors=True, dtype=torch.bfloat16).cuda()
+    from rlhf_loop.core.models import NO_HUB_KERNELS
+
+    base = AutoModelForCausalLM.from_pretrained(store.path(0), use_safetensors=True, dtype=torch.bfloat16,
+                                                 **NO_HUB_KERNELS).cuda()
     if adapter == "lora":
         from peft import PeftModel
 
         published = PeftModel.from_pretrained(base, str(store.path(1))).eval()
     else:
-        published = AutoModelForCausalLM.from_pretrained(store.path(1), use_safetensors=True,
-                                                         dtype=torch.bfloat16).cuda().eval()
+        published = AutoModelForCausalLM.from_pretrained(store.path(1), use_safetensors=True, dtype=torch.bfloat16,
+                                                         **NO_HUB_KERNELS).cuda().eval()
     with torch.no_grad():
         served = published(input_ids=probe).logits
     # bf16 weights either way: what was published computes what the trainer held, to bf16 rounding
