@@ -167,8 +167,8 @@ class Loop:
         versions = self.versions()
         current = max(by) if by else 0
         kl = next((v["metrics"].get("kl_to_ref") for v in reversed(versions) if v.get("metrics")), None)
-        trained = [r for r in rounds if r.get("candidate")]
-        last = trained[-1] if trained else {}
+        judged = [r for r in rounds if r.get("reward_model")]
+        last = judged[-1] if judged else {}
         return {
             "elapsed_s": round(time.monotonic() - self.t0, 1), "votes": votes, "chat_errors": errors,
             "serving_version": current, "approval_current": by.get(current, {}).get("approval"),
@@ -262,7 +262,7 @@ def round_stats(rounds: list[dict]) -> dict:
         run = run + 1 if k else 0
         longest = max(longest, run)
     trained = [r for r in rounds if r.get("candidate")]
-    aurocs = [(r.get("votes"), (r.get("reward_model") or {}).get("auroc")) for r in trained]
+    aurocs = [(r.get("votes"), r["reward_model"].get("auroc")) for r in rounds if r.get("reward_model")]
     return {
         "rounds_promoted": sum(bool(r.get("promoted")) for r in rounds),
         "rounds_rejected_kl": sum(kl),

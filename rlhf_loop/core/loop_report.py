@@ -26,7 +26,8 @@ class LoopRound(BaseModel):
     algorithm: str
     labels: int = Field(ge=0, description="labelled responses the round trained on")
     verdict: Literal["promoted", "rejected", "skipped"]
-    reason: str = Field(description="the gate's reason: what a promotion improved, why it rejected, why skipped")
+    reason: str = Field(description="the gate's reason: what a promotion improved, why it rejected (the candidate, "
+                        "or the reward model before any policy trained), why skipped")
     version_before: int = Field(ge=0, description="the policy the round trained from")
     version: int | None = Field(None, description="the version it published, if promoted")
     kl_to_ref: float | None = Field(None, description="the candidate's KL to the reference, nats per response")
@@ -66,10 +67,18 @@ class LoopReport(BaseModel):
     approval: list[VersionApproval] = Field(description="by version, oldest first")
 
 
+def round_verdict(line: dict) -> str:
+    """promoted; rejected by the gate (a candidate it refused, or a reward model its judge refused before any
+    policy trained); skipped (nothing to train on yet). `line`: a rounds.jsonl line, or asdict(RoundReport)."""
+    if line["promoted"]:
+        return "promoted"
+    return "rejected" if line.get("candidate") or line.get("checks") else "skipped"
+
+
 def loop_round(line: dict) -> LoopRound:
     """A rounds.jsonl line (`dataclasses.asdict(RoundReport)`, NaN written as null) -> LoopRound."""
     current, candidate = line.get("current") or {}, line.get("candidate") or {}
-    verdict = "promoted" if line["promoted"] else "rejected" if candidate else "skipped"
+    verdict = round_verdict(line)
     return LoopRound(round=line["round"], time=line["trigger_time"], algorithm=line["algorithm"], labels=line["labels"],
                      verdict=verdict, reason=line["reason"], version_before=line["version_before"],
                      version=line["version"], kl_to_ref=candidate.get("kl_to_ref"),

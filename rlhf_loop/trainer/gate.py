@@ -160,9 +160,7 @@ def decide(candidate: PolicyEval, current: PolicyEval, cfg: GateConfig, judge: d
                         cfg.ref_min_distinct_ratio, cfg.ref_guard_tolerance)
         checks.update({f"ref_{name}": ch for name, ch in floors.items()})
     if judge is not None:
-        checks.update(_judge(judge, cfg))
-    if judge is not None and cfg.max_rm_approval_gap:
-        checks["rm_approval_gap"] = _approval_gap(judge, cfg.max_rm_approval_gap)
+        checks.update(judge_checks(judge, cfg))
     failed = [ch.why for ch in checks.values() if not ch.passed]
     if failed:
         return Decision(False, "; ".join(failed), checks)
@@ -195,6 +193,15 @@ def _drift(c: PolicyEval, base: PolicyEval, against: str, min_length: float, max
                                   f"guard set pass rate {c.guard_pass:.2f} < {against} {base.guard_pass:.2f} "
                                   f"- {guard_tolerance:g}")
     return out
+
+
+def judge_checks(judge: dict, cfg: GateConfig) -> dict[str, Check]:
+    """The checks on the reward model alone (RewardMetrics as a dict): known as soon as it has trained, so
+    the round asks them before any policy trains (trainer/round.py), and the gate includes them again."""
+    checks = _judge(judge, cfg)
+    if cfg.max_rm_approval_gap:
+        checks["rm_approval_gap"] = _approval_gap(judge, cfg.max_rm_approval_gap)
+    return checks
 
 
 def _judge(judge: dict, cfg: GateConfig) -> dict[str, Check]:

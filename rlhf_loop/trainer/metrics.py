@@ -25,14 +25,14 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import Counter, Gauge, Histogram, make_wsgi_app
 
-from rlhf_loop.core.loop_report import LoopReport, loop_round
+from rlhf_loop.core.loop_report import LoopReport, loop_round, round_verdict
 from rlhf_loop.trainer.store import read_approval
 
 LOOP_ROUNDS = 200  # rounds in a loop report: the newest; a day of rounds at the default cadence fits
 APPROVAL_BUCKETS = 48  # points per version's approval line
 
-rounds = Counter("rlhf_trainer_rounds", "Training rounds by outcome: promoted, rejected (by the gate), "
-                 "skipped (no labelled examples yet)", ["outcome"])
+rounds = Counter("rlhf_trainer_rounds", "Training rounds by outcome: promoted, rejected (by the gate, or "
+                 "by its judge before any policy trained), skipped (no labelled examples yet)", ["outcome"])
 phase_seconds = Histogram("rlhf_trainer_phase_seconds", "Seconds per round phase (consume, reward_model, rollout, "
                           "score, ppo, gate, publish) and in total", ["phase"],
                           buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800))
@@ -103,8 +103,7 @@ def loop_report(rounds_path: Path, store_path: Path) -> LoopReport:
 
 def observe_round(report: dict) -> None:
     """A finished round, as `dataclasses.asdict(RoundReport)`."""
-    outcome = "promoted" if report["promoted"] else "rejected" if report["candidate"] else "skipped"
-    rounds.labels(outcome=outcome).inc()
+    rounds.labels(outcome=round_verdict(report)).inc()
     for phase, seconds in report["seconds"].items():
         phase_seconds.labels(phase=phase).observe(seconds)
     if report["reward_model"]:

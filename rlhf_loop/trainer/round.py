@@ -104,6 +104,13 @@ class RoundReport:
     def summary(self) -> str:
         rm = self.reward_model
         labels = f"{self.labels} labels" + (f" + {self.preferences} preferences" if self.preferences else "")
+        skipped = "".join(f" | {c['skipped']}" for c in self.checks.values() if c.get("skipped"))
+        judge = f"RM acc {rm.get('accuracy', math.nan):.2f} AUROC {rm.get('auroc', math.nan):.2f}"
+        if rm.get("heldout_preferences"):
+            judge += f" pairs {rm['pair_accuracy']:.2f}"
+        if not self.candidate and rm:  # the judge refused the reward model: no policy trained
+            return (f"round {self.round}: {labels} (+{self.new_labels}) | {judge} | {self.seconds['total']:.0f}s | "
+                    f"no candidate: {self.reason}{skipped}")
         if not self.candidate:
             return f"round {self.round}: {labels} (+{self.new_labels}) | skipped: {self.reason}"
         verdict = f"promoted v{self.version}" if self.promoted else f"rejected: {self.reason}"
@@ -113,10 +120,7 @@ class RoundReport:
             verdict += " | KL budget spent"
         if self.guard_streak > 1:
             verdict += f" | guard set: {self.guard_streak} rejections in a row"
-        verdict += "".join(f" | {c['skipped']}" for c in self.checks.values() if c.get("skipped"))
-        judge = f"RM acc {rm.get('accuracy', math.nan):.2f} AUROC {rm.get('auroc', math.nan):.2f}"
-        if rm.get("heldout_preferences"):
-            judge += f" pairs {rm['pair_accuracy']:.2f}"
+        verdict += skipped
         return (f"round {self.round}: {labels} (+{self.new_labels}) | {judge} | "
                 f"reward {self.current['reward']:.3f} -> {self.candidate['reward']:.3f} | "
                 f"KL {self.candidate['kl_to_ref']:.2f} | {self.seconds['total']:.0f}s | {verdict}")
@@ -163,6 +167,12 @@ def run_round(state: TrainerState, *, progress: bool = True, drain_s: float | No
                                             preferences=inputs.preferences)
         state.nets.reward.save(state.reward_model_path(state.settings) if d.is_main else None)
     report.reward_model = asdict(rm_metrics)
+    if not cfg.reward.rule:  # the judge, now: a reward model it refuses could promote no candidate, so none trains
+        judged = gate.judge_checks(report.reward_model, cfg.gate)
+        report.checks = {name: asdict(c) for name, c in judged.items()}
+        if refused := [c.why for c in judged.values() if not c.passed]:
+            report.reason = "; ".join(refused)
+            return _finish(state, report, inputs.label_seq)
     reward_fn = rule_reward(cfg.reward.rule) if cfg.reward.rule else partial(
         score, state.nets.reward, tok, max_length=cfg.reward.max_length, batch_size=cfg.ppo.forward_batch_size,
         autocast_dtype=state.dtype)  # (prompts, completions) -> (N,) scores
