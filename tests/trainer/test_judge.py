@@ -1,9 +1,10 @@
 """Never promote on a reward model that cannot predict the votes (the gate's judge check).
 
 Votes that are noise (each a coin flip, whatever the answer) leave the reward model at chance on
-held-out labels. PPO still finds something to climb on it, and its candidates' "reward" beats the
-current policy's; the gate must see that the judge cannot be trusted and promote nothing, round
-after round, while the labels are stored and the reward model keeps training. The judge's approval
+held-out labels. PPO would still find something to climb on it, and its candidates' "reward" would
+beat the current policy's; the judge must see that the reward model cannot be trusted and let no
+policy train on it, round after round, while the labels are stored and the reward model keeps
+training. The judge's approval
 gap, which needs 20 held-out labels on the serving version, is reported "not checked" until then.
 """
 
@@ -37,6 +38,9 @@ def test_a_reward_model_at_chance_promotes_nothing(settings, base_model_dir):
         judge = r.checks["rm_auroc"]
         assert not judge["passed"] and judge["value"] < 0.6, judge
         assert "reward model cannot yet predict held-out votes" in r.reason
+        # asked before any policy trained: no rollouts, no training, no gate evaluation, no candidate
+        assert not r.candidate and not {"rollout", "ppo", "gate"} & set(r.seconds), r.seconds
+        assert "no candidate: reward model cannot yet predict" in r.summary()
     assert all(r.reward_model["steps"] > 0 for r in reports)  # it kept learning
     # the judge's other check needs 20 held-out labels on the serving version (v0 here, with no parents to
     # pool): the first round has fewer, and says so instead of leaving the check out
