@@ -83,6 +83,7 @@ NOT_DEPLOYMENT_SETTINGS = {
     "LOCAL_RANK": "set by torchrun",
     "TORCHELASTIC_RESTART_COUNT": "set by torchrun; a kill point pauses only the first attempt, and it prefixes "
                                   "each attempt's rendezvous keys",
+    "TORCHELASTIC_RUN_ID": "set by torchrun: the job, whose --once round a restart of it does not repeat",
     "MASTER_ADDR": "set by torchrun (or Kubeflow Trainer's PET_* -> torchrun): the rendezvous store",
     "MASTER_PORT": "set by torchrun",
     "TORCHELASTIC_USE_AGENT_STORE": "set by torchrun: whether its agent hosts the rendezvous store",
