@@ -9,6 +9,7 @@ batch and sum their shares; only the order of float additions differs).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -61,25 +62,33 @@ def weights(store: PolicyStore, version: int) -> dict[str, torch.Tensor]:
     return load_file(store.path(version) / "model.safetensors")
 
 
+@contextlib.contextmanager
+def two_ranks_pausing(settings, base_model_dir, tmp_path, name: str, point: str, seed: int):
+    """48 votes on the broker, then `rlhf train --once --nproc 2` whose rank 1 pauses at kill point `point`:
+    yields (the process, its state dir, the votes); the process is killed on the way out if still running."""
+    its, votes = traffic(48, seed=seed)
+    produce(settings, records(settings, its, votes))
+    state = tmp_path / name
+    env = trainer_env(settings.model_copy(update={"state_dir": state}), base_model_dir, **TWO_RANK_ROUND,
+                      RLHF_TRAINER_PAUSE_AT=point, RLHF_TRAINER_PAUSE_RANK="1")
+    with open(tmp_path / f"{name}.log", "w") as log:
+        proc = TrainerProcess(env, log, "--once", "--nproc", "2")
+        try:
+            yield proc, state, votes
+        finally:
+            proc.kill()
+
+
 def test_a_dead_rank_aborts_the_round_and_the_restart_completes(settings, base_model_dir, tmp_path):
     """Rank 1 is SIGKILLed after PPO (rank 0 then waits for it in the gate's collectives): the attempt
     publishes nothing and does not hang (every wait below is bounded); torchrun restarts the group,
     whose round completes, and the stored labels equal the votes."""
-    its, votes = traffic(48, seed=4)
-    produce(settings, records(settings, its, votes))
-    state = tmp_path / "killed"
-    env = trainer_env(settings.model_copy(update={"state_dir": state}), base_model_dir, **TWO_RANK_ROUND,
-                      RLHF_TRAINER_PAUSE_AT="round:trained", RLHF_TRAINER_PAUSE_RANK="1")
-    with open(tmp_path / "killed.log", "w") as log:
-        proc = TrainerProcess(env, log, "--once", "--nproc", "2")
-        try:
-            paused = proc.wait_for(lambda line: line.startswith("PAUSED AT round:trained rank=1"), timeout=300)
-            assert PolicyStore(state / "policies").versions() == [0]
-            os.kill(int(paused.split("pid=")[1]), signal.SIGKILL)
-            proc.wait_for(lambda line: line.startswith("round "), timeout=300)  # the restarted group's round
-            assert proc.proc.wait(120) == 0
-        finally:
-            proc.kill()
+    with two_ranks_pausing(settings, base_model_dir, tmp_path, "killed", "round:trained", seed=4) as (proc, state, votes):
+        paused = proc.wait_for(lambda line: line.startswith("PAUSED AT round:trained rank=1"), timeout=300)
+        assert PolicyStore(state / "policies").versions() == [0]
+        os.kill(int(paused.split("pid=")[1]), signal.SIGKILL)
+        proc.wait_for(lambda line: line.startswith("round "), timeout=300)  # the restarted group's round
+        assert proc.proc.wait(120) == 0
     store = LabelStore(state / "trainer" / "labels.sqlite", late_vote_window_s=3600, dedupe_window_s=3600,
                        prompt_pool_size=100)
     try:
@@ -97,21 +106,12 @@ def test_a_rank_lost_after_the_round_does_not_make_the_restart_train_again(setti
     """Rank 1 is SIGKILLed after the round, as the ranks leave: rank 0 fails its last collective and
     torchrun restarts the group. The restarted --once job finds its round done and publishes nothing
     (seen in CI once: a restart after the round published a second version)."""
-    its, votes = traffic(48, seed=5)
-    produce(settings, records(settings, its, votes))
-    state = tmp_path / "lost-at-exit"
-    env = trainer_env(settings.model_copy(update={"state_dir": state}), base_model_dir, **TWO_RANK_ROUND,
-                      RLHF_TRAINER_PAUSE_AT="exit", RLHF_TRAINER_PAUSE_RANK="1")
-    with open(tmp_path / "lost-at-exit.log", "w") as log:
-        proc = TrainerProcess(env, log, "--once", "--nproc", "2")
-        try:
-            paused = proc.wait_for(lambda line: line.startswith("PAUSED AT exit rank=1"), timeout=300)
-            if not any(line.startswith("round ") for line in proc.seen):  # rank 0 may print it after rank 1 paused
-                proc.wait_for(lambda line: line.startswith("round "), timeout=120)
-            os.kill(int(paused.split("pid=")[1]), signal.SIGKILL)
-            assert proc.proc.wait(180) == 0
-        finally:
-            proc.kill()
+    with two_ranks_pausing(settings, base_model_dir, tmp_path, "lost-at-exit", "exit", seed=5) as (proc, state, _):
+        paused = proc.wait_for(lambda line: line.startswith("PAUSED AT exit rank=1"), timeout=300)
+        if not any(line.startswith("round ") for line in proc.seen):  # rank 0 may print it after rank 1 paused
+            proc.wait_for(lambda line: line.startswith("round "), timeout=120)
+        os.kill(int(paused.split("pid=")[1]), signal.SIGKILL)
+        assert proc.proc.wait(180) == 0
     assert "after its round had finished" in (tmp_path / "lost-at-exit.log").read_text()  # the group was restarted
     assert PolicyStore(state / "policies").versions() == [0, 1]
     assert len((state / "trainer" / "rounds.jsonl").read_text().splitlines()) == 1
