@@ -65,7 +65,14 @@ def block_v(vocab: int) -> int:
 
 
 def num_warps(block: int) -> int:
-    return 8 if block >= 2048 else 4
+    """Warps per row program: 4 at every block size.
+
+    Chosen on an H200 by bench/kernel_variants.py (N = 16,384 bf16 rows, V 32,000 and 151,936): at
+    the 4,096 block, 4 warps read the logits at 79 % of the datasheet bandwidth (token_logprobs) and
+    67-68 % (full_kl) against 67-71 % and 55-56 % with 8; 16 warps were slower still
+    (bench/results/kernel-variants-nvidia-h200.json, docs/kernels.md).
+    """
+    return 4
 
 
 def as_rows(logits: torch.Tensor) -> torch.Tensor:
