@@ -78,18 +78,32 @@ class Decision:
     checks: dict[str, Check] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Answers:
+    """A policy's answers to the gate's prompts, and all that is measured on them without a reward function:
+    per response its KL to the reference (nats), length (tokens) and tokens; the guard set's pass rate. The
+    same weights, prompts and sampling noise give the same answers, so a round keeps the current policy's
+    between rounds (trainer/round.py) and only scores them again, by the new reward model."""
+    prompts: list[list[dict]]
+    texts: list[str]
+    kl: list[float]
+    length: list[float]
+    tokens: list[list[int]]
+    guard_pass: float | None = None
+
+
 @torch.no_grad()
-def evaluate(
-    policy, reference, tokenizer, reward_fn: RewardFn, prompts: list[list[dict]], *, seed: int,
-    eos_ids: Collection[int], max_new_tokens: int, temperature: float, max_prompt_tokens: int, batch_size: int,
+def answer(
+    policy, reference, tokenizer, prompts: list[list[dict]], *, seed: int, eos_ids: Collection[int],
+    max_new_tokens: int, temperature: float, max_prompt_tokens: int, batch_size: int,
     autocast_dtype: torch.dtype = torch.float32, dist: Dist = Dist(), guard: list[GuardPrompt] = (),
-) -> PolicyEval:
-    """Sample one response per prompt (seeded), score, measure exact KL to the reference, length and
-    distinct-2; then the greedy answer to each guard prompt, checked by its rules (greedy: a
-    regression check must not depend on sampling luck).
+) -> Answers:
+    """Sample one response per prompt (seeded), measure its exact KL to the reference, length and tokens;
+    then the greedy answer to each guard prompt, checked by its rules (greedy: a regression check must
+    not depend on sampling luck).
 
     The prompts are split across ranks and the results gathered; prompt i draws its noise from
-    (seed, i) wherever it runs, so the evaluation does not depend on the number of ranks.
+    (seed, i) wherever it runs, so the answers do not depend on the number of ranks.
     """
     device = policy.device
     was_training = policy.training
@@ -101,22 +115,41 @@ def evaluate(
     def measure(query, query_mask, response, mask, chunk, texts):
         kl = score_against_reference(policy, reference, query, query_mask, response, mask, temperature=temperature,
                                      estimator="full", batch_size=batch_size).kl
-        return (reward_fn(chunk, texts).float().cpu(), kl.sum(1).cpu(), mask.sum(1).float().cpu(),
+        return (texts, kl.sum(1).cpu().tolist(), mask.sum(1).float().cpu().tolist(),
                 [r[m].tolist() for r, m in zip(response.cpu(), mask.cpu())])
 
     rows = sample_(prompts, seed, measure)
-    reward = torch.cat([r[0] for r in rows]) if rows else torch.zeros(0)
-    kl = torch.cat([r[1] for r in rows]) if rows else torch.zeros(0)
-    length = torch.cat([r[2] for r in rows]) if rows else torch.zeros(0)
-    tokens = [t for r in rows for t in r[3]]
     guard_pass = None
     if guard:
         answers = sample_([g.messages for g in guard], seed, lambda *a: [a[-1]], temperature=0.0)
         texts = [t for chunk in answers for t in chunk[0]]
         guard_pass = sum(passes(g, t) for g, t in zip(guard, texts)) / len(guard)
     policy.train(was_training)
-    return PolicyEval(reward.mean().item(), kl.mean().item(), length.mean().item(), len(prompts),
-                      distinct_2(tokens), guard_pass)
+    return Answers(list(prompts), *([x for r in rows for x in r[i]] for i in range(4)), guard_pass=guard_pass)
+
+
+@torch.no_grad()
+def score_answers(answers: Answers, reward_fn: RewardFn, *, batch_size: int, dist: Dist = Dist()) -> PolicyEval:
+    """The gate's figures of `answers`, their reward from `reward_fn` (each rank scores its share, in as
+    many batches as every other: an FSDP2 reward model's forwards are collectives)."""
+    mine, real = dist.shard(len(answers.texts))
+    rewards = []
+    for i in range(0, len(mine), batch_size):
+        rows = mine[i:i + batch_size]
+        keep = max(0, min(len(rows), real - i))
+        got = reward_fn([answers.prompts[r] for r in rows], [answers.texts[r] for r in rows]).float().cpu()
+        rewards += got[:keep].tolist()
+    reward = torch.tensor([x for rank in dist.gather(rewards) for x in rank])
+    return PolicyEval(reward.mean().item(), torch.tensor(answers.kl).mean().item(),
+                      torch.tensor(answers.length).mean().item(), len(answers.texts), distinct_2(answers.tokens),
+                      answers.guard_pass)
+
+
+def evaluate(policy, reference, tokenizer, reward_fn: RewardFn, prompts: list[list[dict]], *, seed: int,
+             batch_size: int, dist: Dist = Dist(), **sampling) -> PolicyEval:
+    """`answer`, then `score_answers`: the gate's figures of a policy (PolicyEval's fields, module doc)."""
+    return score_answers(answer(policy, reference, tokenizer, prompts, seed=seed, batch_size=batch_size, dist=dist,
+                                **sampling), reward_fn, batch_size=batch_size, dist=dist)
 
 
 def _sample_texts(policy, tokenizer, prompts, seed, measure, *, eos_ids, max_new_tokens, temperature,
@@ -296,7 +329,17 @@ def distinct_2(responses: list[list[int]]) -> float:
     return len(set(bigrams)) / len(bigrams) if bigrams else 1.0
 
 
-def eval_prompt_plan(heldout: list[list[dict]], responses: int) -> list[list[dict]]:
-    """The held-out prompts repeated in order until there are `responses` of them."""
-    reps = math.ceil(responses / len(heldout))
-    return (heldout * reps)[:responses]
+def eval_prompt_plan(heldout: list[tuple[str, list[dict]]], responses: int,
+                     kept: Collection[str] = ()) -> list[tuple[str, list[dict]]]:
+    """The gate's prompts, (prompt_key, messages): `responses` of them, from the held-out prompts (in key order).
+    While they all fit, all of them, repeated in order. Once there are more, `responses` distinct ones: first
+    those of `kept` (last round's plan, its keys) that are still held out, then the others by key. So a full
+    plan stays the same from round to round as new prompts arrive, and the current policy's answers to it
+    can be kept (trainer/round.py)."""
+    if len(heldout) <= responses:
+        return (heldout * math.ceil(responses / len(heldout)))[:responses]
+    by_key = dict(heldout)
+    chosen = list(dict.fromkeys(k for k in kept if k in by_key))[:responses]
+    taken = set(chosen)
+    chosen += [k for k, _ in heldout if k not in taken][:responses - len(chosen)]
+    return [(k, by_key[k]) for k in chosen]

@@ -60,7 +60,8 @@ class RoundInputs:
     round: int
     examples: list[Example]
     preferences: list[PreferencePair]  # live, both answers stored
-    pool: list[tuple[str, list[dict]]]  # [(prompt_key, messages)]
+    pool: list[tuple[str, list[dict]]]  # [(prompt_key, messages)], by key
+    gate_plan: list[str]  # last round's gate prompts (keys): gate.eval_prompt_plan keeps them
     label_seq: int
     version: int  # LATEST: the current policy
     line: tuple[int, ...]  # LATEST and its ancestors, newest first (watch.line)
@@ -87,6 +88,7 @@ class RoundReport:
     train: dict = field(default_factory=dict)  # the algorithm's statistics, averaged over its steps
     current: dict = field(default_factory=dict)  # gate's evaluation of the current policy
     candidate: dict = field(default_factory=dict)  # ... and of the candidate
+    current_reused: bool = False  # the current policy's gate answers were last round's, scored again (_answers_key)
     reference: dict = field(default_factory=dict)  # ... and of the reference (once per reference version: its floors)
     behaviour: dict = field(default_factory=dict)  # the voted answers' recorded log-probs against the current policy
     checks: dict = field(default_factory=dict)  # every gate check: passed, value, bound, why (failed), skipped (why not)
@@ -178,7 +180,7 @@ def run_round(state: TrainerState, *, progress: bool = True, drain_s: float | No
         autocast_dtype=state.dtype)  # (prompts, completions) -> (N,) scores
     # held-out prompts (stable hash split) are for the gate, the others for rollouts (each falls back to all)
     pool = inputs.pool
-    heldout = [m for k, m in pool if is_heldout(k, cfg.reward.heldout_fraction)] or [m for _, m in pool]
+    heldout = [(k, m) for k, m in pool if is_heldout(k, cfg.reward.heldout_fraction)] or pool
     train_prompts = [m for k, m in pool if not is_heldout(k, cfg.reward.heldout_fraction)] or [m for _, m in pool]
     state.check_stop()
 
@@ -186,19 +188,28 @@ def run_round(state: TrainerState, *, progress: bool = True, drain_s: float | No
     #    of the reference, for the floors (once per reference version, then from the trainer store); and how
     #    far the policies that wrote the voted answers are from it, by their recorded log-probs (a metric only:
     #    docs/trainer.md, "Behaviour log-probs")
-    plan = gate.eval_prompt_plan(heldout, cfg.gate.eval_responses)
-    evaluate = partial(gate.evaluate, reference=state.nets.reference, tokenizer=tok, reward_fn=reward_fn, prompts=plan,
-                       seed=cfg.gate.eval_seed, eos_ids=state.eos_ids, max_new_tokens=cfg.ppo.max_new_tokens,
-                       temperature=cfg.ppo.temperature, max_prompt_tokens=state.settings.max_prompt_tokens,
-                       batch_size=cfg.ppo.forward_batch_size, autocast_dtype=state.dtype, dist=d,
-                       guard=state.guard_set)
+    planned = gate.eval_prompt_plan(heldout, cfg.gate.eval_responses, kept=inputs.gate_plan)
+    d.main_only(lambda: state.store.set("gate_plan", [k for k, _ in planned]))
+    plan = [m for _, m in planned]
+    answer = partial(gate.answer, reference=state.nets.reference, tokenizer=tok, prompts=plan, seed=cfg.gate.eval_seed,
+                     eos_ids=state.eos_ids, max_new_tokens=cfg.ppo.max_new_tokens, temperature=cfg.ppo.temperature,
+                     max_prompt_tokens=state.settings.max_prompt_tokens, batch_size=cfg.ppo.forward_batch_size,
+                     autocast_dtype=state.dtype, dist=d, guard=state.guard_set)
+    score_ = partial(gate.score_answers, reward_fn=reward_fn, batch_size=cfg.ppo.forward_batch_size, dist=d)
     with timer("gate"):
-        current = evaluate(state.nets.policy)
-        reference = _reference_eval(state, evaluate, current)
+        # the current policy's answers are last round's (its own, or the candidate's it promoted) when nothing
+        # that decides them has changed: then only this round's reward model scores them again
+        key = _answers_key(state, plan)
+        kept = state.gate_answers.get(key)
+        report.current_reused = kept is not None
+        current_answers = kept or answer(state.nets.policy)
+        current = score_(current_answers)
+        reference = _reference_eval(state, lambda policy: score_(answer(policy)), current)
         report.behaviour = asdict(behaviour_gap(
             state.nets.policy, tok, inputs.examples, inputs.version, max_answers=cfg.gate.behaviour_answers,
             max_prompt_tokens=state.settings.max_prompt_tokens, batch_size=cfg.ppo.forward_batch_size,
             autocast_dtype=state.dtype, dist=d))
+    state.gate_answers = {key: current_answers}
     report.reference = asdict(reference)
     state.check_stop()
 
@@ -218,13 +229,15 @@ def run_round(state: TrainerState, *, progress: bool = True, drain_s: float | No
         #    budget.target of the KL bound has its update scaled back (halved) until it is below: the round
         #    spends the budget it has instead of overshooting it and being thrown away
         with timer("gate"), _bar(progress, n, "gate", "policy", 1) as bar:
-            cand = evaluate(state.nets.policy)
+            cand_answers = answer(state.nets.policy)
+            cand = score_(cand_answers)
             trained, scale, scale_backs = None, 1.0, 0
             while scale_backs < cfg.budget.scale_backs and cand.kl_to_ref >= cfg.budget.target * cfg.gate.max_kl:
                 trained = trained or state.nets.snapshot(state.value_head)
                 scale, scale_backs = scale / 2, scale_backs + 1
                 state.nets.interpolate(snapshot, trained, scale, state.value_head)
-                cand = evaluate(state.nets.policy)
+                cand_answers = answer(state.nets.policy)
+                cand = score_(cand_answers)
             bar.update(1)
         report.budget.update(update_scale=scale, scale_backs=scale_backs)
         report.current, report.candidate = asdict(current), asdict(cand)
@@ -246,6 +259,7 @@ def run_round(state: TrainerState, *, progress: bool = True, drain_s: float | No
                         "rm_auroc": rm_metrics.auroc, "labels": float(report.labels), "round": float(n),
                         "kl_coef": state.kl_ctl.value}).version)
                 save_atomic(head, state.value_head_path(state.settings) if d.is_main else None)
+                state.gate_answers = {_answers_key(state, plan): cand_answers}  # the new current policy's
             else:
                 state.nets.restore(snapshot, state.value_head)
     except BaseException:
@@ -491,6 +505,7 @@ def _consume(state: TrainerState, progress: bool, drain_s: float | None) -> Roun
     latest = state.policy_store.latest()
     examples, preferences = state.store.labels(cap)
     return RoundInputs(round=n, examples=examples, preferences=preferences, pool=state.store.prompts(),
+                       gate_plan=state.store.get("gate_plan") or [],
                        label_seq=state.store.label_seq(), version=latest,
                        line=tuple(watch.line(state.policy_store, latest)), new_labels=state.new_labels(),
                        consumed=consumed, voters=voters)
@@ -514,6 +529,16 @@ def _reference_eval(state: TrainerState, evaluate, current: gate.PolicyEval) -> 
     if state.dist.is_main:
         state.store.set(key, asdict(figures))
     return figures
+
+
+def _answers_key(state: TrainerState, plan: list[list[dict]]) -> str:
+    """What decides the current policy's gate answers (gate.Answers): its version, the prompts, the sampling
+    noise and settings, the reference (their KL), the guard set, and the numerics (dtype, batches, ranks)."""
+    cfg = state.cfg
+    what = json.dumps([state.version, plan, cfg.gate.eval_seed, cfg.ppo.max_new_tokens, cfg.ppo.temperature,
+                       state.settings.max_prompt_tokens, cfg.ppo.reference_version, [asdict(g) for g in state.guard_set],
+                       str(state.dtype), cfg.ppo.forward_batch_size, state.dist.world], sort_keys=True)
+    return hashlib.sha256(what.encode()).hexdigest()
 
 
 def _gather_rollout(d: Dist, device: torch.device, **local: torch.Tensor) -> Rollout:

@@ -67,6 +67,7 @@ class TrainerState:
     publisher: Publisher | None = None
     guard_set: list = field(default_factory=list)  # gate.GuardPrompt: fixed prompts whose checks must not regress
     rm_features: FeatureCache | None = None  # reward.backbone=frozen: labelled answers' features, kept between rounds
+    gate_answers: dict = field(default_factory=dict)  # round._answers_key -> gate.Answers: the current policy's, kept
     stop: threading.Event = field(default_factory=threading.Event)
 
     @classmethod

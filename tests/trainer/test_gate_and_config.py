@@ -119,7 +119,20 @@ def test_guard_checks_and_the_builtin_set():
 
 
 def test_eval_plan_repeats_heldout_prompts_to_the_response_count():
-    assert eval_prompt_plan([["a"], ["b"]], 5) == [["a"], ["b"], ["a"], ["b"], ["a"]]
+    a, b = ("ka", ["a"]), ("kb", ["b"])
+    assert eval_prompt_plan([a, b], 5) == [a, b, a, b, a]
+
+
+def test_a_full_eval_plan_keeps_its_prompts_as_new_ones_arrive():
+    """Once more prompts are held out than the plan takes, last round's plan stays (a new prompt whose key sorts
+    first does not push one out), and a kept prompt no longer held out (pruned) is replaced by key order."""
+    pool = [(f"k{i}", [f"p{i}"]) for i in (3, 5, 7, 9)]
+    first = eval_prompt_plan(pool, 3)
+    assert [k for k, _ in first] == ["k3", "k5", "k7"]
+    grown = sorted(pool + [("k1", ["p1"]), ("k4", ["p4"])])
+    assert eval_prompt_plan(grown, 3, kept=[k for k, _ in first]) == first
+    pruned = [p for p in grown if p[0] != "k5"]
+    assert [k for k, _ in eval_prompt_plan(pruned, 3, kept=["k3", "k5", "k7"])] == ["k3", "k7", "k1"]
 
 
 @pytest.mark.parametrize("make", [
