@@ -48,7 +48,7 @@ def main() -> int:
     ap.add_argument("--rate", type=float, default=None, help="conversations/s (default: rlhf up's for the model)")
     ap.add_argument("--votes", type=int, default=2000)
     ap.add_argument("--minutes", type=float, default=15.0)
-    ap.add_argument("--round-labels", type=int, default=128)
+    ap.add_argument("--round-labels", type=int, default=None, help="new labels per round (default: rlhf up's for the model)")
     ap.add_argument("--kl-bound", type=float, default=None, help="the trainer's KL bound (default: its own)")
     ap.add_argument("--taste", default="cheerful", help="what the simulated users secretly like (core/tastes.py)")
     ap.add_argument("--algorithm", default=None, choices=["ppo", "grpo", "rloo", "kto", "dpo"],
@@ -65,8 +65,9 @@ def main() -> int:
     state = Path(tempfile.mkdtemp(prefix="bench-loop-state-"))
     toy = args.model == EMBEDDED_MODEL
     rate = args.rate if args.rate is not None else RUN_DEFAULTS["rate"][0 if toy else 1]
-    if args.algorithm is None:
-        args.algorithm = RUN_DEFAULTS["algorithm"][0 if toy else 1]
+    for name in ("algorithm", "round_labels"):
+        if getattr(args, name) is None:
+            setattr(args, name, RUN_DEFAULTS[name][0 if toy else 1])
     cfg = LoopConfig(
         # a known model is fetched and imported once into the benches' cache, not into each run's state dir
         state_dir=state, port=0, model=known_models.resolve(args.model, Path(__file__).resolve().parents[1] / ".rlhf" / "bench" / "models"),

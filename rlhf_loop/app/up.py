@@ -50,7 +50,11 @@ simulated users ({taste}, noise {noise}) are voting now; the trainer learns from
 # rollouts a round and a value head from zero: an advantage that is mostly noise), while RLOO, 8 prompts x 4
 # answers each judged against the other three, was promoted 4 times with approval rising every version
 # (docs/trainer.md, "A real model on a CPU")
-RUN_DEFAULTS = {"votes": (2000, 1500), "minutes": (15.0, 45.0), "rate": (3.0, 1.0), "algorithm": ("ppo", "rloo")}
+# A round per 64 new labels on a real model, not 128: its round beside the service (~100 s on 2 cores) is longer
+# than 64 labels take to come at a conversation a second, so the rounds run back to back, each on what came
+# during the last, instead of the trainer waiting idle for 128 (docs/trainer.md, "Round time on a CPU").
+RUN_DEFAULTS = {"votes": (2000, 1500), "minutes": (15.0, 45.0), "rate": (3.0, 1.0), "algorithm": ("ppo", "rloo"),
+                "round_labels": (128, 64)}
 REAL_MODEL_GROUP_ROLLOUTS = 32  # rloo/grpo on a real model: 8 prompts x ppo.group_size 4 a round
 
 
@@ -78,7 +82,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--rate", type=float, default=None,
                     help="conversations per second across all users (default 3; 1 on a real model, whose answers take longer)")
-    ap.add_argument("--round-labels", type=int, default=128, help="new votes that trigger a training round")
+    ap.add_argument("--round-labels", type=int, default=None,
+                    help="new votes that trigger a training round (default 128; 64 on a real model)")
     ap.add_argument("--keep-serving", action="store_true")
     args = ap.parse_args(argv)
     toy = args.model == EMBEDDED_MODEL

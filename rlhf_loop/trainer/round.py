@@ -579,7 +579,8 @@ def _finish(state: TrainerState, report: RoundReport, label_seq: int) -> RoundRe
     state.store.set("label_watermark", label_seq)
     state.store.set("kl_coef", state.kl_ctl.value)
     state.store.set("lr_scale", state.lr_scale)
-    state.store.set("budget_spent", report.budget.get("spent"))
+    if report.candidate:  # a round that trained no candidate (no labels, the judge refused) learnt nothing of it
+        state.store.set("budget_spent", report.budget.get("spent"))
     report.guard_streak = guard_streak(state.store.get("guard_streak") or 0, report)
     state.store.set("guard_streak", report.guard_streak)
     if (stall := guard_stall(report, state.cfg.gate)) is not None:

@@ -23,7 +23,7 @@ from prometheus_client import REGISTRY
 from rlhf_loop.core.broker import ensure_topics
 from rlhf_loop.trainer.cli import budget_spent
 from rlhf_loop.trainer.config import TrainerConfig
-from rlhf_loop.trainer.round import RoundReport, _spend_budget
+from rlhf_loop.trainer.round import RoundReport, _finish, _spend_budget
 from rlhf_loop.trainer.state import TrainerState
 from trainer_helpers import rounds_on, sample_interactions, votes_for
 
@@ -112,3 +112,20 @@ def test_the_budget_is_spent_only_for_want_of_kl(failed, scale_backs, spent):
     if spent:
         grounds = "its KL was over the bound" if failed == "kl" else "scaled back 3 times (1/8 of its update)"
         assert grounds in report.budget["spent"]["why"] and reason in report.budget["spent"]["why"]
+
+
+def test_a_round_that_trains_nothing_keeps_the_spent_budget(settings, tmp_path):
+    """A round with no candidate (the judge refused its reward model, or no labels yet) says nothing about the
+    KL budget: the flag a trained round stored stays, and `--once` or the loop still see it spent."""
+    from rlhf_loop.trainer.store import LabelStore
+
+    store = LabelStore(tmp_path / "labels.sqlite", late_vote_window_s=60.0, dedupe_window_s=60.0, prompt_pool_size=100)
+    flag = {"version": 3, "bound": 8.0, "serving_kl": 7.5, "why": "..."}
+    store.set("budget_spent", flag)
+    state = SimpleNamespace(cfg=TrainerConfig(), dist=SimpleNamespace(is_main=True), store=store, lr_scale=1.0,
+                            kl_ctl=SimpleNamespace(value=0.2), rounds_path=tmp_path / "rounds.jsonl")
+    refused = RoundReport(round=4, trigger_time=0.0, kl_bound=8.0, reward_model={"accuracy": 0.5, "auroc": 0.5},
+                          reason="reward model cannot yet predict held-out votes")
+    _finish(state, refused, label_seq=10)
+    assert store.get("budget_spent") == flag
+    store.close()
