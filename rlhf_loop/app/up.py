@@ -50,9 +50,10 @@ simulated users ({taste}, noise {noise}) are voting now; the trainer learns from
 # rollouts a round and a value head from zero: an advantage that is mostly noise), while RLOO, 8 prompts x 4
 # answers each judged against the other three, was promoted 4 times with approval rising every version
 # (docs/trainer.md, "A real model on a CPU")
-# A round per 64 new labels on a real model, not 128: its round beside the service (~100 s on 2 cores) is longer
+# A round per 64 new labels on a real model, not 128: its round beside the service (124-144 s on 2 cores) is longer
 # than 64 labels take to come at a conversation a second, so the rounds run back to back, each on what came
-# during the last, instead of the trainer waiting idle for 128 (docs/trainer.md, "Round time on a CPU").
+# during the last, and while the judge still refuses (a round of seconds) it looks twice as often
+# (docs/trainer.md, "The gate's answers kept, and a round per 64 new labels").
 RUN_DEFAULTS = {"votes": (2000, 1500), "minutes": (15.0, 45.0), "rate": (3.0, 1.0), "algorithm": ("ppo", "rloo"),
                 "round_labels": (128, 64)}
 REAL_MODEL_GROUP_ROLLOUTS = 32  # rloo/grpo on a real model: 8 prompts x ppo.group_size 4 a round
