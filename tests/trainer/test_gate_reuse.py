@@ -65,9 +65,9 @@ def test_the_current_policys_gate_answers_are_kept_and_are_what_it_answers(setti
         (key2, kept2), = state.gate_answers.items()
         assert key2 != key and key2 == _answers_key(state, plan)  # the new version's, on the same plan
         assert kept2.prompts == plan
+        kept_figures = gate.score_answers(kept2, lambda p, t: torch.zeros(len(t)), batch_size=4)
         for name in ("kl_to_ref", "length", "distinct_2"):
-            assert second.candidate[name] == gate.score_answers(kept2, lambda p, t: torch.zeros(len(t)),
-                                                                batch_size=4).__getattribute__(name), name
+            assert second.candidate[name] == getattr(kept_figures, name), name
         now = fresh_answers(state, plan)  # v1, the candidate it promoted, sampled now
         assert now.texts == kept2.texts and now.tokens == kept2.tokens
         assert now.length == kept2.length
