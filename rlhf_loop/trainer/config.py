@@ -140,6 +140,11 @@ class RewardConfig:
     over votes); 1 read held-out votes best of 0.03-10 on SmolLM2's answers (docs/trainer.md)."""
     head_max_iter: int = 100
     """backbone=frozen: L-BFGS iterations of the head's fit, from zero, every round."""
+    judge_folds: int = 5
+    """backbone=frozen: the judge's AUROC (gate.min_rm_auroc) k-fold cross-validated over every vote, the
+    held-out split one of the folds (k - 1 more head fits a round, each a fraction of a second); 1: on the
+    held-out split alone, as with backbone=tuned, where a fit is a training run. The served head never sees
+    the held-out split either way."""
 
     lr: float = 3e-4
     """AdamW learning rate. OpenRLHF's RM default is 9e-6 for 7B models; the 0.7M embedded
@@ -184,7 +189,7 @@ class RewardConfig:
 
     def __post_init__(self) -> None:
         _positive(self, "lr", "batch_size", "epochs", "max_steps", "max_pairs_per_prompt", "max_grad_norm", "max_length",
-                  "head_max_iter")
+                  "head_max_iter", "judge_folds")
         _non_negative(self, "pairwise_weight", "preference_weight", "weight_decay", "feature_layer", "head_l2")
         if not 0.0 < self.heldout_fraction < 1.0:
             raise ValueError(f"reward.heldout_fraction must be in (0, 1), got {self.heldout_fraction}")

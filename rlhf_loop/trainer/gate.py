@@ -239,7 +239,7 @@ def judge_checks(judge: dict, cfg: GateConfig) -> dict[str, Check]:
 
 def _judge(judge: dict, cfg: GateConfig) -> dict[str, Check]:
     """Can the reward model predict held-out labels? Each kind it can be measured on must say so: thumbs by
-    AUROC (rm_auroc), preferences by pairwise accuracy (rm_pair_accuracy), each at its lower confidence
+    AUROC (rm_auroc: on the held-out split, or cross-validated over every vote: RewardMetrics.auroc_folds), preferences by pairwise accuracy (rm_pair_accuracy), each at its lower confidence
     bound. With held-out preferences but no held-out thumbs of both kinds, rm_auroc is skipped (passes,
     with the reason on the summary line) and preferences alone decide; with neither, rm_auroc fails."""
     out = {}
@@ -249,9 +249,12 @@ def _judge(judge: dict, cfg: GateConfig) -> dict[str, Check]:
             f"judge's AUROC not checked: no held-out thumbs of both kinds; judged on "
             f"{judge['heldout_preferences']} held-out preferences"))
     elif cfg.min_rm_auroc:
+        folds = judge.get("auroc_folds", 1)
+        how = f"{folds}-fold AUROC" if folds > 1 else "AUROC"
+        votes = judge.get("heldout_up", 0) + judge.get("heldout_down", 0)
         out["rm_auroc"] = _check(auroc_lcb is not None and auroc_lcb >= cfg.min_rm_auroc, auroc_lcb, cfg.min_rm_auroc,
-                                 "reward model cannot yet predict held-out votes: AUROC "
-                                 f"{judge.get('auroc', math.nan):.2f} (95% lower bound "
+                                 f"reward model cannot yet predict held-out votes: {how} "
+                                 f"{judge.get('auroc', math.nan):.2f} on {votes} votes (95% lower bound "
                                  f"{math.nan if auroc_lcb is None else auroc_lcb:.2f}) < {cfg.min_rm_auroc:g}")
     if cfg.min_rm_pair_accuracy and pair_lcb is not None:
         out["rm_pair_accuracy"] = _check(

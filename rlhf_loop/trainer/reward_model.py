@@ -97,10 +97,14 @@ def _last_user(messages: list[dict]) -> str:
 # ---------------------------------------------------------------------------- training
 
 
+def _bucket(response_id: str) -> float:
+    """A response's place in [0, 1), the same in every round: what the splits are cut from."""
+    return int.from_bytes(hashlib.sha256(response_id.encode()).digest()[:8], "big") / 2**64
+
+
 def is_heldout(response_id: str, fraction: float) -> bool:
     """Stable split: the same response is held out in every round."""
-    bucket = int.from_bytes(hashlib.sha256(response_id.encode()).digest()[:8], "big") / 2**64
-    return bucket < fraction
+    return _bucket(response_id) < fraction
 
 
 def is_heldout_pair(p: PreferencePair, fraction: float) -> bool:
@@ -208,8 +212,10 @@ class RewardMetrics:
     steps: int
     loss: float
     accuracy: float  # held-out, sign(score) vs sign(rating); nan without held-out labels
-    auroc: float  # held-out; nan unless both classes are present
+    auroc: float  # held-out (the judge's figure); nan unless both classes are present
     auroc_lcb: float | None = None  # its lower 95 % confidence bound for this many held-out up / down labels
+    auroc_folds: int = 1  # 1: on the held-out split; k > 1: cross-validated, every label scored by a head fit
+    # without its fold (RewardConfig.judge_folds), heldout_up / _down then count every label
     heldout_up: int = 0
     heldout_down: int = 0
     approval_gap: float | None = None  # |predicted - live approval| on held-out answers of approval_gap_versions
@@ -379,7 +385,12 @@ def train_reward_head(
     both answers of each preference; split across ranks, gathered), then the head fitted from scratch on
     every training label (full batch, L-BFGS from zero, deterministic: every rank finds the same head from
     the same labels, and no warm start drifts), then the held-out figures (thumbs and preferences) from the
-    cached states."""
+    cached states. With reward.judge_folds = k > 1 the judge's AUROC is k-fold cross-validated: k - 1 more heads,
+    each fit without one fold of the training split (and with the held-out one), score that fold, and the
+    AUROC (and its lower bound) is taken over every vote at once. The served head is fit as without it, and its
+    accuracy, approval gap and pairwise figures stay on the held-out split. A head's fit costs a fraction of a
+    second on cached features; the judge's bound, from k times the held-out votes, is that much tighter (the
+    first rounds' held-out split has a few dozen votes: docs/trainer.md, "The judge, cross-validated")."""
     device = rm.device
     new = cache.missing(examples, preferences)
     if progress is not None:
@@ -402,52 +413,99 @@ def train_reward_head(
     heldout = [e for e in examples if is_heldout(e.response_id, cfg.heldout_fraction)]
     train_prefs = [p for p in preferences if not is_heldout_pair(p, cfg.heldout_fraction)]
     heldout_prefs = [p for p in preferences if is_heldout_pair(p, cfg.heldout_fraction)]
+    labelled = [e for e in heldout if e.rating != 0]
+    # the judge's folds first (each fit overwrites the head), the served head last
+    folded = [(e, s) for j in range(1, cfg.judge_folds) for e, s in _fold_scores(rm, cache, examples, preferences, j, cfg)]
+    loss, steps, pairs, train_prefs = _fit_head(rm, cache, train, train_prefs, cfg)
+    metrics = RewardMetrics(len(train), len(heldout), pairs, steps, loss, float("nan"), float("nan"),
+                            train_preferences=len(train_prefs))
+    compared = [a for p in heldout_prefs if not p.tie for a in (p.chosen, p.rejected)]
+    with torch.no_grad():
+        scores = rm.head_scores(*cache.get(labelled)).cpu() if labelled else torch.zeros(0)
+        pair_scores = rm.head_scores(*cache.get(compared)).cpu() if compared else torch.zeros(0)
+    metrics = heldout_metrics(metrics, labelled, scores, cfg, gap_versions, pair_scores.view(-1, 2))
+    if cfg.judge_folds > 1 and labelled + [e for e, _ in folded]:
+        # the judge's AUROC: every label's score from the head that did not see it (the served head's for
+        # the held-out fold), over all of them at once
+        y = torch.tensor([e.rating > 0 for e in labelled] + [e.rating > 0 for e, _ in folded])
+        pooled = torch.cat([scores, torch.tensor([s for _, s in folded])])
+        metrics.auroc_folds = cfg.judge_folds
+        metrics.auroc = binary_auroc(pooled, y)
+        metrics.heldout_up, metrics.heldout_down = int(y.sum()), int((~y).sum())
+        metrics.auroc_lcb = auroc_lower_bound(metrics.auroc, metrics.heldout_up, metrics.heldout_down)
+    return metrics
+
+
+def fold(response_id: str, fraction: float, folds: int) -> int:
+    """The response's fold for the judge's cross-validation (RewardConfig.judge_folds): 0 is the held-out
+    split (is_heldout), the training split is shared evenly among 1 .. folds - 1, by the same stable hash."""
+    bucket = _bucket(response_id)
+    if bucket < fraction or folds < 2:
+        return 0
+    return 1 + min(folds - 2, int((bucket - fraction) / (1 - fraction) * (folds - 1)))
+
+
+def _fold_scores(rm: FeatureRewardModel, cache: FeatureCache, examples: list[Example],
+                 preferences: list[PreferencePair], j: int, cfg: RewardConfig) -> list[tuple[Example, float]]:
+    """Fit the head on every label outside fold `j` (the held-out fold's included: as many labels as the served
+    head fits on) and score fold j's thumbs with it: (example, score) of each up or down vote in fold j."""
+    def in_fold(response_id: str) -> bool:
+        return fold(response_id, cfg.heldout_fraction, cfg.judge_folds) == j
+
+    thumbs = [e for e in examples if not in_fold(e.response_id)]
+    prefs = [p for p in preferences if not (in_fold(p.chosen.response_id) or in_fold(p.rejected.response_id))]
+    scored = [e for e in examples if in_fold(e.response_id) and e.rating != 0]
+    if not scored:
+        return []
+    _fit_head(rm, cache, thumbs, prefs, cfg)
+    with torch.no_grad():
+        return list(zip(scored, rm.head_scores(*cache.get(scored)).cpu().tolist()))
+
+
+def _fit_head(rm: FeatureRewardModel, cache: FeatureCache, train: list[Example], train_prefs: list[PreferencePair],
+              cfg: RewardConfig) -> tuple[float, int, int, list[PreferencePair]]:
+    """The head fitted from zero on these thumbs and preferences (their states in `cache`): the standardisation
+    from their tokens, then L-BFGS on the full batch. (loss, L-BFGS iterations, pairs, preferences used)."""
+    device = rm.device
     if cfg.pairwise_weight > 0:
         pairs = all_pairs(make_pairs(train, cfg.max_pairs_per_prompt, random.Random(0)), train_prefs, len(train),
                           cfg.preference_weight)
     else:
         pairs, train_prefs = [], []
-    metrics = RewardMetrics(len(train), len(heldout), len(pairs), 0, float("nan"), float("nan"), float("nan"),
-                            train_preferences=len(train_prefs))
-    if train or train_prefs:
-        # rows: the thumbs, then each preference's chosen and rejected answer (all_pairs' numbering)
-        states, mask = cache.get(train + [a for p in train_prefs for a in (p.chosen, p.rejected)])  # (N + 2P, T, H)
-        states, mask = states.to(device), mask.to(device)
-        with torch.no_grad():
-            real_tokens = states[mask]
-            rm.shift.copy_(real_tokens.mean(0))
-            rm.scale.copy_(real_tokens.std(0, unbiased=False) + 1e-4)
-            for p in rm.head_parameters():
-                torch.nn.init.zeros_(p)
-            z = rm.standardise(states)
-            pooled = rm.pool(z, mask)  # fixed during the fit: computed once
-        ratings = torch.tensor([e.rating for e in train], dtype=torch.float32, device=device)
-        weights = torch.tensor([e.n_votes for e in train], dtype=torch.float32, device=device)
-        liked = torch.tensor([p.better for p in pairs], dtype=torch.long, device=device)
-        disliked = torch.tensor([p.worse for p in pairs], dtype=torch.long, device=device)
-        pair_targets = torch.tensor([p.target for p in pairs], dtype=torch.float32, device=device)
-        pair_weights = torch.tensor([p.weight for p in pairs], dtype=torch.float32, device=device)
-        params = rm.head_parameters()
-        opt = torch.optim.LBFGS(params, lr=1.0, max_iter=cfg.head_max_iter, line_search_fn="strong_wolfe")
-        n = len(train)
-
-        def loss_fn() -> torch.Tensor:
-            opt.zero_grad()
-            s = rm.scores(z, mask, pooled)
-            loss, _, _ = reward_loss(s[:n], ratings, weights, cfg.pointwise_loss, s[liked], s[disliked],
-                                     cfg.pairwise_weight, pair_weights=pair_weights, pair_targets=pair_targets)
-            loss = loss + cfg.head_l2 * (rm.token.weight.square().sum() + rm.pooled.weight.square().sum()) / 2
-            loss.backward()
-            return loss
-
-        metrics.loss = opt.step(loss_fn).item()
-        metrics.steps = opt.state[params[0]]["n_iter"]
-    labelled = [e for e in heldout if e.rating != 0]
-    compared = [a for p in heldout_prefs if not p.tie for a in (p.chosen, p.rejected)]
+    if not (train or train_prefs):
+        return float("nan"), 0, len(pairs), train_prefs
+    # rows: the thumbs, then each preference's chosen and rejected answer (all_pairs' numbering)
+    states, mask = cache.get(train + [a for p in train_prefs for a in (p.chosen, p.rejected)])  # (N + 2P, T, H)
+    states, mask = states.to(device), mask.to(device)
     with torch.no_grad():
-        scores = rm.head_scores(*cache.get(labelled)).cpu() if labelled else torch.zeros(0)
-        pair_scores = rm.head_scores(*cache.get(compared)).cpu() if compared else torch.zeros(0)
-    return heldout_metrics(metrics, labelled, scores, cfg, gap_versions, pair_scores.view(-1, 2))
+        real_tokens = states[mask]
+        rm.shift.copy_(real_tokens.mean(0))
+        rm.scale.copy_(real_tokens.std(0, unbiased=False) + 1e-4)
+        for p in rm.head_parameters():
+            torch.nn.init.zeros_(p)
+        z = rm.standardise(states)
+        pooled = rm.pool(z, mask)  # fixed during the fit: computed once
+    ratings = torch.tensor([e.rating for e in train], dtype=torch.float32, device=device)
+    weights = torch.tensor([e.n_votes for e in train], dtype=torch.float32, device=device)
+    liked = torch.tensor([p.better for p in pairs], dtype=torch.long, device=device)
+    disliked = torch.tensor([p.worse for p in pairs], dtype=torch.long, device=device)
+    pair_targets = torch.tensor([p.target for p in pairs], dtype=torch.float32, device=device)
+    pair_weights = torch.tensor([p.weight for p in pairs], dtype=torch.float32, device=device)
+    params = rm.head_parameters()
+    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=cfg.head_max_iter, line_search_fn="strong_wolfe")
+    n = len(train)
+
+    def loss_fn() -> torch.Tensor:
+        opt.zero_grad()
+        s = rm.scores(z, mask, pooled)
+        loss, _, _ = reward_loss(s[:n], ratings, weights, cfg.pointwise_loss, s[liked], s[disliked],
+                                 cfg.pairwise_weight, pair_weights=pair_weights, pair_targets=pair_targets)
+        loss = loss + cfg.head_l2 * (rm.token.weight.square().sum() + rm.pooled.weight.square().sum()) / 2
+        loss.backward()
+        return loss
+
+    loss = opt.step(loss_fn).item()
+    return loss, opt.state[params[0]]["n_iter"], len(pairs), train_prefs
 
 
 def heldout_metrics(metrics: RewardMetrics, labelled: list[Example], scores: torch.Tensor, cfg: RewardConfig,

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from rlhf_loop.trainer.config import TrainerConfig
 from rlhf_loop.trainer.reward_model import is_heldout
 from rlhf_loop.trainer.state import TrainerState
@@ -20,12 +22,13 @@ from trainer_helpers import rounds_on, sample_interactions
 from rlhf_loop.core.contracts import Feedback, feedback_id_for
 
 
-def test_a_reward_model_at_chance_promotes_nothing(settings, base_model_dir):
+@pytest.mark.parametrize("backbone", ["tuned", "frozen"])
+def test_a_reward_model_at_chance_promotes_nothing(settings, base_model_dir, backbone):
     interactions = sample_interactions(base_model_dir, 192, seed=21)
     rng = random.Random(5)
     noise = [Feedback(feedback_id=feedback_id_for(it.response_id, 0, None, "u"), response_id=it.response_id,
                       rating=rng.choice([1, -1]), user="u") for it in interactions]
-    cfg = TrainerConfig().replace(reward={"max_steps": 12}, gate={"eval_responses": 32})
+    cfg = TrainerConfig().replace(reward={"max_steps": 12, "backbone": backbone}, gate={"eval_responses": 32})
     state = TrainerState.open(settings, cfg)
     try:
         reports = rounds_on(state, settings, interactions, noise, rounds=3, per_round=64)
@@ -38,6 +41,9 @@ def test_a_reward_model_at_chance_promotes_nothing(settings, base_model_dir):
         judge = r.checks["rm_auroc"]
         assert not judge["passed"] and judge["value"] < 0.6, judge
         assert "reward model cannot yet predict held-out votes" in r.reason
+        if backbone == "frozen":  # the head's AUROC is cross-validated over every vote (reward.judge_folds)
+            assert r.reward_model["heldout_up"] + r.reward_model["heldout_down"] == r.labels
+            assert f"5-fold AUROC {r.reward_model['auroc']:.2f} on {r.labels} votes" in r.reason
         # asked before any policy trained: no rollouts, no training, no gate evaluation, no candidate
         assert not r.candidate and not {"rollout", "ppo", "gate"} & set(r.seconds), r.seconds
         assert "no candidate: reward model cannot yet predict" in r.summary()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 
@@ -13,8 +14,8 @@ from rlhf_loop.core.models import ensure_policy_store
 from rlhf_loop.trainer.config import RewardConfig, TrainConfig
 from rlhf_loop.trainer.networks import Networks
 from rlhf_loop.trainer.reward_model import (
-    FeatureCache, binary_auroc, encode, is_heldout, make_pairs, reward_loss, rule_reward, score, train_reward_head,
-    train_reward_model,
+    FeatureCache, binary_auroc, encode, fold, is_heldout, make_pairs, reward_loss, rule_reward, score,
+    train_reward_head, train_reward_model,
 )
 from rlhf_loop.trainer.store import Example
 
@@ -76,6 +77,15 @@ def test_heldout_split_is_stable_and_about_the_fraction():
     # would move examples between training and held-out data from one round to the next
     assert [is_heldout(r, 0.2) for r in ids[:12]] == [True, True, False, False, False, True,
                                                        False, False, False, False, True, False]
+
+
+def test_the_judges_folds_are_the_heldout_split_and_even_shares_of_the_rest():
+    ids = [f"chatcmpl-{i:024x}-x" for i in range(5000)]
+    folds = [fold(r, 0.2, 5) for r in ids]
+    assert [f == 0 for f in folds] == [is_heldout(r, 0.2) for r in ids]  # fold 0 is the held-out split
+    for k in range(1, 5):
+        assert 0.17 < folds.count(k) / len(ids) < 0.23
+    assert set(fold(r, 0.1, 3) for r in ids) == {0, 1, 2} and {fold(r, 0.2, 1) for r in ids} == {0}
 
 
 def test_rule_reward_scores_plus_minus_one():
@@ -202,3 +212,45 @@ def test_frozen_features_stop_at_their_layer_and_equal_the_whole_forwards(random
     finally:
         handle.remove()
     torch.testing.assert_close(early, whole, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("model", ["embedded", "llama-135m"])
+def test_the_judges_cross_validated_auroc_counts_every_vote_and_sees_no_fold_it_scores(
+        base_model_dir, random_model, tmp_path, model):
+    """reward.judge_folds: the judge's AUROC from every vote, each scored by a head fit without it.
+    - On a learnable taste with one vote in five flipped and a first round's few labels, it counts all of them
+      (the held-out split alone has under 20) and its lower bound clears the judge's 0.6; the served head is
+      the same head either way.
+    - On coin-flip votes, a head that can memorise them (tiny L2: it scores its own training votes near
+      perfectly) still gets a cross-validated AUROC near chance: no fold is scored by a head that saw it."""
+    from rlhf_loop.core.models import load_tokenizer
+
+    model_dir = base_model_dir if model == "embedded" else random_model(model)
+    tok = load_tokenizer(model_dir, Settings(device="cpu"))
+    rm = reward_model(model_dir, tmp_path, "lora", backbone="frozen")
+    flip = random.Random(1)  # votes as users give them: one in five against the taste
+    examples = [dataclasses.replace(e, rating=-e.rating if flip.random() < 0.2 else e.rating)
+                for e in tone_examples(96, seed=3)]
+    cache = FeatureCache("test")
+    folds = train_reward_head(rm, tok, examples, RewardConfig(backbone="frozen", batch_size=32), cache)
+    served = rm.head_scores(*cache.get(examples))
+    alone = train_reward_head(rm, tok, examples, RewardConfig(backbone="frozen", judge_folds=1), cache)
+    torch.testing.assert_close(rm.head_scores(*cache.get(examples)), served)  # the folds' fits left no trace
+    assert (folds.auroc_folds, alone.auroc_folds) == (5, 1)
+    assert folds.heldout_up + folds.heldout_down == 96
+    assert alone.heldout_up + alone.heldout_down == alone.heldout_examples < 20
+    assert folds.auroc >= 0.7 and folds.auroc_lcb >= 0.6, folds  # the judge's bound, from all 96 votes
+    assert folds.accuracy == alone.accuracy and folds.train_examples == alone.train_examples  # served figures
+
+    rng = random.Random(0)
+    coins = [dataclasses.replace(e, rating=rng.choice([1.0, -1.0])) for e in tone_examples(160, seed=4)]
+    cfg = RewardConfig(backbone="frozen", head_l2=1e-4, pairwise_weight=0)
+    coin_cache = FeatureCache("test")
+    blind = train_reward_head(rm, tok, coins, cfg, coin_cache)
+    trained = [e for e in coins if not is_heldout(e.response_id, cfg.heldout_fraction)]
+    with torch.no_grad():  # the served head, on the votes it was fit on
+        own = binary_auroc(rm.head_scores(*coin_cache.get(trained)), torch.tensor([e.rating > 0 for e in trained]))
+    assert own > 0.95  # it memorised what it trained on
+    assert blind.heldout_up + blind.heldout_down == 160 and abs(blind.auroc - 0.5) < 0.12, blind
+    assert blind.auroc_lcb < 0.6
+
