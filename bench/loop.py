@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shlex
 import shutil
 import sys
 import tempfile
@@ -61,6 +62,8 @@ def main() -> int:
     ap.add_argument("--at", type=int, nargs="*", default=[1000],
                     help="also report the run as it stood at these vote counts (to compare with shorter runs)")
     ap.add_argument("--out", default=None, help="results name (default loop-<device>, or loop-<taste>-<device>)")
+    ap.add_argument("--trainer-flags", default="",
+                    help="more `rlhf train` flags, after the run's own (they win): e.g. '--ppo.rollout_prompts 16'")
     args = ap.parse_args()
     state = Path(tempfile.mkdtemp(prefix="bench-loop-state-"))
     toy = args.model == EMBEDDED_MODEL
@@ -72,7 +75,7 @@ def main() -> int:
         # a known model is fetched and imported once into the benches' cache, not into each run's state dir
         state_dir=state, port=0, model=known_models.resolve(args.model, Path(__file__).resolve().parents[1] / ".rlhf" / "bench" / "models"),
         train_min_labels=args.round_labels,
-        trainer_args=(*trainer_args(args.algorithm, toy), "--ppo.seed", str(args.seed)),
+        trainer_args=(*trainer_args(args.algorithm, toy), "--ppo.seed", str(args.seed), *shlex.split(args.trainer_flags)),
         stats_at_votes=tuple(args.at),
         sim=SimConfig(taste=args.taste, prompts="toy" if toy else "assistant", noise=0.1, users=16, concurrency=4,
                       rate=rate, seed=args.seed, labels=args.labels,

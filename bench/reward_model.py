@@ -12,7 +12,8 @@ real model: model_defaults) and trained by it:
   tuned   reward.backbone=tuned: its LoRA adapter and head, warm-started, reward.max_steps steps a round
   frozen  reward.backbone=frozen: the head on the frozen base's features, each label's computed once
 After every round: held-out AUROC against the votes and against the taste itself (the noise-free
-truth), and the round's seconds. Prints the table and saves bench/results/reward_model-<cpu>.json.
+truth), the judge's own figure (the frozen head's: cross-validated over every vote, reward.judge_folds;
+the tuned model's: the held-out split's) with its 95 % lower bound, and the round's seconds. Prints the table and saves bench/results/reward_model-<cpu>.json.
 """
 
 from __future__ import annotations
@@ -125,11 +126,22 @@ def run(backbone: str, model_dir: Path, examples: list[Example], truth: list[boo
         s = score(nets.reward, tok, [seen[i].messages for i in held], [seen[i].completion for i in held],
                   max_length=cfg.reward.max_length, autocast_dtype=dtype).cpu()
         true_auroc = binary_auroc(s, torch.tensor([truth[i] for i in held]))
-        row = {"backbone": backbone, "labels": end, "heldout": len(held), "auroc_votes": m.auroc,
-               "auroc_taste": true_auroc, "round_s": seconds, "steps": m.steps}
+        heldout_auroc = binary_auroc(s, torch.tensor([seen[i].rating > 0 for i in held]))
+        row = {"backbone": backbone, "labels": end, "heldout": len(held), "auroc_votes": heldout_auroc,
+               "auroc_taste": true_auroc, "judge_auroc": m.auroc, "judge_lcb": m.auroc_lcb,
+               "judge_votes": m.heldout_up + m.heldout_down, "judge_folds": m.auroc_folds,
+               "round_s": seconds, "steps": m.steps}
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows
+
+
+def judge(row: dict | None) -> str:
+    """The judge's figure: AUROC (lower bound) on how many votes; the judge passes at a bound of 0.6."""
+    if row is None:
+        return "-"
+    bound = "-" if row["judge_lcb"] is None else f"{row['judge_lcb']:.2f}"
+    return f"{row['judge_auroc']:.2f} ({bound}) on {row['judge_votes']}"
 
 
 def main() -> int:
@@ -151,14 +163,16 @@ def main() -> int:
         examples, truth = examples_for(rows, taste, args.noise, args.seed)
         for backbone in args.backbones:
             results += [{"taste": taste, **r} for r in run(backbone, model_dir, examples, truth, args)]
-    print("\n| taste | labels | frozen AUROC (votes / taste) | tuned AUROC (votes / taste) | frozen s/round | tuned s/round |")
-    print("|---|---|---|---|---|---|")
+    print("\n| taste | labels | frozen AUROC (votes / taste) | tuned AUROC (votes / taste) | judge's AUROC, bound: frozen "
+          "| tuned | frozen s/round | tuned s/round |")
+    print("|---|---|---|---|---|---|---|---|")
     for taste in args.tastes:
         for n in sorted({r["labels"] for r in results}):
             by = {r["backbone"]: r for r in results if r["taste"] == taste and r["labels"] == n}
             cell = lambda b, f: f"{by[b][f]:.2f}" if b in by else "-"  # noqa: E731
             print(f"| {taste} | {n} | {cell('frozen', 'auroc_votes')} / {cell('frozen', 'auroc_taste')} | "
                   f"{cell('tuned', 'auroc_votes')} / {cell('tuned', 'auroc_taste')} | "
+                  f"{judge(by.get('frozen'))} | {judge(by.get('tuned'))} | "
                   f"{cell('frozen', 'round_s')} | {cell('tuned', 'round_s')} |")
     device = _timing.device_name(torch.device("cpu"))
     out = _timing.save_json({**_timing.environment(torch.device("cpu")), "args": vars(args), "rows": results},

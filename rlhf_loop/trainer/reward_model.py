@@ -385,7 +385,8 @@ def train_reward_head(
     both answers of each preference; split across ranks, gathered), then the head fitted from scratch on
     every training label (full batch, L-BFGS from zero, deterministic: every rank finds the same head from
     the same labels, and no warm start drifts), then the held-out figures (thumbs and preferences) from the
-    cached states. With reward.judge_folds = k > 1 the judge's AUROC is k-fold cross-validated: k - 1 more heads,
+    cached states. With reward.judge_folds = k > 1 (and while the held-out split has fewer than
+    reward.judge_folds_until up and down votes) the judge's AUROC is k-fold cross-validated: k - 1 more heads,
     each fit without one fold of the training split (and with the held-out one), score that fold, and the
     AUROC (and its lower bound) is taken over every vote at once. The served head is fit as without it, and its
     accuracy, approval gap and pairwise figures stay on the held-out split. A head's fit costs a fraction of a
@@ -414,8 +415,10 @@ def train_reward_head(
     train_prefs = [p for p in preferences if not is_heldout_pair(p, cfg.heldout_fraction)]
     heldout_prefs = [p for p in preferences if is_heldout_pair(p, cfg.heldout_fraction)]
     labelled = [e for e in heldout if e.rating != 0]
-    # the judge's folds first (each fit overwrites the head), the served head last
-    folded = [(e, s) for j in range(1, cfg.judge_folds) for e, s in _fold_scores(rm, cache, examples, preferences, j, cfg)]
+    # the judge's folds first (each fit overwrites the head), the served head last; only while the held-out split
+    # is small (judge_folds_until: a decision on its size, never on what it says)
+    folds = cfg.judge_folds if not cfg.judge_folds_until or len(labelled) < cfg.judge_folds_until else 1
+    folded = [(e, s) for j in range(1, folds) for e, s in _fold_scores(rm, cache, examples, preferences, j, cfg)]
     loss, steps, pairs, train_prefs = _fit_head(rm, cache, train, train_prefs, cfg)
     metrics = RewardMetrics(len(train), len(heldout), pairs, steps, loss, float("nan"), float("nan"),
                             train_preferences=len(train_prefs))
@@ -424,12 +427,12 @@ def train_reward_head(
         scores = rm.head_scores(*cache.get(labelled)).cpu() if labelled else torch.zeros(0)
         pair_scores = rm.head_scores(*cache.get(compared)).cpu() if compared else torch.zeros(0)
     metrics = heldout_metrics(metrics, labelled, scores, cfg, gap_versions, pair_scores.view(-1, 2))
-    if cfg.judge_folds > 1 and labelled + [e for e, _ in folded]:
+    if folds > 1 and labelled + [e for e, _ in folded]:
         # the judge's AUROC: every label's score from the head that did not see it (the served head's for
         # the held-out fold), over all of them at once
         y = torch.tensor([e.rating > 0 for e in labelled] + [e.rating > 0 for e, _ in folded])
         pooled = torch.cat([scores, torch.tensor([s for _, s in folded])])
-        metrics.auroc_folds = cfg.judge_folds
+        metrics.auroc_folds = folds
         metrics.auroc = binary_auroc(pooled, y)
         metrics.heldout_up, metrics.heldout_down = int(y.sum()), int((~y).sum())
         metrics.auroc_lcb = auroc_lower_bound(metrics.auroc, metrics.heldout_up, metrics.heldout_down)

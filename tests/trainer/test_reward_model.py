@@ -241,6 +241,10 @@ def test_the_judges_cross_validated_auroc_counts_every_vote_and_sees_no_fold_it_
     assert alone.heldout_up + alone.heldout_down == alone.heldout_examples < 20
     assert folds.auroc >= 0.7 and folds.auroc_lcb >= 0.6, folds  # the judge's bound, from all 96 votes
     assert folds.accuracy == alone.accuracy and folds.train_examples == alone.train_examples  # served figures
+    # once the held-out split alone has judge_folds_until votes, it is the judge's figure again
+    enough = train_reward_head(rm, tok, examples, RewardConfig(backbone="frozen", judge_folds_until=alone.heldout_examples),
+                               cache)
+    assert (enough.auroc_folds, enough.auroc, enough.auroc_lcb) == (1, alone.auroc, alone.auroc_lcb)
 
     rng = random.Random(0)
     coins = [dataclasses.replace(e, rating=rng.choice([1.0, -1.0])) for e in tone_examples(160, seed=4)]
