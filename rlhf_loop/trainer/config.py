@@ -141,8 +141,8 @@ class RewardConfig:
     head_max_iter: int = 100
     """backbone=frozen: L-BFGS iterations of the head's fit, from zero, every round."""
     judge_folds: int = 5
-    """backbone=frozen: the judge's AUROC (gate.min_rm_auroc) k-fold cross-validated over every vote, the
-    held-out split one of the folds (k - 1 more head fits a round, each a fraction of a second); 1: on the
+    """backbone=frozen: the judge's AUROC (gate.min_rm_auroc) k-fold cross-validated over every vote (ups
+    against downs of the same fold: reward_model.within_fold_auroc), the held-out split one of the folds (k - 1 more head fits a round, each a fraction of a second); 1: on the
     held-out split alone, as with backbone=tuned, where a fit is a training run. The served head never sees
     the held-out split either way."""
     judge_folds_until: int = 100

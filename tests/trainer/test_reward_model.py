@@ -14,8 +14,8 @@ from rlhf_loop.core.models import ensure_policy_store
 from rlhf_loop.trainer.config import RewardConfig, TrainConfig
 from rlhf_loop.trainer.networks import Networks
 from rlhf_loop.trainer.reward_model import (
-    FeatureCache, binary_auroc, encode, fold, is_heldout, make_pairs, reward_loss, rule_reward, score,
-    train_reward_head, train_reward_model,
+    FeatureCache, auroc_lower_bound, binary_auroc, encode, fold, is_heldout, make_pairs, reward_loss, rule_reward, score,
+    train_reward_head, train_reward_model, within_fold_auroc,
 )
 from rlhf_loop.trainer.store import Example
 
@@ -86,6 +86,23 @@ def test_the_judges_folds_are_the_heldout_split_and_even_shares_of_the_rest():
     for k in range(1, 5):
         assert 0.17 < folds.count(k) / len(ids) < 0.23
     assert set(fold(r, 0.1, 3) for r in ids) == {0, 1, 2} and {fold(r, 0.2, 1) for r in ids} == {0}
+
+
+def test_the_cross_validated_auroc_ranks_ups_against_downs_of_their_own_fold():
+    """Two folds whose heads differ by an offset, each ranking its votes perfectly: 1.0, where pooling every
+    vote would mix the offsets into the ranking. Weighted by each fold's pairs; the bound from the folds'
+    Hanley-McNeil variances (a single fold: exactly auroc_lower_bound)."""
+    up, down = torch.tensor([True, True, False, False]), torch.tensor([True, False, False, False])
+    a = (torch.tensor([11.0, 12.0, 10.0, 9.0]), up)  # fold scored around +10
+    b = (torch.tensor([-9.0, -11.0, -10.0, -12.0]), down)  # around -10
+    pooled = binary_auroc(torch.cat([a[0], b[0]]), torch.cat([up, down]))
+    auroc, bound, ups, downs = within_fold_auroc([a, b])
+    assert (auroc, ups, downs) == (1.0, 3, 5) and pooled < 0.9
+    half = (torch.tensor([1.0, 0.0, 0.5, 0.5]), up)  # AUROC 0.5 on 4 pairs
+    assert within_fold_auroc([a, half])[0] == pytest.approx((4 * 1.0 + 4 * 0.5) / 8)
+    c = (torch.tensor([0.9, 0.1, 0.8, 0.3, 0.7, 0.2]), torch.tensor([True, False, True, False, False, True]))
+    assert within_fold_auroc([c])[1] == pytest.approx(auroc_lower_bound(binary_auroc(*c), 3, 3))
+    assert within_fold_auroc([(torch.tensor([1.0]), torch.tensor([True]))])[:2] == (pytest.approx(float("nan"), nan_ok=True), None)
 
 
 def test_rule_reward_scores_plus_minus_one():
