@@ -75,7 +75,7 @@ def main() -> int:
         # a known model is fetched and imported once into the benches' cache, not into each run's state dir
         state_dir=state, port=0, model=known_models.resolve(args.model, Path(__file__).resolve().parents[1] / ".rlhf" / "bench" / "models"),
         train_min_labels=args.round_labels,
-        trainer_args=(*trainer_args(args.algorithm, toy), "--ppo.seed", str(args.seed), *shlex.split(args.trainer_flags)),
+        trainer_args=(*trainer_args(args.algorithm), "--ppo.seed", str(args.seed), *shlex.split(args.trainer_flags)),
         stats_at_votes=tuple(args.at),
         sim=SimConfig(taste=args.taste, prompts="toy" if toy else "assistant", noise=0.1, users=16, concurrency=4,
                       rate=rate, seed=args.seed, labels=args.labels,
@@ -140,7 +140,7 @@ def main() -> int:
     for pair in out["before_after"]:
         print(f"\n{pair['prompt']}\n  v0 ({'up' if pair['before_up'] else 'down'}): {pair['before']!r}"
               f"\n  v{pair['after_version']} ({'up' if pair['after_up'] else 'down'}): {pair['after']!r}")
-    print(f"saved {path} and {RESULTS / f'{name}.png'}")
+    print(f"saved {path} and {RESULTS / f'{name}.png'}; the run's state (votes, rounds, the reward model's features): {state}")
     return 0 if all(checks.values()) else 1
 
 

@@ -142,9 +142,9 @@ class RewardConfig:
     """backbone=frozen: L-BFGS iterations of the head's fit, from zero, every round."""
     judge_folds: int = 5
     """backbone=frozen: the judge's AUROC (gate.min_rm_auroc) k-fold cross-validated over every vote (ups
-    against downs of the same fold: reward_model.within_fold_auroc), the held-out split one of the folds (k - 1 more head fits a round, each a fraction of a second); 1: on the
-    held-out split alone, as with backbone=tuned, where a fit is a training run. The served head never sees
-    the held-out split either way."""
+    against downs of the same fold: reward_model.within_fold_auroc), the held-out split one of the folds
+    (k - 1 more head fits a round, each a fraction of a second); 1: on the held-out split alone, as with
+    backbone=tuned, where a fit is a training run. The served head never sees the held-out split either way."""
     judge_folds_until: int = 100
     """... while the held-out split has fewer up and down votes than this (0: always). From there its own
     bound is within about 0.1 of its AUROC (0.75 on 100 votes, 30 up: 0.66), and the folds' fits, each a

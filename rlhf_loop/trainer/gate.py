@@ -239,8 +239,9 @@ def judge_checks(judge: dict, cfg: GateConfig) -> dict[str, Check]:
 
 def _judge(judge: dict, cfg: GateConfig) -> dict[str, Check]:
     """Can the reward model predict held-out labels? Each kind it can be measured on must say so: thumbs by
-    AUROC (rm_auroc: on the held-out split, or cross-validated over every vote: RewardMetrics.auroc_folds), preferences by pairwise accuracy (rm_pair_accuracy), each at its lower confidence
-    bound. With held-out preferences but no held-out thumbs of both kinds, rm_auroc is skipped (passes,
+    AUROC (rm_auroc: on the held-out split, or cross-validated over every vote: RewardMetrics.auroc_folds),
+    preferences by pairwise accuracy (rm_pair_accuracy), each at its lower confidence bound. With held-out
+    preferences but no held-out thumbs of both kinds, rm_auroc is skipped (passes,
     with the reason on the summary line) and preferences alone decide; with neither, rm_auroc fails."""
     out = {}
     auroc_lcb, pair_lcb = judge.get("auroc_lcb"), judge.get("pair_accuracy_lcb")

@@ -212,10 +212,10 @@ class RewardMetrics:
     steps: int
     loss: float
     accuracy: float  # held-out, sign(score) vs sign(rating); nan without held-out labels
-    auroc: float  # held-out (the judge's figure); nan unless both classes are present
+    auroc: float  # the judge's figure, held-out (auroc_folds); nan unless both classes are present
     auroc_lcb: float | None = None  # its lower 95 % confidence bound for this many held-out up / down labels
     auroc_folds: int = 1  # 1: on the held-out split; k > 1: cross-validated, every label scored by a head fit
-    # without its fold (RewardConfig.judge_folds), heldout_up / _down then count every label
+    # without its fold (RewardConfig.judge_folds, within_fold_auroc), heldout_up / _down then count every label
     heldout_up: int = 0
     heldout_down: int = 0
     approval_gap: float | None = None  # |predicted - live approval| on held-out answers of approval_gap_versions
@@ -389,10 +389,10 @@ def train_reward_head(
     reward.judge_folds_until up and down votes) the judge's AUROC is k-fold cross-validated: k - 1 more heads,
     each fit without one fold of the training split (and with the held-out one), score that fold, and the
     AUROC (and its lower bound) is taken over every vote, ups against downs of the same fold
-    (within_fold_auroc). The served head is fit as without it, and its
-    accuracy, approval gap and pairwise figures stay on the held-out split. A head's fit costs a fraction of a
-    second on cached features; the judge's bound, from k times the held-out votes, is that much tighter (the
-    first rounds' held-out split has a few dozen votes: docs/trainer.md, "The judge, cross-validated")."""
+    (within_fold_auroc). The served head is fit as without it, and its accuracy, approval gap and pairwise
+    figures stay on the held-out split. A head's fit costs a fraction of a second on cached features; the
+    judge's bound, from k times the held-out votes, is that much tighter (the first rounds' held-out split
+    has a few dozen votes: docs/trainer.md, "The judge, cross-validated")."""
     device = rm.device
     new = cache.missing(examples, preferences)
     if progress is not None:

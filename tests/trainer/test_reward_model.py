@@ -14,8 +14,8 @@ from rlhf_loop.core.models import ensure_policy_store
 from rlhf_loop.trainer.config import RewardConfig, TrainConfig
 from rlhf_loop.trainer.networks import Networks
 from rlhf_loop.trainer.reward_model import (
-    FeatureCache, auroc_lower_bound, binary_auroc, encode, fold, is_heldout, make_pairs, reward_loss, rule_reward, score,
-    train_reward_head, train_reward_model, within_fold_auroc,
+    FeatureCache, auroc_lower_bound, binary_auroc, encode, fold, is_heldout, make_pairs, reward_loss, rule_reward,
+    score, train_reward_head, train_reward_model, within_fold_auroc,
 )
 from rlhf_loop.trainer.store import Example
 
@@ -102,7 +102,8 @@ def test_the_cross_validated_auroc_ranks_ups_against_downs_of_their_own_fold():
     assert within_fold_auroc([a, half])[0] == pytest.approx((4 * 1.0 + 4 * 0.5) / 8)
     c = (torch.tensor([0.9, 0.1, 0.8, 0.3, 0.7, 0.2]), torch.tensor([True, False, True, False, False, True]))
     assert within_fold_auroc([c])[1] == pytest.approx(auroc_lower_bound(binary_auroc(*c), 3, 3))
-    assert within_fold_auroc([(torch.tensor([1.0]), torch.tensor([True]))])[:2] == (pytest.approx(float("nan"), nan_ok=True), None)
+    lone = within_fold_auroc([(torch.tensor([1.0]), torch.tensor([True]))])  # no fold holds both kinds
+    assert math.isnan(lone[0]) and lone[1:] == (None, 1, 0)
 
 
 def test_rule_reward_scores_plus_minus_one():
@@ -259,8 +260,8 @@ def test_the_judges_cross_validated_auroc_counts_every_vote_and_sees_no_fold_it_
     assert folds.auroc >= 0.7 and folds.auroc_lcb >= 0.6, folds  # the judge's bound, from all 96 votes
     assert folds.accuracy == alone.accuracy and folds.train_examples == alone.train_examples  # served figures
     # once the held-out split alone has judge_folds_until votes, it is the judge's figure again
-    enough = train_reward_head(rm, tok, examples, RewardConfig(backbone="frozen", judge_folds_until=alone.heldout_examples),
-                               cache)
+    enough = train_reward_head(rm, tok, examples,
+                               RewardConfig(backbone="frozen", judge_folds_until=alone.heldout_examples), cache)
     assert (enough.auroc_folds, enough.auroc, enough.auroc_lcb) == (1, alone.auroc, alone.auroc_lcb)
 
     rng = random.Random(0)
