@@ -13,7 +13,8 @@ real model: model_defaults) and trained by it:
   frozen  reward.backbone=frozen: the head on the frozen base's features, each label's computed once
 After every round: held-out AUROC against the votes and against the taste itself (the noise-free
 truth), the judge's own figure (the frozen head's: cross-validated over every vote, reward.judge_folds;
-the tuned model's: the held-out split's) with its 95 % lower bound, and the round's seconds. Prints the table and saves bench/results/reward_model-<cpu>.json.
+the tuned model's: the held-out split's) with its 95 % lower bound, and the round's seconds. Prints the
+table and saves bench/results/reward_model-<cpu>.json.
 """
 
 from __future__ import annotations

@@ -264,15 +264,14 @@ def test_the_judges_cross_validated_auroc_counts_every_vote_and_sees_no_fold_it_
                                RewardConfig(backbone="frozen", judge_folds_until=alone.heldout_examples), cache)
     assert (enough.auroc_folds, enough.auroc, enough.auroc_lcb) == (1, alone.auroc, alone.auroc_lcb)
 
-    rng = random.Random(0)
-    coins = [dataclasses.replace(e, rating=rng.choice([1.0, -1.0])) for e in tone_examples(160, seed=4)]
+    rng = random.Random(0)  # the same answers (their features cached), each vote a coin flip
+    coins = [dataclasses.replace(e, rating=rng.choice([1.0, -1.0])) for e in examples]
     cfg = RewardConfig(backbone="frozen", head_l2=1e-4, pairwise_weight=0)
-    coin_cache = FeatureCache("test")
-    blind = train_reward_head(rm, tok, coins, cfg, coin_cache)
+    blind = train_reward_head(rm, tok, coins, cfg, cache)
     trained = [e for e in coins if not is_heldout(e.response_id, cfg.heldout_fraction)]
     with torch.no_grad():  # the served head, on the votes it was fit on
-        own = binary_auroc(rm.head_scores(*coin_cache.get(trained)), torch.tensor([e.rating > 0 for e in trained]))
+        own = binary_auroc(rm.head_scores(*cache.get(trained)), torch.tensor([e.rating > 0 for e in trained]))
     assert own > 0.95  # it memorised what it trained on
-    assert blind.heldout_up + blind.heldout_down == 160 and abs(blind.auroc - 0.5) < 0.12, blind
+    assert blind.heldout_up + blind.heldout_down == 96 and abs(blind.auroc - 0.5) < 0.12, blind
     assert blind.auroc_lcb < 0.6
 
