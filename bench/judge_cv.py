@@ -18,6 +18,7 @@ noise-free). Prints a table and saves bench/results/<out>.json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import types
 from pathlib import Path
@@ -33,7 +34,7 @@ from rlhf_loop.core.tastes import TASTES  # noqa: E402
 from rlhf_loop.trainer.config import RewardConfig  # noqa: E402
 from rlhf_loop.trainer.networks import FeatureRewardModel  # noqa: E402
 from rlhf_loop.trainer.reward_model import (  # noqa: E402
-    FeatureCache, _fit_head, _fold_scores, auroc_lower_bound, binary_auroc, is_heldout, within_fold_auroc,
+    FeatureCache, _fold_scores, auroc_lower_bound, binary_auroc, is_heldout, train_reward_head,
 )
 from rlhf_loop.trainer.store import Example, connect_read_only, read_labels  # noqa: E402
 
@@ -56,25 +57,25 @@ def votes_in_order(state: Path, cache: FeatureCache) -> list[Example]:
 
 def measure(rm: FeatureRewardModel, cache: FeatureCache, seen: list[Example], future: list[Example],
             cfg: RewardConfig, taste: str) -> dict:
-    folded = [_fold_scores(rm, cache, seen, [], j, cfg) for j in range(1, cfg.judge_folds)]
-    _fit_head(rm, cache, [e for e in seen if not is_heldout(e.response_id, cfg.heldout_fraction)], [], cfg)
-    held = [e for e in seen if is_heldout(e.response_id, cfg.heldout_fraction)]
-    with torch.no_grad():
-        held_scores, future_scores = rm.head_scores(*cache.get(held)), rm.head_scores(*cache.get(future))
-
+    """The held-out and within-fold figures from the trainer's own train_reward_head (all features cached:
+    no forward runs), the pooled one from the same folds' scores; then the served head on the next votes."""
     def ups(examples: list[Example]) -> torch.Tensor:
         return torch.tensor([e.rating > 0 for e in examples], dtype=torch.bool)
 
-    by_fold = [(held_scores, ups(held))] + [(torch.tensor([s for _, s in f]), ups([e for e, _ in f])) for f in folded]
-    scores, y = torch.cat([s for s, _ in by_fold]), torch.cat([u for _, u in by_fold])
-    heldout = binary_auroc(held_scores, ups(held))
+    heldout = train_reward_head(rm, None, seen, dataclasses.replace(cfg, judge_folds=1), cache)
+    within = train_reward_head(rm, None, seen, dataclasses.replace(cfg, judge_folds_until=0), cache)
+    with torch.no_grad():  # the served head (the same fit in both calls) on the held-out votes and the next ones
+        held = [e for e in seen if is_heldout(e.response_id, cfg.heldout_fraction) and e.rating != 0]
+        held_scores, future_scores = rm.head_scores(*cache.get(held)), rm.head_scores(*cache.get(future))
+    folded = [_fold_scores(rm, cache, seen, [], j, cfg) for j in range(1, cfg.judge_folds)]
+    scores = torch.cat([held_scores] + [torch.tensor([s for _, s in f]) for f in folded])
+    y = torch.cat([ups(held)] + [ups([e for e, _ in f]) for f in folded])
     pooled = binary_auroc(scores, y)
-    within, within_lcb, _, _ = within_fold_auroc(by_fold)
     liked = torch.tensor([TASTES[taste](e.messages[-1]["content"], e.completion) for e in future], dtype=torch.bool)
-    return {"labels": len(seen), "heldout_votes": len(held),
-            "heldout": heldout, "heldout_lcb": auroc_lower_bound(heldout, int(ups(held).sum()), int((~ups(held)).sum())),
+    return {"labels": len(seen), "heldout_votes": heldout.heldout_examples,
+            "heldout": heldout.auroc, "heldout_lcb": heldout.auroc_lcb,
             "pooled": pooled, "pooled_lcb": auroc_lower_bound(pooled, int(y.sum()), int((~y).sum())),
-            "within": within, "within_lcb": within_lcb,
+            "within": within.auroc, "within_lcb": within.auroc_lcb,
             "future_votes": binary_auroc(future_scores, ups(future)), "future_taste": binary_auroc(future_scores, liked),
             "future_n": len(future)}
 
