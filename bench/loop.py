@@ -116,7 +116,10 @@ def main() -> int:
                                    "rounds_rejected_kl", "rounds_rejected_reward", "max_consecutive_kl_rejections",
                                    "seconds_per_round_median", "rm_auroc_end", "rm_auroc_0.75_at_votes", "taste",
                                    "before_after")},
-        "rounds": [{k: r.get(k) for k in ("version", "promoted", "reason", "labels", "seconds")}
+        "rounds": [{**{k: r.get(k) for k in ("version", "promoted", "reason", "labels", "seconds")},
+                    # budget.early_stop's in-round estimate against the gate's figure of the candidate
+                    "kl": {"estimate": (r.get("train") or {}).get("kl_estimate_last"),
+                           "gate": (r.get("candidate") or {}).get("kl_to_ref")}}
                    for r in summary["rounds"]],
         "algorithm": args.algorithm, "seed": args.seed, "labels": args.labels, **{f"at_{n}_votes": summary[f"at_{n}_votes"] for n in args.at},
     }

@@ -173,7 +173,9 @@ def run(args: argparse.Namespace, path: str, adapter: str, nproc: int, traffic: 
                     time.sleep(0.2)
                 rep = json.loads(rounds_path.read_text().splitlines()[r - 1])
                 row = {"round": rep["round"], "labels": rep["labels"], "promoted": rep["promoted"],
-                       "world_size": rep["world_size"], "seconds": {k: round(v, 2) for k, v in rep["seconds"].items()}}
+                       "world_size": rep["world_size"], "seconds": {k: round(v, 2) for k, v in rep["seconds"].items()},
+                       # the in-round estimate budget.early_stop reads, against the gate's figure of the candidate
+                       "kl": {"estimate": rep["train"].get("kl_estimate_last"), "gate": rep["candidate"].get("kl_to_ref")}}
                 if rep["promoted"]:
                     ended = rep["trigger_time"] + rep["seconds"]["total"]
                     row["swap_s"] = round(first_answer_with(url, rep["version"]) - ended, 3)

@@ -293,8 +293,9 @@ class BudgetConfig:
 
     early_stop: float = 0.8
     """ppo, grpo, rloo: their epochs stop when the in-round estimate of the policy's KL to the
-    reference (per answer, on the rollout's tokens, importance-weighted) reaches this share of
-    gate.max_kl (PPO's early stopping on a target KL, as in OpenAI's baselines). 0 turns it off."""
+    reference (per answer: the gate's exact measure, on the current policy's gate answers) reaches
+    this share of gate.max_kl (PPO's early stopping on a target KL, as in OpenAI's baselines).
+    0 turns it off."""
     target: float = 0.9
     """A candidate whose KL (the gate's own measure: same prompts, same noise) is at or above this
     share of gate.max_kl has its update scaled back ..."""

@@ -221,7 +221,8 @@ def run_round(state: TrainerState, *, progress: bool = True, drain_s: float | No
         if cfg.train.algorithm in ("kto", "dpo"):
             report.train = _learn_from_labels(state, inputs.examples, inputs.preferences, n, timer, progress)
         else:
-            report.train = _learn_from_rollouts(state, reward_fn, train_prompts, rng, n, timer, progress)
+            report.train = _learn_from_rollouts(state, reward_fn, train_prompts, rng, n, timer, progress,
+                                                kl_probe=current_answers)
         report.kl_coef = state.kl_ctl.value
         killpoint("round:trained")
 
@@ -269,13 +270,15 @@ def run_round(state: TrainerState, *, progress: bool = True, drain_s: float | No
 
 
 def _learn_from_rollouts(state: TrainerState, reward_fn, train_prompts: list[list[dict]], rng: random.Random,
-                         n: int, timer: "_PhaseTimer", progress: bool) -> dict:
+                         n: int, timer: "_PhaseTimer", progress: bool, kl_probe: gate.Answers) -> dict:
     """Steps 4-6 of ppo, grpo and rloo: sample, score, and clipped policy-gradient epochs over minibatches.
     They differ only in the advantage (and where the KL leash goes):
         ppo:  GAE with the value head over per-token rewards (-beta * KL each token, + score at the end)
         grpo: (score - group mean) / group std, shared by an answer's tokens; beta * k3 KL in the loss
         rloo: (score - beta * KL) minus the mean of the group's other answers'; no value head
-    grpo and rloo answer rollout_prompts / group_size prompts group_size times each."""
+    grpo and rloo answer rollout_prompts / group_size prompts group_size times each. After every epoch the
+    policy's KL to the reference is estimated on `kl_probe`, the current policy's gate answers (_kl_estimate),
+    and at budget.early_stop of the bound the epochs stop."""
     cfg, tok, d, algo = state.cfg, state.tokenizer, state.dist, state.cfg.train.algorithm
     group = 1 if algo == "ppo" else cfg.ppo.group_size
     value_head = state.value_head if algo == "ppo" else None
@@ -373,7 +376,7 @@ def _learn_from_rollouts(state: TrainerState, reward_fn, train_prompts: list[lis
                     bar.update(1)
                     state.check_stop()
                 if kl_stop:  # budget.early_stop: after each epoch, how far has the policy gone?
-                    kl_now = _kl_estimate(trainable, rollout, d, cfg.ppo.forward_batch_size, state)
+                    kl_now = _kl_estimate(kl_probe, state)
                     _log(stats, kl_estimate=kl_now)
                     if kl_now >= kl_stop:
                         stats["early_stopped"] = [float(bar.n)]  # after this many steps of this batch
@@ -386,21 +389,27 @@ def _learn_from_rollouts(state: TrainerState, reward_fn, train_prompts: list[lis
 
 
 @torch.no_grad()
-def _kl_estimate(trainable, rollout: Rollout, d: Dist, batch_size: int, state: TrainerState) -> float:
-    """The policy's KL to the reference per answer, estimated on the rollout (every rank its share,
-    one no-grad forward): sum_t w_t (log pi - log pi_ref) at the rollout's tokens, w_t = pi / pi_old
-    capped at 3 (the tokens were sampled from pi_old; at each prefix this is the exact per-token KL's
-    importance-sampling estimate). rounds.jsonl keeps the last estimate next to the gate's exact KL."""
-    mine, real = d.shard(len(rollout.query))
-    total = 0.0
-    for i in range(0, real, batch_size):
-        mb = rollout.select(torch.tensor(mine[i:min(i + batch_size, real)], device=state.device))
+def _kl_estimate(probe: gate.Answers, state: TrainerState) -> float:
+    """The policy's KL to the reference per answer, by the gate's own measure (exact over the vocabulary at
+    each prefix, summed over the answer) on the gate's prompts, at the current policy's answers to them
+    (step 3): the gate then takes it at the candidate's own answers. Before the first step it is exactly the
+    current policy's figure. One no-grad pass of the policy and one of the reference over the answers, every
+    rank its share. Not on the rollout the epochs train on: the update has just raised exactly those tokens,
+    and on SmolLM2 an estimate there read 2-20x the gate's figure (docs/trainer.md, "The KL budget")."""
+    d, tok, cfg = state.dist, state.tokenizer, state.cfg
+    rows = [i for i, t in enumerate(probe.tokens) if t]  # an empty answer is 0 nats from anything
+    mine, real = d.shard(len(rows))  # padded to the same forwards on every rank: FSDP2's are collectives
+    total, batch = 0.0, cfg.ppo.forward_batch_size
+    for i in range(0, len(mine), batch):
+        chunk = [rows[j] for j in mine[i:i + batch]]
+        query, query_mask = left_pad(encode_prompts(tok, [probe.prompts[r] for r in chunk],
+                                                    state.settings.max_prompt_tokens), tok.pad_token_id, state.device)
+        response, mask = right_pad([probe.tokens[r] for r in chunk], tok.pad_token_id, state.device)
         with autocast(state.device, state.dtype):
-            logprobs = trainable(mb.query, mb.query_mask, mb.response, mb.response_mask,
-                                 temperature=state.cfg.ppo.temperature).logprobs
-        w = torch.exp((logprobs - mb.logprobs).clamp(max=math.log(3.0)))
-        total += ((w * (logprobs - mb.ref_logprobs)) * mb.response_mask).sum().item()
-    return d.sum(total) / len(rollout.query)
+            kl = score_against_reference(state.nets.policy, state.nets.reference, query, query_mask, response, mask,
+                                         temperature=cfg.ppo.temperature, estimator="full", batch_size=batch).kl
+        total += kl[:max(0, real - i)].sum().item()
+    return d.sum(total) / max(1, len(probe.tokens))
 
 
 def _learn_from_labels(state: TrainerState, examples: list[Example], preferences: list[PreferencePair], n: int,

@@ -7,13 +7,14 @@ keep arriving (a full plan keeps its prompts: gate.eval_prompt_plan)."""
 
 from __future__ import annotations
 
+import math
 import random
 
 import torch
 
 from rlhf_loop.trainer import gate
 from rlhf_loop.trainer.config import TrainerConfig
-from rlhf_loop.trainer.round import _answers_key, run_round
+from rlhf_loop.trainer.round import _answers_key, _kl_estimate, run_round
 from rlhf_loop.trainer.state import TrainerState
 from trainer_helpers import interaction, produce, prompts, records, votes_for
 
@@ -72,5 +73,8 @@ def test_the_current_policys_gate_answers_are_kept_and_are_what_it_answers(setti
         assert now.texts == kept2.texts and now.tokens == kept2.tokens
         assert now.length == kept2.length
         assert torch.allclose(torch.tensor(now.kl), torch.tensor(kept2.kl), rtol=1e-4, atol=1e-4)
+        # the next round's in-round KL estimate (budget.early_stop) takes the gate's measure on these answers:
+        # before its first step it reads the current policy's figure
+        assert math.isclose(_kl_estimate(kept2, state), second.candidate["kl_to_ref"], rel_tol=1e-3, abs_tol=1e-5)
     finally:
         state.close()
