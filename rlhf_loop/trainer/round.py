@@ -395,7 +395,7 @@ def _kl_estimate(probe: gate.Answers, state: TrainerState) -> float:
     (step 3): the gate then takes it at the candidate's own answers. Before the first step it is exactly the
     current policy's figure. One no-grad pass of the policy and one of the reference over the answers, every
     rank its share. Not on the rollout the epochs train on: the update has just raised exactly those tokens,
-    and on SmolLM2 an estimate there read 2-20x the gate's figure (docs/trainer.md, "The KL budget")."""
+    and on SmolLM2 an estimate there read 1.3-27x the gate's figure (docs/trainer.md, "The KL budget")."""
     d, tok, cfg = state.dist, state.tokenizer, state.cfg
     rows = [i for i, t in enumerate(probe.tokens) if t]  # an empty answer is 0 nats from anything
     mine, real = d.shard(len(rows))  # padded to the same forwards on every rank: FSDP2's are collectives
