@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+from urllib.parse import urlsplit
 
 import kubernetes_validate
 import pytest
@@ -400,8 +401,9 @@ def test_network_policy_keeps_the_admin_api_private(overlay):
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_network_policy_opens_only_the_trainers_metrics_port_to_prometheus(overlay):
-    """... and, for a TrainJob, every port between its own pods (rendezvous, NCCL), to nothing else."""
+def test_network_policy_opens_only_the_trainers_metrics_port_to_prometheus_and_the_service(overlay):
+    """... (the loop page's GET /loop) and, for a TrainJob, every port between its own pods (rendezvous, NCCL), to
+    nothing else."""
     objs = render(overlay)
     ((w, c),) = trainers(objs)
     labels = w["spec"]["template"]["metadata"]["labels"]
@@ -410,11 +412,40 @@ def test_network_policy_opens_only_the_trainers_metrics_port_to_prometheus(overl
     rules = [r for p in policies for r in p["spec"]["ingress"]]
     prometheus = {"namespaceSelector": {}, "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}
     port = settings_from(env_of(objs, c)).trainer_metrics_port
-    expected = [{"from": [prometheus], "ports": [{"port": port, "protocol": "TCP"}]}]
+    expected = [{"from": [prometheus], "ports": [{"port": port, "protocol": "TCP"}]},
+                {"from": [{"podSelector": {"matchLabels": SERVICE_LABELS}}], "ports": [{"port": port, "protocol": "TCP"}]}]
+    assert selects({"matchLabels": SERVICE_LABELS}, service(objs)[0]["spec"]["template"]["metadata"]["labels"])
     if w["kind"] == "TrainJob":
         expected.append({"from": [{"podSelector": {"matchLabels": TRAINER_LABELS}}]})
         assert selects({"matchLabels": TRAINER_LABELS}, labels)
     assert sorted(rules, key=json.dumps) == sorted(expected, key=json.dumps)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_loop_page_reaches_the_trainers_rank_0_and_only_it(overlay):
+    """The service's RLHF_TRAINER_URL names a Service on the trainer's metrics port, the port only rank 0 serves
+    (trainer/cli.py), and that Service selects the one pod where rank 0 runs: the Deployment's, or pod 0 of a
+    TrainJob (the Job controller labels each pod of an indexed Job with its completion index), no other."""
+    objs = render(overlay)
+    url = urlsplit(settings_from(env_of(objs, service(objs)[1])).trainer_url)
+    ((w, c),) = trainers(objs)
+    svc = get(objs, "Service", url.hostname)
+    assert svc["metadata"].get("namespace") == w["metadata"].get("namespace"), "a bare name resolves in its own namespace"
+    (port,) = svc["spec"]["ports"]
+    metrics = {p["name"]: p["containerPort"] for p in c["ports"]}["metrics"]
+    assert url.scheme == "http" and url.port == port["port"] and port["targetPort"] == "metrics"
+    assert metrics == settings_from(env_of(objs, c)).trainer_metrics_port
+    labels = w["spec"]["template"]["metadata"]["labels"]
+    if w["kind"] == "TrainJob":
+        assert w["spec"]["replicas"] >= 2
+        pods = [{**labels, "batch.kubernetes.io/job-completion-index": str(i)} for i in range(w["spec"]["replicas"])]
+    else:
+        assert w["spec"]["replicas"] == 1
+        pods = [labels]
+    selector = {"matchLabels": svc["spec"]["selector"]}
+    assert [selects(selector, pod) for pod in pods] == [True] + [False] * (len(pods) - 1)
+    others = [o for o, _ in rlhf_containers(objs) if o is not w]
+    assert others and not any(selects(selector, o["spec"]["template"]["metadata"]["labels"]) for o in others)
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

@@ -46,9 +46,6 @@ DEFAULTED = {
     "RLHF_POLICY_POLL_S": "LATEST is re-read every 5 s only as a fallback to the policy-updates topic",
     "RLHF_NAMED_VERSIONS_KEPT": "two versions kept for requests that name one (A/B, evaluation); an operator with "
                                 "memory to spare for full-weight versions raises it (docs/service.md)",
-    "RLHF_TRAINER_URL": "the loop page's rounds and approval (service/loop.py): these manifests give the trainer no "
-                        "Service (Prometheus scrapes its pod), so the page shows the replicas alone; docs/service.md, "
-                        "\"The loop page\", says what to add where the rounds should show",
     "RLHF_TRAINER_GROUP": "one trainer per Kafka cluster; the default group name is as good as any",
     "RLHF_TRAIN_MIN_LABELS": "training cadence, tuned with the trainer",
     "RLHF_TRAIN_MAX_WAIT_S": "training cadence, tuned with the trainer",
