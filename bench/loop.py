@@ -16,7 +16,9 @@ final version against the trainer's bound, failed chat requests, and freshness (
 seconds from the vote that triggered a round to the first answer served by the version it
 produced). Targets (issue 5): gain >= 0.35 within 2,000 votes and 15 minutes, >= 3
 promoted versions, KL under the bound, zero failed chat requests. Saves
-bench/results/loop-<device>.json and the learning curve PNG beside it.
+bench/results/loop-<device>.json and the learning curve PNG beside it. Ctrl-C (or SIGTERM, SIGHUP)
+while the users vote saves the run so far the same way, marked "interrupted" and failing
+its "ran_to_its_end" check, then exits 128 + the signal.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import json
 import platform
 import shlex
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -36,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from rlhf_loop.app import known_models  # noqa: E402
 from rlhf_loop.app.loop import LoopConfig, run  # noqa: E402
 from rlhf_loop.app.simulate import SimConfig  # noqa: E402
-from rlhf_loop.app.up import RUN_DEFAULTS, trainer_args  # noqa: E402
+from rlhf_loop.app.up import RUN_DEFAULTS, stop_on_signals, trainer_args  # noqa: E402
 from rlhf_loop.core.contracts import EMBEDDED_MODEL  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -93,6 +96,7 @@ def main() -> int:
               f"rounds {s['rounds']} (+{s['promoted']})  errors {s['chat_errors']}"
               + ("  KL budget spent" if s["budget_spent"] else ""), flush=True)
 
+    stop_on_signals()  # SIGTERM and SIGHUP end the run as Ctrl-C does: the run so far is saved
     summary, png, _ = run(cfg, status)
     final_kl = summary["versions"].get(str(summary["final_version"]), {}).get("kl_to_ref")  # KL of the version serving at the end
     kl_bound = args.kl_bound
@@ -106,10 +110,11 @@ def main() -> int:
         "kl_under_bound": final_kl is not None and kl_bound is not None and final_kl < kl_bound,
         "zero_failed_chat": summary["chat_errors"] == 0,
         "within_votes_and_time": summary["votes"] <= args.votes and summary["elapsed_s"] <= args.minutes * 60 + 30,
+        "ran_to_its_end": not summary["interrupted"],
     }
     out = {
         "device": platform.processor() or platform.machine(), "cpus": __import__("os").cpu_count(),
-        "args": vars(args), "checks": checks, "final_kl_to_ref": final_kl, "kl_bound": kl_bound,
+        "args": vars(args), "interrupted": summary["interrupted"], "checks": checks, "final_kl_to_ref": final_kl, "kl_bound": kl_bound,
         **{k: summary[k] for k in ("baseline_approval", "final_version", "final_approval", "approval_gain", "votes",
                                    "requests", "chat_errors", "promoted", "final_window_versions", "freshness_s_median", "freshness_s",
                                    "approval_by_version", "elapsed_s", "votes_to_gain_0.3", "rounds_promoted",
@@ -134,7 +139,7 @@ def main() -> int:
     print("\napproval by version:")
     for v, row in summary["approval_by_version"].items():
         print(f"  v{v:>3}: {row['approval']:.3f}  ({row['votes']} votes)")
-    print(json.dumps({k: out[k] for k in ("taste", "baseline_approval", "final_approval", "approval_gain", "promoted",
+    print(json.dumps({k: out[k] for k in ("taste", "interrupted", "baseline_approval", "final_approval", "approval_gain", "promoted",
                                           "votes_to_gain_0.3", "rounds_rejected_kl", "rounds_rejected_reward",
                                           "max_consecutive_kl_rejections", "seconds_per_round_median",
                                           "rm_auroc_end", "rm_auroc_0.75_at_votes",
@@ -144,6 +149,9 @@ def main() -> int:
         print(f"\n{pair['prompt']}\n  v0 ({'up' if pair['before_up'] else 'down'}): {pair['before']!r}"
               f"\n  v{pair['after_version']} ({'up' if pair['after_up'] else 'down'}): {pair['after']!r}")
     print(f"saved {path} and {RESULTS / f'{name}.png'}; the run's state (votes, rounds, the reward model's features): {state}")
+    if summary["interrupted"]:
+        print(f"{summary['interrupted']}: stopped at {summary['votes']} votes, everything shut down")
+        return 128 + signal.Signals[summary["interrupted"]]
     return 0 if all(checks.values()) else 1
 
 

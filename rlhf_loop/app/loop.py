@@ -361,19 +361,30 @@ def run(cfg: LoopConfig, on_status=None, on_stopped: Callable[[str], None] = lam
         until: Callable[[dict], bool] | None = None) -> tuple[dict, Path, Path]:
     """Run the loop to its end (the users' vote or time cap, or `until(status)` true: a condition the caps
     cannot say, e.g. so many votes on trained versions); returns (summary, png path, json path).
-    Stopping, it calls `on_stopped(part)` for each part it stops (Loop.close)."""
+    Ctrl-C or a stop signal (app/up.py) while the users vote ends the run early, not in vain: the users stop,
+    what they measured is summarized and saved as for a full run, with `summary["interrupted"]` the signal's
+    name (None for a run that reached its end); the caller says it was stopped. Before the users start, a stop
+    just stops. Stopping, it calls `on_stopped(part)` for each part it stops (Loop.close)."""
     loop = Loop(cfg)
+    interrupted = None
     try:
         loop.start()
         if on_status:
             on_status({"ready": loop.url})
-        loop.run_users(on_status, until)
+        try:
+            loop.run_users(on_status, until)
+        except KeyboardInterrupt as e:  # SIGINT, or app/up.py's Stopped(signum) for SIGTERM and SIGHUP
+            interrupted = signal.Signals(getattr(e, "signum", signal.SIGINT)).name
+            with _ignoring_stop_signals():  # the users finish the conversations in flight, as at their cap
+                loop.stop.set()
+                if loop.users.is_alive():
+                    loop.users.join(USERS_STOP_S)
         time.sleep(1.0)
-        summary = loop.summary()
+        summary = {**loop.summary(), "interrupted": interrupted}
         out_png, out_json = loop.state / "learning_curve.png", loop.state / "summary.json"
         out_json.write_text(json.dumps(summary, indent=2, default=str))
         plot_curve(summary, loop.sim_log, out_png)
-        if cfg.keep_serving:
+        if cfg.keep_serving and not interrupted:
             print(f"\nstill serving on {loop.url} (Ctrl-C stops)", flush=True)
             while all(p.poll() is None for p in loop.procs.values()):
                 time.sleep(1)

@@ -9,6 +9,7 @@ Prints a working curl and `openai` example as soon as the service answers, then 
 status line (policy version served, approval of that version, votes, KL, rounds), and at
 the end the learning curve (PNG) and summary (JSON) paths. Ctrl-C stops everything, one
 line per part (the simulated users, the trainer, the service, the broker), exit code 130;
+once the users vote, the run so far is summarized and saved first, as at the end;
 SIGTERM and SIGHUP (`timeout`, a closed terminal, a process manager) do the same, with
 128 + the signal's number. Should `rlhf up` die without stopping them (SIGKILL), its parts
 get SIGTERM from the kernel (core/processes.py).
@@ -117,14 +118,13 @@ def main(argv: list[str]) -> int:
     stop_on_signals()
     try:
         summary, png, js = run(cfg, on_status if sys.stdout.isatty() else _every(on_status, 15), on_stopped=_stopped)
-    except KeyboardInterrupt as e:
-        signum = e.signum if isinstance(e, Stopped) else signal.SIGINT
-        print(f"{'Ctrl-C' if signum == signal.SIGINT else signal.Signals(signum).name}: everything shut down.")
-        return 128 + signum
+    except KeyboardInterrupt as e:  # before the users started: nothing was measured
+        return _shut_down(e.signum if isinstance(e, Stopped) else signal.SIGINT)
     except (RuntimeError, TimeoutError) as e:  # a part failed to start or died: say which, and where its log is
         print(f"\nerror: {e}", file=sys.stderr)
         return 1
-    print("\n\napproval by policy version:")
+    # the run at its end, or stopped while the users voted: what they measured (so far), then the stop
+    print(f"\n\napproval by policy version{' so far' if summary['interrupted'] else ''}:")
     for v, row in summary["approval_by_version"].items():
         print(f"  v{v}: {row['approval']:.2f}  ({row['votes']} votes)")
     if summary["approval_gain"] is not None:
@@ -135,7 +135,13 @@ def main(argv: list[str]) -> int:
         print(f"\n  {pair['prompt']}\n    v0:  {_one_line(pair['before'])}"
               f"\n    v{pair['after_version']}: {_one_line(pair['after'])}")
     print(f"\nlearning curve: {png}\nsummary:        {js}")
-    return 0
+    return _shut_down(signal.Signals[summary["interrupted"]]) if summary["interrupted"] else 0
+
+
+def _shut_down(signum: int) -> int:
+    """The last line of a stopped run, and its exit status (128 + the signal, as a shell reports it)."""
+    print(f"{'Ctrl-C' if signum == signal.SIGINT else signal.Signals(signum).name}: everything shut down.")
+    return 128 + signum
 
 
 def _one_line(text: str, width: int = 100) -> str:

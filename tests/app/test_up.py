@@ -1,13 +1,15 @@
 """`rlhf up` stopped: a real run (broker, `bentoml serve`, `rlhf train`, simulated users) interrupted the
 way a terminal does it (Ctrl-C: SIGINT to the foreground process group) once the users are voting, or
 the way `timeout` and process managers do (SIGTERM to `rlhf up` alone), or killed outright (SIGKILL):
-every time, nothing it started is left running.
+every time, nothing it started is left running. Stopped while the users vote, it first saves and prints
+the run so far, as at the end.
 
     .venv/bin/python -m pytest -q tests/app/test_up.py
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -49,7 +51,7 @@ def loop_view(port: int) -> dict:
     return resp.json()
 
 
-def test_ctrl_c_stops_every_part_with_a_line_each_and_no_traceback(tmp_path, base_model_dir):
+def test_ctrl_c_saves_the_run_so_far_and_stops_every_part_with_a_line_each(tmp_path, base_model_dir):
     port = free_port()
     proc = start_up(tmp_path, base_model_dir, port)
     state = tmp_path / "demo"
@@ -77,6 +79,12 @@ def test_ctrl_c_stops_every_part_with_a_line_each_and_no_traceback(tmp_path, bas
     stopped = [line for line in out.splitlines() if line.startswith("stopped ")]
     assert stopped == ["stopped simulated users", "stopped trainer", "stopped service", "stopped broker"], out
     assert out.rstrip().endswith("Ctrl-C: everything shut down."), out
+    # the run so far: summarized, printed and saved as at the end, and marked as stopped
+    summary = json.loads((state / "summary.json").read_text())
+    assert summary["interrupted"] == "SIGINT" and summary["votes"] > 0, summary["votes"]
+    assert sum(row["votes"] for row in summary["approval_by_version"].values()) == summary["votes"]
+    assert (state / "learning_curve.png").stat().st_size > 0
+    assert "approval by policy version so far:\n  v0: " in out and f"learning curve: {state / 'learning_curve.png'}" in out, out
     with socket.socket() as s:
         assert s.connect_ex(("127.0.0.1", port)) != 0, "the service still listens"
     assert "path=/v1/feedback" in (state / "logs" / "service.log").read_text(), "the users were voting by then"
