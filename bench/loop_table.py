@@ -5,6 +5,7 @@
     python bench/loop_table.py before=OLD.json after=NEW.json                             # a first column naming each
     python bench/loop_table.py --at 1000 --mean bench/results/loop-short-*.json           # plus each (taste, algorithm)'s mean over seeds
     python bench/loop_table.py --at 1000 --decide FILES                                   # the default algorithm, by the rule below
+    python bench/loop_table.py --decide --incumbent rloo FILES                            # ... where another algorithm is the default
 
 One row per file (LABEL=FILE puts LABEL in a first column). --at N reads the run as it stood at its N-th vote (bench/loop.py --at, the
 default 1000): a 2,000-vote run then compares with 1,000-vote ones on the same footing. --mean adds,
@@ -14,8 +15,9 @@ after the runs, one row per (taste, algorithm) run more than once with the mean 
 applies the rule for the trainer's default algorithm (issue 21): among the algorithms run at least MIN_SEEDS times on every
 taste, A is clearly better than B on a taste when A's mean gain exceeds B's by more than twice the standard error of the
 difference (sqrt(sd_A^2/n_A + sd_B^2/n_B)), and clearly worse when B's exceeds A's so. The default is an algorithm that is
-clearly worse than none of the others on any taste and clearly better than the incumbent (ppo) on at least one; of several,
-the highest mean over the tastes. If none is, the incumbent stays.
+clearly worse than none of the others on any taste and clearly better than the incumbent on at least one; of several,
+the highest mean over the tastes. If none is, the incumbent stays. The incumbent is the default in place: the trainer's
+(ppo), or --incumbent (e.g. rloo, the real-model run default: app/up.py RUN_DEFAULTS).
 """
 
 from __future__ import annotations
@@ -63,6 +65,8 @@ def main() -> int:
     ap.add_argument("--at", type=int, default=None, help="the runs as they stood at this vote count")
     ap.add_argument("--mean", action="store_true", help="add each (taste, algorithm)'s mean over its runs")
     ap.add_argument("--decide", action="store_true", help="the default algorithm by the rule in this docstring")
+    ap.add_argument("--incumbent", default=INCUMBENT, help=f"the default in place, which --decide keeps unless another is "
+                                                             f"clearly better (default {INCUMBENT}, the trainer's)")
     args = ap.parse_args()
     runs = [(f.partition("=")[0], Path(f.partition("=")[2])) if "=" in f else (None, Path(f)) for f in args.files]
     labelled = any(label for label, _ in runs)
@@ -91,7 +95,7 @@ def main() -> int:
                   + f"{args.at if args.at is not None else '-'} | " + " | ".join(cells) + " | |")
     if args.decide:
         print()
-        print(decide({k: [g["approval_gain"] for g in group] for k, group in groups.items()}))
+        print(decide({k: [g["approval_gain"] for g in group] for k, group in groups.items()}, args.incumbent))
     return 0
 
 
@@ -99,7 +103,7 @@ MIN_SEEDS = 3
 INCUMBENT = "ppo"
 
 
-def decide(gains: dict[tuple[str, str], list[float]]) -> str:
+def decide(gains: dict[tuple[str, str], list[float]], incumbent: str = INCUMBENT) -> str:
     """The spread table and the rule's verdict (module docstring), as markdown."""
     tastes = sorted({t for t, _ in gains})
     lines = ["| taste | algorithm | seeds | gain: mean | sd | min | max |", "|---|---|---|---|---|---|---|"]
@@ -115,22 +119,22 @@ def decide(gains: dict[tuple[str, str], list[float]]) -> str:
         return 1 if diff > 2 * se else -1 if diff < -2 * se else 0
 
     lines.append("")
-    if INCUMBENT not in algorithms:
-        return "\n".join(lines + [f"No verdict: {INCUMBENT} lacks {MIN_SEEDS} seeds on every taste."])
+    if incumbent not in algorithms:
+        return "\n".join(lines + [f"No verdict: {incumbent} lacks {MIN_SEEDS} seeds on every taste."])
     never_worse = [a for a in algorithms if all(versus(t, a, b) >= 0 for t in tastes for b in algorithms if b != a)]
-    better = [a for a in never_worse if a != INCUMBENT and any(versus(t, a, INCUMBENT) > 0 for t in tastes)]
+    better = [a for a in never_worse if a != incumbent and any(versus(t, a, incumbent) > 0 for t in tastes)]
     for a in algorithms:
         worse = [f"{b} on {t}" for t in tastes for b in algorithms if b != a and versus(t, a, b) < 0]
-        wins = [t for t in tastes if a != INCUMBENT and versus(t, a, INCUMBENT) > 0]
+        wins = [t for t in tastes if a != incumbent and versus(t, a, incumbent) > 0]
         lines.append(f"- {a}: clearly worse than {', '.join(worse) if worse else 'none'}; "
-                     + (f"clearly better than {INCUMBENT} on {', '.join(wins) if wins else 'no taste'}" if a != INCUMBENT
+                     + (f"clearly better than {incumbent} on {', '.join(wins) if wins else 'no taste'}" if a != incumbent
                         else "the incumbent"))
     if better:
         best = max(better, key=lambda a: statistics.mean(statistics.mean(gains[t, a]) for t in tastes))
-        lines.append(f"\nVerdict: **{best}** (never clearly worse, clearly better than {INCUMBENT} somewhere"
+        lines.append(f"\nVerdict: **{best}** (never clearly worse, clearly better than {incumbent} somewhere"
                      + (f"; of {', '.join(better)}, the highest mean gain" if len(better) > 1 else "") + ").")
     else:
-        lines.append(f"\nVerdict: **{INCUMBENT} stays** (no algorithm is never clearly worse and clearly better than it somewhere).")
+        lines.append(f"\nVerdict: **{incumbent} stays** (no algorithm is never clearly worse and clearly better than it somewhere).")
     return "\n".join(lines)
 
 
