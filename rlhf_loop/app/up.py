@@ -53,7 +53,9 @@ simulated users ({taste}, noise {noise}) are voting now; the trainer learns from
 # RLOO runs the real-model CPU profile's 16 rollouts a round (4 prompts x 4 answers: model_defaults): with 32,
 # +0.23 in 1,500 votes at 114-161 s a round beside the service (one run); with 16, +0.46, +0.25 and +0.07 over
 # three seeds at 59-86 s, and +0.34 at 63-87 s with the in-round KL estimate on the gate's answers
-# (docs/trainer.md, "Three seeds of the real-model default").
+# (docs/trainer.md, "Three seeds of the real-model default"); PPO, +0.09, +0.08 and +0.05 with the same seeds:
+# behind in each, not clearly by the rule of three seeds, so the default in place stays (docs/trainer.md,
+# "RLOO against PPO on SmolLM2, three seeds each").
 # A round per 64 new labels on a real model, not 128: while the judge still refuses (a round of seconds) it looks
 # twice as often, and a trained round takes about as long as 64 labels take to come at a conversation a second
 # (docs/trainer.md, "The gate's answers kept, and a round per 64 new labels").
