@@ -557,6 +557,10 @@ def model_defaults(model_dir: str | Path, params: int, device_type: str, adapter
             # (docs/trainer.md, "A real model on a CPU"; bench/reward_model.py)
             out["reward"].update(batch_size=8, max_steps=8, backbone="frozen")
             out["gate"] = {"eval_responses": 16, "behaviour_answers": 16}  # the behaviour metric: a forward each
+            # kto and dpo: as many answers through the policy with gradients as ppo's round (4 steps of 8), and 10x
+            # the anchor for the same reason; at the dataclass's 24 steps of 16 a SmolLM2 round's training phase
+            # alone took minutes (docs/trainer.md, "GRPO and KTO on SmolLM2")
+            out["direct"].update(lr=1e-4 if lora else 1e-5, batch_size=8, max_steps=4)
     path = Path(model_dir) / MODEL_CONFIG_FILE
     if path.exists():
         own = json.loads(path.read_text())

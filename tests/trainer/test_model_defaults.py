@@ -19,6 +19,9 @@ def test_auto_is_decided_once_by_size_and_the_learning_rates_follow_it(tmp_path)
     assert big["train"]["adapter"] == "lora" and big["ppo"]["lr"] == 3e-4 and big["reward"]["lr"] == 9e-5
     assert config.model_defaults(tmp_path, LORA_AUTO_MIN_PARAMS, "cuda")["ppo"]["lr"] == 3e-5
     assert big["reward"]["backbone"] == "frozen"  # on a CPU: a round's reward model is its new labels' forwards
+    # kto / dpo on a CPU: ppo's 32 answers with gradients a round (4 steps of 8) at 10x the anchor
+    assert big["direct"] == {"lr": 1e-4, "batch_size": 8, "max_steps": 4} and mid["direct"]["lr"] == 1e-5
+    assert config.model_defaults(tmp_path, LORA_AUTO_MIN_PARAMS, "cuda")["direct"] == {"lr": 1e-5}  # TRL's, x10 LoRA
     assert "backbone" not in config.model_defaults(tmp_path, LORA_AUTO_MIN_PARAMS, "cuda")["reward"]
     forced = config.model_defaults(tmp_path, LORA_AUTO_MIN_PARAMS, "cpu", adapter="full")
     assert forced["train"]["adapter"] == "full" and forced["ppo"]["lr"] == 3e-5
