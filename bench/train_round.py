@@ -194,7 +194,8 @@ def run(args: argparse.Namespace, path: str, adapter: str, nproc: int, traffic: 
     swaps = [r["swap_s"] for r in rows if "swap_s" in r]
     trained = [r for r in rows if r["round"] > 1] or rows  # round 1 includes the group join and first loads
     return {"adapter": adapter, "nproc": nproc, "rounds": rows, "peak_rss_mb": rss,
-            "median_seconds": {p: round(statistics.median(r["seconds"][p] for r in trained), 2) for p in PHASES},
+            "median_seconds": {p: round(statistics.median(r["seconds"].get(p, 0.0) for r in trained), 2)  # kto, dpo:
+                               for p in PHASES},  # no rollout or score phase
             "version_bytes": max((r.get("version_bytes", 0) for r in rows), default=None),
             "swap_s_median": statistics.median(swaps) if swaps else None, "world_size": layout["world_size"]}
 
