@@ -129,6 +129,9 @@ def decide(gains: dict[tuple[str, str], list[float]], incumbent: str = INCUMBENT
         lines.append(f"- {a}: clearly worse than {', '.join(worse) if worse else 'none'}; "
                      + (f"clearly better than {incumbent} on {', '.join(wins) if wins else 'no taste'}" if a != incumbent
                         else "the incumbent"))
+    for a in sorted({a for _, a in gains} - set(algorithms)):  # a screen run: shown above, not weighed
+        seeds = ", ".join(f"{len(gains.get((t, a), []))} on {t}" for t in tastes)
+        lines.append(f"- {a}: outside the rule, with {seeds} (it needs {MIN_SEEDS} on every taste)")
     if better:
         best = max(better, key=lambda a: statistics.mean(statistics.mean(gains[t, a]) for t in tastes))
         lines.append(f"\nVerdict: **{best}** (never clearly worse, clearly better than {incumbent} somewhere"

@@ -558,8 +558,8 @@ def model_defaults(model_dir: str | Path, params: int, device_type: str, adapter
             out["reward"].update(batch_size=8, max_steps=8, backbone="frozen")
             out["gate"] = {"eval_responses": 16, "behaviour_answers": 16}  # the behaviour metric: a forward each
             # kto and dpo: as many answers through the policy with gradients as ppo's round (4 steps of 8), and 10x
-            # the anchor for the same reason; at the dataclass's 24 steps of 16 a SmolLM2 round's training phase
-            # alone took minutes (docs/trainer.md, "GRPO and KTO on SmolLM2")
+            # the anchor for the same reason. A round on SmolLM2 then takes 71-78 s beside the service (its 4 steps
+            # 41-45 s); the dataclass's 24 steps of 16 are 12x the answers (docs/trainer.md, "GRPO and KTO on SmolLM2")
             out["direct"].update(lr=1e-4 if lora else 1e-5, batch_size=8, max_steps=4)
     path = Path(model_dir) / MODEL_CONFIG_FILE
     if path.exists():
