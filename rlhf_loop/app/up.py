@@ -52,10 +52,10 @@ simulated users ({taste}, noise {noise}) are voting now; the trainer learns from
 # against the other three of its prompt, was promoted round after round (docs/trainer.md, "A real model on a CPU").
 # RLOO runs the real-model CPU profile's 16 rollouts a round (4 prompts x 4 answers: model_defaults): with 32,
 # +0.23 in 1,500 votes at 114-161 s a round beside the service (one run); with 16, +0.46, +0.25 and +0.07 over
-# three seeds at 59-86 s, and +0.34 at 63-87 s with the in-round KL estimate on the gate's answers
-# (docs/trainer.md, "Three seeds of the real-model default"); PPO, +0.09, +0.08 and +0.05 with the same seeds:
-# behind in each, not clearly by the rule of three seeds, so the default in place stays (docs/trainer.md,
-# "RLOO against PPO on SmolLM2, three seeds each").
+# three seeds at 59-86 s (docs/trainer.md, "Three seeds of the real-model default"), and with the in-round KL
+# estimate on the gate's answers +0.34, +0.30 and +0.25 at 63-100 s; PPO, +0.09,
+# +0.08 and +0.05 with the same seeds: clearly behind by the rule of three seeds (docs/trainer.md, "RLOO against
+# PPO on SmolLM2, three seeds each"); GRPO +0.03 and KTO +0.04 in one screen run each.
 # A round per 64 new labels on a real model, not 128: while the judge still refuses (a round of seconds) it looks
 # twice as often, and a trained round takes about as long as 64 labels take to come at a conversation a second
 # (docs/trainer.md, "The gate's answers kept, and a round per 64 new labels").
