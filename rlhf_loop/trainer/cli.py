@@ -175,8 +175,8 @@ def resolve_config(args: argparse.Namespace, settings: Settings) -> config.Train
     params = count_parameters(base)
     adapter = config.explicit(args, None, "train", "adapter") or "auto"
     cfg = config.from_args(args, defaults=config.model_defaults(base, params, resolve_device(settings).type, adapter))
-    log.info("base model %s: %.1fM parameters -> %s weights, ppo.lr %g, reward.lr %g", settings.model, params / 1e6,
-             cfg.train.adapter, cfg.ppo.lr, cfg.reward.lr)
+    log.info("base model %s: %.1fM parameters -> %s weights, %s, ppo.lr %g, reward.lr %g", settings.model,
+             params / 1e6, cfg.train.adapter, cfg.train.algorithm, cfg.ppo.lr, cfg.reward.lr)
     return cfg
 
 

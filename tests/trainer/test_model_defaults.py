@@ -19,6 +19,9 @@ def test_auto_is_decided_once_by_size_and_the_learning_rates_follow_it(tmp_path)
     assert big["train"]["adapter"] == "lora" and big["ppo"]["lr"] == 3e-4 and big["reward"]["lr"] == 9e-5
     assert config.model_defaults(tmp_path, LORA_AUTO_MIN_PARAMS, "cuda")["ppo"]["lr"] == 3e-5
     assert big["reward"]["backbone"] == "frozen"  # on a CPU: a round's reward model is its new labels' forwards
+    # the algorithm issue 21's rule chose on a real model on a CPU; a GPU's and the toy's stay the dataclass's (ppo)
+    assert big["train"]["algorithm"] == mid["train"]["algorithm"] == "rloo"
+    assert "algorithm" not in config.model_defaults(tmp_path, LORA_AUTO_MIN_PARAMS, "cuda")["train"]
     # kto / dpo on a CPU: ppo's 32 answers with gradients a round (4 steps of 8) at 10x the anchor
     assert big["direct"] == {"lr": 1e-4, "batch_size": 8, "max_steps": 4} and mid["direct"]["lr"] == 1e-5
     assert config.model_defaults(tmp_path, LORA_AUTO_MIN_PARAMS, "cuda")["direct"] == {"lr": 1e-5}  # TRL's, x10 LoRA
@@ -32,3 +35,13 @@ def test_auto_is_decided_once_by_size_and_the_learning_rates_follow_it(tmp_path)
 def test_a_model_directory_carries_its_own_trainer_config(tmp_path):
     (tmp_path / config.MODEL_CONFIG_FILE).write_text(json.dumps({"ppo": {"lr": 1e-5}}))
     assert config.model_defaults(tmp_path, LORA_AUTO_MIN_PARAMS, "cuda")["ppo"]["lr"] == 1e-5
+
+
+def test_a_flag_or_variable_overrides_the_profiles_algorithm(tmp_path):
+    import argparse
+
+    profile = config.model_defaults(tmp_path, LORA_AUTO_MIN_PARAMS, "cpu")
+    assert config.from_args(None, {}, defaults=profile).train.algorithm == "rloo"
+    assert config.from_args(None, {"RLHF_TRAIN_ALGORITHM": "ppo"}, defaults=profile).train.algorithm == "ppo"
+    flags = argparse.Namespace(**{"train.algorithm": "kto"})
+    assert config.from_args(flags, {"RLHF_TRAIN_ALGORITHM": "ppo"}, defaults=profile).train.algorithm == "kto"
