@@ -550,7 +550,7 @@ def model_defaults(model_dir: str | Path, params: int, device_type: str, adapter
         if device_type == "cpu":
             # RLOO, as `rlhf up` and bench/loop.py run a real model: on SmolLM2 on a CPU its three seeds gained +0.30
             # (sd 0.04) against PPO's +0.07, clearly better by issue 21's rule; GRPO and KTO were behind both in their
-            # screen runs (docs/trainer.md, "RLOO against PPO on SmolLM2"). The toy's tuned default, and a GPU's, stay ppo
+            # screen runs (docs/trainer.md, "RLOO against PPO on SmolLM2"). The toy's and a GPU's default stay ppo
             out["train"]["algorithm"] = "rloo"
             # a CPU round affords 4 optimizer steps (2 epochs x 2 minibatches of 16 rollouts): at the anchors'
             # lr they left SmolLM2 where it was (KL 0.06 nats, bf16's own noise, over 11 rounds), so 10x
