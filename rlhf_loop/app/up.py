@@ -55,7 +55,7 @@ simulated users ({taste}, noise {noise}) are voting now; the trainer learns from
 # three seeds at 59-86 s (docs/trainer.md, "Three seeds of the real-model default"), and with the in-round KL
 # estimate on the gate's answers +0.34, +0.30 and +0.25 at 63-100 s; PPO, +0.09,
 # +0.08 and +0.05 with the same seeds: clearly behind by the rule of three seeds (docs/trainer.md, "RLOO against
-# PPO on SmolLM2, three seeds each"); GRPO +0.03 and KTO +0.04 in one screen run each. `rlhf train` takes the same
+# PPO on SmolLM2, three seeds each"); GRPO +0.03 and KTO +0.04 / +0.23 in screen runs. `rlhf train` takes the same
 # default for a real model on a CPU (trainer/config.py model_defaults); a run here names it, so its results do too.
 # A round per 64 new labels on a real model, not 128: while the judge still refuses (a round of seconds) it looks
 # twice as often, and a trained round takes about as long as 64 labels take to come at a conversation a second

@@ -549,7 +549,7 @@ def model_defaults(model_dir: str | Path, params: int, device_type: str, adapter
         out["direct"] = {"lr": 1e-5 if lora else 1e-6}  # TRL's KTOConfig / DPOConfig 1e-6; x10 for LoRA
         if device_type == "cpu":
             # RLOO, as `rlhf up` and bench/loop.py run a real model: on SmolLM2 on a CPU its three seeds gained +0.30
-            # (sd 0.04) against PPO's +0.07, clearly better by issue 21's rule; GRPO and KTO were behind both in their
+            # (sd 0.04) against PPO's +0.07, clearly better by issue 21's rule; GRPO and KTO were behind RLOO in their
             # screen runs (docs/trainer.md, "RLOO against PPO on SmolLM2"). The toy's and a GPU's default stay ppo
             out["train"]["algorithm"] = "rloo"
             # a CPU round affords 4 optimizer steps (2 epochs x 2 minibatches of 16 rollouts): at the anchors'
