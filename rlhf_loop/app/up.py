@@ -26,6 +26,7 @@ from rlhf_loop.app import known_models
 from rlhf_loop.app.loop import STOP_SIGNALS, LoopConfig, run
 from rlhf_loop.app.simulate import SimConfig
 from rlhf_loop.core.contracts import EMBEDDED_MODEL, Settings
+from rlhf_loop.trainer.config import REAL_MODEL_CPU_ALGORITHM, TrainConfig
 
 EXAMPLES = """
 service ready on {url}  (logs in {logs})
@@ -55,12 +56,14 @@ simulated users ({taste}, noise {noise}) are voting now; the trainer learns from
 # three seeds at 59-86 s (docs/trainer.md, "Three seeds of the real-model default"), and with the in-round KL
 # estimate on the gate's answers +0.34, +0.30 and +0.25 at 63-100 s; PPO, +0.09,
 # +0.08 and +0.05 with the same seeds: clearly behind by the rule of three seeds (docs/trainer.md, "RLOO against
-# PPO on SmolLM2, three seeds each"); GRPO +0.03 and KTO +0.04 / +0.23 in screen runs. `rlhf train` takes the same
-# default for a real model on a CPU (trainer/config.py model_defaults); a run here names it, so its results do too.
+# PPO on SmolLM2, three seeds each"); GRPO +0.03 and KTO +0.04 / +0.23 in screen runs. The choice is the trainer's
+# (trainer/config.py REAL_MODEL_CPU_ALGORITHM, which `rlhf train` takes on a CPU); a run here names it, so that its
+# results do too.
 # A round per 64 new labels on a real model, not 128: while the judge still refuses (a round of seconds) it looks
 # twice as often, and a trained round takes about as long as 64 labels take to come at a conversation a second
 # (docs/trainer.md, "The gate's answers kept, and a round per 64 new labels").
-RUN_DEFAULTS = {"votes": (2000, 1500), "minutes": (15.0, 45.0), "rate": (3.0, 1.0), "algorithm": ("ppo", "rloo"),
+RUN_DEFAULTS = {"votes": (2000, 1500), "minutes": (15.0, 45.0), "rate": (3.0, 1.0),
+                "algorithm": (TrainConfig().algorithm, REAL_MODEL_CPU_ALGORITHM),
                 "round_labels": (128, 64)}
 
 

@@ -34,6 +34,10 @@ from rlhf_loop.core.tastes import TASTES
 MODEL_CONFIG_FILE = "rlhf-trainer.json"  # a model directory's own trainer config: {"ppo": {"lr": 1e-5}, ...}
 REAL_MODEL_PARAMS = 10_000_000  # from here on a model gets model_defaults' anchors, below it the tuned toy values
 LORA_AUTO_MIN_PARAMS = 50_000_000  # train.adapter=auto picks LoRA from here on
+# train.algorithm for a real model on a CPU (model_defaults; rlhf up and bench/loop.py run it too): on SmolLM2 its
+# three seeds gained +0.30 (sd 0.04) against PPO's +0.07, clearly better by issue 21's rule; GRPO and KTO were behind
+# it in their screen runs (docs/trainer.md, "RLOO against PPO on SmolLM2"). The toy's and a GPU's default stay ppo
+REAL_MODEL_CPU_ALGORITHM = "rloo"
 
 
 @dataclass(frozen=True)
@@ -548,10 +552,7 @@ def model_defaults(model_dir: str | Path, params: int, device_type: str, adapter
         out["reward"] = {"lr": 9e-5 if lora else 9e-6}
         out["direct"] = {"lr": 1e-5 if lora else 1e-6}  # TRL's KTOConfig / DPOConfig 1e-6; x10 for LoRA
         if device_type == "cpu":
-            # RLOO, as `rlhf up` and bench/loop.py run a real model: on SmolLM2 on a CPU its three seeds gained +0.30
-            # (sd 0.04) against PPO's +0.07, clearly better by issue 21's rule; GRPO and KTO were behind RLOO in their
-            # screen runs (docs/trainer.md, "RLOO against PPO on SmolLM2"). The toy's and a GPU's default stay ppo
-            out["train"]["algorithm"] = "rloo"
+            out["train"]["algorithm"] = REAL_MODEL_CPU_ALGORITHM
             # a CPU round affords 4 optimizer steps (2 epochs x 2 minibatches of 16 rollouts): at the anchors'
             # lr they left SmolLM2 where it was (KL 0.06 nats, bf16's own noise, over 11 rounds), so 10x
             out["ppo"].update(lr=3e-4 if lora else 3e-5, rollout_prompts=16, rollout_batches=1, ppo_epochs=2,

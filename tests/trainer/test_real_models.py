@@ -149,3 +149,32 @@ def test_gradient_checkpointing_changes_memory_not_gradients(settings, random_mo
     assert grads[False].keys() == grads[True].keys() and len(grads[False]) > 4
     for name, grad in grads[False].items():
         torch.testing.assert_close(grads[True][name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("algorithm", [None, "kto"])
+def test_a_135m_model_on_a_cpu_trains_with_its_profiles_algorithm(settings, random_model, algorithm):
+    """`rlhf train`'s config on a model of SmolLM2's shape on a CPU (cli.resolve_config): RLOO unless a flag says
+    otherwise (issue 21's rule), and kto's 4 steps of 8 answers; a round of each trains as the profile says and is
+    published. Shorter answers and a smaller gate keep it a test; the rest is the profile's."""
+    import argparse
+
+    from rlhf_loop.trainer.cli import resolve_config
+
+    s = settings.model_copy(update={"model": random_model("llama-135m")})
+    its, votes = traffic(40, seed=7)
+    produce(s, records(s, its, votes))
+    cfg = resolve_config(argparse.Namespace(**({"train.algorithm": algorithm} if algorithm else {})), s)
+    assert (cfg.train.algorithm, cfg.train.adapter) == (algorithm or "rloo", "lora")
+    assert (cfg.direct.batch_size, cfg.direct.max_steps, cfg.ppo.rollout_prompts) == (8, 4, 16)
+    cfg = cfg.replace(ppo={"max_new_tokens": 8},
+                      gate={"eval_responses": 4, "behaviour_answers": 4, "min_reward_gain": -1e9, "min_rm_auroc": 0.0})
+    state = TrainerState.open(s, cfg)
+    try:
+        report = run_round(state, progress=False)
+    finally:
+        state.close()
+    assert report.promoted and report.version == 1, report.reason
+    if algorithm == "kto":
+        assert report.train["steps"] == 4 and report.train["examples"] > 24  # 4 batches of 8 from the thumbs
+    else:
+        assert "pg_loss" in report.train and "vf_loss" not in report.train  # a policy gradient, and no critic
